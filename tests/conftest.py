@@ -1,0 +1,61 @@
+"""Shared fixtures: small generated .h5ad inputs and stores in tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from arrayloaders import create_store_from_h5ads
+from arrayloaders.example_data import write_example_h5ads
+
+N_VARS = 400
+NNZ = 40
+SIZES = (300, 500, 200)
+
+
+@pytest.fixture(scope="session")
+def h5ads(tmp_path_factory) -> list[Path]:
+    """Three CSR .h5ad files of different sizes (1000 cells in all)."""
+    return write_example_h5ads(tmp_path_factory.mktemp("h5ad"), SIZES, N_VARS, nnz_per_cell=NNZ)
+
+
+@pytest.fixture(scope="session")
+def dense_h5ads(tmp_path_factory) -> list[Path]:
+    return write_example_h5ads(tmp_path_factory.mktemp("h5ad_dense"), (120, 90), 64, nnz_per_cell=10, dense=True)
+
+
+@pytest.fixture(scope="session")
+def store(h5ads, tmp_path_factory) -> Path:
+    """A shuffled store of ``h5ads`` in four files."""
+    return create_store_from_h5ads(
+        h5ads, tmp_path_factory.mktemp("store") / "store", n_obs_per_file=256, progress=False
+    )
+
+
+def read_store(path: Path) -> ad.AnnData:
+    """The whole store in memory, files concatenated in order (a back door: plain anndata)."""
+    files = sorted(path.glob("chunk_*.zarr"), key=lambda p: int(p.stem.split("_")[1]))
+    return ad.concat([ad.read_zarr(f) for f in files], merge="same")
+
+
+def read_sources(paths) -> ad.AnnData:
+    return ad.concat([ad.read_h5ad(p) for p in paths])
+
+
+def assert_bit_identical(a, b) -> None:
+    """Same dtype, same stored entries, bit for bit (CSR or dense)."""
+    if sp.issparse(a) or sp.issparse(b):
+        a, b = (sp.csr_matrix(m.toarray()) if not sp.issparse(m) else m.tocsr(copy=True) for m in (a, b))
+        assert a.shape == b.shape and a.dtype == b.dtype
+        a.sort_indices(), b.sort_indices()
+        np.testing.assert_array_equal(a.indptr, b.indptr)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.data.view(np.uint8), b.data.view(np.uint8))
+    else:
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))

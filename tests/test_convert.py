@@ -1,0 +1,361 @@
+"""create_store_from_h5ads: round trip, shuffle, joins, obs, memory bound, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from conftest import N_VARS, SIZES, assert_bit_identical, read_sources, read_store
+
+from arrayloaders import InputFileError, StoreError, XLayout, create_store_from_h5ads, read_manifest
+from arrayloaders.convert import csr_row_positions, parse_bytes, plan_output_files
+from arrayloaders.example_data import make_example_adata, write_example_h5ads
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def convert(paths, out, **kw):
+    kw.setdefault("progress", False)
+    return create_store_from_h5ads(paths, out, **kw)
+
+
+# ------------------------------------------------------------------ round trip
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize(
+    ("n_obs_per_file", "layout"),
+    [
+        (256, XLayout()),
+        (1000, XLayout(compressor="blosc-lz4", level=5, chunk_elements=512, shard_elements=2048)),
+        (97, XLayout(compressor="none", chunk_elements=64, shard_elements=256)),
+    ],
+    ids=["zstd-4files", "lz4-1file-small-shards", "raw-11files-tiny-shards"],
+)
+def test_round_trip_csr_is_exact(h5ads, tmp_path, shuffle, n_obs_per_file, layout):
+    out = convert(h5ads, tmp_path / "s", shuffle=shuffle, n_obs_per_file=n_obs_per_file, layout=layout)
+    store, src = read_store(out), read_sources(h5ads)
+    assert store.n_obs == src.n_obs == sum(SIZES)
+    assert store.obs_names.is_unique and set(store.obs_names) == set(src.obs_names)
+    aligned = store[src.obs_names]
+    assert_bit_identical(aligned.X, src.X)
+    assert aligned.X.indices.dtype == np.int32  # what anndata/scipy expect
+    pd.testing.assert_series_equal(
+        aligned.obs["cell_type"].astype(str), src.obs["cell_type"].astype(str), check_names=False
+    )
+    np.testing.assert_array_equal(aligned.obs["batch"].to_numpy(), src.obs["batch"].to_numpy())
+    expected_source = np.repeat([str(p) for p in h5ads], SIZES)
+    np.testing.assert_array_equal(aligned.obs["source_file"].astype(str).to_numpy(), expected_source)
+    if not shuffle:
+        np.testing.assert_array_equal(store.obs_names, src.obs_names)
+
+
+def test_round_trip_dense_is_exact(dense_h5ads, tmp_path):
+    out = convert(dense_h5ads, tmp_path / "s", n_obs_per_file=64)
+    store, src = read_store(out), read_sources(dense_h5ads)
+    assert isinstance(store.X, np.ndarray)
+    assert_bit_identical(store[src.obs_names].X, src.X)
+    assert read_manifest(out).x_format == "dense"
+
+
+def test_each_file_is_anndata_readable_with_manifest(store):
+    m = read_manifest(store)
+    assert m.n_obs == sum(SIZES) and m.n_vars == N_VARS and m.x_format == "csr"
+    assert [f["name"] for f in m.files] == [f"chunk_{i}.zarr" for i in range(4)]
+    assert sum(f["n_obs"] for f in m.files) == m.n_obs
+    assert [i["n_obs"] for i in m.inputs] == list(SIZES)
+    assert m.obs_schema["cell_type"]["kind"] == "categorical"
+    assert m.obs_schema["batch"] == {"kind": "numeric", "dtype": "int64"}
+    assert m.layout["x"]["compressor"] == "zstd" and m.seed == 0 and m.shuffle
+    for f in m.files:
+        adata = ad.read_zarr(store / f["name"])
+        assert adata.n_obs == f["n_obs"] and list(adata.var_names) == m.var_names
+        assert isinstance(adata.X, sp.csr_matrix)
+        x = ad.io.sparse_dataset(__import__("zarr").open_group(store / f["name"])["X"])
+        assert x.format == "csr" and x.shape == adata.shape
+
+
+# ------------------------------------------------------------------ shuffle
+
+
+def test_shuffle_spreads_every_input_over_every_file_in_proportion(h5ads, store):
+    st = read_store(store)
+    file_of = np.repeat(np.arange(4), [f["n_obs"] for f in read_manifest(store).files])
+    counts = pd.crosstab(file_of, st.obs["source_file"].astype(str).to_numpy())
+    assert (counts.to_numpy() > 0).all(), counts
+    expected = np.outer(counts.sum(axis=1), counts.sum(axis=0)) / counts.to_numpy().sum()
+    # Hypergeometric spread: each cell within 5 standard deviations.
+    assert (np.abs(counts.to_numpy() - expected) < 5 * np.sqrt(expected) + 1).all(), counts
+    # Neighbours in a file come from far apart in the input order.
+    src_pos = pd.Series(np.arange(sum(SIZES)), index=read_sources(h5ads).obs_names)[st.obs_names].to_numpy()
+    assert np.median(np.abs(np.diff(src_pos))) > 100
+
+
+def test_same_seed_same_store_other_seed_other_order(h5ads, tmp_path):
+    a = read_store(convert(h5ads, tmp_path / "a", seed=7, n_obs_per_file=300))
+    b = read_store(convert(h5ads, tmp_path / "b", seed=7, n_obs_per_file=300))
+    c = read_store(convert(h5ads, tmp_path / "c", seed=8, n_obs_per_file=300))
+    np.testing.assert_array_equal(a.obs_names, b.obs_names)
+    assert_bit_identical(a.X, b.X)
+    assert (a.obs_names != c.obs_names).mean() > 0.9
+
+
+def test_plan_output_files_is_a_permutation_with_balanced_files():
+    order, bounds = plan_output_files(1001, 250, True, 0)
+    assert sorted(order) == list(range(1001))
+    assert np.diff(bounds).tolist() == [200, 200, 200, 200, 201] or set(np.diff(bounds)) <= {200, 201}
+    assert bounds[0] == 0 and bounds[-1] == 1001 and np.diff(bounds).max() <= 250
+    order, _ = plan_output_files(10, 4, False, 0)
+    assert order.tolist() == list(range(10))
+
+
+def test_csr_row_positions_matches_scipy_row_gather():
+    rng = np.random.default_rng(0)
+    m = sp.random(50, 30, density=0.2, format="csr", random_state=1)
+    rows = rng.permutation(50)[:20]
+    pos = csr_row_positions(m.indptr.astype(np.int64), rows)
+    np.testing.assert_array_equal(m.data[pos], m[rows].data)
+    np.testing.assert_array_equal(m.indices[pos], m[rows].indices)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("512MB", 512_000_000), ("2GiB", 2 * 2**30), ("1.5k", 1500), (123, 123)])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+# ------------------------------------------------------------------ var and obs
+
+
+@pytest.fixture
+def shifted_genes(tmp_path):
+    """Two files whose gene sets overlap in part (genes 0-59 and 20-79)."""
+    a = make_example_adata(60, 80, nnz_per_cell=20, seed=1, name_prefix="a")[:, :60].copy()
+    b = make_example_adata(40, 80, nnz_per_cell=20, seed=2, name_prefix="b")[:, 20:].copy()
+    pa, pb = tmp_path / "a.h5ad", tmp_path / "b.h5ad"
+    a.write_h5ad(pa), b.write_h5ad(pb)
+    return pa, pb, a, b
+
+
+def test_different_genes_are_refused_naming_both_files(shifted_genes, tmp_path):
+    pa, pb, *_ = shifted_genes
+    with pytest.raises(InputFileError, match=r"b\.h5ad.*a\.h5ad.*var_join"):
+        convert([pa, pb], tmp_path / "s")
+
+
+def test_inner_join_keeps_shared_genes(shifted_genes, tmp_path):
+    pa, pb, a, b = shifted_genes
+    st = read_store(convert([pa, pb], tmp_path / "s", var_join="inner"))
+    shared = [f"gene_{g}" for g in range(20, 60)]
+    assert list(st.var_names) == shared
+    assert_bit_identical(st[a.obs_names].X, a[:, shared].X)
+    assert_bit_identical(st[b.obs_names].X, b[:, shared].X)
+
+
+def test_outer_join_fills_missing_genes_with_zeros(shifted_genes, tmp_path):
+    pa, pb, a, b = shifted_genes
+    out = convert([pa, pb], tmp_path / "s", var_join="outer")
+    st = read_store(out)
+    assert list(st.var_names) == [f"gene_{g}" for g in range(80)]
+    assert read_manifest(out).var_join == "outer"
+    assert_bit_identical(st[a.obs_names][:, a.var_names].X, a.X)
+    assert st[a.obs_names][:, [f"gene_{g}" for g in range(60, 80)]].X.nnz == 0
+    assert_bit_identical(st[b.obs_names][:, b.var_names].X, b.X)
+    assert st[b.obs_names][:, [f"gene_{g}" for g in range(20)]].X.nnz == 0
+    assert st.X.has_sorted_indices
+
+
+def test_categoricals_are_unified_not_stringified(tmp_path):
+    a = make_example_adata(30, 50, nnz_per_cell=5, seed=1, name_prefix="a")
+    b = make_example_adata(20, 50, nnz_per_cell=5, seed=2, name_prefix="b")
+    a.obs["tissue"] = pd.Categorical(["lung", "liver"] * 15, categories=["lung", "liver"])
+    b.obs["tissue"] = pd.Categorical(["brain", "liver"] * 10, categories=["liver", "brain"])
+    a.obs["donor"] = ["d1"] * 30  # plain strings: stored as categorical
+    b.obs["donor"] = ["d2"] * 20
+    a.write_h5ad(tmp_path / "a.h5ad"), b.write_h5ad(tmp_path / "b.h5ad")
+    out = convert([tmp_path / "a.h5ad", tmp_path / "b.h5ad"], tmp_path / "s")
+    st = read_store(out)
+    assert isinstance(st.obs["tissue"].dtype, pd.CategoricalDtype)
+    assert list(st.obs["tissue"].cat.categories) == ["lung", "liver", "brain"]
+    assert list(st[a.obs_names].obs["tissue"].astype(str)) == list(a.obs["tissue"].astype(str))
+    assert list(st[b.obs_names].obs["tissue"].astype(str)) == list(b.obs["tissue"].astype(str))
+    assert isinstance(st.obs["donor"].dtype, pd.CategoricalDtype)
+    assert read_manifest(out).obs_schema["tissue"] == {"kind": "categorical", "categories": ["lung", "liver", "brain"]}
+
+
+def test_obs_subset_and_no_source_column(h5ads, tmp_path):
+    st = read_store(convert(h5ads, tmp_path / "s", obs_columns=["batch"], source_key=None))
+    assert list(st.obs.columns) == ["batch"]
+
+
+def test_obs_column_missing_in_one_file_is_named(tmp_path):
+    a = make_example_adata(10, 20, nnz_per_cell=3, seed=1, name_prefix="a")
+    b = make_example_adata(10, 20, nnz_per_cell=3, seed=2, name_prefix="b")
+    a.obs["extra"] = 1
+    a.write_h5ad(tmp_path / "a.h5ad"), b.write_h5ad(tmp_path / "b.h5ad")
+    with pytest.raises(InputFileError, match=r"b\.h5ad.*'extra'.*obs_columns"):
+        convert([tmp_path / "a.h5ad", tmp_path / "b.h5ad"], tmp_path / "s")
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _csc_file(path):
+    adata = make_example_adata(10, 20, nnz_per_cell=3)
+    adata.X = sp.csc_matrix(adata.X)
+    adata.write_h5ad(path)
+
+
+def _zero_cell_file(path):
+    make_example_adata(10, 20, nnz_per_cell=3)[:0].copy().write_h5ad(path)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: None, "no such file"),
+        (lambda p: p.write_text("cell,gene\n1,2\n"), "not an .h5ad"),
+        (lambda p: p.touch(), r"empty \(0 bytes\)"),
+        (_csc_file, "CSC"),
+        (_zero_cell_file, "no cells"),
+        (lambda p: h5py.File(p, "w").close(), "no X"),
+    ],
+    ids=["missing", "not-h5ad", "empty-file", "csc", "zero-cells", "no-X"],
+)
+def test_bad_input_names_the_file_and_problem(h5ads, tmp_path, make, message):
+    bad = tmp_path / "bad.h5ad"
+    make(bad)
+    with pytest.raises(InputFileError, match=message) as info:
+        convert([h5ads[0], bad], tmp_path / "s")
+    assert str(bad) in str(info.value)
+    assert not (tmp_path / "s" / "arrayloaders.json").exists()
+
+
+def test_mixed_dense_and_csr_is_refused(h5ads, dense_h5ads, tmp_path):
+    with pytest.raises(InputFileError, match="mix CSR and dense"):
+        convert([h5ads[0], dense_h5ads[0]], tmp_path / "s", var_join="outer")
+
+
+def test_existing_output_is_refused_unless_overwrite(h5ads, tmp_path):
+    out = convert(h5ads[:1], tmp_path / "s")
+    with pytest.raises(StoreError, match="already exists.*overwrite=True"):
+        convert(h5ads[:1], out)
+    convert(h5ads[1:2], out, overwrite=True)
+    assert read_manifest(out).n_obs == SIZES[1]
+
+
+def test_directory_without_manifest_is_not_a_store(tmp_path):
+    (tmp_path / "half" / "chunk_0.zarr").mkdir(parents=True)
+    with pytest.raises(StoreError, match="not an arrayloaders store"):
+        read_manifest(tmp_path / "half")
+    with pytest.raises(StoreError, match="no such store"):
+        read_manifest(tmp_path / "nothing")
+
+
+def test_killed_conversion_never_looks_complete(tmp_path):
+    paths = write_example_h5ads(tmp_path / "in", (3000, 3000), 2000, nnz_per_cell=300)
+    out = tmp_path / "s"
+    script = f"""
+        from arrayloaders import create_store_from_h5ads
+        create_store_from_h5ads({[str(p) for p in paths]!r}, {str(out)!r}, n_obs_per_file=500, progress=False)
+    """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "chunk_1.zarr").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "conversion finished before it could be killed"
+    assert (out / "chunk_0.zarr").exists()
+    with pytest.raises(StoreError, match="not an arrayloaders store"):
+        read_manifest(out)
+
+
+# ------------------------------------------------------------------ memory bound
+
+
+def test_peak_memory_stays_within_budget(tmp_path):
+    """Inputs 4x the budget: the conversion's growth in peak RSS stays under it.
+
+    The baseline is taken after a tiny warm-up conversion, so shared
+    libraries and thread pools loaded on first use count as fixed cost, not
+    as memory that grows with the input.
+    """
+    budget = 48 * 2**20
+    layout = "XLayout(shard_elements=2**19)"
+    paths = write_example_h5ads(tmp_path / "in", (12_000, 12_000), 4000, nnz_per_cell=1000)
+    warm = write_example_h5ads(tmp_path / "warm", (50,), 4000, nnz_per_cell=1000)
+    with h5py.File(paths[0]) as f:
+        input_bytes = f["X/data"].shape[0] * len(paths) * 8
+    assert input_bytes > 4 * budget, "the input must be several times the budget"
+    script = f"""
+        import json, resource
+        from arrayloaders import XLayout, create_store_from_h5ads
+        kw = dict(memory_budget={budget}, layout={layout}, progress=False)
+        create_store_from_h5ads({[str(p) for p in warm]!r}, {str(tmp_path / "w")!r}, **kw)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        create_store_from_h5ads({[str(p) for p in paths]!r}, {str(tmp_path / "s")!r}, n_obs_per_file=8000, **kw)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps({{"base": base, "peak": peak}}))
+    """
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    figures = json.loads(res.stdout.strip().splitlines()[-1])
+    grown = figures["peak"] - figures["base"]
+    assert grown < budget, (
+        f"peak RSS grew {grown / 2**20:.0f} MiB over a {budget / 2**20:.0f} MiB budget "
+        f"converting {input_bytes / 2**20:.0f} MiB of X"
+    )
+    assert read_manifest(tmp_path / "s").n_obs == 24_000
+
+
+def test_budget_too_small_for_the_shards_is_refused(h5ads, tmp_path):
+    with pytest.raises(ValueError, match="too small for X shards"):
+        convert(h5ads, tmp_path / "s", memory_budget="16MB")
+
+
+# ------------------------------------------------------------------ command line
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "convert.py"), *map(str, args)], capture_output=True, text=True
+    )
+
+
+def test_cli_help_documents_every_option():
+    res = run_cli("--help")
+    assert res.returncode == 0
+    for option in (
+        "--output", "--no-shuffle", "--seed", "--n-obs-per-file", "--var-join", "--obs-columns", "--source-key",
+        "--memory-budget", "--compressor", "--level", "--chunk-elements", "--shard-elements", "--tmp-dir",
+        "--overwrite", "--quiet",
+    ):  # fmt: skip
+        assert option in res.stdout
+
+
+def test_cli_converts_and_reports_errors_in_one_line(h5ads, tmp_path):
+    res = run_cli(*h5ads, "-o", tmp_path / "s", "--seed", "3", "--n-obs-per-file", "600", "-q")
+    assert res.returncode == 0, res.stderr
+    m = read_manifest(tmp_path / "s")
+    assert m.seed == 3 and len(m.files) == 2 and m.n_obs == sum(SIZES)
+    res = run_cli(*h5ads, "-o", tmp_path / "s", "-q")
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1].startswith("convert.py: error:")
+    assert "already exists" in res.stderr
+    res = run_cli(tmp_path / "missing.h5ad", "-o", tmp_path / "t", "-q")
+    assert res.returncode != 0 and f"{tmp_path / 'missing.h5ad'}: no such file" in res.stderr
+    assert "Traceback" not in res.stderr
