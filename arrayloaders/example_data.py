@@ -73,7 +73,8 @@ def _sample_block(
 ) -> sp.csr_matrix:
     """Sample count rows for cells of the given types (a CSR block)."""
     n_rows = cell_type.size
-    targets = np.clip(rng.lognormal(np.log(mean_nnz), 0.35, n_rows), 1, 0.9 * n_vars)
+    sigma = 0.35  # log-normal spread of library complexity; mu keeps the mean at mean_nnz
+    targets = np.clip(rng.lognormal(np.log(mean_nnz) - sigma**2 / 2, sigma, n_rows), 1, 0.9 * n_vars)
     present = np.zeros((n_rows, n_vars), dtype=bool)
     for t in np.unique(cell_type):
         rows = np.flatnonzero(cell_type == t)

@@ -7,13 +7,16 @@ directory without it is never taken for a store.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import zarr
+import zarr.api.asynchronous
 
 from .errors import StoreError
 
@@ -21,7 +24,9 @@ __all__ = [
     "MANIFEST_NAME",
     "FORMAT_VERSION",
     "XLayout",
+    "RowReader",
     "StoreManifest",
+    "XSource",
     "read_manifest",
     "use_zarrs",
     "write_manifest",
@@ -71,7 +76,10 @@ class XLayout:
         about this many bytes (at least one row, and one chunk, each).
     """
 
-    compressor: Literal["zstd", "blosc-lz4", "none"] = "zstd"
+    # Measured on 200k generated cells x 33.5k genes (2 cores, sequential
+    # decode with zarrs): blosc-lz4 + byte shuffle decodes at ~4 GB/s, zstd-3
+    # at ~0.8 GB/s, for the same size on disk (~30 % of raw).
+    compressor: Literal["zstd", "blosc-lz4", "none"] = "blosc-lz4"
     level: int = 3
     chunk_elements: int = 2**15
     shard_elements: int = 2**22
@@ -192,3 +200,84 @@ def read_manifest(store: str | os.PathLike) -> StoreManifest:
     if missing:
         raise StoreError(f"{store}: files listed in the manifest are missing: {', '.join(missing)}")
     return manifest
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class XSource:
+    """Where one AnnData's X lives: enough to reopen it in another process.
+
+    zarr stores pickle by location, so a worker opens its own handles.
+    """
+
+    store: Any  # a zarr.abc.store.Store
+    path: str  # of the X group (CSR) or array (dense) inside the store
+    kind: Literal["csr", "dense"]
+    n_obs: int
+    n_vars: int
+    dtype: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.store}/{self.path}"
+
+
+class RowReader:
+    """Reads runs of consecutive rows of one X (CSR or dense) through zarr.
+
+    Runs are read concurrently through zarr's asynchronous API (one request
+    per run and array), so many small runs cost little more than their bytes.
+    """
+
+    def __init__(self, source: XSource):
+        self.source = source
+        self._loop = asyncio.new_event_loop()
+        self._arrays = self._loop.run_until_complete(self._open())
+        if source.kind == "csr":
+            # indptr is small (8 bytes per row) and needed for every run: read it once.
+            self.indptr = self._loop.run_until_complete(self._arrays["indptr"].getitem(slice(None))).astype(np.int64)
+
+    async def _open(self) -> dict[str, Any]:
+        s = self.source
+        names = ("data", "indices", "indptr") if s.kind == "csr" else ("",)
+        arrays = {}
+        for name in names:
+            path = f"{s.path}/{name}" if name else s.path
+            arrays[name or "X"] = await zarr.api.asynchronous.open_array(store=s.store, path=path, mode="r")
+        return arrays
+
+    def nnz(self, runs: np.ndarray) -> int:
+        """Stored entries in rows ``runs`` ((k, 2) array of start, stop)."""
+        return int((self.indptr[runs[:, 1]] - self.indptr[runs[:, 0]]).sum())
+
+    def read_csr(self, runs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows of the runs, concatenated in order: (data, indices, indptr)."""
+        starts, stops = self.indptr[runs[:, 0]], self.indptr[runs[:, 1]]
+
+        async def gather(array):
+            return await asyncio.gather(*(array.getitem(slice(a, b)) for a, b in zip(starts, stops)))
+
+        async def both():
+            return await asyncio.gather(gather(self._arrays["data"]), gather(self._arrays["indices"]))
+
+        data_parts, index_parts = self._loop.run_until_complete(both())
+        row_nnz = np.concatenate([np.diff(self.indptr[a : b + 1]) for a, b in runs])
+        indptr = np.zeros(row_nnz.size + 1, dtype=np.int64)
+        np.cumsum(row_nnz, out=indptr[1:])
+        return _concat(data_parts, self.source.dtype), _concat(index_parts, "int32"), indptr
+
+    def read_dense(self, runs: np.ndarray) -> np.ndarray:
+        async def gather():
+            return await asyncio.gather(*(self._arrays["X"].getitem(slice(a, b)) for a, b in runs))
+
+        parts = self._loop.run_until_complete(gather())
+        return np.concatenate(parts) if parts else np.empty((0, self.source.n_vars), self.source.dtype)
+
+    def close(self) -> None:
+        self._loop.close()
+
+
+def _concat(parts: list[np.ndarray], dtype: str) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)

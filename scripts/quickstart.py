@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from arrayloaders import create_store_from_h5ads, read_manifest
+from arrayloaders import ZarrSparseDataset, create_store_from_h5ads, read_manifest
 from arrayloaders.example_data import write_example_h5ads
 
 
@@ -40,6 +40,15 @@ def main() -> None:
     m = read_manifest(store)
     print(f"converted {m.n_obs} cells x {m.n_vars} genes into {len(m.files)} files in {took:.1f} s "
           f"({m.n_obs / took:,.0f} cells/s) -> {store}")
+
+    ds = ZarrSparseDataset(batch_size=4096, chunk_size=32, preload_nchunks=256).add_store(store, obs_keys="cell_type")
+    t = time.perf_counter()
+    cells = 0
+    for X, cell_type in ds:
+        cells += X.shape[0]
+    took = time.perf_counter() - t
+    print(f"loaded one shuffled epoch: {cells} cells in {len(ds)} batches of sparse {tuple(X.shape)} X + "
+          f"{len(ds.categories['cell_type'])} cell types, {took:.1f} s ({cells / took:,.0f} cells/s)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,331 @@
+"""``ZarrSparseDataset`` / ``ZarrDenseDataset``: shuffled minibatches as torch tensors.
+
+The iterator walks the epoch plan: it obtains each load's permuted rows (read
+in-process for ``num_workers=0``), cuts batches as contiguous slices of them,
+and turns the slices into tensors. obs columns are held in memory (a few
+bytes per cell) and gathered by global row index.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+
+from .errors import StoreError
+from .load import LoadedRows, read_load
+from .plan import EpochPlan, PlanConfig, batch_segments, plan_epoch
+from .store import RowReader, XSource, read_manifest, use_zarrs
+
+__all__ = ["ZarrDenseDataset", "ZarrSparseDataset"]
+
+# torch warns on every sparse CSR construction that the layout is "beta";
+# we build one per batch.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+
+Batch = tuple[torch.Tensor, Any] | tuple[torch.Tensor, Any, torch.Tensor]
+
+
+def _x_source(adata: ad.AnnData, i: int) -> XSource:
+    """Describe an AnnData's zarr-backed X, or explain why the loader cannot serve it."""
+    X = adata.X
+    where = f"AnnData #{i}"
+    if X is None:
+        raise ValueError(f"{where} has no X")
+    if isinstance(X, ad.abc.CSRDataset | ad.abc.CSCDataset):
+        group = X.group
+        if not isinstance(group, zarr.Group):
+            raise ValueError(
+                f"{where}: X is backed by an .h5ad (HDF5) file ({getattr(group, 'file', group)}); the loader "
+                "reads zarr stores only. Convert with arrayloaders.create_store_from_h5ads"
+            )
+        if X.format != "csr":
+            raise ValueError(f"{where}: X is stored as CSC at {group.store}/{group.path}; the loader needs CSR rows")
+        return XSource(group.store, group.path, "csr", X.shape[0], X.shape[1], str(X.dtype))
+    if isinstance(X, zarr.Array):
+        if X.ndim != 2:
+            raise ValueError(f"{where}: X is a {X.ndim}-d zarr array; expected 2-d")
+        return XSource(X.store, X.path, "dense", X.shape[0], X.shape[1], str(X.dtype))
+    raise ValueError(
+        f"{where}: X is {type(X).__name__}, not a zarr-backed array. Pass "
+        "X=ad.io.sparse_dataset(zarr.open(path)['X']) (CSR) or X=zarr.open(path)['X'] (dense), "
+        "or use add_store(path)"
+    )
+
+
+class _ObsColumns:
+    """The requested obs columns of all added AnnData objects, concatenated.
+
+    Categoricals become int64 codes over the union of categories (first-seen
+    order), so the same label has one code across files.
+    """
+
+    def __init__(self, keys: list[str]):
+        self.keys = keys
+        self.categories: dict[str, list] = {}
+        self._parts: dict[str, list[pd.Series]] = {k: [] for k in keys}
+        self.values: dict[str, np.ndarray] = {}
+
+    def check(self, obs: pd.DataFrame, where: str) -> None:
+        missing = [k for k in self.keys if k not in obs.columns]
+        if missing:
+            raise ValueError(f"{where}: obs has no column(s) {missing}; available: {list(obs.columns)}")
+
+    def add(self, frames: list[pd.DataFrame]) -> None:
+        for k in self.keys:
+            self._parts[k] += [obs[k] for obs in frames]
+        self._build()
+
+    def _build(self) -> None:
+        for k, parts in self._parts.items():
+            if any(isinstance(p.dtype, pd.CategoricalDtype) or p.dtype.kind not in "biuf" for p in parts):
+                cats = pd.Index(pd.unique(np.concatenate([_categories(p) for p in parts])))
+                self.categories[k] = list(cats)
+                self.values[k] = np.concatenate([cats.get_indexer(p.astype(object)) for p in parts]).astype(np.int64)
+            else:
+                self.values[k] = np.concatenate([p.to_numpy() for p in parts])
+
+    def gather(self, rows: np.ndarray, single: bool):
+        out = {k: torch.from_numpy(self.values[k][rows]) for k in self.keys}
+        return out[self.keys[0]] if single else out
+
+
+def _categories(s: pd.Series) -> np.ndarray:
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        return s.cat.categories.to_numpy(dtype=object)
+    return pd.unique(s.dropna().astype(object))
+
+
+class _ZarrDataset(torch.utils.data.IterableDataset):
+    _dense_output: bool
+
+    def __init__(
+        self,
+        batch_size: int = 4096,
+        chunk_size: int = 32,
+        preload_nchunks: int = 256,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        return_index: bool = False,
+    ):
+        # Validate now, not at the first iteration.
+        PlanConfig((), batch_size, chunk_size, preload_nchunks, shuffle, seed, drop_last)
+        self.batch_size, self.chunk_size, self.preload_nchunks = batch_size, chunk_size, preload_nchunks
+        self.shuffle, self.seed, self.drop_last, self.return_index = shuffle, seed, drop_last, return_index
+        self._sources: list[XSource] = []
+        self._var_names: pd.Index | None = None
+        self._obs: _ObsColumns | None = None
+        self._single_key = True
+        self._epoch = 0
+        self._epoch_pinned = True  # the first iteration runs epoch 0
+        use_zarrs()
+
+    # ------------------------------------------------------------------ filling
+
+    def add_anndatas(self, adatas: Sequence[ad.AnnData], obs_keys: str | Sequence[str] | None = None):
+        """Add AnnData objects whose X is zarr-backed; returns the dataset.
+
+        Parameters
+        ----------
+        adatas
+            AnnData objects with ``X=ad.io.sparse_dataset(group)`` (CSR) or
+            a 2-d ``zarr.Array`` (dense). Rows are indexed in the order added.
+        obs_keys
+            obs column(s) yielded with each batch: one name gives a tensor,
+            a list gives a dict of tensors, ``None`` gives ``None``.
+            Categoricals are yielded as int64 codes into :attr:`categories`.
+        """
+        adatas = list(adatas)
+        if not adatas:
+            raise ValueError("add_anndatas needs at least one AnnData")
+        keys = self._obs_keys(obs_keys)
+        sources = [_x_source(a, len(self._sources) + i) for i, a in enumerate(adatas)]
+        kinds = {s.kind for s in self._sources + sources}
+        if len(kinds) > 1:
+            raise ValueError("the AnnData objects mix sparse (CSR) and dense X; add one kind per dataset")
+        if kinds == {"dense"} and not self._dense_output:
+            raise ValueError("X is dense; use ZarrDenseDataset for dense stores")
+        var = self._var_names
+        for i, a in enumerate(adatas):
+            if var is None:
+                var = a.var_names
+            elif not a.var_names.equals(var):
+                raise ValueError(
+                    f"AnnData #{len(self._sources) + i} has different var ({a.n_vars} genes) from the first "
+                    f"({len(var)} genes); every AnnData of a dataset must share var_names"
+                )
+        for i, a in enumerate(adatas):
+            self._obs.check(a.obs, f"AnnData #{len(self._sources) + i}")
+        self._obs.add([a.obs for a in adatas])
+        self._var_names = var
+        self._sources += sources
+        return self
+
+    def add_store(self, path: str | os.PathLike, obs_keys: str | Sequence[str] | None = None):
+        """Add every file of a store made by ``create_store_from_h5ads``, in file order.
+
+        The store is checked against its manifest; a directory without one
+        (not a store, or an unfinished conversion) is refused.
+        """
+        manifest = read_manifest(path)
+        adatas = []
+        for f in manifest.files:
+            group = zarr.open_group(os.path.join(path, f["name"]), mode="r")
+            X = ad.io.sparse_dataset(group["X"]) if manifest.x_format == "csr" else group["X"]
+            obs = ad.io.read_elem(group["obs"])
+            if X.shape[0] != f["n_obs"] or X.shape[1] != manifest.n_vars or len(obs) != f["n_obs"]:
+                raise StoreError(
+                    f"{path}/{f['name']}: shape {X.shape} does not match the manifest "
+                    f"({f['n_obs']} x {manifest.n_vars})"
+                )
+            adatas.append(ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=manifest.var_names)))
+        return self.add_anndatas(adatas, obs_keys)
+
+    def _obs_keys(self, obs_keys) -> list[str]:
+        keys = [] if obs_keys is None else [obs_keys] if isinstance(obs_keys, str) else list(obs_keys)
+        if self._obs is None:
+            self._obs = _ObsColumns(keys)
+            self._single_key = isinstance(obs_keys, str)
+        elif keys != self._obs.keys:
+            raise ValueError(f"obs_keys {keys} differ from those given before ({self._obs.keys})")
+        return keys
+
+    # ------------------------------------------------------------------ epochs
+
+    @property
+    def categories(self) -> dict[str, list]:
+        """Categories behind the int64 codes of categorical obs keys."""
+        return dict(self._obs.categories) if self._obs else {}
+
+    @property
+    def n_obs(self) -> int:
+        return sum(s.n_obs for s in self._sources)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch``'s order for the next iteration (later loops continue from it)."""
+        self._epoch, self._epoch_pinned = int(epoch), True
+
+    def _plan_config(self) -> PlanConfig:
+        if not self._sources:
+            raise ValueError("the dataset is empty: call add_anndatas(...) or add_store(...) first")
+        return PlanConfig(
+            tuple(s.n_obs for s in self._sources), self.batch_size, self.chunk_size, self.preload_nchunks,
+            self.shuffle, self.seed, self.drop_last,
+        )  # fmt: skip
+
+    def __len__(self) -> int:
+        return plan_epoch(self._plan_config(), self._epoch).n_batches
+
+    def _next_epoch(self) -> int:
+        if not self._epoch_pinned:
+            self._epoch += 1
+        self._epoch_pinned = False
+        return self._epoch
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[Batch]:
+        plan = plan_epoch(self._plan_config(), self._next_epoch())
+        batches = range(plan.n_batches)
+        info = torch.utils.data.get_worker_info()
+        if info is not None:  # inside a torch DataLoader worker: take every n-th batch
+            batches = range(info.id, plan.n_batches, info.num_workers)
+        readers = [RowReader(s) for s in self._sources]
+        try:
+            dense_source = self._sources[0].kind == "dense"
+            loaded: OrderedDict[int, LoadedRows] = OrderedDict()
+            for b in batches:
+                segments = batch_segments(plan, b)
+                for load_index, _, _ in segments:
+                    if load_index not in loaded:
+                        loaded[load_index] = read_load(readers, plan, plan.loads[load_index], dense_source)
+                # Loads before this batch's first are fully consumed.
+                while next(iter(loaded)) < segments[0][0]:
+                    loaded.popitem(last=False)
+                yield self._make_batch(plan, [(loaded[i], lo, hi) for i, lo, hi in segments])
+        finally:
+            for r in readers:
+                r.close()
+
+    def _make_batch(self, plan: EpochPlan, pieces: list[tuple[LoadedRows, int, int]]) -> Batch:
+        X = self._x_tensor(pieces)
+        rows = np.concatenate([plan.rows_of_load(p.load)[lo:hi] for p, lo, hi in pieces])
+        obs = self._obs.gather(rows, self._single_key) if self._obs and self._obs.keys else None
+        if self.return_index:
+            return X, obs, torch.from_numpy(rows)
+        return X, obs
+
+    def _x_tensor(self, pieces: list[tuple[LoadedRows, int, int]]) -> torch.Tensor:
+        n_vars = self._sources[0].n_vars
+        if pieces[0][0].dense is not None:
+            parts = [p.dense[lo:hi] for p, lo, hi in pieces]
+            return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        data, indices, row_nnz = [], [], []
+        for p, lo, hi in pieces:
+            a, b = p.indptr[lo], p.indptr[hi]
+            data.append(p.data[a:b])
+            indices.append(p.indices[a:b])
+            row_nnz.append(np.diff(p.indptr[lo : hi + 1]))
+        n_rows = sum(len(r) for r in row_nnz)
+        crow = np.zeros(n_rows + 1, dtype=np.int64)
+        np.cumsum(np.concatenate(row_nnz), out=crow[1:])
+        values = data[0] if len(data) == 1 else np.concatenate(data)
+        cols = indices[0] if len(indices) == 1 else np.concatenate(indices)
+        index_dtype = np.int32 if crow[-1] < 2**31 else np.int64
+        crow_t = torch.from_numpy(crow.astype(index_dtype))
+        cols_t = torch.from_numpy(cols.astype(index_dtype, copy=False))
+        values_t = torch.from_numpy(values)
+        if self._dense_output:
+            out = torch.zeros((n_rows, n_vars), dtype=values_t.dtype)
+            row_of = torch.repeat_interleave(torch.arange(n_rows), torch.from_numpy(np.diff(crow)))
+            out[row_of, cols_t.long()] = values_t
+            return out
+        return torch.sparse_csr_tensor(crow_t, cols_t, values_t, size=(n_rows, n_vars), check_invariants=False)
+
+
+class ZarrSparseDataset(_ZarrDataset):
+    """Shuffled minibatches of a CSR AnnData zarr store as ``torch.sparse_csr`` tensors.
+
+    Parameters
+    ----------
+    batch_size
+        Cells per batch (the last one may be shorter unless ``drop_last``).
+    chunk_size
+        Cells per chunk: runs of consecutive cells within one file, the unit
+        of random access.
+    preload_nchunks
+        Chunks read together and shuffled among each other (a *load*).
+    shuffle
+        Shuffle chunks and the rows of each load; ``False`` yields store order.
+    seed
+        Seed of the plan: the same seed and epoch give the same batches.
+    drop_last
+        Drop the final short batch.
+    return_index
+        Also yield int64 global row indices into the concatenation of the
+        added AnnData objects (in the order added).
+
+    Iterating yields ``(X, obs)`` (``(X, obs, index)`` with ``return_index``);
+    each loop starts the next epoch unless :meth:`set_epoch` chose one.
+    """
+
+    _dense_output = False
+
+
+class ZarrDenseDataset(_ZarrDataset):
+    """Like :class:`ZarrSparseDataset`, yielding dense X tensors.
+
+    Serves dense zarr X, and densifies CSR stores batch by batch.
+    """
+
+    _dense_output = True

@@ -1,0 +1,222 @@
+"""ZarrSparseDataset / ZarrDenseDataset: exactly once, bit-identical, shuffle quality, bad arguments."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+import zarr
+from conftest import SIZES, assert_bit_identical, read_store
+
+from arrayloaders import StoreError, ZarrDenseDataset, ZarrSparseDataset, create_store_from_h5ads
+
+N = sum(SIZES)
+
+
+def epoch(ds):
+    """All batches of one epoch as (X list, obs list, index list)."""
+    xs, ys, idx = [], [], []
+    for X, y, i in ds:
+        xs.append(X), ys.append(y), idx.append(i)
+    return xs, ys, idx
+
+
+def to_scipy(X: torch.Tensor) -> sp.csr_matrix:
+    assert X.layout == torch.sparse_csr
+    return sp.csr_matrix((X.values().numpy(), X.col_indices().numpy(), X.crow_indices().numpy()), shape=X.shape)
+
+
+@pytest.fixture(scope="module")
+def truth(store):
+    """The store as plain anndata sees it: X rows and labels by global row index."""
+    st = read_store(store)
+    return st.X, st.obs["cell_type"].astype(str).to_numpy()
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize(
+    ("batch_size", "chunk_size", "preload_nchunks"),
+    [(64, 8, 4), (100, 7, 3), (1000, 32, 256), (33, 1, 1), (4096, 32, 256)],
+    ids=["even", "odd-sizes", "one-load", "tiny", "default-bigger-than-store"],
+)
+def test_sparse_epoch_is_exactly_once_and_bit_identical(store, truth, shuffle, drop_last, batch_size, chunk_size, preload_nchunks):
+    X_true, labels = truth
+    ds = ZarrSparseDataset(
+        batch_size, chunk_size, preload_nchunks, shuffle=shuffle, drop_last=drop_last, return_index=True
+    ).add_store(store, obs_keys="cell_type")
+    xs, ys, idx = epoch(ds)
+    assert len(xs) == len(ds)
+    if not xs:  # drop_last with a batch bigger than the store: nothing to yield
+        assert drop_last and batch_size > N
+        return
+    sizes = [x.shape[0] for x in xs]
+    assert all(s == batch_size for s in sizes[:-1]) and 0 < sizes[-1] <= batch_size
+    rows = torch.cat(idx).numpy()
+    expected = (N // batch_size) * batch_size if drop_last else N
+    assert rows.size == expected and np.unique(rows).size == expected  # nothing twice
+    if not drop_last:
+        assert set(rows) == set(range(N))  # nothing lost
+    if not shuffle:
+        assert (rows == np.arange(expected)).all()
+    got = sp.vstack([to_scipy(x) for x in xs], format="csr")
+    assert_bit_identical(got, X_true[rows])
+    cats = np.array(ds.categories["cell_type"], dtype=object)
+    assert (cats[torch.cat(ys).numpy()] == labels[rows]).all()
+    assert all(y.dtype == torch.int64 for y in ys)
+
+
+@pytest.mark.parametrize("batch_size", [16, 50])
+def test_dense_store_is_exactly_once_and_bit_identical(dense_h5ads, tmp_path, batch_size):
+    out = create_store_from_h5ads(dense_h5ads, tmp_path / "s", n_obs_per_file=80, progress=False)
+    truth = read_store(out)
+    ds = ZarrDenseDataset(batch_size, 4, 3, return_index=True).add_store(out, obs_keys=["cell_type", "batch"])
+    xs, ys, idx = epoch(ds)
+    rows = torch.cat(idx).numpy()
+    assert sorted(rows) == list(range(truth.n_obs))
+    X = torch.cat(xs).numpy()
+    assert_bit_identical(X, truth.X[rows])
+    batch = torch.cat([y["batch"] for y in ys]).numpy()
+    np.testing.assert_array_equal(batch, truth.obs["batch"].to_numpy()[rows])
+    assert ys[0]["batch"].dtype == torch.int64
+
+
+def test_sparse_store_densified_on_request(store, truth):
+    ds = ZarrDenseDataset(128, 16, 4, return_index=True).add_store(store)
+    X, obs, rows = next(iter(ds))
+    assert obs is None and X.layout == torch.strided and X.shape == (128, truth[0].shape[1])
+    np.testing.assert_array_equal(X.numpy(), truth[0][rows.numpy()].toarray())
+
+
+def test_add_anndatas_as_in_the_readme(store, truth):
+    paths = sorted(store.glob("chunk_*.zarr"), key=lambda p: int(p.stem.split("_")[1]))
+    adatas = [
+        ad.AnnData(X=ad.io.sparse_dataset(zarr.open(p)["X"]), obs=ad.io.read_elem(zarr.open(p)["obs"])) for p in paths
+    ]
+    ds = ZarrSparseDataset(batch_size=128, chunk_size=8, preload_nchunks=16, return_index=True)
+    assert ds.add_anndatas(adatas, obs_keys="cell_type") is ds
+    xs, _, idx = epoch(ds)
+    rows = torch.cat(idx).numpy()
+    assert sorted(rows) == list(range(N))
+    assert_bit_identical(sp.vstack([to_scipy(x) for x in xs], format="csr"), truth[0][rows])
+
+
+def test_batches_without_index_are_pairs(store):
+    X, y = next(iter(ZarrSparseDataset(64, 8, 4).add_store(store, obs_keys="batch")))
+    assert X.shape[0] == 64 and y.dtype == torch.int64
+
+
+# ------------------------------------------------------------------ order
+
+
+def batch_rows(ds):
+    return [i.numpy() for *_, i in ds]
+
+
+def test_same_seed_same_batches_other_epoch_other_order(store):
+    make = lambda seed=0: ZarrSparseDataset(64, 8, 8, seed=seed, return_index=True).add_store(store)  # noqa: E731
+    a, b = make(), make()
+    first_a, first_b = batch_rows(a), batch_rows(b)
+    assert all((x == y).all() for x, y in zip(first_a, first_b))
+    second_a = batch_rows(a)  # a plain second loop is the next epoch
+    assert not all((x == y).all() for x, y in zip(first_a, second_a))
+    b.set_epoch(1)
+    assert all((x == y).all() for x, y in zip(second_a, batch_rows(b)))
+    a.set_epoch(0)
+    assert all((x == y).all() for x, y in zip(first_a, batch_rows(a)))
+    other = batch_rows(make(seed=1))
+    assert not all((x == y).all() for x, y in zip(first_a, other))
+
+
+def test_batches_mix_many_chunks_and_files(store):
+    ds = ZarrSparseDataset(256, 8, 32, return_index=True).add_store(store)
+    file_of = np.searchsorted(np.cumsum([s.n_obs for s in ds._sources]), np.arange(N), side="right")
+    for rows in batch_rows(ds)[:-1]:
+        assert np.unique(rows // 8).size >= 24  # ~32 chunks shuffled together
+        assert np.unique(file_of[rows]).size >= 3
+        assert not (np.diff(np.sort(rows)) == 1).all()
+
+
+def test_dataloader_wrapping_still_works(store):
+    ds = ZarrSparseDataset(100, 8, 4, return_index=True).add_store(store)
+    rows = np.concatenate([i.numpy() for *_, i in torch.utils.data.DataLoader(ds, batch_size=None)])
+    assert sorted(rows) == list(range(N))
+    with_workers = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    rows = np.concatenate([i.numpy() for *_, i in with_workers])
+    assert sorted(rows) == list(range(N))
+
+
+# ------------------------------------------------------------------ bad arguments
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"chunk_size": -1}, "chunk_size must be a positive integer"),
+        ({"preload_nchunks": 1.5}, "preload_nchunks must be a positive integer"),
+    ],
+)
+def test_bad_sizes_are_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ZarrSparseDataset(**kwargs)
+
+
+def test_missing_obs_key_is_refused_when_added(store):
+    with pytest.raises(ValueError, match=r"no column\(s\) \['label'\]; available: .*cell_type"):
+        ZarrSparseDataset().add_store(store, obs_keys="label")
+
+
+def test_different_var_is_refused(store, h5ads, tmp_path):
+    p = next(store.glob("chunk_0.zarr"))
+    good = ad.AnnData(X=ad.io.sparse_dataset(zarr.open(p)["X"]))
+    other = ad.AnnData(X=ad.io.sparse_dataset(zarr.open(p)["X"]))
+    other.var_names = [f"x{i}" for i in range(other.n_vars)]
+    with pytest.raises(ValueError, match="different var"):
+        ZarrSparseDataset().add_anndatas([good, other])
+
+
+def test_mixed_sparse_and_dense_is_refused(store, dense_h5ads, tmp_path):
+    dense = create_store_from_h5ads(dense_h5ads, tmp_path / "d", progress=False)
+    ds = ZarrDenseDataset().add_store(store)
+    with pytest.raises(ValueError, match="mix sparse"):
+        ds.add_store(dense)
+    with pytest.raises(ValueError, match="use ZarrDenseDataset"):
+        ZarrSparseDataset().add_store(dense)
+
+
+def test_h5ad_backed_and_in_memory_x_are_refused(h5ads):
+    backed = ad.read_h5ad(h5ads[0], backed="r")
+    with pytest.raises(ValueError, match=r"\.h5ad \(HDF5\).*create_store_from_h5ads"):
+        ZarrSparseDataset().add_anndatas([ad.AnnData(X=backed.X, obs=backed.obs)])
+    with pytest.raises(ValueError, match="not a zarr-backed array"):
+        ZarrSparseDataset().add_anndatas([ad.read_h5ad(h5ads[0])])
+
+
+def test_directory_without_manifest_is_refused(tmp_path):
+    (tmp_path / "x" / "chunk_0.zarr").mkdir(parents=True)
+    with pytest.raises(StoreError, match="not an arrayloaders store"):
+        ZarrSparseDataset().add_store(tmp_path / "x")
+
+
+def test_empty_dataset_says_so():
+    with pytest.raises(ValueError, match="empty"):
+        len(ZarrSparseDataset())
+
+
+def test_quickstart_converts_and_loads_an_epoch(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "quickstart.py"
+    res = subprocess.run(
+        [sys.executable, str(script), "--workdir", str(tmp_path), "--n-files", "2", "--cells-per-file", "600",
+         "--n-vars", "500", "--nnz-per-cell", "50"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "converted 1200 cells x 500 genes" in res.stdout
+    assert "loaded one shuffled epoch: 1200 cells" in res.stdout and "cells/s" in res.stdout
