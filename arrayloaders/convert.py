@@ -39,6 +39,11 @@ __all__ = ["create_store_from_h5ads", "parse_bytes"]
 
 VarJoin = Literal["same", "inner", "outer"]
 
+# Part of the budget kept for the libraries' own buffers (zarrs' threads,
+# HDF5's chunk cache, pages of mapped buckets): measured at ~50 MiB, flat in
+# the input size and budget.
+_RESERVE = 64 * 2**20
+
 
 # --------------------------------------------------------------------------- inputs
 
@@ -407,12 +412,13 @@ def create_store_from_h5ads(
     var = _join_var(inputs, var_join)
     shard_bytes = layout.shard_bytes(x_format, len(var), dtype.itemsize)
     # A shard is buffered, concatenated and encoded whole (~4 copies): keep
-    # that within half the budget, the row blocks take the other half.
-    if 8 * shard_bytes > budget:
+    # that within half of the working memory, the row blocks take the other half.
+    if _RESERVE + 8 * shard_bytes > budget:
         raise ValueError(
             f"memory_budget={budget} bytes is too small for X shards of {shard_bytes} bytes: it must be at "
-            f"least {8 * shard_bytes}; raise memory_budget or pass a layout with smaller shards"
+            f"least {_RESERVE + 8 * shard_bytes}; raise memory_budget or pass a layout with smaller shards"
         )
+    working = budget - _RESERVE
     obs, obs_schema = _harmonise_obs(inputs, obs_columns, source_key)
     n_obs = len(obs)
     order, bounds = plan_output_files(n_obs, n_obs_per_file, shuffle, seed)
@@ -421,13 +427,13 @@ def create_store_from_h5ads(
     work.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".arrayloaders-tmp-", dir=work))
     try:
-        buckets = _scatter(inputs, order, bounds, len(var), dtype, x_format == "dense", budget, progress, scratch)
+        buckets = _scatter(inputs, order, bounds, len(var), dtype, x_format == "dense", working, progress, scratch)
         files = []
         for j, bucket in enumerate(buckets):
             name = chunk_file_name(j)
             lo, hi = bounds[j], bounds[j + 1]
             _write_output_file(
-                out / name, bucket, order[lo:hi], obs.iloc[order[lo:hi]], var, dtype, layout, budget, progress, j
+                out / name, bucket, order[lo:hi], obs.iloc[order[lo:hi]], var, dtype, layout, working, progress, j
             )
             files.append({"name": name, "n_obs": int(hi - lo)})
             shutil.rmtree(bucket.dir)
@@ -528,8 +534,8 @@ def _scatter(inputs, order, bounds, n_vars, dtype, dense, budget, progress, scra
     del position
     buckets = [_Bucket(scratch / f"bucket_{j}", dense) for j in range(len(bounds) - 1)]
     # A block is held about four times over (read, re-indexed, gathered per
-    # destination, written): keep it to an eighth of the budget.
-    block_bytes = max(1, budget // 8)
+    # destination, written) and allocator slack doubles that: a sixteenth.
+    block_bytes = max(1, budget // 16)
     offset = 0
     with tqdm(total=order.size, unit="cells", unit_scale=True, desc="shuffle", disable=not progress) as bar:
         for inp in inputs:
@@ -600,7 +606,7 @@ def _quiet_consolidation():
 
 def _write_x(root, bucket, bucket_row, n_vars, dtype, layout, budget, progress, name) -> None:
     n_rows = bucket_row.size
-    block_bytes = max(1, budget // 8)
+    block_bytes = max(1, budget // 16)
     if bucket.dense:
         rows_per_chunk, rows_per_shard = layout.dense_rows(n_vars, dtype.itemsize)
         x = root.create_array(
