@@ -22,7 +22,7 @@ import zarr
 
 from .errors import StoreError
 from .load import LoadedRows, read_load
-from .plan import EpochPlan, PlanConfig, batch_segments, plan_epoch
+from .plan import PlanConfig, batch_segments, plan_epoch
 from .store import RowReader, XSource, read_manifest, use_zarrs
 
 __all__ = ["ZarrDenseDataset", "ZarrSparseDataset"]
@@ -248,18 +248,20 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
                 segments = batch_segments(plan, b)
                 for load_index, _, _ in segments:
                     if load_index not in loaded:
-                        loaded[load_index] = read_load(readers, plan, plan.loads[load_index], dense_source)
+                        rows = read_load(readers, plan, plan.loads[load_index], dense_source)
+                        rows.rows = plan.rows_of_load(rows.load)
+                        loaded[load_index] = rows
                 # Loads before this batch's first are fully consumed.
                 while next(iter(loaded)) < segments[0][0]:
                     loaded.popitem(last=False)
-                yield self._make_batch(plan, [(loaded[i], lo, hi) for i, lo, hi in segments])
+                yield self._make_batch([(loaded[i], lo, hi) for i, lo, hi in segments])
         finally:
             for r in readers:
                 r.close()
 
-    def _make_batch(self, plan: EpochPlan, pieces: list[tuple[LoadedRows, int, int]]) -> Batch:
+    def _make_batch(self, pieces: list[tuple[LoadedRows, int, int]]) -> Batch:
         X = self._x_tensor(pieces)
-        rows = np.concatenate([plan.rows_of_load(p.load)[lo:hi] for p, lo, hi in pieces])
+        rows = np.concatenate([p.rows[lo:hi] for p, lo, hi in pieces])
         obs = self._obs.gather(rows, self._single_key) if self._obs and self._obs.keys else None
         if self.return_index:
             return X, obs, torch.from_numpy(rows)

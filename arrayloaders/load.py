@@ -24,6 +24,7 @@ class LoadedRows:
     indices: np.ndarray | None = None
     indptr: np.ndarray | None = None
     dense: np.ndarray | None = None
+    rows: np.ndarray | None = None  # global row index of each yielded row (set by the iterator)
 
 
 def _stacked_row_order(load: Load) -> tuple[dict[int, np.ndarray], np.ndarray]:
