@@ -1,19 +1,44 @@
-"""arrayloaders: fast shuffled minibatches for PyTorch from AnnData zarr stores."""
+"""arrayloaders: fast shuffled minibatches for PyTorch from AnnData zarr stores.
 
-from .convert import create_store_from_h5ads
-from .dataset import ZarrDenseDataset, ZarrSparseDataset
-from .errors import ArrayloadersError, InputFileError, StoreError, WorkerError
-from .store import StoreManifest, XLayout, read_manifest
+The public names are imported on first use (PEP 562), so that worker
+processes, which import ``arrayloaders.worker``, never import torch,
+anndata or pandas.
+"""
 
-__all__ = [
-    "ArrayloadersError",
-    "InputFileError",
-    "StoreError",
-    "StoreManifest",
-    "WorkerError",
-    "XLayout",
-    "ZarrDenseDataset",
-    "ZarrSparseDataset",
-    "create_store_from_h5ads",
-    "read_manifest",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_PUBLIC = {
+    "ArrayloadersError": ".errors",
+    "InputFileError": ".errors",
+    "StoreError": ".errors",
+    "WorkerError": ".errors",
+    "StoreManifest": ".store",
+    "XLayout": ".store",
+    "read_manifest": ".store",
+    "create_store_from_h5ads": ".convert",
+    "ZarrDenseDataset": ".dataset",
+    "ZarrSparseDataset": ".dataset",
+}
+
+__all__ = sorted(_PUBLIC)
+
+if TYPE_CHECKING:
+    from .convert import create_store_from_h5ads
+    from .dataset import ZarrDenseDataset, ZarrSparseDataset
+    from .errors import ArrayloadersError, InputFileError, StoreError, WorkerError
+    from .store import StoreManifest, XLayout, read_manifest
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'arrayloaders' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

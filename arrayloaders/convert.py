@@ -634,16 +634,18 @@ def _write_x(root, bucket, bucket_row, n_vars, dtype, layout, budget, progress, 
         "X", attributes={"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_rows, n_vars]}
     )
     arrays = {}
-    for name, dt in (("data", dtype), ("indices", np.dtype(np.int32))):
+    indices_dtype = layout.indices_dtype(n_vars)
+    for name, dt, role in (("data", dtype, "values"), ("indices", indices_dtype, "indices")):
         arrays[name] = group.create_array(
             name, shape=(total,), dtype=dt, chunks=(layout.chunk_elements,),
-            shards=(layout.shard_elements,), compressors=layout.compressors(),
+            shards=(layout.shard_elements,), compressors=layout.compressors(role),
         )  # fmt: skip
     indptr_array = group.create_array(
         "indptr", shape=(n_rows + 1,), dtype=np.int64, chunks=(min(2**16, n_rows + 1),),
-        compressors=layout.compressors(),
+        compressors=layout.compressors("indices"),
     )  # fmt: skip
     indptr_array[:] = indptr
+    # Buckets hold int32 indices; the output may be narrower.
     dtypes = {"data": dtype, "indices": np.dtype(np.int32)}
     writers = {name: _AlignedAppender(arrays[name], layout.shard_elements) for name in arrays}
     # Each block gathers about block_bytes of entries (positions: 8 B each).
@@ -653,7 +655,7 @@ def _write_x(root, bucket, bucket_row, n_vars, dtype, layout, budget, progress, 
             pos = csr_row_positions(bucket_indptr, bucket_row[p0:p1])
             for name in writers:
                 with _mapped(bucket.path(name), dtypes[name], (total,)) as src:
-                    writers[name].append(np.array(src[pos]))
+                    writers[name].append(np.asarray(src[pos], dtype=arrays[name].dtype))
             del pos
             bar.update(p1 - p0)
     for w in writers.values():

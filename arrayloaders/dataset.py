@@ -1,35 +1,36 @@
 """``ZarrSparseDataset`` / ``ZarrDenseDataset``: shuffled minibatches as torch tensors.
 
-The iterator walks the epoch plan: it obtains each load's permuted rows (read
-in-process for ``num_workers=0``), cuts batches as contiguous slices of them,
-and turns the slices into tensors. obs columns are held in memory (a few
-bytes per cell) and gathered by global row index.
+The iterator walks the epoch plan: it obtains each load's permuted rows
+(from the worker engine, ``engine.py``, or read in-process for
+``num_workers=0``), cuts batches as contiguous slices of them, and turns
+the slices into tensors without copying X. obs columns are held in memory
+(a few bytes per cell) and gathered by global row index.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+import psutil
 import torch
 import zarr
 
+from .engine import Engine
 from .errors import StoreError
 from .load import LoadedRows, read_load
-from .plan import PlanConfig, batch_segments, plan_epoch
-from .store import RowReader, XSource, read_manifest, use_zarrs
+from .plan import PlanConfig, plan_epoch
+from .rows import CsrRows, DenseRows, open_rows
+from .convert import parse_bytes
+from .store import XSource, read_manifest, use_zarrs
 
 __all__ = ["ZarrDenseDataset", "ZarrSparseDataset"]
 
-# torch warns on every sparse CSR construction that the layout is "beta";
-# we build one per batch.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 Batch = tuple[torch.Tensor, Any] | tuple[torch.Tensor, Any, torch.Tensor]
 
@@ -117,12 +118,25 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         seed: int = 0,
         drop_last: bool = False,
         return_index: bool = False,
+        num_workers: int | None = None,
+        memory_budget: int | str | None = None,
+        pin_memory: bool = False,
     ):
         # Validate now, not at the first iteration.
         PlanConfig((), batch_size, chunk_size, preload_nchunks, shuffle, seed, drop_last)
         self.batch_size, self.chunk_size, self.preload_nchunks = batch_size, chunk_size, preload_nchunks
         self.shuffle, self.seed, self.drop_last, self.return_index = shuffle, seed, drop_last, return_index
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        self.memory_budget = default_memory_budget() if memory_budget is None else parse_bytes(memory_budget)
+        self.pin_memory = pin_memory
+        if pin_memory and not torch.cuda.is_available():
+            warnings.warn("pin_memory=True but CUDA is not available: batches are not pinned", stacklevel=2)
+            self.pin_memory = False
         self._sources: list[XSource] = []
+        self._readers: list[CsrRows] | list[DenseRows] = []
+        self._engine: Engine | None = None
         self._var_names: pd.Index | None = None
         self._obs: _ObsColumns | None = None
         self._single_key = True
@@ -236,63 +250,110 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         plan = plan_epoch(self._plan_config(), self._next_epoch())
-        batches = range(plan.n_batches)
         info = torch.utils.data.get_worker_info()
+        batches = range(plan.n_batches)
         if info is not None:  # inside a torch DataLoader worker: take every n-th batch
             batches = range(info.id, plan.n_batches, info.num_workers)
-        readers = [RowReader(s) for s in self._sources]
-        try:
-            dense_source = self._sources[0].kind == "dense"
-            loaded: OrderedDict[int, LoadedRows] = OrderedDict()
-            for b in batches:
-                segments = batch_segments(plan, b)
-                for load_index, _, _ in segments:
-                    if load_index not in loaded:
-                        rows = read_load(readers, plan, plan.loads[load_index], dense_source)
-                        rows.rows = plan.rows_of_load(rows.load)
-                        loaded[load_index] = rows
-                # Loads before this batch's first are fully consumed.
-                while next(iter(loaded)) < segments[0][0]:
-                    loaded.popitem(last=False)
-                yield self._make_batch([(loaded[i], lo, hi) for i, lo, hi in segments])
-        finally:
-            for r in readers:
-                r.close()
+        per_load = plan.config.load_rows // plan.config.batch_size
+        wanted = sorted({b // per_load for b in batches})
+        readers = self._open_readers()
+        if self.num_workers > 0 and info is None:
+            loads = self._start_engine().loads(plan, readers, wanted)
+        else:
+            loads = ((read_load(readers, plan, plan.loads[i]), _own) for i in wanted)
+        take = set(batches) if info is not None else None
+        for loaded, lend in loads:
+            loaded.rows = plan.rows_of_load(loaded.load)
+            first = loaded.load.index * per_load
+            for b in range(first, min(first + per_load, plan.n_batches)):
+                if take is None or b in take:
+                    lo = (b - first) * self.batch_size
+                    yield self._make_batch(loaded, lo, min(lo + self.batch_size, loaded.load.n_rows), lend)
 
-    def _make_batch(self, pieces: list[tuple[LoadedRows, int, int]]) -> Batch:
-        X = self._x_tensor(pieces)
-        rows = np.concatenate([p.rows[lo:hi] for p, lo, hi in pieces])
+    # ------------------------------------------------------------------ engine
+
+    def _open_readers(self) -> list[CsrRows] | list[DenseRows]:
+        if len(self._readers) != len(self._sources):
+            self._readers += [open_rows(s) for s in self._sources[len(self._readers) :]]
+        return self._readers
+
+    def _start_engine(self) -> Engine:
+        sources, config = tuple(self._sources), self._plan_config()
+        engine = self._engine
+        if engine is None or engine.closed or engine.sources != sources or engine.plan_config != config:
+            if engine is not None:
+                engine.close()
+            self._engine = engine = Engine(sources, config, self.num_workers, self.memory_budget)
+        return engine
+
+    def close(self) -> None:
+        """Stop the worker processes and free the shared memory (idempotent).
+
+        Iterating again starts new workers. Batches already yielded stay valid.
+        """
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    def __enter__(self):
+        return self
+
+    def __getstate__(self) -> dict:
+        # Pickled into torch DataLoader workers: open files and our own workers stay behind.
+        state = dict(self.__dict__)
+        state["_readers"], state["_engine"] = [], None
+        return state
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ batches
+
+    def _make_batch(self, loaded: LoadedRows, lo: int, hi: int, lend: Callable[[np.ndarray], np.ndarray]) -> Batch:
+        X = self._x_tensor(loaded, lo, hi, lend)
+        if self.pin_memory:
+            X = X.pin_memory()
+        rows = loaded.rows[lo:hi]
         obs = self._obs.gather(rows, self._single_key) if self._obs and self._obs.keys else None
         if self.return_index:
-            return X, obs, torch.from_numpy(rows)
+            return X, obs, torch.from_numpy(rows.copy())
         return X, obs
 
-    def _x_tensor(self, pieces: list[tuple[LoadedRows, int, int]]) -> torch.Tensor:
+    def _x_tensor(self, loaded: LoadedRows, lo: int, hi: int, lend) -> torch.Tensor:
         n_vars = self._sources[0].n_vars
-        if pieces[0][0].dense is not None:
-            parts = [p.dense[lo:hi] for p, lo, hi in pieces]
-            return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
-        data, indices, row_nnz = [], [], []
-        for p, lo, hi in pieces:
-            a, b = p.indptr[lo], p.indptr[hi]
-            data.append(p.data[a:b])
-            indices.append(p.indices[a:b])
-            row_nnz.append(np.diff(p.indptr[lo : hi + 1]))
-        n_rows = sum(len(r) for r in row_nnz)
-        crow = np.zeros(n_rows + 1, dtype=np.int64)
-        np.cumsum(np.concatenate(row_nnz), out=crow[1:])
-        values = data[0] if len(data) == 1 else np.concatenate(data)
-        cols = indices[0] if len(indices) == 1 else np.concatenate(indices)
-        index_dtype = np.int32 if crow[-1] < 2**31 else np.int64
-        crow_t = torch.from_numpy(crow.astype(index_dtype))
-        cols_t = torch.from_numpy(cols.astype(index_dtype, copy=False))
-        values_t = torch.from_numpy(values)
-        if self._dense_output:
-            out = torch.zeros((n_rows, n_vars), dtype=values_t.dtype)
-            row_of = torch.repeat_interleave(torch.arange(n_rows), torch.from_numpy(np.diff(crow)))
-            out[row_of, cols_t.long()] = values_t
-            return out
-        return torch.sparse_csr_tensor(crow_t, cols_t, values_t, size=(n_rows, n_vars), check_invariants=False)
+        if loaded.dense is not None:
+            return torch.from_numpy(lend(loaded.dense[lo:hi]))
+        a, b = int(loaded.indptr[lo]), int(loaded.indptr[hi])
+        index_dtype = np.int32 if b - a < 2**31 else np.int64
+        crow = torch.from_numpy((loaded.indptr[lo : hi + 1] - a).astype(index_dtype))
+        cols = torch.from_numpy(lend(loaded.indices[a:b]))
+        if index_dtype is np.int64:
+            cols = cols.long()
+        values = torch.from_numpy(lend(loaded.data[a:b]))
+        with warnings.catch_warnings():
+            # torch warns that sparse CSR support is "beta" the first time one is built.
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+            X = torch.sparse_csr_tensor(crow, cols, values, size=(hi - lo, n_vars), check_invariants=False)
+        return X.to_dense() if self._dense_output else X
+
+
+def _own(view: np.ndarray) -> np.ndarray:
+    """Lending of views into arrays the batch owns outright (the in-process path): nothing to count."""
+    return view
+
+
+def default_num_workers() -> int:
+    """One worker per core this process may run on (the main process mostly waits)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8)) if os.path.isdir("/dev/shm") else 0
+
+
+def default_memory_budget() -> int:
+    """Ring memory: a quarter of the available RAM, at most 1 GiB."""
+    return int(min(psutil.virtual_memory().available // 4, 2**30))
 
 
 class ZarrSparseDataset(_ZarrDataset):

@@ -1,6 +1,9 @@
-"""Reading one load of the plan: its chunks' rows, permuted as the plan says.
+"""Reading one load of the plan: its runs of rows, decoded and permuted into place.
 
-The same function serves the in-process path and the worker processes.
+The same function fills a worker's ring slot and, for ``num_workers=0``,
+freshly allocated arrays in the main process. Each run is decoded once into
+a small buffer and its rows are copied straight to their permuted positions,
+so a load costs one decode and one copy of its bytes.
 """
 
 from __future__ import annotations
@@ -10,70 +13,77 @@ from dataclasses import dataclass
 import numpy as np
 
 from .plan import EpochPlan, Load, load_permutation
-from .store import RowReader
+from .rows import CsrRows, DenseRows
 
-__all__ = ["LoadedRows", "read_load"]
+__all__ = ["LoadedRows", "load_nnz", "read_load"]
+
+INDEX_DTYPE = np.dtype(np.int32)  # column indices as torch's sparse CSR tensors take them
 
 
 @dataclass
 class LoadedRows:
-    """A load's rows in yield order: CSR parts (``data``, ``indices``, ``indptr``) or ``dense``."""
+    """A load's rows in yield order: CSR parts (``indptr``, ``data``, ``indices``) or ``dense``."""
 
     load: Load
+    indptr: np.ndarray | None = None  # int64, n_rows + 1
     data: np.ndarray | None = None
-    indices: np.ndarray | None = None
-    indptr: np.ndarray | None = None
+    indices: np.ndarray | None = None  # int32
     dense: np.ndarray | None = None
-    rows: np.ndarray | None = None  # global row index of each yielded row (set by the iterator)
+    rows: np.ndarray | None = None  # global row index of each row (set by the iterator)
 
 
-def _stacked_row_order(load: Load) -> tuple[dict[int, np.ndarray], np.ndarray]:
-    """Per-file runs to read, and where each chunk-order row lands once files are stacked.
+def _row_lengths(readers: list[CsrRows], load: Load) -> np.ndarray:
+    """Stored entries of each row of ``load``, in chunk order."""
+    return np.concatenate([np.diff(readers[f].indptr[a : b + 1]) for f, a, b in load.chunks.tolist()])
 
-    Rows are read file by file (one reader each) and stacked in file order;
-    the returned index maps chunk-order row ``i`` to its row in that stack.
+
+def load_nnz(readers: list[CsrRows], load: Load) -> int:
+    return int(sum(readers[f].indptr[b] - readers[f].indptr[a] for f, a, b in load.chunks.tolist()))
+
+
+def read_load(
+    readers: list[CsrRows] | list[DenseRows],
+    plan: EpochPlan,
+    load: Load,
+    out: LoadedRows | None = None,
+) -> LoadedRows:
+    """Decode ``load``'s rows, permuted as the plan says, into ``out`` (arrays with room) or new arrays.
+
+    Returns the filled parts, sized exactly (views of ``out``'s arrays).
     """
-    files = load.chunks[:, 0]
-    lengths = load.chunks[:, 2] - load.chunks[:, 1]
-    runs, stack_start, offset = {}, np.empty(len(load.chunks), dtype=np.int64), 0
-    for f in np.unique(files):
-        mine = np.flatnonzero(files == f)
-        runs[int(f)] = load.chunks[mine, 1:]
-        stack_start[mine] = offset + np.concatenate([[0], np.cumsum(lengths[mine])[:-1]])
-        offset += int(lengths[mine].sum())
-    row_in_stack = np.repeat(stack_start, lengths) + (
-        np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    )
-    return runs, row_in_stack
+    n = load.n_rows
+    order = load_permutation(plan.config, plan.epoch, load.index, n)  # output position -> chunk-order row
+    position = np.empty(n, dtype=np.int64)  # chunk-order row -> output position
+    position[order] = np.arange(n)
+    first_row = np.concatenate([[0], np.cumsum(load.chunks[:, 2] - load.chunks[:, 1])])
+    if isinstance(readers[0], DenseRows):
+        dense = out.dense[:n] if out is not None else np.empty((n, readers[0].source.n_vars), readers[0].source.dtype)
+        for f in np.unique(load.chunks[:, 0]).tolist():
+            mine = np.flatnonzero(load.chunks[:, 0] == f)
+            for i, rows in zip(mine.tolist(), readers[f].runs(load.chunks[mine, 1:])):
+                dense[position[first_row[i] : first_row[i + 1]]] = rows
+        return LoadedRows(load, dense=dense)
 
-
-def read_load(readers: list[RowReader], plan: EpochPlan, load: Load, dense: bool) -> LoadedRows:
-    """Read and permute one load."""
-    runs, row_in_stack = _stacked_row_order(load)
-    order = row_in_stack[load_permutation(plan.config, plan.epoch, load.index, row_in_stack.size)]
-    if dense:
-        block = np.concatenate([readers[f].read_dense(r) for f, r in runs.items()])
-        return LoadedRows(load, dense=block[order])
-    parts = [readers[f].read_csr(r) for f, r in runs.items()]
-    data = np.concatenate([p[0] for p in parts])
-    indices = np.concatenate([p[1] for p in parts])
-    indptr = np.zeros(row_in_stack.size + 1, dtype=np.int64)
-    np.cumsum(np.concatenate([np.diff(p[2]) for p in parts]), out=indptr[1:])
-    out_indptr = np.zeros_like(indptr)
-    np.cumsum(np.diff(indptr)[order], out=out_indptr[1:])
-    out_data, out_indices = np.empty_like(data), np.empty_like(indices)
-    gather_rows(data, indices, indptr, order, out_data, out_indices, out_indptr)
-    return LoadedRows(load, data=out_data, indices=out_indices, indptr=out_indptr)
-
-
-def gather_rows(data, indices, indptr, order, out_data, out_indices, out_indptr) -> None:
-    """Copy CSR rows ``order`` of (data, indices, indptr) into the output arrays.
-
-    One slice copy per row: rows are kilobytes, so this beats building a
-    per-entry index (8 bytes per entry, then two fancy-index passes).
-    """
-    starts, ends, dst = indptr[order].tolist(), indptr[order + 1].tolist(), out_indptr.tolist()
-    for i, (a, b) in enumerate(zip(starts, ends)):
-        o = dst[i]
-        out_data[o : o + b - a] = data[a:b]
-        out_indices[o : o + b - a] = indices[a:b]
+    lengths = _row_lengths(readers, load)
+    indptr = out.indptr[: n + 1] if out is not None else np.empty(n + 1, dtype=np.int64)
+    indptr[0] = 0
+    np.cumsum(lengths[order], out=indptr[1:])
+    nnz = int(indptr[-1])
+    if out is not None:
+        data, indices = out.data[:nnz], out.indices[:nnz]
+    else:
+        data, indices = np.empty(nnz, readers[0].source.dtype), np.empty(nnz, INDEX_DTYPE)
+    destination = indptr[position].tolist()  # where each chunk-order row's entries go
+    for f in np.unique(load.chunks[:, 0]).tolist():
+        mine = np.flatnonzero(load.chunks[:, 0] == f)
+        indptr_f = readers[f].indptr
+        for i, (run_data, run_indices) in zip(mine.tolist(), readers[f].runs(load.chunks[mine, 1:])):
+            _, a, b = load.chunks[i].tolist()
+            starts = (indptr_f[a : b + 1] - indptr_f[a]).tolist()
+            # One slice copy per row: rows are kilobytes, so this beats building
+            # a per-entry index (8 bytes per entry, then a fancy-index pass).
+            for q, (x, y) in enumerate(zip(starts[:-1], starts[1:]), start=first_row[i]):
+                o = destination[q]
+                data[o : o + y - x] = run_data[x:y]
+                indices[o : o + y - x] = run_indices[x:y]
+    return LoadedRows(load, indptr=indptr, data=data, indices=indices)

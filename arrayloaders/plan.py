@@ -8,23 +8,24 @@ Vocabulary:
 
 - a *chunk* is a run of ``chunk_size`` consecutive cells inside one file
   (the last chunk of a file may be shorter);
-- a *load* is ``preload_nchunks`` chunks read together; its rows are
-  concatenated in chunk order and then permuted by :func:`load_permutation`;
-- the epoch's row sequence is the loads' permuted rows, one load after the
-  other; batch ``b`` is positions ``b * batch_size : (b + 1) * batch_size`` of
-  it, so a batch may span the end of one load and the start of the next.
+- the epoch's chunks (shuffled, this rank's share) are concatenated into one
+  row sequence, which is cut into *loads* of :attr:`PlanConfig.load_rows`
+  rows: ``preload_nchunks * chunk_size`` rounded up to whole batches, so a
+  load may start or end inside a chunk;
+- a load's rows are read together and permuted by :func:`load_permutation`;
+- batch ``b`` is rows ``b * batch_size : (b + 1) * batch_size`` of the epoch's
+  permuted sequence, which always lie inside one load: a batch is one
+  contiguous slice of one load.
 """
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Literal
 
 import numpy as np
 
-__all__ = ["EpochPlan", "Load", "PlanConfig", "batch_segments", "load_permutation", "plan_epoch"]
+__all__ = ["EpochPlan", "Load", "PlanConfig", "batch_rows", "load_permutation", "plan_epoch"]
 
 Equalize = Literal["drop", "pad"]
 
@@ -61,6 +62,11 @@ class PlanConfig:
         return int(sum(self.file_n_obs))
 
     @property
+    def load_rows(self) -> int:
+        """Rows per load: ``preload_nchunks * chunk_size``, rounded up to whole batches."""
+        return -(-self.preload_nchunks * self.chunk_size // self.batch_size) * self.batch_size
+
+    @property
     def file_offsets(self) -> np.ndarray:
         """Global row index of each file's first row (files concatenated in order)."""
         return np.concatenate([[0], np.cumsum(self.file_n_obs, dtype=np.int64)])
@@ -68,10 +74,10 @@ class PlanConfig:
 
 @dataclass(frozen=True)
 class Load:
-    """One unit of reading: chunks read together, then row-permuted."""
+    """One unit of reading: runs of rows read together, then row-permuted."""
 
     index: int  # position in the epoch, 0-based
-    chunks: np.ndarray  # (k, 3) int64 rows of (file, start, stop)
+    chunks: np.ndarray  # (k, 3) int64 rows of (file, start, stop): whole chunks, or parts at the load's ends
     start: int  # epoch position of the load's first row
 
     @property
@@ -86,10 +92,6 @@ class EpochPlan:
     loads: tuple[Load, ...]
     n_rows: int  # rows this rank yields this epoch
     n_batches: int
-
-    @cached_property
-    def load_starts(self) -> list[int]:
-        return [load.start for load in self.loads]
 
     def rows_of_load(self, load: Load) -> np.ndarray:
         """Global row indices of a load, in the order the load yields them."""
@@ -138,35 +140,32 @@ def _rank_chunks(config: PlanConfig, epoch: int) -> tuple[np.ndarray, int]:
 def plan_epoch(config: PlanConfig, epoch: int) -> EpochPlan:
     """The loads and batch count of one epoch on this rank."""
     chunks, n_rows = _rank_chunks(config, epoch)
-    own_rows = int((chunks[:, 2] - chunks[:, 1]).sum())
+    lengths = chunks[:, 2] - chunks[:, 1]
+    own_rows = int(lengths.sum())
     if n_rows > own_rows:  # "pad": repeat this rank's first chunks
-        lengths = chunks[:, 2] - chunks[:, 1]
         need = np.searchsorted(np.cumsum(lengths), n_rows - own_rows) + 1
         chunks = np.concatenate([chunks, chunks[:need]])
+        lengths = chunks[:, 2] - chunks[:, 1]
     n_batches = n_rows // config.batch_size if config.drop_last else -(-n_rows // config.batch_size)
-    n_rows_yielded = n_batches * config.batch_size if config.drop_last else n_rows
-    loads, start = [], 0
-    for i, lo in enumerate(range(0, len(chunks), config.preload_nchunks)):
-        if start >= n_rows_yielded:
-            break  # later loads hold only rows that are dropped
-        load = Load(i, chunks[lo : lo + config.preload_nchunks], start)
-        loads.append(load)
-        start += load.n_rows
-    return EpochPlan(config, epoch, tuple(loads), n_rows_yielded, n_batches)
+    n_rows = n_batches * config.batch_size if config.drop_last else n_rows
+    # Cut the row sequence [0, n_rows) of the concatenated chunks into loads.
+    ends = np.cumsum(lengths)
+    loads = []
+    for i, lo in enumerate(range(0, n_rows, config.load_rows)):
+        hi = min(lo + config.load_rows, n_rows)
+        first, last = np.searchsorted(ends, lo, side="right"), np.searchsorted(ends, hi, side="left")
+        piece = chunks[first : last + 1].copy()
+        piece[0, 1] += lo - (ends[first] - lengths[first])  # skip rows before lo
+        piece[-1, 2] -= ends[last] - hi  # and after hi
+        loads.append(Load(i, piece, lo))
+    return EpochPlan(config, epoch, tuple(loads), n_rows, n_batches)
 
 
-def batch_segments(plan: EpochPlan, batch: int) -> list[tuple[int, int, int]]:
-    """Pieces of batch ``batch``: (load index, first row, stop row) within each load."""
+def batch_rows(plan: EpochPlan, batch: int) -> tuple[int, int, int]:
+    """Where batch ``batch`` lies: (load index, first row, stop row) within that load."""
     if not 0 <= batch < plan.n_batches:
         raise IndexError(f"batch {batch} out of range for an epoch of {plan.n_batches} batches")
-    bs = plan.config.batch_size
-    lo, hi = batch * bs, min((batch + 1) * bs, plan.n_rows)
-    out = []
-    for i in range(bisect.bisect_right(plan.load_starts, lo) - 1, len(plan.loads)):
-        load = plan.loads[i]
-        if load.start >= hi:
-            break
-        a, b = max(lo, load.start), min(hi, load.start + load.n_rows)
-        if a < b:
-            out.append((load.index, a - load.start, b - load.start))
-    return out
+    lo = batch * plan.config.batch_size
+    load = lo // plan.config.load_rows
+    lo -= load * plan.config.load_rows
+    return load, lo, min(lo + plan.config.batch_size, plan.loads[load].n_rows)

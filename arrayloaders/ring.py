@@ -1,0 +1,215 @@
+"""The shared-memory ring: slots that worker processes decode loads into.
+
+Ownership (see ``worker.py`` for the protocol):
+
+- The main process creates every segment (``multiprocessing.shared_memory``,
+  so the resource tracker unlinks it even if the main process is killed)
+  and is the only one that unlinks. Workers only map a segment by name and
+  unmap it.
+- Names are ``al_<pid>_<token>_<slot>_<generation>``: :func:`segment_names`
+  lists a process's segments in ``/dev/shm`` (for ``close()`` checks and tests).
+- Batches handed to the user are views into a slot (zero copy). Each view is
+  counted (:meth:`Segment.lend`) until torch frees it, and a slot is given
+  to a worker again only when none is alive. If the user keeps batches and
+  the ring runs out of free slots, the held slot's segment is unlinked and
+  replaced by a new one: the user's views stay valid (the mapping lives as
+  long as they do) and no name is left in ``/dev/shm``.
+
+Segments are mapped with ``mmap`` on the ``/dev/shm`` file, not through
+``SharedMemory.buf``: a mapping with live numpy views then simply outlives
+the object that made it, where ``SharedMemory.close()`` would raise.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import weakref
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+__all__ = ["Ring", "Segment", "SlotLayout", "SlotArrays", "map_segment", "segment_names"]
+
+PREFIX = "al"
+SHM_DIR = Path("/dev/shm")
+_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class SlotArrays:
+    """numpy views of one slot. ``header`` is (epoch, load index, rows, stored entries)."""
+
+    header: np.ndarray
+    indptr: np.ndarray | None = None
+    data: np.ndarray | None = None
+    indices: np.ndarray | None = None
+    dense: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """Sizes of a slot: enough for the largest load of an epoch. Picklable; every process builds the same views."""
+
+    kind: Literal["csr", "dense"]
+    dtype: str
+    max_rows: int
+    max_nnz: int = 0  # CSR only
+    n_vars: int = 0  # dense only
+
+    def _parts(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+        parts = [("header", np.dtype(np.int64), (4,))]
+        if self.kind == "csr":
+            parts += [
+                ("indptr", np.dtype(np.int64), (self.max_rows + 1,)),
+                ("data", np.dtype(self.dtype), (self.max_nnz,)),
+                ("indices", np.dtype(np.int32), (self.max_nnz,)),
+            ]
+        else:
+            parts += [("dense", np.dtype(self.dtype), (self.max_rows, self.n_vars))]
+        return parts
+
+    @property
+    def nbytes(self) -> int:
+        return sum(-(-dt.itemsize * int(np.prod(shape)) // _ALIGN) * _ALIGN for _, dt, shape in self._parts())
+
+    def arrays(self, buffer) -> SlotArrays:
+        views, offset = {}, 0
+        for name, dt, shape in self._parts():
+            count = int(np.prod(shape))
+            views[name] = np.frombuffer(buffer, dtype=dt, count=count, offset=offset).reshape(shape)
+            offset += -(-dt.itemsize * count // _ALIGN) * _ALIGN
+        return SlotArrays(**views)
+
+    def holds(self, other: SlotLayout) -> bool:
+        """Whether a slot of this layout has room for a load that needs ``other``."""
+        return (
+            (self.kind, self.dtype, self.n_vars) == (other.kind, other.dtype, other.n_vars)
+            and self.max_rows >= other.max_rows
+            and self.max_nnz >= other.max_nnz
+        )
+
+
+def map_segment(name: str, nbytes: int) -> mmap.mmap:
+    """Map an existing segment (worker side: attach only, never unlink)."""
+    fd = os.open(SHM_DIR / name, os.O_RDWR)
+    try:
+        return mmap.mmap(fd, nbytes)
+    finally:
+        os.close(fd)
+
+
+def segment_names(pid: int | None = None) -> list[str]:
+    """Names of this package's segments in ``/dev/shm`` (of process ``pid``, or all)."""
+    prefix = f"{PREFIX}_{pid}_" if pid is not None else f"{PREFIX}_"
+    return sorted(p.name for p in SHM_DIR.glob(prefix + "*")) if SHM_DIR.is_dir() else []
+
+
+class Segment:
+    """One shared-memory segment, created and unlinked by the main process.
+
+    :meth:`lend` counts views handed to the user; :attr:`lent` says how many
+    are still alive.
+    """
+
+    def __init__(self, name: str, layout: SlotLayout):
+        self.name, self.layout = name, layout
+        self._shm = shared_memory.SharedMemory(name=name, create=True, size=layout.nbytes)
+        try:
+            self.mapping = map_segment(name, layout.nbytes)
+        except BaseException:
+            self.unlink()
+            raise
+        self._shm.close()  # our own mapping above is the one views refer to
+        self.arrays = layout.arrays(self.mapping)
+        self.lent = 0
+        self._unlinked = False
+
+    def lend(self, view: np.ndarray) -> np.ndarray:
+        """Count ``view`` as held by the user until it is garbage collected."""
+        self.lent += 1
+        weakref.finalize(view, self._returned)
+        return view
+
+    def _returned(self) -> None:
+        self.lent -= 1
+
+    def unlink(self) -> None:
+        """Remove the name (idempotent). The memory is freed when the last mapping goes."""
+        if not getattr(self, "_unlinked", False):
+            self._unlinked = True
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
+
+
+class Ring:
+    """``n_slots`` segments of one :class:`SlotLayout`, owned by this process.
+
+    Slot ``k``'s current segment name is :meth:`name`; it changes when the
+    slot is resized or replaced, and tasks carry it so workers re-map.
+    """
+
+    def __init__(self, layout: SlotLayout, n_slots: int):
+        if not SHM_DIR.is_dir():
+            raise RuntimeError(f"the worker engine needs POSIX shared memory in {SHM_DIR}; use num_workers=0")
+        free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize
+        if n_slots * layout.nbytes > free:
+            # tmpfs accepts the segment and then kills the writer with SIGBUS: refuse now.
+            raise RuntimeError(
+                f"the ring needs {n_slots} x {layout.nbytes / 2**20:.0f} MiB of shared memory but {SHM_DIR} has "
+                f"{free / 2**20:.0f} MiB free; lower memory_budget or preload_nchunks, or give the machine "
+                "(or container: docker run --shm-size) more shared memory"
+            )
+        self.layout = layout
+        self._token = secrets.token_hex(3)
+        self._generation = 0
+        self.segments: list[Segment] = []
+        try:
+            for k in range(n_slots):
+                self.segments.append(self._new(k))
+        except BaseException:
+            self.close()
+            raise
+        # A backstop if the owner forgets close(): unlink when the ring is collected.
+        self._finalizer = weakref.finalize(self, Ring._unlink_all, self.segments)
+
+    def _new(self, k: int) -> Segment:
+        self._generation += 1
+        return Segment(f"{PREFIX}_{os.getpid()}_{self._token}_{k}_{self._generation}", self.layout)
+
+    def __len__(self) -> int:
+        return len(self.segments)
+
+    def name(self, k: int) -> str:
+        return self.segments[k].name
+
+    def replace(self, k: int) -> None:
+        """Give slot ``k`` a new segment; the old one is unlinked and lives on only in the user's views."""
+        old = self.segments[k]
+        self.segments[k] = self._new(k)
+        old.unlink()
+
+    def resize(self, layout: SlotLayout) -> None:
+        """Make every slot hold ``layout`` (new segments; old views stay valid)."""
+        self.layout = layout
+        for k in range(len(self.segments)):
+            self.replace(k)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.segments) * self.layout.nbytes
+
+    @staticmethod
+    def _unlink_all(segments: list[Segment]) -> None:
+        for s in segments:
+            s.unlink()
+
+    def close(self) -> None:
+        """Unlink every segment (idempotent). Views the user holds stay valid."""
+        Ring._unlink_all(self.segments)

@@ -1,0 +1,135 @@
+"""Reading runs of consecutive rows of one X, one run at a time.
+
+A run of rows is one range of elements: ``data[indptr[a]:indptr[b]]`` for
+CSR, ``X[a:b]`` for dense. :func:`open_rows` reads runs straight from the
+files where :class:`~arrayloaders.shards.DirectArray` supports the layout
+(every store this package writes), and through zarr's asynchronous API
+otherwise (runs issued concurrently, the zarrs codec pipeline decoding).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import numpy as np
+import zarr
+import zarr.api.asynchronous
+
+from .shards import DirectArray
+from .store import XSource
+
+__all__ = ["CsrRows", "DenseRows", "open_rows"]
+
+
+class _ZarrArrays:
+    """zarr arrays of one X opened on a private event loop, read with concurrent ``getitem`` calls."""
+
+    def __init__(self, source: XSource, names: tuple[str, ...]):
+        self._loop = asyncio.new_event_loop()
+
+        async def open_all():
+            return {
+                n: await zarr.api.asynchronous.open_array(store=source.store, path=f"{source.path}/{n}".strip("/"), mode="r")
+                for n in names
+            }
+
+        self.arrays = self._loop.run_until_complete(open_all())
+
+    def read(self, name: str, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
+        array = self.arrays[name]
+
+        async def gather():
+            return await asyncio.gather(*(array.getitem(slice(a, b)) for a, b in ranges))
+
+        return self._loop.run_until_complete(gather())
+
+    def close(self) -> None:
+        self._loop.close()
+
+
+class CsrRows:
+    """Runs of rows of a CSR X: ``indptr`` in memory, ``data``/``indices`` read per run."""
+
+    def __init__(self, source: XSource):
+        self.source = source
+        group = zarr.open_group(store=source.store, path=source.path, mode="r")
+        # 8 bytes per row, needed for every run: read once.
+        self.indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+        self._direct = (DirectArray.open(group["data"]), DirectArray.open(group["indices"]))
+        self._zarr = None
+        if None in self._direct:
+            self._zarr = _ZarrArrays(source, ("data", "indices"))
+        self._data = np.empty(0, group["data"].dtype)
+        self._indices = np.empty(0, group["indices"].dtype)
+
+    @property
+    def direct(self) -> bool:
+        return self._zarr is None
+
+    def runs(self, runs: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(data, indices)`` of each run ``(start, stop)`` of rows, in order.
+
+        The arrays are valid until the next step of the iterator.
+        """
+        starts, stops = self.indptr[runs[:, 0]].tolist(), self.indptr[runs[:, 1]].tolist()
+        if self._zarr is not None:
+            ranges = list(zip(starts, stops))
+            yield from zip(self._zarr.read("data", ranges), self._zarr.read("indices", ranges))
+            return
+        longest = max((b - a for a, b in zip(starts, stops)), default=0)
+        if longest > self._data.size:
+            self._data = np.empty(longest, self._data.dtype)
+            self._indices = np.empty(longest, self._indices.dtype)
+        data_reader, indices_reader = self._direct
+        for a, b in zip(starts, stops):
+            data, indices = self._data[: b - a], self._indices[: b - a]
+            data_reader.read_into(a, b, data)
+            indices_reader.read_into(a, b, indices)
+            yield data, indices
+
+    def close(self) -> None:
+        for d in self._direct:
+            if d is not None:
+                d.close()
+        if self._zarr is not None:
+            self._zarr.close()
+
+
+class DenseRows:
+    """Runs of rows of a dense 2-d X."""
+
+    def __init__(self, source: XSource):
+        self.source = source
+        array = zarr.open_array(store=source.store, path=source.path, mode="r")
+        self._direct = DirectArray.open(array)
+        self._zarr = _ZarrArrays(source, ("",)) if self._direct is None else None
+        self._rows = np.empty((0, source.n_vars), array.dtype)
+
+    @property
+    def direct(self) -> bool:
+        return self._zarr is None
+
+    def runs(self, runs: np.ndarray) -> Iterator[np.ndarray]:
+        """The rows of each run ``(start, stop)``, as a 2-d array valid until the next step."""
+        if self._zarr is not None:
+            yield from self._zarr.read("", [(int(a), int(b)) for a, b in runs])
+            return
+        n_vars = self.source.n_vars
+        longest = int((runs[:, 1] - runs[:, 0]).max(initial=0))
+        if longest > self._rows.shape[0]:
+            self._rows = np.empty((longest, n_vars), self._rows.dtype)
+        for a, b in runs.tolist():
+            rows = self._rows[: b - a]
+            self._direct.read_into(a * n_vars, b * n_vars, rows.reshape(-1))
+            yield rows
+
+    def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
+        if self._zarr is not None:
+            self._zarr.close()
+
+
+def open_rows(source: XSource) -> CsrRows | DenseRows:
+    return CsrRows(source) if source.kind == "csr" else DenseRows(source)

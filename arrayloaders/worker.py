@@ -1,0 +1,304 @@
+"""Worker processes: each decodes its share of an epoch's loads into ring slots.
+
+Protocol
+--------
+Each worker is a fresh interpreter (``python -m arrayloaders.worker``): it
+does not re-run the user's ``__main__`` (as ``multiprocessing``'s spawn
+does) and never imports torch, so it starts in well under a second. It
+talks to the main process over two pipes of its own, one message at a time:
+
+- main -> worker: one :class:`WorkerConfig`, then :class:`Task` values;
+  ``None`` asks the worker to exit.
+- worker -> main: :class:`Started` once the stores are open, then for each
+  task :class:`Filled` or :class:`Failed` (the formatted traceback; the
+  worker goes on serving). A failure while starting is a :class:`Failed`
+  with ``load=-1``, after which the worker exits.
+
+Only small values cross: the decoded rows go through the slot named in the
+task. A worker exits when told, when its task pipe reaches EOF (the main
+process is gone or closed it), or when its parent changes (checked every
+second). It ignores SIGINT: Ctrl-C is the main process's to handle, and it
+stops the workers itself. The main side (:class:`WorkerPool`) never blocks
+without a deadline: a dead worker shows up as EOF on its reply pipe, or at
+the latest on the next liveness check, as a :class:`~arrayloaders.errors.WorkerError`
+that names the worker, its pid and how it ended.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, Pipe, wait
+
+from .errors import WorkerError
+from .plan import EpochPlan, PlanConfig, plan_epoch
+from .ring import SlotLayout, map_segment
+from .store import XSource
+
+__all__ = ["Failed", "Filled", "Started", "Task", "WorkerConfig", "WorkerPool", "exit_description"]
+
+START_TIMEOUT_S = 60.0  # importing numpy and zarr on a cold disk can take a while
+POLL_S = 1.0  # how often a waiting side checks that the other is alive
+STOP_TIMEOUT_S = 2.0  # how long close() waits for a worker to exit before killing it
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker: int
+    sources: tuple[XSource, ...]
+    plan: PlanConfig  # the epoch comes with each task
+
+
+@dataclass(frozen=True)
+class Task:
+    epoch: int
+    load: int
+    slot: int
+    segment: str  # the slot's current segment name
+    layout: SlotLayout
+
+
+@dataclass(frozen=True)
+class Started:
+    worker: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Filled:
+    worker: int
+    epoch: int
+    load: int
+    slot: int
+    n_rows: int
+    nnz: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    worker: int
+    epoch: int
+    load: int
+    traceback: str
+
+
+def exit_description(returncode: int | None) -> str:
+    if returncode is None:
+        return "is still running"
+    if returncode < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+# --------------------------------------------------------------------------- main-process side
+
+
+class WorkerPool:
+    """Starts ``len(configs)`` workers and exchanges messages with them; owned by the main process."""
+
+    def __init__(self, configs: list[WorkerConfig]):
+        self.processes: list[subprocess.Popen] = []
+        self._tasks: list[Connection] = []
+        self._replies: list[Connection] = []
+        self._closed = False
+        try:
+            for config in configs:
+                self._start(config)
+            for k in range(len(configs)):
+                message = self.receive(k, START_TIMEOUT_S, "starting")
+                if isinstance(message, Failed):
+                    raise WorkerError(f"worker {k} (pid {self.processes[k].pid}) failed to start:\n{message.traceback}")
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, config: WorkerConfig) -> None:
+        task_r, task_w = Pipe(duplex=False)
+        reply_r, reply_w = Pipe(duplex=False)
+        env = dict(os.environ)
+        # One decoding thread per worker: W workers share the cores.
+        env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", BLOSC_NTHREADS="1")
+        fds = (task_r.fileno(), reply_w.fileno())
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "arrayloaders.worker", *map(str, fds)],
+                pass_fds=fds,
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            task_r.close()
+            reply_w.close()
+        self.processes.append(process)
+        self._tasks.append(task_w)
+        self._replies.append(reply_r)
+        task_w.send(config)
+
+    def __len__(self) -> int:
+        return len(self.processes)
+
+    def _dead(self, k: int, doing: str, cause: BaseException | None = None) -> WorkerError:
+        process = self.processes[k]
+        try:
+            process.wait(timeout=POLL_S)
+        except subprocess.TimeoutExpired:
+            pass
+        return WorkerError(f"worker {k} (pid {process.pid}) {exit_description(process.poll())} while {doing}")
+
+    def submit(self, k: int, task: Task, doing: str) -> None:
+        try:
+            self._tasks[k].send(task)
+        except (BrokenPipeError, ConnectionResetError, OSError) as e:
+            raise self._dead(k, doing) from e
+
+    def receive(self, k: int, timeout: float, doing: str):
+        """The next message of worker ``k``, waiting at most ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self._replies[k].poll(min(POLL_S, max(0.0, deadline - time.monotonic()))):
+            if self.processes[k].poll() is not None:
+                raise self._dead(k, doing)
+            if time.monotonic() >= deadline:
+                raise WorkerError(f"worker {k} (pid {self.processes[k].pid}) sent nothing for {timeout:.0f} s while {doing}")
+        try:
+            return self._replies[k].recv()
+        except (EOFError, OSError) as e:
+            raise self._dead(k, doing) from e
+
+    def wait_any(self, workers: list[int], doing) -> list[tuple[int, object]]:
+        """Messages from any of ``workers`` (blocks until one arrives; checks liveness every second).
+
+        ``doing(k)`` describes what worker ``k`` was doing, for the error message.
+        """
+        while True:
+            ready = wait([self._replies[k] for k in workers], timeout=POLL_S)
+            if ready:
+                out = []
+                for k in workers:
+                    conn = self._replies[k]
+                    if conn in ready:
+                        try:
+                            out.append((k, conn.recv()))
+                        except (EOFError, OSError) as e:
+                            raise self._dead(k, doing(k)) from e
+                return out
+            for k in workers:
+                if self.processes[k].poll() is not None:
+                    raise self._dead(k, doing(k))
+
+    def close(self) -> None:
+        """Stop every worker: ask, wait briefly, then kill (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for conn in self._tasks:
+            try:
+                conn.send(None)
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for conn in self._tasks + self._replies:
+            conn.close()
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+class _Decoder:
+    """A worker's open stores, plan of the current epoch, and mapped slots."""
+
+    def __init__(self, config: WorkerConfig):
+        from .rows import open_rows
+
+        self.config = config
+        self.readers = [open_rows(s) for s in config.sources]
+        self._plan: EpochPlan | None = None
+        self._slots: dict[int, tuple[str, object, object]] = {}  # slot -> (segment, mapping, arrays)
+
+    def plan(self, epoch: int) -> EpochPlan:
+        if self._plan is None or self._plan.epoch != epoch:
+            self._plan = plan_epoch(self.config.plan, epoch)
+        return self._plan
+
+    def slot(self, task: Task):
+        held = self._slots.get(task.slot)
+        if held is None or held[0] != task.segment:
+            mapping = map_segment(task.segment, task.layout.nbytes)
+            self._slots[task.slot] = held = (task.segment, mapping, task.layout.arrays(mapping))
+        return held[2]
+
+    def run(self, task: Task) -> Filled:
+        from .load import LoadedRows, read_load
+
+        plan = self.plan(task.epoch)
+        load = plan.loads[task.load]
+        arrays = self.slot(task)
+        out = LoadedRows(load, indptr=arrays.indptr, data=arrays.data, indices=arrays.indices, dense=arrays.dense)
+        rows = read_load(self.readers, plan, load, out)
+        nnz = int(rows.indptr[-1]) if rows.indptr is not None else 0
+        arrays.header[:] = (task.epoch, task.load, load.n_rows, nnz)
+        return Filled(self.config.worker, task.epoch, task.load, task.slot, load.n_rows, nnz)
+
+
+def main(task_fd: int, reply_fd: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tasks = Connection(task_fd, writable=False)
+    replies = Connection(reply_fd, readable=False)
+    parent = os.getppid()
+    try:
+        config: WorkerConfig = tasks.recv()
+    except EOFError:
+        return
+    try:
+        import numcodecs.blosc
+
+        numcodecs.blosc.set_nthreads(1)
+        numcodecs.blosc.use_threads = False
+        from .store import use_zarrs
+
+        use_zarrs(threads=1)
+        decoder = _Decoder(config)
+    except Exception:
+        replies.send(Failed(config.worker, -1, -1, traceback.format_exc()))
+        return
+    replies.send(Started(config.worker, os.getpid()))
+    while True:
+        try:
+            if not tasks.poll(POLL_S):
+                if os.getppid() != parent:
+                    return
+                continue
+            task = tasks.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        try:
+            reply = decoder.run(task)
+        except Exception:
+            where = f"decoding load {task.load} of epoch {task.epoch}"
+            reply = Failed(config.worker, task.epoch, task.load, f"{where}:\n{traceback.format_exc()}")
+        try:
+            replies.send(reply)
+        except (BrokenPipeError, OSError):
+            return
+
+
+if __name__ == "__main__":
+    # Run the imported module's main, so messages pickle as arrayloaders.worker.*, not __main__.*.
+    from arrayloaders.worker import main as _main
+
+    _main(int(sys.argv[1]), int(sys.argv[2]))
