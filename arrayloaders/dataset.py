@@ -294,18 +294,21 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         if self._engine is not None:
             self._engine.close()
             self._engine = None
+        for reader in self._readers:
+            reader.close()
+        self._readers = []
 
     def __enter__(self):
         return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __getstate__(self) -> dict:
         # Pickled into torch DataLoader workers: open files and our own workers stay behind.
         state = dict(self.__dict__)
         state["_readers"], state["_engine"] = [], None
         return state
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # ------------------------------------------------------------------ batches
 
@@ -367,7 +370,9 @@ class ZarrSparseDataset(_ZarrDataset):
         Cells per chunk: runs of consecutive cells within one file, the unit
         of random access.
     preload_nchunks
-        Chunks read together and shuffled among each other (a *load*).
+        Chunks read together and shuffled among each other (a *load*: its
+        ``preload_nchunks * chunk_size`` cells, rounded up to whole batches,
+        so that every batch is a slice of one load).
     shuffle
         Shuffle chunks and the rows of each load; ``False`` yields store order.
     seed
@@ -377,9 +382,29 @@ class ZarrSparseDataset(_ZarrDataset):
     return_index
         Also yield int64 global row indices into the concatenation of the
         added AnnData objects (in the order added).
+    num_workers
+        Worker processes that decode loads into shared memory (default: one
+        per core this process may use, at most 8; ``0`` reads in the main
+        process). The batches are the same for every value. Workers start
+        at the first iteration, stay up across complete epochs, and stop on
+        :meth:`close`, on any early exit from a loop (``break``, an
+        exception, Ctrl-C) and when the dataset is garbage collected.
+    memory_budget
+        Bytes (or a string such as ``"1GiB"``) of shared memory for the ring
+        of decoded loads (default: a quarter of the available RAM, at most
+        1 GiB). It sets how many loads are decoded ahead: up to
+        ``2 * num_workers + 2``, at least 2.
+    pin_memory
+        Copy each batch into page-locked memory for faster transfer to a
+        CUDA device (a no-op with a warning where CUDA is not available).
 
     Iterating yields ``(X, obs)`` (``(X, obs, index)`` with ``return_index``);
     each loop starts the next epoch unless :meth:`set_epoch` chose one.
+
+    X is a view of the decoded load, not a copy: it stays valid for as long
+    as you hold it (its memory is not reused until it is garbage collected),
+    but writing into it in place changes nothing else. Holding many batches
+    holds their loads' memory.
     """
 
     _dense_output = False

@@ -168,6 +168,8 @@ class Engine:
                 in_flight[next_load] = worker
                 submitted += 1
             while load not in results:
+                if not in_flight:  # cannot happen: the slot logic above always submits the next load
+                    raise RuntimeError(f"load {load} of epoch {plan.epoch} was never submitted")
                 for _, message in pool.wait_any(sorted(set(in_flight.values())), doing):
                     results[message.load] = message
                     in_flight.pop(message.load, None)

@@ -8,10 +8,11 @@ Vocabulary:
 
 - a *chunk* is a run of ``chunk_size`` consecutive cells inside one file
   (the last chunk of a file may be shorter);
-- the epoch's chunks (shuffled, this rank's share) are concatenated into one
-  row sequence, which is cut into *loads* of :attr:`PlanConfig.load_rows`
-  rows: ``preload_nchunks * chunk_size`` rounded up to whole batches, so a
-  load may start or end inside a chunk;
+- the epoch's chunks (all of them, shuffled by ``(seed, epoch)``) are
+  concatenated into one row sequence; rank ``r`` of ``W`` takes its own
+  contiguous range of it (:func:`_rank_rows`), which is cut into *loads* of
+  :attr:`PlanConfig.load_rows` rows: ``preload_nchunks * chunk_size``
+  rounded up to whole batches, so a load may start or end inside a chunk;
 - a load's rows are read together and permuted by :func:`load_permutation`;
 - batch ``b`` is rows ``b * batch_size : (b + 1) * batch_size`` of the epoch's
   permuted sequence, which always lie inside one load: a batch is one
@@ -122,43 +123,57 @@ def load_permutation(config: PlanConfig, epoch: int, load_index: int, n_rows: in
     return _rng(config, epoch, 1, load_index).permutation(n_rows)
 
 
-def _rank_chunks(config: PlanConfig, epoch: int) -> tuple[np.ndarray, int]:
-    """This rank's chunks in epoch order, and the rows every rank yields."""
+def _epoch_chunks(config: PlanConfig, epoch: int) -> np.ndarray:
+    """Every chunk of the store, in this epoch's order."""
     chunks = _chunks(config.file_n_obs, config.chunk_size)
     if config.shuffle:
         chunks = chunks[_rng(config, epoch, 0).permutation(len(chunks))]
-    if config.world_size == 1:
-        return chunks, config.n_obs
-    # Deal whole chunks round-robin; ranks then differ by at most a chunk or
-    # so of rows, equalised below so every rank yields as many batches.
-    lengths = chunks[:, 2] - chunks[:, 1]
-    per_rank = [int(lengths[r :: config.world_size].sum()) for r in range(config.world_size)]
-    mine = chunks[config.rank :: config.world_size]
-    return mine, (min(per_rank) if config.equalize == "drop" else max(per_rank))
+    return chunks
+
+
+def _rows_of(pieces: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The (file, start, stop) pieces holding rows ``[lo, hi)`` of the concatenation of ``pieces``."""
+    if hi <= lo:
+        return np.empty((0, 3), dtype=np.int64)
+    lengths = pieces[:, 2] - pieces[:, 1]
+    ends = np.cumsum(lengths)
+    first, last = np.searchsorted(ends, lo, side="right"), np.searchsorted(ends, hi, side="left")
+    out = pieces[first : last + 1].copy()
+    out[0, 1] += lo - (ends[first] - lengths[first])  # skip rows before lo
+    out[-1, 2] -= ends[last] - hi  # and after hi
+    return out
+
+
+def _rank_rows(config: PlanConfig, epoch: int) -> np.ndarray:
+    """This rank's pieces of the epoch's row sequence, equalised across ranks.
+
+    Rank ``r`` of ``W`` takes rows ``[r * n // W, (r + 1) * n // W)`` of the
+    shuffled chunk sequence, so ranks are disjoint and differ by at most one
+    row. ``"drop"`` cuts every rank to ``n // W`` rows (fewer than ``W`` rows of
+    the store are not yielded in that epoch); ``"pad"`` brings every rank to
+    ``ceil(n / W)`` by repeating its own first row.
+    """
+    chunks, n, world, rank = _epoch_chunks(config, epoch), config.n_obs, config.world_size, config.rank
+    if world > 1 and n < world:
+        raise ValueError(f"the dataset has {n} cells, fewer than world_size={world}: some rank would get none")
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    if config.equalize == "drop":
+        return _rows_of(chunks, lo, lo + n // world)
+    mine = _rows_of(chunks, lo, hi)
+    return np.concatenate([mine, _rows_of(mine, 0, -(-n // world) - (hi - lo))])
 
 
 def plan_epoch(config: PlanConfig, epoch: int) -> EpochPlan:
     """The loads and batch count of one epoch on this rank."""
-    chunks, n_rows = _rank_chunks(config, epoch)
-    lengths = chunks[:, 2] - chunks[:, 1]
-    own_rows = int(lengths.sum())
-    if n_rows > own_rows:  # "pad": repeat this rank's first chunks
-        need = np.searchsorted(np.cumsum(lengths), n_rows - own_rows) + 1
-        chunks = np.concatenate([chunks, chunks[:need]])
-        lengths = chunks[:, 2] - chunks[:, 1]
+    mine = _rank_rows(config, epoch)
+    n_rows = int((mine[:, 2] - mine[:, 1]).sum())
     n_batches = n_rows // config.batch_size if config.drop_last else -(-n_rows // config.batch_size)
     n_rows = n_batches * config.batch_size if config.drop_last else n_rows
-    # Cut the row sequence [0, n_rows) of the concatenated chunks into loads.
-    ends = np.cumsum(lengths)
-    loads = []
-    for i, lo in enumerate(range(0, n_rows, config.load_rows)):
-        hi = min(lo + config.load_rows, n_rows)
-        first, last = np.searchsorted(ends, lo, side="right"), np.searchsorted(ends, hi, side="left")
-        piece = chunks[first : last + 1].copy()
-        piece[0, 1] += lo - (ends[first] - lengths[first])  # skip rows before lo
-        piece[-1, 2] -= ends[last] - hi  # and after hi
-        loads.append(Load(i, piece, lo))
-    return EpochPlan(config, epoch, tuple(loads), n_rows, n_batches)
+    loads = tuple(
+        Load(i, _rows_of(mine, lo, min(lo + config.load_rows, n_rows)), lo)
+        for i, lo in enumerate(range(0, n_rows, config.load_rows))
+    )
+    return EpochPlan(config, epoch, loads, n_rows, n_batches)
 
 
 def batch_rows(plan: EpochPlan, batch: int) -> tuple[int, int, int]:

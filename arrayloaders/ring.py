@@ -109,6 +109,18 @@ def segment_names(pid: int | None = None) -> list[str]:
     return sorted(p.name for p in SHM_DIR.glob(prefix + "*")) if SHM_DIR.is_dir() else []
 
 
+def _check_room(n_slots: int, layout: SlotLayout) -> None:
+    stat = os.statvfs(SHM_DIR)
+    free = stat.f_bavail * stat.f_frsize
+    if n_slots * layout.nbytes > free:
+        # tmpfs accepts the segment and then kills the writer with SIGBUS: refuse now.
+        raise RuntimeError(
+            f"the ring needs {n_slots} x {layout.nbytes / 2**20:.0f} MiB of shared memory but {SHM_DIR} has "
+            f"{free / 2**20:.0f} MiB free; lower memory_budget or preload_nchunks, or give the machine "
+            "(or container: docker run --shm-size) more shared memory"
+        )
+
+
 class Segment:
     """One shared-memory segment, created and unlinked by the main process.
 
@@ -158,14 +170,7 @@ class Ring:
     def __init__(self, layout: SlotLayout, n_slots: int):
         if not SHM_DIR.is_dir():
             raise RuntimeError(f"the worker engine needs POSIX shared memory in {SHM_DIR}; use num_workers=0")
-        free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize
-        if n_slots * layout.nbytes > free:
-            # tmpfs accepts the segment and then kills the writer with SIGBUS: refuse now.
-            raise RuntimeError(
-                f"the ring needs {n_slots} x {layout.nbytes / 2**20:.0f} MiB of shared memory but {SHM_DIR} has "
-                f"{free / 2**20:.0f} MiB free; lower memory_budget or preload_nchunks, or give the machine "
-                "(or container: docker run --shm-size) more shared memory"
-            )
+        _check_room(n_slots, layout)
         self.layout = layout
         self._token = secrets.token_hex(3)
         self._generation = 0
@@ -197,6 +202,7 @@ class Ring:
 
     def resize(self, layout: SlotLayout) -> None:
         """Make every slot hold ``layout`` (new segments; old views stay valid)."""
+        _check_room(len(self.segments), layout)
         self.layout = layout
         for k in range(len(self.segments)):
             self.replace(k)

@@ -78,10 +78,13 @@ class CsrRows:
             yield from zip(self._zarr.read("data", ranges), self._zarr.read("indices", ranges))
             return
         longest = max((b - a for a, b in zip(starts, stops)), default=0)
+        data_reader, indices_reader = self._direct
+        for a, b in zip(starts, stops):
+            data_reader.prefetch(a, b)
+            indices_reader.prefetch(a, b)
         if longest > self._data.size:
             self._data = np.empty(longest, self._data.dtype)
             self._indices = np.empty(longest, self._indices.dtype)
-        data_reader, indices_reader = self._direct
         for a, b in zip(starts, stops):
             data, indices = self._data[: b - a], self._indices[: b - a]
             data_reader.read_into(a, b, data)
@@ -119,6 +122,8 @@ class DenseRows:
         longest = int((runs[:, 1] - runs[:, 0]).max(initial=0))
         if longest > self._rows.shape[0]:
             self._rows = np.empty((longest, n_vars), self._rows.dtype)
+        for a, b in runs.tolist():
+            self._direct.prefetch(a * n_vars, b * n_vars)
         for a, b in runs.tolist():
             rows = self._rows[: b - a]
             self._direct.read_into(a * n_vars, b * n_vars, rows.reshape(-1))

@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+import google_crc32c
 import numcodecs.blosc
 import numcodecs.zstd
 import numpy as np
@@ -37,6 +38,7 @@ __all__ = ["DirectArray"]
 
 _MISSING = 2**64 - 1  # shard index entry of a chunk that was never written
 _MAX_OPEN_FILES = 64  # per array; shard files are reopened when evicted
+_MAX_TABLES = 16384  # shard indexes kept per array (4 KiB each for 2^22 / 2^14 shards)
 
 
 def _decoder(codecs) -> Callable[[memoryview, np.ndarray], None] | None:
@@ -57,7 +59,16 @@ def _decoder(codecs) -> Callable[[memoryview, np.ndarray], None] | None:
     if len(rest) != 1:
         return None
     if isinstance(rest[0], BloscCodec):
-        return lambda src, out: numcodecs.blosc.decompress(src, out)
+
+        def blosc(src: memoryview, out: np.ndarray) -> None:
+            # blosc fills only as many bytes as the chunk holds (bytes 4-8 of its
+            # 16-byte header): check, or stale bytes would be left in ``out``.
+            held = int.from_bytes(src[4:8], "little")
+            if held != out.nbytes:
+                raise ValueError(f"a blosc chunk holds {held} bytes, expected {out.nbytes}")
+            numcodecs.blosc.decompress(src, out)
+
+        return blosc
     if isinstance(rest[0], ZstdCodec):
         zstd = numcodecs.zstd.Zstd()
         return lambda src, out: zstd.decode(src, out=out)
@@ -89,7 +100,8 @@ class DirectArray:
         self._decode = decode
         self._index_at = index  # (where, bytes per entry) of a shard index, None if unsharded
         self._per_file = file_elements // chunk_elements
-        self._files: OrderedDict[int, tuple[int, np.ndarray] | None] = OrderedDict()
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._tables: dict[int, np.ndarray | None] = {}
         self._scratch = np.empty(chunk_elements, dtype)
         self._compressed = bytearray(chunk_elements * dtype.itemsize + 1024)
 
@@ -138,45 +150,86 @@ class DirectArray:
 
     # ------------------------------------------------------------------ files
 
-    def _file(self, f: int) -> tuple[int, np.ndarray] | None:
-        """(fd, chunk table) of file ``f``; the table holds (offset, nbytes) per inner chunk."""
-        if f in self._files:
-            self._files.move_to_end(f)
-            return self._files[f]
+    def _file(self, f: int) -> tuple[int, np.ndarray, Path] | None:
+        """(fd, chunk table, path) of file ``f``; the table holds (offset, nbytes) per inner chunk.
+
+        Tables are kept (16 bytes per inner chunk); descriptors are kept for
+        the most recently used files only.
+        """
         coords = (f,) if self._ndim == 1 else (f, 0)
         path = self.path / self._encode_key(coords)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            entry = None  # never written: all fill value
+        fd = self._fds.get(f)
+        if fd is not None:
+            self._fds.move_to_end(f)
         else:
-            size = os.fstat(fd).st_size
-            if self._index_at is None:
-                table = np.array([[0, size]], dtype=np.uint64)
-            else:
-                where, checksum = self._index_at
-                nbytes = 16 * self._per_file
-                at = size - nbytes - checksum if where == "end" else 0
-                raw = os.pread(fd, nbytes, at) if at >= 0 else b""
-                if len(raw) != nbytes:
-                    os.close(fd)
-                    raise OSError(f"{path}: shard is {size} bytes, too short for its index of {nbytes} bytes")
-                table = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
-            entry = (fd, table)
-        self._files[f] = entry
-        if len(self._files) > _MAX_OPEN_FILES:
-            _, old = self._files.popitem(last=False)
-            if old is not None:
-                os.close(old[0])
-        return entry
+            if f in self._tables and self._tables[f] is None:
+                return None
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                self._tables[f] = None  # never written: all fill value
+                return None
+            self._fds[f] = fd
+            if len(self._fds) > _MAX_OPEN_FILES:
+                os.close(self._fds.popitem(last=False)[1])
+        table = self._tables.get(f)
+        if table is None:
+            try:
+                table = self._chunk_table(fd, path)
+            except BaseException:
+                os.close(self._fds.pop(f))
+                raise
+            if len(self._tables) >= _MAX_TABLES:
+                self._tables.pop(next(iter(self._tables)))
+            self._tables[f] = table
+        return fd, table, path
+
+    def _chunk_table(self, fd: int, path: Path) -> np.ndarray:
+        size = os.fstat(fd).st_size
+        if self._index_at is None:
+            return np.array([[0, size]], dtype=np.uint64)
+        where, checksum = self._index_at
+        nbytes = 16 * self._per_file + checksum
+        at = size - nbytes if where == "end" else 0
+        raw = os.pread(fd, nbytes, at) if at >= 0 else b""
+        if len(raw) != nbytes:
+            raise OSError(f"{path}: shard is {size} bytes, too short for its index of {nbytes} bytes")
+        if checksum and google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            raise OSError(f"{path}: the shard index does not match its crc32c checksum (damaged or truncated file)")
+        table = np.frombuffer(raw[: 16 * self._per_file], dtype="<u8").reshape(-1, 2)
+        written = table[:, 1] != _MISSING
+        data_end = size - nbytes if where == "end" else size
+        if (table[written, 0] + table[written, 1] > data_end).any():
+            raise OSError(f"{path}: the shard index points past the end of the file (truncated file)")
+        return table
 
     def close(self) -> None:
-        for entry in self._files.values():
-            if entry is not None:
-                os.close(entry[0])
-        self._files.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     # ------------------------------------------------------------------ reading
+
+    def prefetch(self, start: int, stop: int) -> None:
+        """Ask the kernel to start reading the bytes of elements ``[start, stop)`` (``POSIX_FADV_WILLNEED``).
+
+        Issued for a whole load before decoding it, so that on a cold cache
+        the disk works on many reads at once while the first runs decode.
+        """
+        if stop <= start or not hasattr(os, "posix_fadvise"):
+            return
+        ce = self.chunk_elements
+        first, last = start // ce, (stop - 1) // ce
+        for f in range(first // self._per_file, last // self._per_file + 1):
+            entry = self._file(f)
+            if entry is None:
+                continue
+            fd, table, _ = entry
+            lo, hi = max(first - f * self._per_file, 0), min(last - f * self._per_file, len(table) - 1)
+            written = [(o, o + n) for o, n in table[lo : hi + 1].tolist() if n != _MISSING]
+            if written:
+                begin = min(w[0] for w in written)
+                os.posix_fadvise(fd, begin, max(w[1] for w in written) - begin, os.POSIX_FADV_WILLNEED)
 
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
         """Decode elements ``[start, stop)`` into ``out`` (1-d, contiguous, ``stop - start`` long)."""
@@ -194,7 +247,7 @@ class DirectArray:
                 out[lo - start : hi - start] = self.fill_value
                 c = last + 1
                 continue
-            fd, table = entry
+            fd, table, file_path = entry
             if self._index_at is None:
                 offsets, sizes = [0], [int(table[0, 1])]
                 last = c
@@ -205,10 +258,10 @@ class DirectArray:
                     run += 1
                 offsets, sizes = [r[0] for r in rows[:run]], [r[1] for r in rows[:run]]
                 last = c + run - 1
-            self._read_chunks(fd, c, offsets, sizes, start, stop, out)
+            self._read_chunks(fd, file_path, c, offsets, sizes, start, stop, out)
             c = last + 1
 
-    def _read_chunks(self, fd, first, offsets, sizes, start, stop, out) -> None:
+    def _read_chunks(self, fd, path, first, offsets, sizes, start, stop, out) -> None:
         ce = self.chunk_elements
         if sizes[0] == _MISSING:
             lo, hi = max(start, first * ce), min(stop, (first + 1) * ce)
@@ -220,7 +273,7 @@ class DirectArray:
         buf = memoryview(self._compressed)
         got = os.preadv(fd, [buf[:total]], offsets[0])
         if got != total:
-            raise OSError(f"{self.path}: short read ({got} of {total} bytes) at offset {offsets[0]}")
+            raise OSError(f"{path}: short read ({got} of {total} bytes) at offset {offsets[0]}")
         pos = 0
         for i, nbytes in enumerate(sizes):
             c = first + i

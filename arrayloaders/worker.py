@@ -45,6 +45,7 @@ __all__ = ["Failed", "Filled", "Started", "Task", "WorkerConfig", "WorkerPool", 
 START_TIMEOUT_S = 60.0  # importing numpy and zarr on a cold disk can take a while
 POLL_S = 1.0  # how often a waiting side checks that the other is alive
 STOP_TIMEOUT_S = 2.0  # how long close() waits for a worker to exit before killing it
+TASK_TIMEOUT_S = 600.0  # a load taking longer than this means a worker is stuck (a load is ~0.1 s warm)
 
 
 @dataclass(frozen=True)
@@ -172,12 +173,19 @@ class WorkerPool:
         except (EOFError, OSError) as e:
             raise self._dead(k, doing) from e
 
-    def wait_any(self, workers: list[int], doing) -> list[tuple[int, object]]:
+    def wait_any(self, workers: list[int], doing, timeout: float = TASK_TIMEOUT_S) -> list[tuple[int, object]]:
         """Messages from any of ``workers`` (blocks until one arrives; checks liveness every second).
 
         ``doing(k)`` describes what worker ``k`` was doing, for the error message.
+        Raises if all of them are alive but silent for ``timeout`` seconds (a hung disk, a stopped process).
         """
+        deadline = time.monotonic() + timeout
         while True:
+            if time.monotonic() > deadline:
+                k = workers[0]
+                raise WorkerError(
+                    f"worker {k} (pid {self.processes[k].pid}) sent nothing for {timeout:.0f} s while {doing(k)}"
+                )
             ready = wait([self._replies[k] for k in workers], timeout=POLL_S)
             if ready:
                 out = []
