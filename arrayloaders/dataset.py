@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import anndata as ad
 import numpy as np
@@ -27,6 +27,7 @@ from .load import LoadedRows, read_load
 from .plan import PlanConfig, plan_epoch
 from .rows import CsrRows, DenseRows, open_rows
 from .convert import parse_bytes
+from .distributed import check_same_on_every_rank, rank_and_world_size
 from .store import XSource, read_manifest, use_zarrs
 
 __all__ = ["ZarrDenseDataset", "ZarrSparseDataset"]
@@ -121,9 +122,14 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         num_workers: int | None = None,
         memory_budget: int | str | None = None,
         pin_memory: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        equalize: Literal["drop", "pad"] = "drop",
     ):
         # Validate now, not at the first iteration.
-        PlanConfig((), batch_size, chunk_size, preload_nchunks, shuffle, seed, drop_last)
+        explicit = rank_and_world_size(rank, world_size) if rank is not None or world_size is not None else (0, 1)
+        PlanConfig((), batch_size, chunk_size, preload_nchunks, shuffle, seed, drop_last, *explicit, equalize)
+        self.rank, self.world_size, self.equalize = rank, world_size, equalize
         self.batch_size, self.chunk_size, self.preload_nchunks = batch_size, chunk_size, preload_nchunks
         self.shuffle, self.seed, self.drop_last, self.return_index = shuffle, seed, drop_last, return_index
         self.num_workers = default_num_workers() if num_workers is None else num_workers
@@ -142,6 +148,8 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         self._single_key = True
         self._epoch = 0
         self._epoch_pinned = True  # the first iteration runs epoch 0
+        self._yielded = 0  # batches of the current epoch handed out (for state_dict)
+        self._resume_at = 0  # batches of the next epoch to skip (set by load_state_dict)
         use_zarrs()
 
     # ------------------------------------------------------------------ filling
@@ -226,16 +234,69 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         return sum(s.n_obs for s in self._sources)
 
     def set_epoch(self, epoch: int) -> None:
-        """Use ``epoch``'s order for the next iteration (later loops continue from it)."""
-        self._epoch, self._epoch_pinned = int(epoch), True
+        """Use ``epoch``'s order for the next iteration (later loops continue from it).
+
+        Under DDP call it with the same epoch on every rank, as with
+        ``torch.utils.data.DistributedSampler``.
+        """
+        self._epoch, self._epoch_pinned, self._resume_at, self._yielded = int(epoch), True, 0, 0
 
     def _plan_config(self) -> PlanConfig:
         if not self._sources:
             raise ValueError("the dataset is empty: call add_anndatas(...) or add_store(...) first")
+        rank, world_size = rank_and_world_size(self.rank, self.world_size)
         return PlanConfig(
             tuple(s.n_obs for s in self._sources), self.batch_size, self.chunk_size, self.preload_nchunks,
-            self.shuffle, self.seed, self.drop_last,
+            self.shuffle, self.seed, self.drop_last, rank, world_size, self.equalize,
         )  # fmt: skip
+
+    # ------------------------------------------------------------------ resuming
+
+    def state_dict(self) -> dict:
+        """Where the iteration stands: restore it with :meth:`load_state_dict` to yield exactly the rest.
+
+        Holds the seed, the epoch and the batches of it already yielded (plus
+        the settings the batch sequence depends on, to refuse a mismatch).
+        Take it on every rank; under DDP each rank restores its own.
+        """
+        config = self._plan_config()
+        return {
+            "epoch": self._epoch,
+            "batches_yielded": self._yielded,
+            "seed": self.seed,
+            "rank": config.rank,
+            "world_size": config.world_size,
+            "settings": self._settings(config),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict`: the next loop yields the batches its epoch had left.
+
+        Raises ``ValueError`` if the dataset differs in anything the batch
+        sequence depends on (cells, sizes, shuffle, world size, rank).
+        """
+        config = self._plan_config()
+        mine = {**self._settings(config), "rank": config.rank, "world_size": config.world_size}
+        theirs = {**state["settings"], "rank": state["rank"], "world_size": state["world_size"]}
+        differing = sorted(k for k in mine if k != "seed" and mine[k] != theirs.get(k))
+        if differing:
+            detail = ", ".join(f"{k}: saved {theirs.get(k)!r}, now {mine[k]!r}" for k in differing)
+            raise ValueError(f"cannot resume: the state was saved with other settings ({detail})")
+        self.seed = state["seed"]
+        n_batches = plan_epoch(self._plan_config(), state["epoch"]).n_batches
+        if state["batches_yielded"] >= n_batches:  # saved after a complete epoch: go on with the next
+            self.set_epoch(state["epoch"] + 1)
+        else:
+            self.set_epoch(state["epoch"])
+            self._resume_at = self._yielded = state["batches_yielded"]
+
+    def _settings(self, config: PlanConfig) -> dict:
+        return {
+            "seed": config.seed, "n_obs": config.n_obs, "file_n_obs": list(config.file_n_obs),
+            "batch_size": config.batch_size, "chunk_size": config.chunk_size,
+            "preload_nchunks": config.preload_nchunks, "shuffle": config.shuffle, "drop_last": config.drop_last,
+            "equalize": config.equalize,
+        }  # fmt: skip
 
     def __len__(self) -> int:
         return plan_epoch(self._plan_config(), self._epoch).n_batches
@@ -249,11 +310,16 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
     # ------------------------------------------------------------------ iteration
 
     def __iter__(self) -> Iterator[Batch]:
-        plan = plan_epoch(self._plan_config(), self._next_epoch())
+        config = self._plan_config()
+        resume_at, self._resume_at = self._resume_at, 0
+        plan = plan_epoch(config, self._next_epoch())
+        if self.rank is None and config.world_size > 1:  # rank and world size from torch.distributed
+            check_same_on_every_rank({**self._settings(config), "epoch": plan.epoch, "resume_at": resume_at})
         info = torch.utils.data.get_worker_info()
-        batches = range(plan.n_batches)
+        batches = range(resume_at, plan.n_batches)
         if info is not None:  # inside a torch DataLoader worker: take every n-th batch
             batches = range(info.id, plan.n_batches, info.num_workers)
+        self._yielded = resume_at
         per_load = plan.config.load_rows // plan.config.batch_size
         wanted = sorted({b // per_load for b in batches})
         readers = self._open_readers()
@@ -266,9 +332,11 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
             loaded.rows = plan.rows_of_load(loaded.load)
             first = loaded.load.index * per_load
             for b in range(first, min(first + per_load, plan.n_batches)):
-                if take is None or b in take:
+                if b >= resume_at and (take is None or b in take):
                     lo = (b - first) * self.batch_size
-                    yield self._make_batch(loaded, lo, min(lo + self.batch_size, loaded.load.n_rows), lend)
+                    batch = self._make_batch(loaded, lo, min(lo + self.batch_size, loaded.load.n_rows), lend)
+                    self._yielded = b + 1
+                    yield batch
 
     # ------------------------------------------------------------------ engine
 

@@ -42,13 +42,17 @@ def main() -> None:
           f"({m.n_obs / took:,.0f} cells/s) -> {store}")
 
     ds = ZarrSparseDataset(batch_size=4096, chunk_size=32, preload_nchunks=256).add_store(store, obs_keys="cell_type")
-    t = time.perf_counter()
-    cells = 0
-    for X, cell_type in ds:
-        cells += X.shape[0]
-    took = time.perf_counter() - t
-    print(f"loaded one shuffled epoch: {cells} cells in {len(ds)} batches of sparse {tuple(X.shape)} X + "
-          f"{len(ds.categories['cell_type'])} cell types, {took:.1f} s ({cells / took:,.0f} cells/s)")
+    with ds:
+        for epoch in range(2):
+            t = time.perf_counter()
+            cells = 0
+            for X, cell_type in ds:
+                cells += X.shape[0]
+            took = time.perf_counter() - t
+            what = "starting the workers included" if epoch == 0 else "workers up"
+            print(f"epoch {epoch} ({what}): {cells} cells in {len(ds)} batches of sparse {tuple(X.shape)} X + "
+                  f"{len(ds.categories['cell_type'])} cell types, {ds.num_workers} workers, {took:.1f} s "
+                  f"({cells / took:,.0f} cells/s)")
 
 
 if __name__ == "__main__":

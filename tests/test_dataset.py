@@ -219,4 +219,5 @@ def test_quickstart_converts_and_loads_an_epoch(tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "converted 1200 cells x 500 genes" in res.stdout
-    assert "loaded one shuffled epoch: 1200 cells" in res.stdout and "cells/s" in res.stdout
+    assert "epoch 0 (starting the workers included): 1200 cells" in res.stdout
+    assert "epoch 1 (workers up): 1200 cells" in res.stdout and "cells/s" in res.stdout

@@ -1,0 +1,144 @@
+"""One rank of a torch.distributed (gloo, CPU) scenario, run in a child process by test_distributed.py.
+
+Usage: ``python ddp_child.py SCENARIO STORE OUTDIR [JSON_ARGS]``. With ``WORLD_SIZE`` > 1
+in the environment (plus ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) the process joins
+a process group with ``init_method="env://"``; otherwise it runs alone, without a
+group. It writes its findings as JSON to ``OUTDIR/rank{RANK}.json``; the parent
+asserts on them. A hang here is ended by the parent's timeout (and by the group's
+own collective timeout), so it fails one test, not the suite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from arrayloaders import ZarrSparseDataset
+
+# Small loads, so that an epoch has several of them and batches cross load boundaries.
+DATASET_KW = {"batch_size": 50, "chunk_size": 8, "preload_nchunks": 12}
+
+
+def dataset(store: str, **kw) -> ZarrSparseDataset:
+    kw = {**DATASET_KW, "return_index": True, "num_workers": 0, **kw}
+    return ZarrSparseDataset(**kw).add_store(store, obs_keys="cell_type")
+
+
+def record(X: torch.Tensor, index: torch.Tensor) -> list:
+    """One batch as JSON: [global row indices, sha1 of X's CSR arrays (dtypes and bytes)]."""
+    h = hashlib.sha1()
+    for part in (X.crow_indices(), X.col_indices(), X.values()):
+        a = part.numpy()
+        h.update(str(a.dtype).encode())
+        h.update(a.tobytes())
+    h.update(str(tuple(X.shape)).encode())
+    return [index.tolist(), h.hexdigest()]
+
+
+def epoch(ds, n: int | None = None) -> list:
+    """The records of the next loop over ``ds`` (the first ``n`` batches only, if given)."""
+    out = []
+    if n == 0:
+        return out
+    it = iter(ds)
+    for X, _, index in it:
+        out.append(record(X, index))
+        if n is not None and len(out) == n:
+            break
+    it.close()
+    return out
+
+
+def main(scenario: str, store: str, outdir: Path, args: dict, rank: int, world_size: int) -> dict:
+    out: dict = {"scenario": scenario, "rank": rank, "world_size": world_size, "pid": os.getpid()}
+    if scenario == "matrix":
+        # Every equalize x num_workers combination, epochs 0 and 1; rank/world from the group.
+        for equalize in ("drop", "pad"):
+            for num_workers in (0, 2):
+                with dataset(store, equalize=equalize, num_workers=num_workers) as ds:
+                    res = {}
+                    for e in (0, 1):
+                        ds.set_epoch(e)
+                        res[f"len{e}"] = len(ds)
+                        res[f"epoch{e}"] = epoch(ds)
+                    out[f"{equalize}-{num_workers}"] = res
+    elif scenario == "seed_mismatch":
+        ds = dataset(store, seed=1 if rank == 1 else 0)
+        try:
+            out["batches"] = epoch(ds)
+            out["error"] = None
+        except ValueError as e:
+            out["error"] = str(e)
+        ds.close()
+        dist.barrier()  # the group still works after the refusal
+        out["barrier"] = True
+    elif scenario == "resume_mismatch":
+        # Ranks restored at different positions would yield different batch counts: refused.
+        with dataset(store) as ds:
+            it = iter(ds)
+            [next(it) for _ in range(2 + rank)]
+            state = ds.state_dict()
+            del it
+        ds = dataset(store)
+        ds.load_state_dict(state)
+        try:
+            epoch(ds)
+            out["error"] = None
+        except ValueError as e:
+            out["error"] = str(e)
+        ds.close()
+    elif scenario == "resume_save":
+        # The uninterrupted epoch, then a fresh dataset that stops after k batches and saves its state.
+        kw = {"num_workers": args.get("num_workers", 0)}
+        with dataset(store, **kw) as ds:
+            ds.set_epoch(1)
+            out["full"] = epoch(ds)
+        with dataset(store, **kw) as ds:
+            ds.set_epoch(1)
+            out["first"] = epoch(ds, args["k"])
+            state = ds.state_dict()
+        (outdir / f"state{rank}.json").write_text(json.dumps(state))
+        out["state"] = state
+    elif scenario == "resume_load":
+        # A fresh dataset in a new process: load each saved state, and yield what its epoch had left.
+        kw = {"num_workers": args.get("num_workers", 0)}
+        out["rest"] = {}
+        for name, path in args["states"].items():
+            path = path.format(rank=rank)
+            with dataset(store, **kw) as ds:
+                ds.load_state_dict(json.loads(Path(path).read_text()))
+                out["rest"][name] = epoch(ds)
+        if "other_rank_state" in args:  # another rank's state is refused
+            try:
+                dataset(store, **kw).load_state_dict(
+                    json.loads(Path(args["other_rank_state"].format(rank=(rank + 1) % world_size)).read_text())
+                )
+                out["other_rank_error"] = None
+            except ValueError as e:
+                out["other_rank_error"] = str(e)
+    else:
+        raise SystemExit(f"unknown scenario {scenario}")
+    return out
+
+
+if __name__ == "__main__":
+    scenario, store, outdir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    args = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        # A collective that never completes raises after this long instead of hanging.
+        dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=args.get("timeout", 45)))
+    rank = dist.get_rank() if world_size > 1 else 0
+    try:
+        result = main(scenario, store, outdir, args, rank, world_size)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+    (outdir / f"rank{rank}.json").write_text(json.dumps(result))
