@@ -77,7 +77,8 @@ class Engine:
         self.num_workers, self.memory_budget = num_workers, memory_budget
         self.ring: Ring | None = None
         self.pool: WorkerPool | None = None
-        self._finalizer = weakref.finalize(self, Engine._shutdown, [None, None])
+        self._parts: list = [None, None]  # (pool, ring), shared with the finalizer, which must not hold self
+        self._finalizer = weakref.finalize(self, Engine._shutdown, self._parts)
 
     @staticmethod
     def _shutdown(parts: list) -> None:
@@ -111,16 +112,12 @@ class Engine:
             return
         layout = _grown(needed)
         if self.ring is None:
-            self.ring = Ring(layout, self._n_slots(layout))
-            self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, Engine._shutdown, [self.pool, self.ring])
+            self.ring = self._parts[1] = Ring(layout, self._n_slots(layout))
         else:
             self.ring.resize(layout)
         if self.pool is None:
             configs = [WorkerConfig(k, self.sources, self.plan_config) for k in range(self.num_workers)]
-            self.pool = WorkerPool(configs)
-            self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, Engine._shutdown, [self.pool, self.ring])
+            self.pool = self._parts[0] = WorkerPool(configs)
 
     def loads(
         self, plan: EpochPlan, readers: list[CsrRows] | list[DenseRows], wanted: list[int]
