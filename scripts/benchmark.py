@@ -25,9 +25,14 @@ Memory is the peak over the run of the summed PSS of the process tree: RSS
 with shared pages (the ring's shared memory, mapped by the main process and
 the workers) counted once, not once per process.
 
-Example::
+Output: a markdown table (``results.md``), every measurement
+(``results.json``) and a bar chart (``results.png``, needs matplotlib: the
+``bench`` extra) in ``--out``.
 
-    python scripts/benchmark.py --data /tmp/arrayloaders-bench
+Examples::
+
+    python scripts/benchmark.py --data /tmp/arrayloaders-bench   # ~200k cells, median of 3
+    python scripts/benchmark.py --quick                           # 10k small cells, one run: ~1 minute
 """
 
 from __future__ import annotations
@@ -190,11 +195,11 @@ def warm(path: Path) -> None:
                 pass
 
 
-def run_measured(cmd: list[str], json_line: bool = True) -> dict:
+def run_measured(cmd: list[str], json_line: bool = True, interval: float = 0.5) -> dict:
     """Run a command (that prints one JSON line last); wall time and peak memory of its process tree."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with TreeMemory(proc.pid) as mem:
+    with TreeMemory(proc.pid, interval) as mem:
         stdout, stderr = proc.communicate()
     wall = time.perf_counter() - start
     if proc.returncode:
@@ -250,7 +255,7 @@ def measure(name: str, store: Path, cache: str, args) -> dict:
             evict(store)
         else:
             warm(store)
-        run = run_measured(command(name, store, args))
+        run = run_measured(command(name, store, args), interval=args.memory_interval)
         if "skipped" in run:
             return run
         if cache == "cold":  # the first epoch is the one that met the evicted cache
@@ -281,6 +286,39 @@ def table(results: dict[str, dict], cache: str) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict[str, dict[str, dict]], path: Path, title: str) -> bool:
+    """Horizontal bars of cells/s per loader, warm and cold side by side; False without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(n for res in results.values() for n in res))
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5))
+    height = 0.8 / max(1, len(results))
+    for i, (cache, res) in enumerate(results.items()):
+        values = [res.get(n, {}).get("cells_per_s", 0) for n in names]
+        bars = ax.barh([k + i * height for k in range(len(names))], values, height, label=cache)
+        ax.bar_label(bars, labels=[f"{v:,.0f}" if v else "" for v in values], fontsize=7, padding=2)
+    skipped = {n for n in names if all("skipped" in res.get(n, {"skipped": ""}) for res in results.values())}
+    labels = [f"{n} (skipped)" if n in skipped else n for n in names]
+    ax.set_yticks([k + height * (len(results) - 1) / 2 for k in range(len(names))], labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("cells / s (higher is better)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+QUICK = {"n_files": 2, "cells_per_file": 5_000, "n_vars": 2_000, "nnz": 200, "batch_size": 1024,
+         "preload_nchunks": 64, "repeats": 1, "workers": [0, 2], "memory_interval": 0.05}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=Path("/tmp/arrayloaders-bench"), help="where data and stores go")
@@ -300,10 +338,19 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--cache", nargs="+", choices=["warm", "cold"], default=["warm", "cold"])
     p.add_argument("--reconvert", action="store_true", help="rebuild the store even if it exists")
+    p.add_argument("--memory-interval", type=float, default=0.5, help="seconds between memory samples (default 0.5)")
     p.add_argument("--out", type=Path, help="results folder (default: DATA/results)")
+    p.add_argument("--quick", action="store_true",
+                   help="small data (2 x 5,000 cells x 2,000 genes), one repeat, num_workers 0 and 2: about a minute; "
+                   "data in /tmp/arrayloaders-bench-quick unless --data is given")  # fmt: skip
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+        if args.data == p.get_default("data"):
+            args.data = Path("/tmp/arrayloaders-bench-quick")
     if args.child:
         print(json.dumps(RUNNERS[args.child](args.store, args)))
         return
@@ -344,10 +391,14 @@ def main() -> None:
     out = args.out or args.data / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text + "\n")
+    title = (f"{args.n_files * args.cells_per_file:,} cells x {args.n_vars:,} genes, batch {args.batch_size}, "
+             f"{os.cpu_count()} cores (median of {args.repeats})")  # fmt: skip
+    if not plot(results, out / "results.png", title):
+        print("no chart: matplotlib is not installed (pip install arrayloaders[bench])")
     (out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                   "conversion": conversion, "annbatch_conversion": annbatch_conversion,
                                                   "results": results}, indent=1))  # fmt: skip
-    print(f"\nwritten to {out}/results.md and results.json")
+    print(f"\nwritten to {out}/: results.md, results.json, results.png")
 
 
 if __name__ == "__main__":

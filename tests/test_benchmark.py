@@ -1,0 +1,34 @@
+"""scripts/benchmark.py --quick: every loader measured or skipped with its reason, table, JSON and chart written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+
+
+def test_quick_benchmark_measures_and_reports(tmp_path):
+    env = {**os.environ, "ANNBATCH_PYTHON": str(tmp_path / "no-annbatch-venv" / "python")}
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--data", str(tmp_path / "bench")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "bench" / "results"
+    report = json.loads((out / "results.json").read_text())["results"]
+    assert set(report) == {"warm", "cold"}
+    for cache, loaders in report.items():
+        for name in ("arrayloaders-w0", "arrayloaders-w2", "sequential-decode"):
+            r = loaders[name]
+            assert r["cells_per_s"] > 0 and r["peak_pss_bytes"] > 0, (cache, name, r)
+            assert all(run["cells"] == 10_000 for run in r["runs"])  # a whole epoch each time
+        for name in ("annbatch-zarrs", "annbatch-zarr-python"):
+            assert "no annbatch venv" in loaders[name]["skipped"]  # reported, never faked
+    assert report["warm"]["scipy-gather"]["cells_per_s"] > 0 and "scipy-gather" not in report["cold"]
+    table = (out / "results.md").read_text()
+    assert "| arrayloaders-w2 |" in table and "skipped: no annbatch venv" in table
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
