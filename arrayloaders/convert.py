@@ -581,7 +581,7 @@ def _write_output_file(path, bucket, ids, obs, var, dtype, layout, budget, progr
     # The bucket holds this file's cells in increasing global id: the bucket
     # row of cell ids[p] is its rank among the sorted ids.
     bucket_row = np.searchsorted(np.sort(ids), ids)
-    n_rows, n_vars = ids.size, len(var)
+    n_vars = len(var)
     obs = obs.copy()
     obs.index = pd.Index(obs.index.astype(str), dtype=object)
     # Write the AnnData skeleton (obs, var, empty mappings) with anndata

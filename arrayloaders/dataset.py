@@ -170,7 +170,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         adatas = list(adatas)
         if not adatas:
             raise ValueError("add_anndatas needs at least one AnnData")
-        keys = self._obs_keys(obs_keys)
+        self._obs_keys(obs_keys)  # validates and fixes the keys on first use
         sources = [_x_source(a, len(self._sources) + i) for i, a in enumerate(adatas)]
         kinds = {s.kind for s in self._sources + sources}
         if len(kinds) > 1:
