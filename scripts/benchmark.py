@@ -6,20 +6,30 @@ measures each loader in a fresh subprocess while this process samples the
 memory of that subprocess's whole tree (workers included):
 
 - ``arrayloaders-wN``: ZarrSparseDataset with ``num_workers=N`` (sparse CSR
-  tensors + cell_type labels);
+  tensors + cell_type labels); ``arrayloaders-wN-dense``: ZarrDenseDataset on
+  the same store (densified batches), N the largest ``--workers``;
+- ``annbatch-<setting>``: annbatch 0.3.1 on its own store of the same input,
+  run by ``scripts/annbatch_runner.py`` in its own Python 3.12 venv;
+- ``scdataset``: scDataset 0.3 (block shuffling with our chunk size, fetches
+  the size of our loads) over the backed ``.h5ad`` files, in a torch
+  DataLoader with one worker per core;
+- ``anndata-backed``: random batches of the backed ``.h5ad`` files, each
+  batch's indices sorted and read by anndata, in the same DataLoader;
 - ``sequential-decode``: the whole store decoded in order through zarr and
   the zarrs pipeline (the I/O + decode limit of the machine);
 - ``scipy-gather``: the whole X in memory, shuffled batches by scipy row
-  indexing (the in-memory upper bound);
-- ``annbatch-<setting>``: annbatch 0.3.1 on its own store of the same input,
-  run by ``scripts/annbatch_runner.py`` in its own Python 3.12 venv (reported
-  as skipped, with the reason, when that venv is missing).
+  indexing (the in-memory upper bound).
 
-Each loader runs ``--epochs`` epochs per process. *Warm*: the store's files
-are read into the page cache first, and the figures are the last epoch's
+A peer that is not installed (no annbatch venv, no scdataset) is reported as
+skipped with the reason. Conversion time and peak memory are measured when a
+store is built and kept beside it (``<store>.conversion.json``), so reusing a
+store still reports them; ``--reconvert`` rebuilds both stores.
+
+*Warm*: the store's files are read into the page cache first, the loader
+runs ``--epochs`` epochs in one process and the figures are the last epoch's
 (workers up, caches warm). *Cold*: the store's pages are evicted with
-``posix_fadvise(POSIX_FADV_DONTNEED)`` and the figures are the first epoch's,
-start-up included. Each figure is the median of ``--repeats`` runs.
+``posix_fadvise(POSIX_FADV_DONTNEED)``, the loader runs one epoch and the
+figures are that epoch's, start-up included. Each figure is the median of ``--repeats`` runs.
 
 Memory is the peak over the run of the summed PSS of the process tree: RSS
 with shared pages (the ring's shared memory, mapped by the main process and
@@ -39,7 +49,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import importlib.util
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -73,12 +85,11 @@ def epochs_of(make_batches, n_epochs: int, n_cells_of) -> dict:
 
 
 def run_arrayloaders(store: Path, args) -> dict:
-    from arrayloaders import ZarrSparseDataset
+    from arrayloaders import ZarrDenseDataset, ZarrSparseDataset
 
-    ds = ZarrSparseDataset(
-        args.batch_size, args.chunk_size, args.preload_nchunks, num_workers=args.workers[0]
-    ).add_store(store, obs_keys="cell_type")
-    with ds:
+    kind = ZarrDenseDataset if args.dense else ZarrSparseDataset
+    ds = kind(args.batch_size, args.chunk_size, args.preload_nchunks, num_workers=args.workers[0])
+    with ds.add_store(store, obs_keys="cell_type"):
         return epochs_of(lambda: ds, args.epochs, lambda b: b[0].shape[0])
 
 
@@ -125,7 +136,84 @@ def run_scipy_gather(store: Path, args) -> dict:
     return epochs_of(batches, args.epochs, lambda b: b[0].shape[0])
 
 
-RUNNERS = {"arrayloaders": run_arrayloaders, "sequential-decode": run_sequential, "scipy-gather": run_scipy_gather}
+class BackedH5ads:
+    """Rows of several backed ``.h5ad`` files as one collection: ``collection[indices]`` -> (CSR, labels).
+
+    Indices are sorted before reading (h5py reads sorted rows far faster), as
+    both h5ad-based peers do; the files are opened lazily in each process that
+    reads, so the collection can be handed to DataLoader workers.
+    """
+
+    def __init__(self, paths: list[Path]):
+        import anndata as ad
+        import numpy as np
+
+        self.paths, self._files = paths, None
+        obs = [ad.read_h5ad(p, backed="r").obs["cell_type"] for p in paths]
+        self.offsets = np.cumsum([0] + [len(o) for o in obs])
+        self.labels = np.concatenate([o.cat.codes.to_numpy() for o in obs])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, indices):
+        import anndata as ad
+        import numpy as np
+        import scipy.sparse as sp
+
+        if self._files is None:
+            self._files = [ad.read_h5ad(p, backed="r") for p in self.paths]
+        indices = np.sort(np.asarray(indices))
+        cut = np.searchsorted(indices, self.offsets)
+        parts = [f.X[indices[a:b] - off] for f, a, b, off in zip(self._files, cut[:-1], cut[1:], self.offsets) if b > a]
+        return sp.vstack(parts, format="csr"), self.labels[indices]
+
+
+def h5ad_paths(directory: Path) -> list[Path]:
+    return sorted(directory.glob("part_*.h5ad"))
+
+
+def run_anndata_backed(h5ad_dir: Path, args) -> dict:
+    """Random batches from backed h5ad: each batch's indices sorted and read; DataLoader workers, one per core."""
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+    collection = BackedH5ads(h5ad_paths(h5ad_dir))
+    batches = BatchSampler(RandomSampler(range(len(collection))), args.batch_size, drop_last=False)
+    loader = DataLoader(collection, sampler=batches, batch_size=None, **dataloader_workers())
+    return epochs_of(lambda: loader, args.epochs, lambda b: b[0].shape[0])
+
+
+def run_scdataset(h5ad_dir: Path, args) -> dict:
+    """scDataset over backed h5ad, with our block (chunk) and fetch (preload) sizes; DataLoader workers, one per core."""
+    from scdataset import BlockShuffling, scDataset
+    from torch.utils.data import DataLoader
+
+    fetch_factor = max(1, args.chunk_size * args.preload_nchunks // args.batch_size)
+    ds = scDataset(
+        BackedH5ads(h5ad_paths(h5ad_dir)), BlockShuffling(block_size=args.chunk_size), batch_size=args.batch_size,
+        fetch_factor=fetch_factor, batch_callback=rows_of_pair, seed=0,
+    )  # fmt: skip
+    loader = DataLoader(ds, batch_size=None, **dataloader_workers())
+    return epochs_of(lambda: loader, args.epochs, lambda b: b[0].shape[0])
+
+
+def rows_of_pair(fetched: tuple, rows):
+    """scDataset's batch_callback: the same rows of the fetched (X, labels)."""
+    return fetched[0][rows], fetched[1][rows]
+
+
+def dataloader_workers() -> dict:
+    # Like ours: one worker per usable core, kept up across epochs.
+    return {"num_workers": len(os.sched_getaffinity(0)), "persistent_workers": True}
+
+
+RUNNERS = {
+    "arrayloaders": run_arrayloaders,
+    "sequential-decode": run_sequential,
+    "scipy-gather": run_scipy_gather,
+    "anndata-backed": run_anndata_backed,
+    "scdataset": run_scdataset,
+}
 
 
 # --------------------------------------------------------------------------- the parent: data, caches, memory
@@ -205,61 +293,93 @@ def run_measured(cmd: list[str], json_line: bool = True, interval: float = 0.5) 
     if proc.returncode:
         tail = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit code {proc.returncode}"
         return {"skipped": f"failed: {tail}"}
-    out = json.loads(stdout.strip().splitlines()[-1]) if json_line else {"wall_s": wall}
-    return {**out, "peak_pss_bytes": mem.peak_pss, "peak_rss_sum_bytes": mem.peak_rss}
+    out = json.loads(stdout.strip().splitlines()[-1]) if json_line else {}
+    return {**out, "command_wall_s": wall, "peak_pss_bytes": mem.peak_pss, "peak_rss_sum_bytes": mem.peak_rss}
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in files_under(path))
+
+
+def build_store(store: Path, cmd: list[str], rebuild: bool, json_line: bool = True) -> dict:
+    """Run the conversion ``cmd`` unless ``store`` exists; its measurement is kept beside the store for reuse."""
+    record = store.with_name(store.name + ".conversion.json")
+    if store.exists() and not rebuild:
+        return json.loads(record.read_text()) if record.exists() else {"note": "store reused, conversion not measured"}
+    conversion = run_measured(cmd, json_line)
+    if "skipped" not in conversion:
+        conversion["store_bytes"] = dir_bytes(store)
+        record.write_text(json.dumps(conversion))
+    return conversion
 
 
 def prepare(args) -> tuple[list[Path], Path, dict]:
     from arrayloaders.example_data import write_example_h5ads
 
     h5ad_dir, store = args.data / "h5ad", args.data / "store"
-    paths = sorted(h5ad_dir.glob("part_*.h5ad"))
+    paths = h5ad_paths(h5ad_dir)
     if len(paths) != args.n_files:
         print(f"generating {args.n_files} x {args.cells_per_file} cells x {args.n_vars} genes -> {h5ad_dir}", flush=True)
         paths = write_example_h5ads(h5ad_dir, [args.cells_per_file] * args.n_files, args.n_vars, nnz_per_cell=args.nnz)
-    conversion = {}
-    if not (store / "arrayloaders.json").exists() or args.reconvert:
-        cmd = [sys.executable, str(REPO / "scripts" / "convert.py"), *map(str, paths), "-o", str(store), "-q", "--overwrite"]
-        conversion = run_measured(cmd, json_line=False)
-    return paths, store, conversion
+        args.reconvert = True  # new input: stores of the old one are stale
+    if not (store / "arrayloaders.json").exists():
+        args.reconvert = True
+    cmd = [sys.executable, str(REPO / "scripts" / "convert.py"), *map(str, paths), "-o", str(store), "-q", "--overwrite"]
+    return paths, store, build_store(store, cmd, args.reconvert, json_line=False)
 
 
 def prepare_annbatch(paths: list[Path], args) -> tuple[Path | None, dict]:
     if not ANNBATCH_PYTHON.exists():
         return None, {"skipped": f"no annbatch venv at {ANNBATCH_PYTHON} (see scripts/annbatch_runner.py)"}
     store = args.data / "annbatch_store"
-    conversion = {}
-    if not store.exists():
-        runner = str(REPO / "scripts" / "annbatch_runner.py")
-        conversion = run_measured([str(ANNBATCH_PYTHON), runner, "convert", "--inputs", *map(str, paths), "--output", str(store)])
-    return store, conversion
+    if args.reconvert and store.exists():
+        shutil.rmtree(store)  # annbatch appends to an existing collection
+    runner = str(REPO / "scripts" / "annbatch_runner.py")
+    cmd = [str(ANNBATCH_PYTHON), runner, "convert", "--inputs", *map(str, paths), "--output", str(store)]
+    conversion = build_store(store, cmd, args.reconvert, json_line=False)
+    return (None if "skipped" in conversion else store), conversion
 
 
-def command(name: str, store: Path, args) -> list[str]:
+def loader_names(args) -> list[str]:
+    names = []
+    for loader in args.loaders:
+        if loader == "arrayloaders":
+            names += [f"arrayloaders-w{w}" for w in args.workers]
+        elif loader == "arrayloaders-dense":
+            names.append(f"arrayloaders-w{max(args.workers)}-dense")
+        elif loader == "annbatch":
+            names += [f"annbatch-{s}" for s in ANNBATCH_SETTINGS]
+        else:
+            names.append(loader)
+    return names
+
+
+def command(name: str, source: Path, args, epochs: int) -> list[str]:
     sizes = ["--batch-size", str(args.batch_size), "--chunk-size", str(args.chunk_size),
-             "--preload-nchunks", str(args.preload_nchunks)]  # fmt: skip
+             "--preload-nchunks", str(args.preload_nchunks), "--epochs", str(epochs)]  # fmt: skip
     if name.startswith("annbatch-"):
         runner = str(REPO / "scripts" / "annbatch_runner.py")
         setting = name.removeprefix("annbatch-")
-        return [str(ANNBATCH_PYTHON), runner, "load", "--store", str(store), *sizes, "--obs-key", "cell_type",
-                "--setting", setting, "--epochs", str(args.epochs)]  # fmt: skip
-    child, _, workers = name.partition("-w")
-    return [sys.executable, __file__, "--child", child, "--store", str(store), *sizes, "--epochs", str(args.epochs),
-            "--workers", workers or "0"]  # fmt: skip
+        return [str(ANNBATCH_PYTHON), runner, "load", "--store", str(source), *sizes, "--obs-key", "cell_type",
+                "--setting", setting]  # fmt: skip
+    child, workers, dense = name, "0", []
+    if name.startswith("arrayloaders-w"):
+        child, workers = "arrayloaders", name.removeprefix("arrayloaders-w").removesuffix("-dense")
+        dense = ["--dense"] if name.endswith("-dense") else []
+    return [sys.executable, __file__, "--child", child, "--store", str(source), *sizes, "--workers", workers, *dense]
 
 
-def measure(name: str, store: Path, cache: str, args) -> dict:
+def measure(name: str, source: Path, cache: str, args) -> dict:
     runs = []
     for _ in range(args.repeats):
         if cache == "cold":
-            evict(store)
+            evict(source)
         else:
-            warm(store)
-        run = run_measured(command(name, store, args), interval=args.memory_interval)
+            warm(source)
+        # Cold figures are the first epoch (the one that met the evicted cache): one epoch is enough.
+        run = run_measured(command(name, source, args, args.epochs if cache == "warm" else 1), interval=args.memory_interval)
         if "skipped" in run:
             return run
-        if cache == "cold":  # the first epoch is the one that met the evicted cache
-            run = {**run, **run["epochs"][0]}
         runs.append(run)
     keys = ("cells_per_s", "first_batch_s", "wall_s", "peak_pss_bytes", "peak_rss_sum_bytes")
     return {**{k: statistics.median(r[k] for r in runs) for k in keys}, "runs": runs}
@@ -283,6 +403,21 @@ def table(results: dict[str, dict], cache: str) -> str:
             f"| {name} | {cps:,.0f} | {ratio(base)} | {ratio(gather)} | {r['first_batch_s']:.2f} | "
             f"{r['peak_pss_bytes'] / 2**30:.2f} |"
         )
+    return "\n".join(lines)
+
+
+def stores_table(stores: list[tuple[str, str, Path, dict]]) -> str:
+    """What each loader reads from: size on disk, and the time and peak memory (PSS) of building it."""
+    lines = ["| store | read by | size on disk | conversion (s) | conversion peak PSS (GiB) |", "|---|---|---|---|---|"]
+    for label, readers, path, conv in stores:
+        if "skipped" in conv:
+            lines.append(f"| {label} | {readers} | skipped: {conv['skipped']} | | |")
+            continue
+        size = conv.get("store_bytes") or dir_bytes(path)
+        built = (f"{conv['command_wall_s']:.1f} | {conv['peak_pss_bytes'] / 2**30:.2f}" if "command_wall_s" in conv
+                 else conv.get("note", "none: read as written") + " | ")  # fmt: skip
+        shown = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+        lines.append(f"| {label} | {readers} | {shown} | {built} |")
     return "\n".join(lines)
 
 
@@ -315,6 +450,8 @@ def plot(results: dict[str, dict[str, dict]], path: Path, title: str) -> bool:
     return True
 
 
+LOADERS = ("arrayloaders", "arrayloaders-dense", "annbatch", "scdataset", "anndata-backed", "sequential-decode",
+           "scipy-gather")  # fmt: skip
 QUICK = {"n_files": 2, "cells_per_file": 5_000, "n_vars": 2_000, "nnz": 200, "batch_size": 1024,
          "preload_nchunks": 64, "repeats": 1, "workers": [0, 2], "memory_interval": 0.05}  # fmt: skip
 
@@ -332,12 +469,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2, help="epochs per process (warm figures: the last one)")
     p.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="num_workers settings of arrayloaders")
-    p.add_argument(
-        "--loaders", nargs="+", default=["arrayloaders", "sequential-decode", "scipy-gather", "annbatch"],
-        help="which to measure",
-    )  # fmt: skip
+    p.add_argument("--loaders", nargs="+", choices=LOADERS, default=list(LOADERS), help="which to measure (default: all)")
     p.add_argument("--cache", nargs="+", choices=["warm", "cold"], default=["warm", "cold"])
-    p.add_argument("--reconvert", action="store_true", help="rebuild the store even if it exists")
+    p.add_argument("--reconvert", action="store_true", help="rebuild the stores even if they exist")
     p.add_argument("--memory-interval", type=float, default=0.5, help="seconds between memory samples (default 0.5)")
     p.add_argument("--out", type=Path, help="results folder (default: DATA/results)")
     p.add_argument("--quick", action="store_true",
@@ -345,6 +479,7 @@ def main() -> None:
                    "data in /tmp/arrayloaders-bench-quick unless --data is given")  # fmt: skip
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--store", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
         for k, v in QUICK.items():
@@ -357,33 +492,34 @@ def main() -> None:
 
     paths, store, conversion = prepare(args)
     annbatch_store, annbatch_conversion = prepare_annbatch(paths, args) if "annbatch" in args.loaders else (None, {})
-    names = []
-    for loader in args.loaders:
-        if loader == "arrayloaders":
-            names += [f"arrayloaders-w{w}" for w in args.workers]
-        elif loader == "annbatch":
-            names += [f"annbatch-{s}" for s in ANNBATCH_SETTINGS]
-        else:
-            names.append(loader)
+    h5ad_dir = args.data / "h5ad"
+    missing_scdataset = {"skipped": "scdataset is not installed (pip install 'arrayloaders[bench]')"}
+
+    def source(name: str) -> Path | dict:
+        if name.startswith("annbatch-"):
+            return annbatch_store or annbatch_conversion
+        if name == "scdataset" and importlib.util.find_spec("scdataset") is None:
+            return missing_scdataset
+        return h5ad_dir if name in ("scdataset", "anndata-backed") else store
+
     results: dict[str, dict[str, dict]] = {}
     for cache in args.cache:
         results[cache] = {}
-        for name in names:
-            if name.startswith("annbatch-") and annbatch_store is None:
-                results[cache][name] = annbatch_conversion
-            elif name == "scipy-gather" and cache == "cold":
+        for name in loader_names(args):
+            if name == "scipy-gather" and cache == "cold":
                 continue  # in memory: no cache to be cold
-            else:
-                results[cache][name] = measure(name, annbatch_store if name.startswith("annbatch-") else store, cache, args)
+            src = source(name)
+            results[cache][name] = src if isinstance(src, dict) else measure(name, src, cache, args)
             r = results[cache][name]
             print(f"{cache} {name}: " + (r.get("skipped") or f"{r['cells_per_s']:,.0f} cells/s"), flush=True)
 
+    stores = [("arrayloaders store", "arrayloaders, sequential decode, scipy gather", store, conversion),
+              ("the .h5ad files", "scDataset, anndata backed", h5ad_dir, {})]  # fmt: skip
+    if "annbatch" in args.loaders:
+        stores.insert(1, ("annbatch store", "annbatch", annbatch_store, annbatch_conversion))
     report = [f"Data: {args.n_files} x {args.cells_per_file} cells x {args.n_vars} genes, ~{args.nnz} non-zeros per cell; "
               f"batch {args.batch_size}, chunk {args.chunk_size}, preload {args.preload_nchunks}; "
-              f"median of {args.repeats}; {os.cpu_count()} cores."]  # fmt: skip
-    for name, conv in (("arrayloaders", conversion), ("annbatch", annbatch_conversion)):
-        if conv.get("wall_s"):
-            report.append(f"{name} conversion: {conv['wall_s']:.1f} s, peak PSS {conv['peak_pss_bytes'] / 2**30:.2f} GiB")
+              f"median of {args.repeats}; {os.cpu_count()} cores.", "", stores_table(stores)]  # fmt: skip
     for cache, res in results.items():
         report += ["", table(res, cache)]
     text = "\n".join(report)

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py --quick: every loader measured or skipped with its reason, table, JSON and chart written."""
+"""scripts/benchmark.py --quick: every loader measured or skipped with its reason, tables, JSON and chart written."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+MEASURED = ("arrayloaders-w0", "arrayloaders-w2", "arrayloaders-w2-dense", "scdataset", "anndata-backed",
+            "sequential-decode")  # fmt: skip
 
 
 def test_quick_benchmark_measures_and_reports(tmp_path):
@@ -19,16 +21,23 @@ def test_quick_benchmark_measures_and_reports(tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "bench" / "results"
-    report = json.loads((out / "results.json").read_text())["results"]
+    saved = json.loads((out / "results.json").read_text())
+    report = saved["results"]
     assert set(report) == {"warm", "cold"}
     for cache, loaders in report.items():
-        for name in ("arrayloaders-w0", "arrayloaders-w2", "sequential-decode"):
+        for name in MEASURED:
             r = loaders[name]
             assert r["cells_per_s"] > 0 and r["peak_pss_bytes"] > 0, (cache, name, r)
             assert all(run["cells"] == 10_000 for run in r["runs"])  # a whole epoch each time
         for name in ("annbatch-zarrs", "annbatch-zarr-python"):
             assert "no annbatch venv" in loaders[name]["skipped"]  # reported, never faked
+    assert [len(run["epochs"]) for run in report["warm"]["arrayloaders-w2"]["runs"]] == [2]  # warm: the 2nd epoch
+    assert [len(run["epochs"]) for run in report["cold"]["arrayloaders-w2"]["runs"]] == [1]  # cold: the 1st
     assert report["warm"]["scipy-gather"]["cells_per_s"] > 0 and "scipy-gather" not in report["cold"]
+    conversion = saved["conversion"]
+    assert conversion["command_wall_s"] > 0 and conversion["peak_pss_bytes"] > 0 and conversion["store_bytes"] > 0
     table = (out / "results.md").read_text()
-    assert "| arrayloaders-w2 |" in table and "skipped: no annbatch venv" in table
+    assert "| arrayloaders-w2-dense |" in table and "| scdataset |" in table
+    assert "skipped: no annbatch venv" in table
+    assert "| arrayloaders store | arrayloaders, sequential decode, scipy gather |" in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
