@@ -17,6 +17,7 @@ from typing import Any, Literal
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import psutil
 import torch
 import zarr
@@ -231,7 +232,13 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
 
     @property
     def n_obs(self) -> int:
+        """Cells in all added AnnData objects (before rank sharding)."""
         return sum(s.n_obs for s in self._sources)
+
+    @property
+    def n_vars(self) -> int:
+        """Genes: the width of every X batch (0 while the dataset is empty)."""
+        return self._sources[0].n_vars if self._sources else 0
 
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch``'s order for the next iteration (later loops continue from it).
@@ -395,6 +402,12 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         if loaded.dense is not None:
             return torch.from_numpy(lend(loaded.dense[lo:hi]))
         a, b = int(loaded.indptr[lo]), int(loaded.indptr[hi])
+        if self._dense_output:
+            # scipy's C loop densifies ~10x faster than torch's CSR to_dense (59 vs 570 ms for 4096 x 33,538).
+            rows = sp.csr_matrix(
+                (loaded.data[a:b], loaded.indices[a:b], loaded.indptr[lo : hi + 1] - a), shape=(hi - lo, n_vars)
+            )
+            return torch.from_numpy(rows.toarray())
         index_dtype = np.int32 if b - a < 2**31 else np.int64
         crow = torch.from_numpy((loaded.indptr[lo : hi + 1] - a).astype(index_dtype))
         cols = torch.from_numpy(lend(loaded.indices[a:b]))
@@ -404,8 +417,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         with warnings.catch_warnings():
             # torch warns that sparse CSR support is "beta" the first time one is built.
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-            X = torch.sparse_csr_tensor(crow, cols, values, size=(hi - lo, n_vars), check_invariants=False)
-        return X.to_dense() if self._dense_output else X
+            return torch.sparse_csr_tensor(crow, cols, values, size=(hi - lo, n_vars), check_invariants=False)
 
 
 def _own(view: np.ndarray) -> np.ndarray:

@@ -97,6 +97,7 @@ def test_add_anndatas_as_in_the_readme(store, truth):
     ]
     ds = ZarrSparseDataset(batch_size=128, chunk_size=8, preload_nchunks=16, return_index=True)
     assert ds.add_anndatas(adatas, obs_keys="cell_type") is ds
+    assert (ds.n_obs, ds.n_vars) == truth[0].shape
     xs, _, idx = epoch(ds)
     rows = torch.cat(idx).numpy()
     assert sorted(rows) == list(range(N))
@@ -202,6 +203,7 @@ def test_directory_without_manifest_is_refused(tmp_path):
 
 
 def test_empty_dataset_says_so():
+    assert (ZarrSparseDataset().n_obs, ZarrSparseDataset().n_vars) == (0, 0)
     with pytest.raises(ValueError, match="empty"):
         len(ZarrSparseDataset())
 
