@@ -17,8 +17,8 @@ from typing import Any, Literal
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import psutil
+import scipy.sparse as sp
 import torch
 import zarr
 
