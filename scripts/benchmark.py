@@ -456,6 +456,17 @@ QUICK = {"n_files": 2, "cells_per_file": 5_000, "n_vars": 2_000, "nnz": 200, "ba
          "preload_nchunks": 64, "repeats": 1, "workers": [0, 2], "memory_interval": 0.05}  # fmt: skip
 
 
+def parse_args(p: argparse.ArgumentParser, quick: dict, quick_data: Path) -> argparse.Namespace:
+    """Parse; ``--quick`` sets the ``quick`` settings, and ``quick_data`` unless ``--data`` was given."""
+    args = p.parse_args()
+    if args.quick:
+        for k, v in quick.items():
+            setattr(args, k, v)
+        if args.data == p.get_default("data"):
+            args.data = quick_data
+    return args
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=Path("/tmp/arrayloaders-bench"), help="where data and stores go")
@@ -480,12 +491,7 @@ def main() -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.quick:
-        for k, v in QUICK.items():
-            setattr(args, k, v)
-        if args.data == p.get_default("data"):
-            args.data = Path("/tmp/arrayloaders-bench-quick")
+    args = parse_args(p, QUICK, Path("/tmp/arrayloaders-bench-quick"))
     if args.child:
         print(json.dumps(RUNNERS[args.child](args.store, args)))
         return

@@ -44,7 +44,7 @@ import torch
 
 from arrayloaders import ZarrSparseDataset, create_store_from_h5ads
 from arrayloaders.example_data import write_example_h5ads
-from benchmark import measure, prepare_annbatch
+from benchmark import measure, parse_args, prepare_annbatch
 from train import LogisticRegression
 
 
@@ -190,12 +190,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="results folder (default: DATA/results)")
     p.add_argument("--quick", action="store_true", help="4,000 cells x 2,000 genes, two speeds; data in "
                    "/tmp/arrayloaders-fit-time-quick unless --data is given")  # fmt: skip
-    args = p.parse_args()
-    if args.quick:
-        for k, v in QUICK.items():
-            setattr(args, k, v)
-        if args.data == p.get_default("data"):
-            args.data = Path("/tmp/arrayloaders-fit-time-quick")
+    args = parse_args(p, QUICK, Path("/tmp/arrayloaders-fit-time-quick"))
     device = torch.device(args.device)
 
     store = prepare(args)

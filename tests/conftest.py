@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -59,3 +62,20 @@ def assert_bit_identical(a, b) -> None:
         a, b = np.asarray(a), np.asarray(b)
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+@pytest.fixture
+def run_quick(tmp_path):
+    """Run ``scripts/<name> --quick`` on data in tmp_path with no annbatch venv; return its results folder."""
+
+    def run(name: str) -> Path:
+        script = Path(__file__).resolve().parents[1] / "scripts" / name
+        env = {**os.environ, "ANNBATCH_PYTHON": str(tmp_path / "no-annbatch-venv" / "python")}
+        res = subprocess.run(
+            [sys.executable, str(script), "--quick", "--data", str(tmp_path / "data")],
+            capture_output=True, text=True, env=env, timeout=600,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        return tmp_path / "data" / "results"
+
+    return run

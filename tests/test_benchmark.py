@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 MEASURED = ("arrayloaders-w0", "arrayloaders-w2", "arrayloaders-w2-dense", "scdataset", "anndata-backed",
             "sequential-decode")  # fmt: skip
 
 
-def test_quick_benchmark_measures_and_reports(tmp_path):
-    env = {**os.environ, "ANNBATCH_PYTHON": str(tmp_path / "no-annbatch-venv" / "python")}
-    res = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--data", str(tmp_path / "bench")],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = tmp_path / "bench" / "results"
+def test_quick_benchmark_measures_and_reports(run_quick):
+    out = run_quick("benchmark.py")
     saved = json.loads((out / "results.json").read_text())
     report = saved["results"]
     assert set(report) == {"warm", "cold"}

@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fit_time.py"
 
 
-def test_quick_fit_time_against_loading_speed(tmp_path):
-    env = {**os.environ, "ANNBATCH_PYTHON": str(tmp_path / "no-annbatch-venv" / "python")}
-    res = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--data", str(tmp_path / "fit")],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = tmp_path / "fit" / "results"
+
+def test_quick_fit_time_against_loading_speed(run_quick):
+    out = run_quick("fit_time.py")
     result = json.loads((out / "fit_time.json").read_text())
     assert (result["cells"], result["n_vars"], result["n_classes"]) == (4_000, 2_000, 100)
     points = {p["speed"]: p for p in result["points"]}
