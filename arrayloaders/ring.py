@@ -138,17 +138,21 @@ class Segment:
             raise
         self._shm.close()  # our own mapping above is the one views refer to
         self.arrays = layout.arrays(self.mapping)
-        self.lent = 0
+        self._views: list[weakref.ref] = []
         self._unlinked = False
 
     def lend(self, view: np.ndarray) -> np.ndarray:
         """Count ``view`` as held by the user until it is garbage collected."""
-        self.lent += 1
-        weakref.finalize(view, self._returned)
+        # A plain weak reference, no callback: a Python callback run when a view dies is where
+        # a Ctrl-C can land, and the interpreter swallows exceptions raised in such callbacks.
+        self._views.append(weakref.ref(view))
         return view
 
-    def _returned(self) -> None:
-        self.lent -= 1
+    @property
+    def lent(self) -> int:
+        """Views handed out that are still alive."""
+        self._views = [v for v in self._views if v() is not None]
+        return len(self._views)
 
     def unlink(self) -> None:
         """Remove the name (idempotent). The memory is freed when the last mapping goes."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ import pytest
 import torch
 
 from arrayloaders import ZarrDenseDataset, ZarrSparseDataset, create_store_from_h5ads
-from arrayloaders.ring import segment_names
+from arrayloaders.ring import Segment, SlotLayout, segment_names
 
 CHILD = Path(__file__).with_name("engine_child.py")
 
@@ -164,6 +166,21 @@ def test_worker_exception_is_raised_with_its_traceback(store, tmp_path):
     assert out["error"] is not None
     assert "Traceback" in out["error"] and "/X/data/c/" in out["error"] and "too short for its index" in out["error"]
     assert out["segments"] == [] and out["children"] == []
+
+
+def test_lent_views_are_counted_without_python_callbacks():
+    # The interpreter swallows a KeyboardInterrupt raised inside a weakref callback, so a Ctrl-C that
+    # landed while a dead batch's callback ran was lost (1 run in ~50 of the test below hung).
+    seg = Segment(f"al_test_{os.getpid()}", SlotLayout("csr", "float32", max_rows=4, max_nnz=8))
+    try:
+        views = [seg.lend(seg.arrays.data[:3]), seg.lend(seg.arrays.indices[:3])]
+        assert seg.lent == 2
+        assert all(ref.__callback__ is None for v in views for ref in weakref.getweakrefs(v))
+        del views[0]
+        gc.collect()
+        assert seg.lent == 1
+    finally:
+        seg.unlink()
 
 
 def test_ctrl_c_stops_workers_and_unlinks(store):
