@@ -7,6 +7,7 @@ findings last; the parent asserts on it.
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import json
 import os
@@ -22,6 +23,9 @@ from arrayloaders import WorkerError, ZarrSparseDataset
 from arrayloaders.engine import _grown, slot_layout
 from arrayloaders.plan import plan_epoch
 from arrayloaders.ring import segment_names
+
+
+faulthandler.register(signal.SIGUSR1)  # the parent asks for our stacks before it gives up on us
 
 
 def dataset(store: str, **kw) -> ZarrSparseDataset:
@@ -112,7 +116,10 @@ def main(scenario: str, store: str) -> dict:
             out["error"] = str(e)
         out.update(leftovers())
     elif scenario == "interrupt":
-        # The parent sends SIGINT once we say we are iterating.
+        # The parent sends SIGINT once we say we are iterating. Python raises KeyboardInterrupt only if
+        # SIGINT was not ignored when it started, and a shell ignores it for background jobs (a CI runner
+        # may be one): install the handler a terminal user would have.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         ds = dataset(store)
         n = 0
         try:

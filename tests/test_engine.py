@@ -190,7 +190,14 @@ def test_ctrl_c_stops_workers_and_unlinks(store):
     try:
         workers = json.loads(p.stdout.readline())["workers"]
         p.send_signal(signal.SIGINT)
-        stdout, stderr = p.communicate(timeout=30)
+        try:
+            stdout, stderr = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGUSR1)  # the child's stacks, to stderr
+            time.sleep(1)
+            p.kill()
+            stdout, stderr = p.communicate()
+            pytest.fail(f"Ctrl-C did not stop the loop within 30 s; the child's stderr:\n{stderr[-6000:]}")
     finally:
         p.kill()
     out = json.loads(stdout.strip().splitlines()[-1])
