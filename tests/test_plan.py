@@ -93,6 +93,18 @@ def rank_plans(config: PlanConfig, epoch: int) -> list[EpochPlan]:
     return [plan_epoch(dataclasses.replace(config, rank=r), epoch) for r in range(config.world_size)]
 
 
+def equal_rank_plans(config: PlanConfig, epoch: int, per_rank: int) -> tuple[list[EpochPlan], list[np.ndarray], int]:
+    """Every rank's plan and range, and the rows each keeps: ``per_rank``, cut to whole batches with drop_last.
+
+    Asserts that every rank has the same number of batches.
+    """
+    assume(config.n_obs >= config.world_size)  # else refused, see test_fewer_rows_than_ranks_is_refused
+    plans, bs = rank_plans(config, epoch), config.batch_size
+    kept = per_rank // bs * bs if config.drop_last else per_rank
+    assert {p.n_batches for p in plans} == {-(-kept // bs)}
+    return plans, rank_ranges(config, epoch), kept
+
+
 def check_layout(plan: EpochPlan) -> None:
     """Invariant 2: loads and batches are laid out as documented, pieces lie inside files."""
     cfg = plan.config
@@ -274,13 +286,9 @@ def test_no_shuffle_reads_in_store_order(config, epoch):
     epoch=0,
 )
 def test_drop_ranks_are_disjoint_equal_prefixes_of_their_ranges(config, epoch):
-    w, bs, n = config.world_size, config.batch_size, config.n_obs
-    assume(n >= w)  # else refused, see test_fewer_rows_than_ranks_is_refused
-    plans = rank_plans(config, epoch)
-    ranges = rank_ranges(config, epoch)
-    per_rank = n // w  # every rank is cut to the shortest range (then to whole batches)
-    kept = per_rank // bs * bs if config.drop_last else per_rank
-    assert {p.n_batches for p in plans} == {-(-kept // bs)}
+    w = config.world_size
+    per_rank = config.n_obs // w  # every rank is cut to the shortest range (then to whole batches)
+    plans, ranges, kept = equal_rank_plans(config, epoch, per_rank)
     for p, own in zip(plans, ranges):
         check_layout(p)
         assert p.n_rows == kept
@@ -331,13 +339,9 @@ def test_drop_loses_fewer_rows_than_ranks(sizes, chunk_size, world_size, batch_s
     epoch=1,
 )
 def test_pad_ranks_cover_their_ranges_and_repeat_only_their_first_row(config, epoch):
-    w, bs, n = config.world_size, config.batch_size, config.n_obs
-    assume(n >= w)  # else refused, see test_fewer_rows_than_ranks_is_refused
-    plans = rank_plans(config, epoch)
-    ranges = rank_ranges(config, epoch)
-    per_rank = -(-n // w)  # every rank is brought up to the longest range (then cut to whole batches)
-    kept = per_rank // bs * bs if config.drop_last else per_rank
-    assert {p.n_batches for p in plans} == {-(-kept // bs)}
+    n = config.n_obs
+    per_rank = -(-n // config.world_size)  # every rank is brought up to the longest range (then to whole batches)
+    plans, ranges, kept = equal_rank_plans(config, epoch, per_rank)
     distinct = []
     for p, own in zip(plans, ranges):
         check_layout(p)
