@@ -41,13 +41,18 @@ _MAX_OPEN_FILES = 64  # per array; shard files are reopened when evicted
 _MAX_TABLES = 16384  # shard indexes kept per array (4 KiB each for 2^22 / 2^14 shards)
 
 
+def _setting(value) -> str | None:
+    """A codec setting as its string: zarr 3.1 holds enums (``Endian.little``), zarr 3.4 plain strings."""
+    return getattr(value, "value", value)
+
+
 def _decoder(codecs) -> Callable[[memoryview, np.ndarray], None] | None:
     """A function decoding one stored chunk into a buffer, or None if the codecs are not ours to read."""
     codecs = list(codecs)
     if not codecs or not isinstance(codecs[0], BytesCodec):
         return None
-    endian = codecs[0].endian
-    if not np.little_endian or (endian is not None and endian.value != "little"):
+    endian = _setting(codecs[0].endian)
+    if not np.little_endian or endian not in (None, "little"):
         return None
     rest = codecs[1:]
     if not rest:
@@ -125,7 +130,7 @@ class DirectArray:
             if not all(isinstance(c, Crc32cCodec) for c in index_codecs[1:]) or len(index_codecs) > 2:
                 return None
             inner = tuple(sharding.chunk_shape)
-            index = (sharding.index_location.value, 4 * (len(index_codecs) - 1))
+            index = (_setting(sharding.index_location), 4 * (len(index_codecs) - 1))
             codecs = list(sharding.codecs)
         if any(isinstance(c, ShardingCodec) for c in codecs):
             return None
