@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from arrayloaders import ZarrDenseDataset, ZarrSparseDataset, create_store_from_h5ads
+from arrayloaders.engine import Engine
 from arrayloaders.ring import Segment, SlotLayout, segment_names
 
 CHILD = Path(__file__).with_name("engine_child.py")
@@ -120,6 +121,15 @@ def test_too_small_memory_budget_is_refused_with_numbers(store):
     assert segment_names(os.getpid()) == []
 
 
+
+@pytest.mark.parametrize("num_workers", [2, 4])
+def test_default_memory_budget_gives_every_worker_two_slots(num_workers):
+    # A typical load, 8,192 cells x 2,500 non-zeros: ~160 MiB a slot. A fixed 1 GiB budget held
+    # six of them, so workers beyond four waited for free slots (measured on 16 cores).
+    layout = SlotLayout("csr", "float32", max_rows=8192, max_nnz=8192 * 2500)
+    budget = ZarrSparseDataset(num_workers=num_workers).memory_budget
+    assert Engine((), None, num_workers, budget)._n_slots(layout) == 2 * num_workers + 2
+
 def test_pin_memory_without_cuda_warns():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: pinning is real here")
@@ -127,6 +137,31 @@ def test_pin_memory_without_cuda_warns():
         ds = ZarrSparseDataset(pin_memory=True, num_workers=0)
     assert ds.pin_memory is False
 
+
+
+def tensor_parts(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return (t.crow_indices(), t.col_indices(), t.values()) if t.layout == torch.sparse_csr else (t,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU behaviour is the test above)")
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("cls", [ZarrSparseDataset, ZarrDenseDataset])
+def test_pinned_batches_reach_the_gpu_unchanged(store, cls, num_workers):
+    def make(pin):
+        ds = cls(64, 8, 4, num_workers=num_workers, return_index=True, pin_memory=pin)
+        return ds.add_store(store, obs_keys=["cell_type", "batch"])
+
+    with make(False) as plain, make(True) as pinned:
+        n = 0
+        for (X, obs, idx), (Xp, obsp, idxp) in zip(plain, pinned, strict=True):
+            held = [*tensor_parts(Xp), *obsp.values(), idxp]
+            assert all(t.is_pinned() for t in held)
+            on_gpu = [t.to("cuda", non_blocking=True) for t in held]
+            torch.cuda.synchronize()
+            expected = [*tensor_parts(X), *obs.values(), idx]
+            assert all(torch.equal(g.cpu(), e) and g.dtype == e.dtype for g, e in zip(on_gpu, expected, strict=True))
+            n += idx.shape[0]
+    assert n == 1000
 
 def test_bad_num_workers_is_refused():
     with pytest.raises(ValueError, match="num_workers must be a non-negative integer"):
