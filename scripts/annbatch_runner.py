@@ -2,7 +2,8 @@
 
 annbatch 0.3.1 needs Python >= 3.12 while arrayloaders targets 3.11, so this script
 runs in its own virtual environment (``/tmp/annbatch-venv``, without torch) and is
-called as a subprocess. It must therefore import neither arrayloaders nor torch.
+called as a subprocess. It must therefore import neither arrayloaders nor torch
+(torch only in annbatch's GPU mode, ``load --gpu``, on a machine with CUDA).
 Each subcommand prints exactly one JSON line on stdout; progress and warnings go
 to stderr.
 
@@ -183,8 +184,10 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
             preload_nchunks=args.preload_nchunks,
             shuffle=True,
             drop_last=False,
-            preload_to_gpu=False,  # CPU run: keep scipy CSR in host memory, no cupy
-            to=None,  # yield scipy/numpy, so torch is never imported
+            # CPU: scipy CSR in host memory, torch never imported. GPU: annbatch's own GPU mode (cupy
+            # gathers the preloaded chunks on the device and batches arrive as CUDA torch tensors).
+            preload_to_gpu=args.gpu,
+            to="torch" if args.gpu else None,
             rng=np.random.default_rng(args.seed),
         )
         # Equivalent to ``use_collection(collection, load_adata=...)`` minus building an
@@ -207,6 +210,10 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
                 batches += 1
                 if args.max_batches and batches >= args.max_batches:
                     break
+            if args.gpu:
+                import torch
+
+                torch.cuda.synchronize()  # the epoch ends when its last batch is on the device
             wall = time.perf_counter() - t0
             epochs.append(
                 {"cells": cells, "batches": batches, "wall_s": wall, "first_batch_s": first_batch_s,
@@ -248,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ld.add_argument("--obs-key", default="cell_type", help="categorical obs column yielded as labels")
     ld.add_argument("--setting", choices=SETTINGS, default="zarrs", help=SETTINGS_HELP)
+    ld.add_argument(
+        "--gpu", action="store_true",
+        help="annbatch's GPU mode: preload_to_gpu=True (needs cupy) and to='torch' (imports torch)",
+    )  # fmt: skip
     ld.add_argument("--max-batches", type=int, default=0, help="stop after N batches (0 = full epoch)")
     ld.add_argument("--epochs", type=int, default=1, help="epochs to iterate; figures are the last one's")
     ld.add_argument("--seed", type=int, default=0, help="seed of the shuffling RNG")

@@ -31,6 +31,11 @@ runs ``--epochs`` epochs in one process and the figures are the last epoch's
 ``posix_fadvise(POSIX_FADV_DONTNEED)``, the loader runs one epoch and the
 figures are that epoch's, start-up included. Each figure is the median of ``--repeats`` runs.
 
+With ``--to cuda`` (on a machine with a GPU) each loader's batches end on
+the GPU: arrayloaders pins them and copies them (``non_blocking``), annbatch
+runs in its own GPU mode (``preload_to_gpu=True``, ``to="torch"``); an epoch
+ends when its last batch has landed.
+
 Memory is the peak over the run of the summed PSS of the process tree: RSS
 with shared pages (the ring's shared memory, mapped by the main process and
 the workers) counted once, not once per process.
@@ -88,9 +93,19 @@ def run_arrayloaders(store: Path, args) -> dict:
     from arrayloaders import ZarrDenseDataset, ZarrSparseDataset
 
     kind = ZarrDenseDataset if args.dense else ZarrSparseDataset
-    ds = kind(args.batch_size, args.chunk_size, args.preload_nchunks, num_workers=args.workers[0])
+    cuda = args.to == "cuda"
+    ds = kind(args.batch_size, args.chunk_size, args.preload_nchunks, num_workers=args.workers[0], pin_memory=cuda)
     with ds.add_store(store, obs_keys="cell_type"):
-        return epochs_of(lambda: ds, args.epochs, lambda b: b[0].shape[0])
+        return epochs_of(lambda: on_cuda(ds) if cuda else ds, args.epochs, lambda b: b[0].shape[0])
+
+
+def on_cuda(batches):
+    """Batches copied to the GPU as a training loop would; the epoch ends when the last copy has landed."""
+    import torch
+
+    for X, y in batches:
+        yield X.to("cuda", non_blocking=True), y.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
 
 
 def run_sequential(store: Path, args) -> dict:
@@ -360,13 +375,15 @@ def command(name: str, source: Path, args, epochs: int) -> list[str]:
     if name.startswith("annbatch-"):
         runner = str(REPO / "scripts" / "annbatch_runner.py")
         setting = name.removeprefix("annbatch-")
+        gpu = ["--gpu"] if args.to == "cuda" else []
         return [str(ANNBATCH_PYTHON), runner, "load", "--store", str(source), *sizes, "--obs-key", "cell_type",
-                "--setting", setting]  # fmt: skip
+                "--setting", setting, *gpu]  # fmt: skip
     child, workers, dense = name, "0", []
     if name.startswith("arrayloaders-w"):
         child, workers = "arrayloaders", name.removeprefix("arrayloaders-w").removesuffix("-dense")
         dense = ["--dense"] if name.endswith("-dense") else []
-    return [sys.executable, __file__, "--child", child, "--store", str(source), *sizes, "--workers", workers, *dense]
+    return [sys.executable, __file__, "--child", child, "--store", str(source), *sizes, "--workers", workers, *dense,
+            "--to", args.to]  # fmt: skip
 
 
 def measure(name: str, source: Path, cache: str, args) -> dict:
@@ -484,6 +501,9 @@ def main() -> None:
     p.add_argument("--cache", nargs="+", choices=["warm", "cold"], default=["warm", "cold"])
     p.add_argument("--reconvert", action="store_true", help="rebuild the stores even if they exist")
     p.add_argument("--memory-interval", type=float, default=0.5, help="seconds between memory samples (default 0.5)")
+    p.add_argument("--to", choices=["cpu", "cuda"], default="cpu",
+                   help="where batches are delivered: 'cuda' pins arrayloaders' batches and copies them to the GPU, "
+                   "and runs annbatch in its GPU mode (the other loaders stay on the CPU)")  # fmt: skip
     p.add_argument("--out", type=Path, help="results folder (default: DATA/results)")
     p.add_argument("--quick", action="store_true",
                    help="small data (2 x 5,000 cells x 2,000 genes), one repeat, num_workers 0 and 2: about a minute; "
@@ -525,7 +545,8 @@ def main() -> None:
         stores.insert(1, ("annbatch store", "annbatch", annbatch_store, annbatch_conversion))
     report = [f"Data: {args.n_files} x {args.cells_per_file} cells x {args.n_vars} genes, ~{args.nnz} non-zeros per cell; "
               f"batch {args.batch_size}, chunk {args.chunk_size}, preload {args.preload_nchunks}; "
-              f"median of {args.repeats}; {os.cpu_count()} cores.", "", stores_table(stores)]  # fmt: skip
+              f"median of {args.repeats}; {os.cpu_count()} cores; batches delivered to {args.to}.", "",
+              stores_table(stores)]  # fmt: skip
     for cache, res in results.items():
         report += ["", table(res, cache)]
     text = "\n".join(report)
@@ -534,7 +555,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text + "\n")
     title = (f"{args.n_files * args.cells_per_file:,} cells x {args.n_vars:,} genes, batch {args.batch_size}, "
-             f"{os.cpu_count()} cores (median of {args.repeats})")  # fmt: skip
+             f"{os.cpu_count()} cores, batches to {args.to} (median of {args.repeats})")  # fmt: skip
     if not plot(results, out / "results.png", title):
         print("no chart: matplotlib is not installed (pip install arrayloaders[bench])")
     (out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

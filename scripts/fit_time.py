@@ -108,10 +108,15 @@ def prepare(args: Namespace) -> Path:
 
 
 def annbatch_speed(args: Namespace) -> dict:
-    """annbatch's warm loading speed on its own store of the same data (median of ``--repeats``)."""
+    """annbatch's warm loading speed on its own store of the same data (median of ``--repeats``).
+
+    On a GPU, annbatch runs in its own GPU mode (batches arrive as CUDA tensors).
+    """
     paths = sorted((args.data / "h5ad").glob("part_*.h5ad"))
+    to = "cuda" if torch.device(args.device).type == "cuda" else "cpu"
     bench = Namespace(data=args.data, reconvert=False, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                      preload_nchunks=args.preload_nchunks, epochs=2, repeats=args.repeats, memory_interval=1.0)  # fmt: skip
+                      preload_nchunks=args.preload_nchunks, epochs=2, repeats=args.repeats, memory_interval=1.0,
+                      to=to)  # fmt: skip
     store, conversion = prepare_annbatch(paths, bench)
     return conversion if store is None else measure("annbatch-zarrs", store, "warm", bench)
 
