@@ -121,14 +121,14 @@ def test_too_small_memory_budget_is_refused_with_numbers(store):
     assert segment_names(os.getpid()) == []
 
 
-
 @pytest.mark.parametrize("num_workers", [2, 4])
 def test_default_memory_budget_gives_every_worker_two_slots(num_workers):
     # A typical load, 8,192 cells x 2,500 non-zeros: ~160 MiB a slot. A fixed 1 GiB budget held
-    # six of them, so workers beyond four waited for free slots (measured on 16 cores).
+    # six (five with the ring's 10 % headroom), so more than four workers waited for free slots.
     layout = SlotLayout("csr", "float32", max_rows=8192, max_nnz=8192 * 2500)
     budget = ZarrSparseDataset(num_workers=num_workers).memory_budget
     assert Engine((), None, num_workers, budget)._n_slots(layout) == 2 * num_workers + 2
+
 
 def test_pin_memory_without_cuda_warns():
     if torch.cuda.is_available():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 
-
 def test_quick_fit_time_against_loading_speed(run_quick):
     out = run_quick("fit_time.py")
     result = json.loads((out / "fit_time.json").read_text())
