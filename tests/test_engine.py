@@ -33,17 +33,18 @@ def run_child(scenario: str, store: Path, timeout: float = 120) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def tensor_parts(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The arrays behind a tensor: (crow, col, values) of a sparse CSR one, else itself."""
+    return (t.crow_indices(), t.col_indices(), t.values()) if t.layout == torch.sparse_csr else (t,)
+
+
 def batches(ds, epochs=(0,)):
     """(X as bytes, index) of every batch of the given epochs."""
     out = []
     for e in epochs:
         ds.set_epoch(e)
         for X, _, idx in ds:
-            if X.layout == torch.sparse_csr:
-                parts = (X.crow_indices(), X.col_indices(), X.values())
-            else:
-                parts = (X,)
-            out.append((b"".join(p.numpy().tobytes() for p in parts), idx.numpy().copy()))
+            out.append((b"".join(p.numpy().tobytes() for p in tensor_parts(X)), idx.numpy().copy()))
     return out
 
 
@@ -138,11 +139,6 @@ def test_pin_memory_without_cuda_warns():
     assert ds.pin_memory is False
 
 
-
-def tensor_parts(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return (t.crow_indices(), t.col_indices(), t.values()) if t.layout == torch.sparse_csr else (t,)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU behaviour is the test above)")
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("cls", [ZarrSparseDataset, ZarrDenseDataset])
@@ -162,6 +158,7 @@ def test_pinned_batches_reach_the_gpu_unchanged(store, cls, num_workers):
             assert all(torch.equal(g.cpu(), e) and g.dtype == e.dtype for g, e in zip(on_gpu, expected, strict=True))
             n += idx.shape[0]
     assert n == 1000
+
 
 def test_bad_num_workers_is_refused():
     with pytest.raises(ValueError, match="num_workers must be a non-negative integer"):
