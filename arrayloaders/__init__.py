@@ -19,6 +19,7 @@ _PUBLIC = {
     "XLayout": ".store",
     "read_manifest": ".store",
     "create_store_from_h5ads": ".convert",
+    "EpochIterator": ".dataset",
     "ZarrDenseDataset": ".dataset",
     "ZarrSparseDataset": ".dataset",
 }
@@ -27,7 +28,7 @@ __all__ = sorted(_PUBLIC)
 
 if TYPE_CHECKING:
     from .convert import create_store_from_h5ads
-    from .dataset import ZarrDenseDataset, ZarrSparseDataset
+    from .dataset import EpochIterator, ZarrDenseDataset, ZarrSparseDataset
     from .errors import ArrayloadersError, InputFileError, StoreError, WorkerError
     from .store import StoreManifest, XLayout, read_manifest
 

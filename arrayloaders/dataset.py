@@ -1,40 +1,54 @@
-"""``ZarrSparseDataset`` / ``ZarrDenseDataset``: shuffled minibatches as torch tensors.
+"""``ZarrSparseDataset`` / ``ZarrDenseDataset``: the public classes, and the rules of iterating them.
 
-The iterator walks the epoch plan: it obtains each load's permuted rows
-(from the worker engine, ``engine.py``, or read in-process for
-``num_workers=0``), cuts batches as contiguous slices of them, and turns
-the slices into tensors without copying X. obs columns are held in memory
-(a few bytes per cell) and gathered by global row index.
+A dataset holds settings and sources (the added AnnData objects, their obs
+columns) and, across loops, the resources loops share: the worker engine
+(``engine.py``) and idle readers. Each ``iter(ds)`` is an :class:`EpochIterator`
+that owns its epoch, its position and the loads it holds; it takes each load
+from the engine, or reads it in its own thread when the engine serves another
+loop (or ``num_workers=0``), and cuts batches from it (``batches.py``).
+
+The rules (the README states them for users):
+
+- ``iter(ds)`` takes the dataset's *current epoch* and its start (batch 0,
+  or where :meth:`load_state_dict` left it). It does not change them.
+- The current epoch advances when a loop hands out that epoch's last batch,
+  whether or not the loop is then exhausted; ``set_epoch`` and
+  ``load_state_dict`` set it. A ``break``, an exception or a peek
+  (``next(iter(ds))``) leaves it, so the next loop yields the same sequence.
+- Any number of loops may run at once, in one thread or several: each gets
+  every batch of its epoch, exactly once, from slots nobody else writes.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 import warnings
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import psutil
-import scipy.sparse as sp
 import torch
 import zarr
 
-from .engine import Engine
-from .errors import StoreError
-from .load import LoadedRows, read_load
-from .plan import PlanConfig, plan_epoch
-from .rows import CsrRows, DenseRows, open_rows
+from .batches import Batch, BatchMaker, ObsColumns, keep
 from .convert import parse_bytes
 from .distributed import check_same_on_every_rank, rank_and_world_size
+from .engine import Engine, EpochRun, slot_layout
+from .errors import StoreError
+from .load import LoadedRows, read_load
+from .plan import EpochPlan, PlanConfig, batch_rows, plan_epoch
+from .rows import CsrRows, DenseRows, open_rows, read_indptr
 from .store import XSource, read_manifest, use_zarrs
 
-__all__ = ["ZarrDenseDataset", "ZarrSparseDataset"]
-
-
-Batch = tuple[torch.Tensor, Any] | tuple[torch.Tensor, Any, torch.Tensor]
+__all__ = ["EpochIterator", "ZarrDenseDataset", "ZarrSparseDataset"]
 
 
 def _x_source(adata: ad.AnnData, i: int) -> XSource:
@@ -64,47 +78,188 @@ def _x_source(adata: ad.AnnData, i: int) -> XSource:
     )
 
 
-class _ObsColumns:
-    """The requested obs columns of all added AnnData objects, concatenated.
+class _Readers:
+    """Idle reader sets (one reader per added X) for loops that read in their own thread.
 
-    Categoricals become int64 codes over the union of categories (first-seen
-    order), so the same label has one code across files.
+    A set serves one loop at a time. Loops give sets back when they end, also
+    from a finalizer, so giving back is a lock-free ``deque`` append.
     """
 
-    def __init__(self, keys: list[str]):
-        self.keys = keys
-        self.categories: dict[str, list] = {}
-        self._parts: dict[str, list[pd.Series]] = {k: [] for k in keys}
-        self.values: dict[str, np.ndarray] = {}
+    def __init__(self):
+        self._idle: deque[list[CsrRows] | list[DenseRows]] = deque()
+        self._finalizer = weakref.finalize(self, _Readers._close_all, self._idle)
 
-    def check(self, obs: pd.DataFrame, where: str) -> None:
-        missing = [k for k in self.keys if k not in obs.columns]
-        if missing:
-            raise ValueError(f"{where}: obs has no column(s) {missing}; available: {list(obs.columns)}")
+    def take(self, open_set: Callable[[], list[CsrRows] | list[DenseRows]]) -> list[CsrRows] | list[DenseRows]:
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return open_set()
 
-    def add(self, frames: list[pd.DataFrame]) -> None:
-        for k in self.keys:
-            self._parts[k] += [obs[k] for obs in frames]
-        self._build()
+    def give_back(self, readers: list[CsrRows] | list[DenseRows]) -> None:
+        self._idle.append(readers)
 
-    def _build(self) -> None:
-        for k, parts in self._parts.items():
-            if any(isinstance(p.dtype, pd.CategoricalDtype) or p.dtype.kind not in "biuf" for p in parts):
-                cats = pd.Index(pd.unique(np.concatenate([_categories(p) for p in parts])))
-                self.categories[k] = list(cats)
-                self.values[k] = np.concatenate([cats.get_indexer(p.astype(object)) for p in parts]).astype(np.int64)
-            else:
-                self.values[k] = np.concatenate([p.to_numpy() for p in parts])
+    def close(self) -> None:
+        _Readers._close_all(self._idle)
 
-    def gather(self, rows: np.ndarray, single: bool):
-        out = {k: torch.from_numpy(self.values[k][rows]) for k in self.keys}
-        return out[self.keys[0]] if single else out
+    @staticmethod
+    def _close_all(idle: deque) -> None:
+        while idle:
+            for reader in idle.pop():
+                reader.close()
 
 
-def _categories(s: pd.Series) -> np.ndarray:
-    if isinstance(s.dtype, pd.CategoricalDtype):
-        return s.cat.categories.to_numpy(dtype=object)
-    return pd.unique(s.dropna().astype(object))
+@dataclass
+class _Runtime:
+    """What the loops over one dataset share in one process; made anew after a fork or unpickling."""
+
+    owner: int = field(default_factory=os.getpid)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # guards the epoch cursor and the engine slot
+    engine: Engine | None = None
+    readers: _Readers = field(default_factory=_Readers)
+    indptrs: list[np.ndarray | None] | None = None  # each CSR file's row pointer, read once, shared read-only
+    loops: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+    seq: Iterator[int] = field(default_factory=itertools.count)
+
+
+@dataclass
+class _LoopState:
+    """A loop's position and resources, shared with the finalizer that ends an abandoned loop."""
+
+    epoch: int
+    position: int  # the next batch
+    handed: int = 0  # batches this loop has handed out
+    run: EpochRun | None = None
+    readers: list | None = None
+    complete: bool = False
+    done: bool = False
+
+
+def _end_loop(state: _LoopState, dataset: _ZarrDataset) -> None:
+    """Give back what a loop holds. Called once, when it ends or is garbage collected: sets flags only."""
+    state.done = True
+    if state.run is not None:
+        state.run.release()
+        state.run = None
+    if state.readers is not None:
+        dataset._runtime.readers.give_back(state.readers)
+        state.readers = None
+    if state.handed and not state.complete:
+        dataset._last_stop = (state.epoch, state.position)
+
+
+class EpochIterator(Iterator[Batch]):
+    """One loop over a dataset: the batches of one epoch, made by ``iter(dataset)``.
+
+    It starts where the dataset's current epoch stood when it was made
+    (batch 0, or the position :meth:`~ZarrSparseDataset.load_state_dict`
+    restored) and owns its position and the loads it holds. Handing out the
+    epoch's last batch completes the epoch (the dataset moves on to the next
+    one), whether or not the loop is then exhausted. :meth:`close` (or
+    dropping the iterator) ends the loop early; the workers stay up.
+    """
+
+    def __init__(self, dataset: _ZarrDataset, epoch: int, start: int, seq: int):
+        self.dataset, self.epoch, self._seq = dataset, epoch, seq
+        self._state = _LoopState(epoch, start)
+        self._plan: EpochPlan | None = None
+        self._make: BatchMaker | None = None
+        self._loaded: LoadedRows | None = None
+        self._lend: Callable[[np.ndarray], np.ndarray] = keep
+        self._finalizer = weakref.finalize(self, _end_loop, self._state, dataset)
+
+    @property
+    def position(self) -> int:
+        """The index of the next batch in the epoch."""
+        return self._state.position
+
+    def __iter__(self) -> EpochIterator:
+        return self
+
+    def __len__(self) -> int:
+        """Batches this loop has left."""
+        return 0 if self._state.done else self.dataset._plan_config().n_batches - self._state.position
+
+    def __next__(self) -> Batch:
+        state = self._state
+        if state.done:
+            raise StopIteration
+        try:
+            if self._plan is None:
+                self._begin()
+            plan = self._plan
+            if state.position >= plan.n_batches:  # an empty epoch, or resumed at its end
+                self._finish(complete=True)
+                raise StopIteration
+            load, lo, hi = batch_rows(plan, state.position)
+            if self._loaded is None or self._loaded.load.index != load:
+                self._loaded = None  # drop our view of the previous load first: its slot may be refilled
+                self._loaded, self._lend = self._read(load)
+            batch = self._make(self._loaded, lo, hi, self._lend)
+        except StopIteration:
+            raise
+        except BaseException:
+            self._finish(complete=False, failed=True)
+            raise
+        state.position += 1
+        state.handed += 1
+        if state.run is not None:
+            state.run.delivered = state.handed
+        if state.position == plan.n_batches:
+            self._finish(complete=True)
+        return batch
+
+    def close(self) -> None:
+        """End this loop now (as ``break`` does); the dataset's workers stay up for the next one."""
+        if not self._state.done:
+            self._finish(complete=False)
+
+    def _begin(self) -> None:
+        ds = self.dataset
+        if torch.utils.data.get_worker_info() is not None:
+            raise RuntimeError(
+                f"{type(ds).__name__} is being iterated inside a torch DataLoader worker process. It decodes in "
+                "worker processes of its own: wrap it as DataLoader(ds, batch_size=None) with num_workers=0 (or "
+                f"iterate it directly) and set {type(ds).__name__}(num_workers=...) instead"
+            )
+        config = ds._plan_config()
+        if ds.rank is None and config.world_size > 1:  # rank and world size from torch.distributed
+            check_same_on_every_rank({**ds._settings(config), "epoch": self.epoch, "resume_at": self._state.position})
+        self._plan = plan_epoch(config, self.epoch)
+        self._make = ds._batch_maker()
+
+    def _read(self, load: int) -> tuple[LoadedRows, Callable[[np.ndarray], np.ndarray]]:
+        """Load ``load`` from the workers if they are (or become) ours, else read it in this thread."""
+        state, ds, plan = self._state, self.dataset, self._plan
+        if state.run is not None:
+            got = state.run.get(load)
+            if got is None:  # a newer loop took the workers, or the dataset was closed
+                state.run.release()
+                state.run = None
+        else:
+            got = None
+        if got is None and ds.num_workers > 0:
+            state.run = ds._start_run(plan, list(range(load, len(plan.loads))), self._seq)
+            if state.run is not None:
+                state.run.delivered = state.handed
+                got = state.run.get(load)
+        if got is None:
+            if state.readers is None:
+                state.readers = ds._runtime.readers.take(ds._open_readers)
+            got = read_load(state.readers, plan, plan.loads[load]), keep
+        got[0].rows = plan.rows_of_load(plan.loads[load])
+        return got
+
+    def _finish(self, complete: bool, failed: bool = False) -> None:
+        state = self._state
+        self._loaded = None
+        state.complete = complete
+        if failed and state.readers is not None:  # a read was cut short: do not reuse these readers
+            for reader in state.readers:
+                reader.close()
+            state.readers = None
+        self._finalizer()
+        if complete:
+            self.dataset._epoch_complete(self.epoch)
 
 
 class _ZarrDataset(torch.utils.data.IterableDataset):
@@ -123,6 +278,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         num_workers: int | None = None,
         memory_budget: int | str | None = None,
         pin_memory: bool = False,
+        timeout: float | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         equalize: Literal["drop", "pad"] = "drop",
@@ -136,21 +292,23 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        self.timeout = timeout
         self.memory_budget = default_memory_budget() if memory_budget is None else parse_bytes(memory_budget)
         self.pin_memory = pin_memory
         if pin_memory and not torch.cuda.is_available():
             warnings.warn("pin_memory=True but CUDA is not available: batches are not pinned", stacklevel=2)
             self.pin_memory = False
         self._sources: list[XSource] = []
-        self._readers: list[CsrRows] | list[DenseRows] = []
-        self._engine: Engine | None = None
         self._var_names: pd.Index | None = None
-        self._obs: _ObsColumns | None = None
+        self._obs: ObsColumns | None = None
         self._single_key = True
-        self._epoch = 0
-        self._epoch_pinned = True  # the first iteration runs epoch 0
-        self._yielded = 0  # batches of the current epoch handed out (for state_dict)
-        self._resume_at = 0  # batches of the next epoch to skip (set by load_state_dict)
+        # The current epoch: where the next loop starts (epoch, first batch), and where the last
+        # abandoned loop stopped (for state_dict).
+        self._epoch, self._start = 0, 0
+        self._last_stop: tuple[int, int] | None = None
+        self._runtime = _Runtime()
         use_zarrs()
 
     # ------------------------------------------------------------------ filling
@@ -217,7 +375,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
     def _obs_keys(self, obs_keys) -> list[str]:
         keys = [] if obs_keys is None else [obs_keys] if isinstance(obs_keys, str) else list(obs_keys)
         if self._obs is None:
-            self._obs = _ObsColumns(keys)
+            self._obs = ObsColumns(keys)
             self._single_key = isinstance(obs_keys, str)
         elif keys != self._obs.keys:
             raise ValueError(f"obs_keys {keys} differ from those given before ({self._obs.keys})")
@@ -240,13 +398,24 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         """Genes: the width of every X batch (0 while the dataset is empty)."""
         return self._sources[0].n_vars if self._sources else 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Use ``epoch``'s order for the next iteration (later loops continue from it).
+    @property
+    def epoch(self) -> int:
+        """The current epoch: the one the next loop runs."""
+        return self._epoch
 
-        Under DDP call it with the same epoch on every rank, as with
-        ``torch.utils.data.DistributedSampler``.
+    def set_epoch(self, epoch: int) -> None:
+        """Make ``epoch`` the current epoch: the next loop runs it from its first batch.
+
+        Loops already running keep their own epoch. Under DDP call it with
+        the same epoch on every rank, as with ``torch.utils.data.DistributedSampler``.
         """
-        self._epoch, self._epoch_pinned, self._resume_at, self._yielded = int(epoch), True, 0, 0
+        with self._rt().lock:
+            self._epoch, self._start, self._last_stop = int(epoch), 0, None
+
+    def _epoch_complete(self, epoch: int) -> None:
+        with self._rt().lock:
+            if self._epoch == epoch:
+                self._epoch, self._start, self._last_stop = epoch + 1, 0, None
 
     def _plan_config(self) -> PlanConfig:
         if not self._sources:
@@ -260,16 +429,24 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
     # ------------------------------------------------------------------ resuming
 
     def state_dict(self) -> dict:
-        """Where the iteration stands: restore it with :meth:`load_state_dict` to yield exactly the rest.
+        """Where training stands in the current epoch: restore it with :meth:`load_state_dict` to yield exactly the rest.
 
-        Holds the seed, the epoch and the batches of it already yielded (plus
-        the settings the batch sequence depends on, to refuse a mismatch).
-        Take it on every rank; under DDP each rank restores its own.
+        Holds the seed, the current epoch and how many of its batches the
+        furthest loop over it has handed out (a running loop, or the last
+        one that stopped early), plus the settings the batch sequence
+        depends on, to refuse a mismatch. After a complete epoch it points
+        at the start of the next. Take it on every rank; under DDP each rank
+        restores its own.
         """
         config = self._plan_config()
+        rt = self._rt()
+        with rt.lock:
+            epoch, start, last = self._epoch, self._start, self._last_stop
+            running = [it.position for it in list(rt.loops) if it.epoch == epoch and it._state.handed and not it._state.done]
+        yielded = max(running) if running else last[1] if last is not None and last[0] == epoch else start
         return {
-            "epoch": self._epoch,
-            "batches_yielded": self._yielded,
+            "epoch": epoch,
+            "batches_yielded": yielded,
             "seed": self.seed,
             "rank": config.rank,
             "world_size": config.world_size,
@@ -290,12 +467,11 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
             detail = ", ".join(f"{k}: saved {theirs.get(k)!r}, now {mine[k]!r}" for k in differing)
             raise ValueError(f"cannot resume: the state was saved with other settings ({detail})")
         self.seed = state["seed"]
-        n_batches = plan_epoch(self._plan_config(), state["epoch"]).n_batches
-        if state["batches_yielded"] >= n_batches:  # saved after a complete epoch: go on with the next
-            self.set_epoch(state["epoch"] + 1)
-        else:
-            self.set_epoch(state["epoch"])
-            self._resume_at = self._yielded = state["batches_yielded"]
+        epoch, yielded = int(state["epoch"]), int(state["batches_yielded"])
+        if yielded >= config.n_batches:  # saved after a complete epoch: go on with the next
+            epoch, yielded = epoch + 1, 0
+        with self._rt().lock:
+            self._epoch, self._start, self._last_stop = epoch, yielded, None
 
     def _settings(self, config: PlanConfig) -> dict:
         return {
@@ -306,72 +482,65 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         }  # fmt: skip
 
     def __len__(self) -> int:
-        return plan_epoch(self._plan_config(), self._epoch).n_batches
-
-    def _next_epoch(self) -> int:
-        if not self._epoch_pinned:
-            self._epoch += 1
-        self._epoch_pinned = False
-        return self._epoch
+        """Batches per epoch (on this rank)."""
+        return self._plan_config().n_batches
 
     # ------------------------------------------------------------------ iteration
 
-    def __iter__(self) -> Iterator[Batch]:
-        config = self._plan_config()
-        resume_at, self._resume_at = self._resume_at, 0
-        plan = plan_epoch(config, self._next_epoch())
-        if self.rank is None and config.world_size > 1:  # rank and world size from torch.distributed
-            check_same_on_every_rank({**self._settings(config), "epoch": plan.epoch, "resume_at": resume_at})
-        info = torch.utils.data.get_worker_info()
-        batches = range(resume_at, plan.n_batches)
-        if info is not None:  # inside a torch DataLoader worker: take every n-th batch
-            batches = range(info.id, plan.n_batches, info.num_workers)
-        self._yielded = resume_at
-        per_load = plan.config.load_rows // plan.config.batch_size
-        wanted = sorted({b // per_load for b in batches})
-        readers = self._open_readers()
-        if self.num_workers > 0 and info is None:
-            loads = self._start_engine().loads(plan, readers, wanted)
-        else:
-            loads = ((read_load(readers, plan, plan.loads[i]), _own) for i in wanted)
-        take = set(batches) if info is not None else None
-        for loaded, lend in loads:
-            loaded.rows = plan.rows_of_load(loaded.load)
-            first = loaded.load.index * per_load
-            for b in range(first, min(first + per_load, plan.n_batches)):
-                if b >= resume_at and (take is None or b in take):
-                    lo = (b - first) * self.batch_size
-                    batch = self._make_batch(loaded, lo, min(lo + self.batch_size, loaded.load.n_rows), lend)
-                    self._yielded = b + 1
-                    yield batch
+    def __iter__(self) -> EpochIterator:
+        rt = self._rt()
+        with rt.lock:
+            it = EpochIterator(self, self._epoch, self._start, next(rt.seq))
+            rt.loops.add(it)
+        return it
 
-    # ------------------------------------------------------------------ engine
+    def _rt(self) -> _Runtime:
+        """This process's runtime; a forked child gets its own and leaves the parent's workers alone."""
+        if self._runtime.owner != os.getpid():
+            self._runtime = _Runtime()
+        return self._runtime
+
+    def _indptrs(self) -> list[np.ndarray | None]:
+        rt = self._rt()
+        if rt.indptrs is None or len(rt.indptrs) != len(self._sources):
+            rt.indptrs = [read_indptr(s) if s.kind == "csr" else None for s in self._sources]
+        return rt.indptrs
 
     def _open_readers(self) -> list[CsrRows] | list[DenseRows]:
-        if len(self._readers) != len(self._sources):
-            self._readers += [open_rows(s) for s in self._sources[len(self._readers) :]]
-        return self._readers
+        return [open_rows(s, indptr) for s, indptr in zip(self._sources, self._indptrs())]
 
-    def _start_engine(self) -> Engine:
-        sources, config = tuple(self._sources), self._plan_config()
-        engine = self._engine
-        if engine is None or engine.closed or engine.sources != sources or engine.plan_config != config:
-            if engine is not None:
-                engine.close()
-            self._engine = engine = Engine(sources, config, self.num_workers, self.memory_budget)
-        return engine
+    def _batch_maker(self) -> BatchMaker:
+        return BatchMaker(
+            self.n_vars, self._dense_output, self._obs, self._single_key, self.return_index, self.pin_memory
+        )
+
+    def _start_run(self, plan: EpochPlan, loads: list[int], seq: int) -> EpochRun | None:
+        """The workers for ``loads`` of ``plan``, or ``None`` while they serve another loop."""
+        rt, sources = self._rt(), tuple(self._sources)
+        with rt.lock:
+            engine = rt.engine
+            if engine is None or engine.closed or not engine.matches(sources, plan.config):
+                if engine is not None and engine.in_use:
+                    return None  # the sources or settings changed under a running loop: let it finish
+                if engine is not None:
+                    engine.close()
+                engine = rt.engine = Engine(sources, plan.config, self.num_workers, self.memory_budget, self.timeout)
+        source = self._sources[0]
+        return engine.start(plan, loads, seq, lambda: slot_layout(source, self._indptrs(), plan))
 
     def close(self) -> None:
         """Stop the worker processes and free the shared memory (idempotent).
 
-        Iterating again starts new workers. Batches already yielded stay valid.
+        Batches already yielded stay valid. A loop still running goes on
+        (it reads in its own thread, or starts new workers at its next load),
+        and the next loop starts new workers.
         """
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
-        for reader in self._readers:
-            reader.close()
-        self._readers = []
+        rt = self._rt()
+        with rt.lock:
+            engine, rt.engine = rt.engine, None
+        if engine is not None:
+            engine.close()
+        rt.readers.close()
 
     def __enter__(self):
         return self
@@ -380,58 +549,14 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         self.close()
 
     def __getstate__(self) -> dict:
-        # Pickled into torch DataLoader workers: open files and our own workers stay behind.
+        # Pickled (e.g. into another process): settings and sources only, no workers, readers or loops.
         state = dict(self.__dict__)
-        state["_readers"], state["_engine"] = [], None
+        del state["_runtime"]
         return state
 
-    # ------------------------------------------------------------------ batches
-
-    def _make_batch(self, loaded: LoadedRows, lo: int, hi: int, lend: Callable[[np.ndarray], np.ndarray]) -> Batch:
-        X = self._x_tensor(loaded, lo, hi, lend)
-        rows = loaded.rows[lo:hi]
-        obs = self._obs.gather(rows, self._single_key) if self._obs and self._obs.keys else None
-        batch = (X, obs, torch.from_numpy(rows.copy())) if self.return_index else (X, obs)
-        return _pinned(batch) if self.pin_memory else batch
-
-    def _x_tensor(self, loaded: LoadedRows, lo: int, hi: int, lend) -> torch.Tensor:
-        n_vars = self._sources[0].n_vars
-        if loaded.dense is not None:
-            return torch.from_numpy(lend(loaded.dense[lo:hi]))
-        a, b = int(loaded.indptr[lo]), int(loaded.indptr[hi])
-        if self._dense_output:
-            # scipy's C loop densifies ~10x faster than torch's CSR to_dense (59 vs 570 ms for 4096 x 33,538).
-            rows = sp.csr_matrix(
-                (loaded.data[a:b], loaded.indices[a:b], loaded.indptr[lo : hi + 1] - a), shape=(hi - lo, n_vars)
-            )
-            return torch.from_numpy(rows.toarray())
-        index_dtype = np.int32 if b - a < 2**31 else np.int64
-        crow = torch.from_numpy((loaded.indptr[lo : hi + 1] - a).astype(index_dtype))
-        cols = torch.from_numpy(lend(loaded.indices[a:b]))
-        if index_dtype is np.int64:
-            cols = cols.long()
-        values = torch.from_numpy(lend(loaded.data[a:b]))
-        with warnings.catch_warnings():
-            # torch warns that sparse CSR support is "beta" the first time one is built.
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-            return torch.sparse_csr_tensor(crow, cols, values, size=(hi - lo, n_vars), check_invariants=False)
-
-
-def _pinned(value):
-    """Every tensor of a batch (X, obs tensors or dicts of them, index) in page-locked memory, as torch's DataLoader pins."""
-    if isinstance(value, torch.Tensor):
-        return value.pin_memory()
-    if isinstance(value, dict):
-        return {k: _pinned(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return tuple(_pinned(v) for v in value)
-    return value
-
-
-def _own(view: np.ndarray) -> np.ndarray:
-    """Lending of views into arrays the batch owns outright (the in-process path): nothing to count."""
-    return view
-
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._runtime = _Runtime()
 
 def default_num_workers() -> int:
     """One worker per core this process may run on (the main process mostly waits)."""
@@ -480,9 +605,12 @@ class ZarrSparseDataset(_ZarrDataset):
         Worker processes that decode loads into shared memory (default: one
         per core this process may use, at most 16; ``0`` reads in the main
         process). The batches are the same for every value. Workers start
-        at the first iteration, stay up across complete epochs, and stop on
-        :meth:`close`, on any early exit from a loop (``break``, an
-        exception, Ctrl-C) and when the dataset is garbage collected.
+        at the first loop and stay up across loops and epochs, whether a
+        loop is exhausted, stopped at ``len(ds)`` or left with ``break``;
+        they stop on :meth:`close`, on an error or Ctrl-C inside the loader,
+        and when the dataset is garbage collected. They serve one loop at a
+        time: another loop running meanwhile (a peek, a second thread) reads
+        in its own thread, correct but slower.
     memory_budget
         Bytes (or a string such as ``"1GiB"``) of shared memory for the ring
         of decoded loads (default: a quarter of the available RAM). It sets
@@ -493,9 +621,25 @@ class ZarrSparseDataset(_ZarrDataset):
         memory for faster, asynchronous transfer to a CUDA device
         (``X.to("cuda", non_blocking=True)``); a no-op with a warning where
         CUDA is not available.
+    timeout
+        Seconds a worker with work may make no progress (a hung disk, a
+        stopped process) before the loop raises a ``WorkerError`` naming it
+        and its load. Default (``None``): 60 s more than the slowest load
+        seen so far.
+    rank, world_size
+        This process's rank and the number of ranks; default: from the
+        initialised ``torch.distributed`` process group, else one process.
+    equalize
+        How ranks get equal batch counts: ``"drop"`` (every rank yields
+        ``n // world_size`` cells) or ``"pad"`` (``ceil(n / world_size)``,
+        repeating a rank's first cell).
 
-    Iterating yields ``(X, obs)`` (``(X, obs, index)`` with ``return_index``);
-    each loop starts the next epoch unless :meth:`set_epoch` chose one.
+    Iterating yields ``(X, obs)`` (``(X, obs, index)`` with ``return_index``).
+    Each loop (``iter(ds)``, an :class:`EpochIterator`) runs the current
+    epoch; the current epoch advances once a loop has handed out its last
+    batch, so a loop stopped at ``len(ds)`` counts as complete while a
+    ``break`` or a peek (``next(iter(ds))``) does not change what the next
+    loop yields. :meth:`set_epoch` and :meth:`load_state_dict` set it.
 
     X is a view of the decoded load, not a copy: it stays valid for as long
     as you hold it (its memory is not reused until it is garbage collected),

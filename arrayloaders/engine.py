@@ -1,46 +1,77 @@
-"""The main process's side of the worker engine: an epoch's loads, in plan order, from ring slots.
+"""The main process's side of the worker engine: loads decoded by worker processes into a shared-memory ring.
 
-:class:`Engine` owns the ring (``ring.py``) and the worker pool
-(``worker.py``). For each epoch it hands load ``i`` to worker ``i % W``
-together with a free slot, keeps at most one load per slot in flight, and
-yields the loads back in plan order (a reorder buffer), so the batch
-sequence never depends on the number of workers. A slot is reused only once
-the user holds no view of it (see ``ring.py``).
+A dataset keeps one :class:`Engine` across epochs and loops: the worker pool
+(``worker.py``) and the ring (``ring.py``). A loop asks it for an
+:class:`EpochRun`, the loads of one epoch from some load on. The run hands
+load ``i`` to worker ``i % W`` together with a free slot, keeps as many loads
+in flight as there are free slots, and returns loads in plan order (a
+reorder buffer), so the batches never depend on the number of workers.
 
-Any failure, and any early exit from the loop (``break``, an exception in
-the consumer, Ctrl-C, garbage collection), stops the workers and unlinks
-every segment; the next epoch starts a fresh engine. After a complete epoch
-the workers stay up for the next one.
+Slots
+-----
+A slot is *free*, *filling* (a task in flight), *ready* (decoded, waiting for
+its turn) or *lent* (handed to a loop). A lent slot is free again only when
+no view of it is alive, the loop's own or any batch's, whatever epoch or loop
+made them (``ring.Segment.lent``). If every slot is lent and nothing is in
+flight, the oldest lent slot gets a fresh segment rather than wait for the
+user to drop batches.
+
+One run at a time
+-----------------
+The workers serve one run. A loop that finds them busy reads its loads in
+its own thread (``dataset.py``); it takes them over when they are free at
+one of its load boundaries, or at once if the run holding them has handed
+out at most one batch (a peek) and is older. A run that ends (its loop is
+complete, abandoned or garbage collected) only sets a flag: the engine
+forgets it at its next step, so a finalizer never touches engine state.
+Tasks of a forgotten run still in flight are *stale*: their replies (matched
+by ticket) just free their slots.
+
+Failures
+--------
+Any error while waiting for the workers (a dead or stuck worker, a worker
+exception, Ctrl-C) closes the engine: workers stopped, every segment
+unlinked, and the next loop starts a fresh one. A worker with work that
+makes no progress for ``timeout`` seconds (default: 60 s more than the
+slowest load seen) is reported with its id, pid, state and loads. Only the
+process that created an engine closes it: a forked child leaves it alone.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import signal
+import sys
+import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from .errors import WorkerError
 from .load import LoadedRows, load_nnz
 from .plan import EpochPlan, PlanConfig
-from .ring import Ring, Segment, SlotLayout
-from .rows import CsrRows, DenseRows
+from .ring import Ring, SlotLayout
 from .store import XSource
-from .worker import Failed, Filled, Task, WorkerConfig, WorkerPool
+from .worker import POLL_S, Failed, Filled, Task, WorkerConfig, WorkerPool
 
-__all__ = ["Engine", "slot_layout"]
+__all__ = ["DEFAULT_TIMEOUT_MARGIN_S", "Engine", "EpochRun", "slot_layout"]
 
 _HEADROOM = 1.1  # slots are sized 10 % above the epoch's largest load, so later epochs rarely resize
+DEFAULT_TIMEOUT_MARGIN_S = 60.0  # default timeout: the slowest load seen so far plus this
 
 
-def slot_layout(readers: list[CsrRows] | list[DenseRows], plan: EpochPlan) -> SlotLayout:
-    """The smallest slot that holds every load of ``plan``."""
+def slot_layout(source: XSource, indptrs: list[np.ndarray] | None, plan: EpochPlan) -> SlotLayout:
+    """The smallest slot that holds every load of ``plan`` (``indptrs``: each CSR file's, ``None`` if dense)."""
     max_rows = max((load.n_rows for load in plan.loads), default=1)
-    source = readers[0].source
     if source.kind == "dense":
         return SlotLayout("dense", source.dtype, max_rows, n_vars=source.n_vars)
-    max_nnz = max((load_nnz(readers, load) for load in plan.loads), default=1)
+    max_nnz = max((load_nnz(indptrs, load) for load in plan.loads), default=1)
     return SlotLayout("csr", source.dtype, max_rows, max_nnz=max_nnz)
 
 
@@ -50,14 +81,95 @@ def _grown(layout: SlotLayout) -> SlotLayout:
     )
 
 
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Ignore Ctrl-C while cleaning up (main thread only), so a second one cannot cut cleanup short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # KeyboardInterrupt is only ever raised in the main thread
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # a handler not installed from Python: leave it alone
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+_live: weakref.WeakSet[Engine] = weakref.WeakSet()  # engines with workers or segments, for _close_at_exit
+_exit_hook_registered = False
+
+
+def _close_at_exit() -> None:
+    """Close every live engine at interpreter exit, with Ctrl-C ignored.
+
+    Registered after ``weakref.finalize``'s own exit hook, so it runs first:
+    a second Ctrl-C can then no longer cut the cleanup short inside the
+    finalizers. When the program is exiting *because of* Ctrl-C, further
+    presses are ignored for the rest of the exit too (they would only print
+    tracebacks from the interpreter's teardown).
+    """
+    interrupted = getattr(sys, "last_type", None) is KeyboardInterrupt
+    if interrupted and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with _sigint_deferred():
+        for engine in list(_live):
+            Engine._shutdown(engine._parts, engine.owner)
+
+
 @dataclass
 class _Slot:
-    load: int | None = None  # load in flight or yielded from this slot; None when free
-    yielded: bool = False
+    state: Literal["free", "filling", "ready", "lent"] = "free"
+    ticket: int = -1  # of the task that filled it last: the oldest lent slot is replaced first
+
+
+@dataclass(frozen=True)
+class _Flight:
+    run: EpochRun
+    load: int
+    worker: int
+    slot: int
+
+
+class EpochRun:
+    """One loop's use of the workers: loads of one epoch, in increasing order.
+
+    Made by :meth:`Engine.start`. :meth:`get` the loads in the order given;
+    :meth:`release` when done (idempotent, safe from a finalizer).
+    """
+
+    def __init__(self, engine: Engine, plan: EpochPlan, loads: list[int], seq: int):
+        self.engine, self.plan, self.loads, self.seq = engine, plan, loads, seq
+        self.submitted = 0  # loads[:submitted] were handed to workers
+        self.ready: dict[int, Filled] = {}
+        self.delivered = 0  # batches the loop has handed out: a loop with at most one is a peek
+        self.released = False  # the loop is done with the run
+        self.ended = False  # the engine forgot the run
+
+    def get(self, load: int) -> tuple[LoadedRows, Callable[[np.ndarray], np.ndarray]] | None:
+        """Load ``load`` decoded, with the function that lends views of it; ``None`` if the run lost the workers.
+
+        The returned arrays are lent views: the slot is refilled only once
+        they, and every batch made from them, are garbage collected.
+        """
+        engine = self.engine
+        with engine.lock:
+            if self.ended or self.released or engine.run is not self:
+                return None
+            try:
+                return engine._next(self, load)
+            except BaseException:
+                engine.close()
+                raise
+
+    def release(self) -> None:
+        self.released = True
 
 
 class Engine:
-    """Worker processes decoding an epoch's loads into a shared-memory ring.
+    """Worker processes decoding loads into a shared-memory ring, kept across epochs and loops.
 
     Parameters
     ----------
@@ -66,36 +178,122 @@ class Engine:
     plan
         The plan settings (without the epoch).
     num_workers
-        Worker processes.
+        Worker processes (started at the first run).
     memory_budget
         Bytes the ring may use; sets the number of slots (at most ``2 *
         num_workers + 2``, at least 2).
+    timeout
+        Seconds a worker with work may go without progress before it is
+        reported; ``None``: 60 s more than the slowest load seen.
     """
 
-    def __init__(self, sources: tuple[XSource, ...], plan: PlanConfig, num_workers: int, memory_budget: int):
+    def __init__(
+        self,
+        sources: tuple[XSource, ...],
+        plan: PlanConfig,
+        num_workers: int,
+        memory_budget: int,
+        timeout: float | None = None,
+    ):
         self.sources, self.plan_config = sources, plan
-        self.num_workers, self.memory_budget = num_workers, memory_budget
+        self.num_workers, self.memory_budget, self.timeout = num_workers, memory_budget, timeout
+        self.owner = os.getpid()
+        self.lock = threading.RLock()
         self.ring: Ring | None = None
         self.pool: WorkerPool | None = None
+        self.run: EpochRun | None = None
+        self._slots: list[_Slot] = []
+        self._flight: dict[int, _Flight] = {}  # ticket -> where it went
+        self._tickets = 0
+        self._busy_since: dict[int, float] = {}  # worker -> its last reply, or when it was given work while idle
+        self._slowest = 0.0  # seconds of the slowest load a worker reported
+        self._closed = False
         self._parts: list = [None, None]  # (pool, ring), shared with the finalizer, which must not hold self
-        self._finalizer = weakref.finalize(self, Engine._shutdown, self._parts)
+        self._finalizer = weakref.finalize(self, Engine._shutdown, self._parts, self.owner)
+        _live.add(self)
+        global _exit_hook_registered
+        if not _exit_hook_registered:
+            atexit.register(_close_at_exit)
+            _exit_hook_registered = True
 
     @staticmethod
-    def _shutdown(parts: list) -> None:
-        pool, ring = parts
-        if pool is not None:
-            pool.close()
-        if ring is not None:
-            ring.close()
+    def _shutdown(parts: list, owner: int) -> None:
+        """Unlink the ring, then stop the workers; what is done is dropped from ``parts``, so a retry finishes the rest."""
+        if os.getpid() != owner:
+            return  # a forked child: the parent's workers and segments are not ours
+        with _sigint_deferred():
+            try:
+                if parts[1] is not None:
+                    parts[1].close()  # unlinking first: it cannot hang, and views stay valid
+                    parts[1] = None
+            finally:
+                if parts[0] is not None:
+                    parts[0].close()
+                    parts[0] = None
 
     def close(self) -> None:
-        """Stop the workers and unlink the ring (idempotent)."""
-        self._finalizer()
-        self.pool = self.ring = None
+        """Stop the workers and unlink the ring (idempotent). Batches already yielded stay valid."""
+        with self.lock:
+            self._closed = True
+            self.pool = self.ring = None
+            if self.run is not None:
+                self.run.ended = True
+                self.run = None
+            self._flight.clear()
+            self._slots = []
+            # Called directly (the finalizer runs once only): if a second Ctrl-C cuts this short,
+            # the exit hook or the finalizer finishes what is left in _parts.
+            Engine._shutdown(self._parts, self.owner)
 
     @property
     def closed(self) -> bool:
-        return not self._finalizer.alive
+        return self._closed
+
+    def matches(self, sources: tuple[XSource, ...], plan: PlanConfig) -> bool:
+        return self.sources == sources and self.plan_config == plan
+
+    @property
+    def in_use(self) -> bool:
+        """Whether a loop is using the workers now."""
+        run = self.run
+        return run is not None and not run.released and not run.ended
+
+    # ------------------------------------------------------------------ runs
+
+    def start(self, plan: EpochPlan, loads: list[int], seq: int, layout: Callable[[], SlotLayout]) -> EpochRun | None:
+        """A run over ``loads`` of ``plan`` for the loop numbered ``seq``, or ``None`` if the workers are busy.
+
+        ``layout()`` gives the slot size the plan needs (called only when
+        the workers are taken).
+        """
+        if not self.lock.acquire(blocking=False):
+            return None  # another thread is waiting on the workers right now
+        try:
+            if self.closed:
+                return None
+            current = self.run
+            if current is not None and not current.released and not current.ended:
+                if current.delivered > 1 or seq <= current.seq:
+                    return None
+            if current is not None:
+                self._forget(current)
+            self._prepare(layout())
+            self.run = EpochRun(self, plan, loads, seq)
+            return self.run
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            self.lock.release()
+
+    def _forget(self, run: EpochRun) -> None:
+        """End ``run``: its decoded loads free their slots, its tasks in flight become stale."""
+        run.ended = True
+        for filled in run.ready.values():
+            self._slots[filled.slot].state = "free"
+        run.ready.clear()
+        if self.run is run:
+            self.run = None
 
     def _n_slots(self, layout: SlotLayout) -> int:
         fits = self.memory_budget // layout.nbytes
@@ -113,82 +311,123 @@ class Engine:
         layout = _grown(needed)
         if self.ring is None:
             self.ring = self._parts[1] = Ring(layout, self._n_slots(layout))
+            self._slots = [_Slot() for _ in range(len(self.ring))]
         else:
+            # New segments for every slot: batches keep the old ones alive; a stale task still
+            # writes into its old segment, and its slot stays busy until the reply comes.
             self.ring.resize(layout)
+            for slot in self._slots:
+                if slot.state == "lent":
+                    slot.state = "free"
         if self.pool is None:
             configs = [WorkerConfig(k, self.sources, self.plan_config) for k in range(self.num_workers)]
             self.pool = self._parts[0] = WorkerPool(configs)
 
-    def loads(
-        self, plan: EpochPlan, readers: list[CsrRows] | list[DenseRows], wanted: list[int]
-    ) -> Iterator[tuple[LoadedRows, Callable[[np.ndarray], np.ndarray]]]:
-        """Loads ``wanted`` (increasing) of ``plan``, in order, each with the function that lends its views."""
-        if self.closed:
-            raise RuntimeError("this engine was closed")
-        try:
-            self._prepare(slot_layout(readers, plan))
-            yield from self._run(plan, wanted)
-        except BaseException:
-            self.close()
-            raise
+    # ------------------------------------------------------------------ the loop's next load
 
-    def _run(self, plan: EpochPlan, wanted: list[int]):
-        ring, pool = self.ring, self.pool
-        slots = [_Slot() for _ in range(len(ring))]
-        results: dict[int, Filled | Failed] = {}
-        in_flight: dict[int, int] = {}  # load -> worker
-        submitted = 0  # loads of ``wanted`` submitted so far
-
-        def doing(k: int) -> str:
-            mine = sorted(load for load, w in in_flight.items() if w == k)
-            return f"decoding load(s) {mine} of epoch {plan.epoch}"
-
-        for position, load in enumerate(wanted):
-            # Slots whose views the user has dropped are free again.
-            for k, slot in enumerate(slots):
-                if slot.yielded and ring.segments[k].lent == 0:
-                    slots[k] = _Slot()
-            if submitted == position and all(s.load is not None for s in slots):
-                # Nothing in flight and every slot held by the user's batches: give
-                # the oldest-held slot a fresh segment rather than wait for them.
-                k = min((i for i, s in enumerate(slots) if s.yielded), key=lambda i: slots[i].load)
-                ring.replace(k)
-                slots[k] = _Slot()
-            while submitted < len(wanted):
-                free = [i for i, s in enumerate(slots) if s.load is None]
-                if not free:
-                    break
-                k, next_load = free[0], wanted[submitted]
-                worker = next_load % len(pool)
-                slots[k].load = next_load
-                pool.submit(worker, Task(plan.epoch, next_load, k, ring.name(k), ring.layout), doing(worker))
-                in_flight[next_load] = worker
-                submitted += 1
-            while load not in results:
-                if not in_flight:  # cannot happen: the slot logic above always submits the next load
-                    raise RuntimeError(f"load {load} of epoch {plan.epoch} was never submitted")
-                for _, message in pool.wait_any(sorted(set(in_flight.values())), doing):
-                    results[message.load] = message
-                    in_flight.pop(message.load, None)
-            result = results.pop(load)
-            if isinstance(result, Failed):
-                raise WorkerError(
-                    f"worker {result.worker} (pid {pool.processes[result.worker].pid}) failed {result.traceback}"
-                )
-            k = result.slot
-            segment = ring.segments[k]
-            yield self._view(segment, plan, load, result), segment.lend
-            slots[k].yielded = True
-
-    @staticmethod
-    def _view(segment: Segment, plan: EpochPlan, load: int, result: Filled) -> LoadedRows:
+    def _next(self, run: EpochRun, load: int) -> tuple[LoadedRows, Callable[[np.ndarray], np.ndarray]]:
+        while load not in run.ready:
+            self._reclaim()
+            self._submit(run)
+            if load in run.ready:
+                break
+            if not self._flight:
+                # ``load`` was not submitted for want of a slot, and no task will free one:
+                # the user holds batches of every slot.
+                self._replace_oldest_lent()
+                continue
+            busy = sorted({f.worker for f in self._flight.values()})
+            self._receive(self.pool.wait_any(busy, self._doing, POLL_S))
+            self._check_progress()
+        filled = run.ready.pop(load)
+        slot = self._slots[filled.slot]
+        slot.state = "lent"
+        segment = self.ring.segments[filled.slot]
+        expected = (filled.ticket, load, filled.n_rows, filled.nnz)
         arrays = segment.arrays
-        expected = (plan.epoch, load, result.n_rows, result.nnz)
         if tuple(arrays.header.tolist()) != expected:
-            raise WorkerError(f"slot {result.slot} holds {tuple(arrays.header.tolist())}, expected {expected}")
-        n, nnz = result.n_rows, result.nnz
+            raise WorkerError(f"slot {filled.slot} holds {tuple(arrays.header.tolist())}, expected {expected}")
+        lend, n, nnz = segment.lend, filled.n_rows, filled.nnz
         if arrays.dense is not None:
-            return LoadedRows(plan.loads[load], dense=arrays.dense[:n])
-        return LoadedRows(
-            plan.loads[load], indptr=arrays.indptr[: n + 1], data=arrays.data[:nnz], indices=arrays.indices[:nnz]
-        )
+            loaded = LoadedRows(run.plan.loads[load], dense=lend(arrays.dense[:n]))
+        else:
+            loaded = LoadedRows(
+                run.plan.loads[load],
+                indptr=lend(arrays.indptr[: n + 1]),
+                data=lend(arrays.data[:nnz]),
+                indices=lend(arrays.indices[:nnz]),
+            )
+        return loaded, lend
+
+    def _reclaim(self) -> None:
+        """Lent slots whose views are all gone are free again."""
+        for k, slot in enumerate(self._slots):
+            if slot.state == "lent" and self.ring.segments[k].lent == 0:
+                slot.state = "free"
+
+    def _submit(self, run: EpochRun) -> None:
+        pool, ring = self.pool, self.ring
+        while run.submitted < len(run.loads):
+            free = next((k for k, s in enumerate(self._slots) if s.state == "free"), None)
+            if free is None:
+                return
+            load = run.loads[run.submitted]
+            worker = load % len(pool)
+            ticket = self._tickets = self._tickets + 1
+            if not any(f.worker == worker for f in self._flight.values()):
+                self._busy_since[worker] = time.monotonic()
+            self._slots[free] = _Slot("filling", ticket)
+            self._flight[ticket] = _Flight(run, load, worker, free)
+            run.submitted += 1
+            pool.submit(worker, Task(ticket, run.plan.epoch, load, free, ring.name(free), ring.layout), self._doing(worker))
+
+    def _replace_oldest_lent(self) -> None:
+        lent = [k for k, s in enumerate(self._slots) if s.state == "lent"]
+        if not lent:
+            raise RuntimeError(f"internal error: no slot is free, filling or lent ({self._slots})")
+        k = min(lent, key=lambda i: self._slots[i].ticket)
+        self.ring.replace(k)
+        self._slots[k] = _Slot()
+
+    def _receive(self, messages: list[tuple[int, object]]) -> None:
+        now = time.monotonic()
+        for worker, message in messages:
+            flight = self._flight.pop(message.ticket, None)
+            if flight is None:
+                raise WorkerError(f"worker {worker} answered a task it was never given ({message})")
+            self._busy_since[worker] = now
+            slot = self._slots[flight.slot]
+            if flight.run.ended:  # a stale task: nobody reads what it wrote
+                slot.state = "free"
+                continue
+            if isinstance(message, Failed):
+                raise WorkerError(
+                    f"worker {worker} (pid {self.pool.processes[worker].pid}) failed {message.traceback}"
+                )
+            self._slowest = max(self._slowest, message.seconds)
+            slot.state = "ready"
+            flight.run.ready[flight.load] = message
+
+    def _limit(self) -> float:
+        return self.timeout if self.timeout is not None else DEFAULT_TIMEOUT_MARGIN_S + self._slowest
+
+    def _check_progress(self) -> None:
+        limit, now = self._limit(), time.monotonic()
+        for worker in sorted({f.worker for f in self._flight.values()}):
+            silent = now - self._busy_since[worker]
+            if silent > limit:
+                how = f"timeout={self.timeout:g}" if self.timeout is not None else (
+                    f"the default: the slowest load so far ({self._slowest:.1f} s) plus {DEFAULT_TIMEOUT_MARGIN_S:.0f} s"
+                )  # fmt: skip
+                raise WorkerError(
+                    f"worker {worker} (pid {self.pool.processes[worker].pid}, {self.pool.state(worker)}) has made no "
+                    f"progress for {silent:.0f} s while {self._doing(worker)}; the limit is {limit:.0f} s ({how}; "
+                    "pass timeout= to the dataset to change it)"
+                )
+
+    def _doing(self, worker: int) -> str:
+        mine = [f for f in self._flight.values() if f.worker == worker]
+        if not mine:
+            return "idle"
+        epochs = sorted({f.run.plan.epoch for f in mine})
+        return f"decoding load(s) {sorted(f.load for f in mine)} of epoch {', '.join(map(str, epochs))}"

@@ -29,16 +29,17 @@ class LoadedRows:
     data: np.ndarray | None = None
     indices: np.ndarray | None = None  # int32
     dense: np.ndarray | None = None
-    rows: np.ndarray | None = None  # global row index of each row (set by the iterator)
+    rows: np.ndarray | None = None  # global row index of each row (set by the loop)
 
 
-def _row_lengths(readers: list[CsrRows], load: Load) -> np.ndarray:
-    """Stored entries of each row of ``load``, in chunk order."""
-    return np.concatenate([np.diff(readers[f].indptr[a : b + 1]) for f, a, b in load.chunks.tolist()])
+def _row_lengths(indptrs: list[np.ndarray], load: Load) -> np.ndarray:
+    """Stored entries of each row of ``load``, in chunk order (``indptrs``: each file's)."""
+    return np.concatenate([np.diff(indptrs[f][a : b + 1]) for f, a, b in load.chunks.tolist()])
 
 
-def load_nnz(readers: list[CsrRows], load: Load) -> int:
-    return int(sum(readers[f].indptr[b] - readers[f].indptr[a] for f, a, b in load.chunks.tolist()))
+def load_nnz(indptrs: list[np.ndarray], load: Load) -> int:
+    """Stored entries of ``load`` (``indptrs``: each file's CSR indptr)."""
+    return int(sum(indptrs[f][b] - indptrs[f][a] for f, a, b in load.chunks.tolist()))
 
 
 def read_load(
@@ -64,7 +65,7 @@ def read_load(
                 dense[position[first_row[i] : first_row[i + 1]]] = rows
         return LoadedRows(load, dense=dense)
 
-    lengths = _row_lengths(readers, load)
+    lengths = _row_lengths([r.indptr for r in readers], load)
     indptr = out.indptr[: n + 1] if out is not None else np.empty(n + 1, dtype=np.int64)
     indptr[0] = 0
     np.cumsum(lengths[order], out=indptr[1:])

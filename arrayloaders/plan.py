@@ -68,6 +68,18 @@ class PlanConfig:
         return -(-self.preload_nchunks * self.chunk_size // self.batch_size) * self.batch_size
 
     @property
+    def rank_rows(self) -> int:
+        """Rows each rank yields per epoch before ``drop_last``: ``n // W`` (drop) or ``ceil(n / W)`` (pad)."""
+        n, world = self.n_obs, self.world_size
+        return n // world if self.equalize == "drop" else -(-n // world)
+
+    @property
+    def n_batches(self) -> int:
+        """Batches per epoch on each rank (the same for every epoch)."""
+        rows = self.rank_rows
+        return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+
+    @property
     def file_offsets(self) -> np.ndarray:
         """Global row index of each file's first row (files concatenated in order)."""
         return np.concatenate([[0], np.cumsum(self.file_n_obs, dtype=np.int64)])
@@ -166,9 +178,8 @@ def _rank_rows(config: PlanConfig, epoch: int) -> np.ndarray:
 def plan_epoch(config: PlanConfig, epoch: int) -> EpochPlan:
     """The loads and batch count of one epoch on this rank."""
     mine = _rank_rows(config, epoch)
-    n_rows = int((mine[:, 2] - mine[:, 1]).sum())
-    n_batches = n_rows // config.batch_size if config.drop_last else -(-n_rows // config.batch_size)
-    n_rows = n_batches * config.batch_size if config.drop_last else n_rows
+    n_batches = config.n_batches
+    n_rows = n_batches * config.batch_size if config.drop_last else config.rank_rows
     loads = tuple(
         Load(i, _rows_of(mine, lo, min(lo + config.load_rows, n_rows)), lo)
         for i, lo in enumerate(range(0, n_rows, config.load_rows))

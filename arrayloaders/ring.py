@@ -5,7 +5,8 @@ Ownership (see ``worker.py`` for the protocol):
 - The main process creates every segment (``multiprocessing.shared_memory``,
   so the resource tracker unlinks it even if the main process is killed)
   and is the only one that unlinks. Workers only map a segment by name and
-  unmap it.
+  unmap it; a child forked from the main process never unlinks (every
+  unlink checks the pid), so the parent's ring survives the child's exit.
 - Names are ``al_<pid>_<token>_<slot>_<generation>``: :func:`segment_names`
   lists a process's segments in ``/dev/shm`` (for ``close()`` checks and tests).
 - Batches handed to the user are views into a slot (zero copy). Each view is
@@ -42,7 +43,7 @@ _ALIGN = 64
 
 @dataclass(frozen=True)
 class SlotArrays:
-    """numpy views of one slot. ``header`` is (epoch, load index, rows, stored entries)."""
+    """numpy views of one slot. ``header`` is (ticket, load index, rows, stored entries)."""
 
     header: np.ndarray
     indptr: np.ndarray | None = None
@@ -130,6 +131,7 @@ class Segment:
 
     def __init__(self, name: str, layout: SlotLayout):
         self.name, self.layout = name, layout
+        self.owner = os.getpid()
         self._shm = shared_memory.SharedMemory(name=name, create=True, size=layout.nbytes)
         try:
             self.mapping = map_segment(name, layout.nbytes)
@@ -155,13 +157,13 @@ class Segment:
         return len(self._views)
 
     def unlink(self) -> None:
-        """Remove the name (idempotent). The memory is freed when the last mapping goes."""
-        if not getattr(self, "_unlinked", False):
-            self._unlinked = True
+        """Remove the name (idempotent; a no-op in a forked child). The memory is freed when the last mapping goes."""
+        if not getattr(self, "_unlinked", False) and os.getpid() == self.owner:
             try:
                 self._shm.unlink()
             except FileNotFoundError:
                 pass
+            self._unlinked = True  # only now: an unlink cut short by Ctrl-C is retried
 
 
 class Ring:

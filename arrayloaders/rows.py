@@ -19,7 +19,7 @@ import zarr.api.asynchronous
 from .shards import DirectArray
 from .store import XSource
 
-__all__ = ["CsrRows", "DenseRows", "open_rows"]
+__all__ = ["CsrRows", "DenseRows", "open_rows", "read_indptr"]
 
 
 class _ZarrArrays:
@@ -48,14 +48,22 @@ class _ZarrArrays:
         self._loop.close()
 
 
-class CsrRows:
-    """Runs of rows of a CSR X: ``indptr`` in memory, ``data``/``indices`` read per run."""
+def read_indptr(source: XSource) -> np.ndarray:
+    """The row pointer of a CSR X, as int64 (8 bytes per row, needed for every run: read once)."""
+    group = zarr.open_group(store=source.store, path=source.path, mode="r")
+    return np.asarray(group["indptr"][:], dtype=np.int64)
 
-    def __init__(self, source: XSource):
+
+class CsrRows:
+    """Runs of rows of a CSR X: ``indptr`` in memory, ``data``/``indices`` read per run.
+
+    ``indptr`` may be given (read-only, shared by several readers of one X).
+    """
+
+    def __init__(self, source: XSource, indptr: np.ndarray | None = None):
         self.source = source
         group = zarr.open_group(store=source.store, path=source.path, mode="r")
-        # 8 bytes per row, needed for every run: read once.
-        self.indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+        self.indptr = read_indptr(source) if indptr is None else indptr
         self._direct = (DirectArray.open(group["data"]), DirectArray.open(group["indices"]))
         self._zarr = None
         if None in self._direct:
@@ -136,5 +144,6 @@ class DenseRows:
             self._zarr.close()
 
 
-def open_rows(source: XSource) -> CsrRows | DenseRows:
-    return CsrRows(source) if source.kind == "csr" else DenseRows(source)
+def open_rows(source: XSource, indptr: np.ndarray | None = None) -> CsrRows | DenseRows:
+    """A reader of ``source`` (``indptr``: its CSR row pointer, if already read)."""
+    return CsrRows(source, indptr) if source.kind == "csr" else DenseRows(source)

@@ -15,25 +15,38 @@ talks to the main process over two pipes of its own, one message at a time:
   with ``load=-1``, after which the worker exits.
 
 Only small values cross: the decoded rows go through the slot named in the
-task. A worker exits when told, when its task pipe reaches EOF (the main
-process is gone or closed it), or when its parent changes (checked every
-second). It ignores SIGINT: Ctrl-C is the main process's to handle, and it
-stops the workers itself. The main side (:class:`WorkerPool`) never blocks
-without a deadline: a dead worker shows up as EOF on its reply pipe, or at
-the latest on the next liveness check, as a :class:`~arrayloaders.errors.WorkerError`
-that names the worker, its pid and how it ended.
+task. Every task carries a *ticket* (a number unique within the engine) that
+its reply echoes, so the engine can tell replies of an abandoned loop from
+those of the current one. A worker exits when told, when its task pipe
+reaches EOF (the main process is gone or closed it), or when its parent
+changes (checked every second), always quietly.
+
+Ctrl-C is the main process's to handle, and it stops the workers itself: a
+worker runs in a process group of its own (a terminal's Ctrl-C reaches only
+the foreground group) and ignores SIGINT from its first line on. The main
+side (:class:`WorkerPool`) never blocks without a deadline: a dead worker
+shows up as EOF on its reply pipe, or at the latest on the next liveness
+check, as a :class:`~arrayloaders.errors.WorkerError` that names the worker,
+its pid and how it ended. Only the process that started the pool stops it:
+a child forked from it leaves the parent's workers alone.
 """
 
 from __future__ import annotations
 
-import os
 import signal
+
+if __name__ == "__main__":  # a worker: ignore Ctrl-C before the slow imports below
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+import os
 import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, Pipe, wait
+from pathlib import Path
 
 from .errors import WorkerError
 from .plan import EpochPlan, PlanConfig, plan_epoch
@@ -45,7 +58,6 @@ __all__ = ["Failed", "Filled", "Started", "Task", "WorkerConfig", "WorkerPool", 
 START_TIMEOUT_S = 60.0  # importing numpy and zarr on a cold disk can take a while
 POLL_S = 1.0  # how often a waiting side checks that the other is alive
 STOP_TIMEOUT_S = 2.0  # how long close() waits for a worker to exit before killing it
-TASK_TIMEOUT_S = 600.0  # a load taking longer than this means a worker is stuck (a load is ~0.1 s warm)
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,7 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class Task:
+    ticket: int
     epoch: int
     load: int
     slot: int
@@ -73,17 +86,18 @@ class Started:
 @dataclass(frozen=True)
 class Filled:
     worker: int
-    epoch: int
+    ticket: int
     load: int
     slot: int
     n_rows: int
     nnz: int
+    seconds: float  # the worker's time on the task
 
 
 @dataclass(frozen=True)
 class Failed:
     worker: int
-    epoch: int
+    ticket: int  # -1 when starting failed
     load: int
     traceback: str
 
@@ -106,6 +120,7 @@ class WorkerPool:
     """Starts ``len(configs)`` workers and exchanges messages with them; owned by the main process."""
 
     def __init__(self, configs: list[WorkerConfig]):
+        self.owner = os.getpid()
         self.processes: list[subprocess.Popen] = []
         self._tasks: list[Connection] = []
         self._replies: list[Connection] = []
@@ -134,6 +149,7 @@ class WorkerPool:
                 pass_fds=fds,
                 env=env,
                 stdin=subprocess.DEVNULL,
+                process_group=0,  # out of the terminal's foreground group: Ctrl-C is for the main process
             )
         finally:
             task_r.close()
@@ -146,13 +162,21 @@ class WorkerPool:
     def __len__(self) -> int:
         return len(self.processes)
 
-    def _dead(self, k: int, doing: str, cause: BaseException | None = None) -> WorkerError:
+    def _dead(self, k: int, doing: str) -> WorkerError:
         process = self.processes[k]
         try:
             process.wait(timeout=POLL_S)
         except subprocess.TimeoutExpired:
             pass
         return WorkerError(f"worker {k} (pid {process.pid}) {exit_description(process.poll())} while {doing}")
+
+    def state(self, k: int) -> str:
+        """How the OS sees worker ``k`` right now (``running``, ``sleeping``, ``stopped``...), for messages."""
+        try:
+            fields = Path(f"/proc/{self.processes[k].pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return "state unknown"
+        return _PROC_STATES.get(fields[0], f"state {fields[0]}")
 
     def submit(self, k: int, task: Task, doing: str) -> None:
         try:
@@ -173,53 +197,56 @@ class WorkerPool:
         except (EOFError, OSError) as e:
             raise self._dead(k, doing) from e
 
-    def wait_any(self, workers: list[int], doing, timeout: float = TASK_TIMEOUT_S) -> list[tuple[int, object]]:
-        """Messages from any of ``workers`` (blocks until one arrives; checks liveness every second).
+    def wait_any(self, workers: list[int], doing: Callable[[int], str], timeout: float = POLL_S) -> list[tuple[int, object]]:
+        """Messages from any of ``workers`` that arrive within ``timeout`` seconds (maybe none).
 
-        ``doing(k)`` describes what worker ``k`` was doing, for the error message.
-        Raises if all of them are alive but silent for ``timeout`` seconds (a hung disk, a stopped process).
+        Raises a :class:`WorkerError` if one of them has died; ``doing(k)``
+        describes what worker ``k`` was doing, for the message. Deciding that
+        a live worker is stuck is the caller's (it knows what it waits for).
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            if time.monotonic() > deadline:
-                k = workers[0]
-                raise WorkerError(
-                    f"worker {k} (pid {self.processes[k].pid}) sent nothing for {timeout:.0f} s while {doing(k)}"
-                )
-            ready = wait([self._replies[k] for k in workers], timeout=POLL_S)
-            if ready:
-                out = []
-                for k in workers:
-                    conn = self._replies[k]
-                    if conn in ready:
-                        try:
-                            out.append((k, conn.recv()))
-                        except (EOFError, OSError) as e:
-                            raise self._dead(k, doing(k)) from e
-                return out
+        ready = wait([self._replies[k] for k in workers], timeout=timeout)
+        out = []
+        for k in workers:
+            conn = self._replies[k]
+            if conn in ready:
+                try:
+                    out.append((k, conn.recv()))
+                except (EOFError, OSError) as e:
+                    raise self._dead(k, doing(k)) from e
+        if not out:
             for k in workers:
                 if self.processes[k].poll() is not None:
                     raise self._dead(k, doing(k))
+        return out
 
     def close(self) -> None:
-        """Stop every worker: ask, wait briefly, then kill (idempotent)."""
-        if self._closed:
+        """Stop every worker: ask, wait briefly, then kill (idempotent; a no-op in a forked child)."""
+        if self._closed or os.getpid() != self.owner:
             return
-        self._closed = True
         for conn in self._tasks:
             try:
                 conn.send(None)
             except (OSError, ValueError):
                 pass
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        for process in self.processes:
-            try:
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        for conn in self._tasks + self._replies:
-            conn.close()
+        try:
+            for process in self.processes:
+                try:
+                    process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            for process in self.processes:  # stopped (SIGSTOP) or stuck ones too: SIGKILL works on both
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+            for conn in self._tasks + self._replies:
+                conn.close()
+            self._closed = True  # only now: a close cut short by Ctrl-C is retried
+
+
+_PROC_STATES = {"R": "running", "S": "sleeping", "D": "waiting for the disk", "T": "stopped", "t": "stopped by a debugger",
+                "Z": "a zombie"}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- worker side
@@ -251,25 +278,36 @@ class _Decoder:
     def run(self, task: Task) -> Filled:
         from .load import LoadedRows, read_load
 
+        start = time.monotonic()
         plan = self.plan(task.epoch)
         load = plan.loads[task.load]
         arrays = self.slot(task)
         out = LoadedRows(load, indptr=arrays.indptr, data=arrays.data, indices=arrays.indices, dense=arrays.dense)
         rows = read_load(self.readers, plan, load, out)
         nnz = int(rows.indptr[-1]) if rows.indptr is not None else 0
-        arrays.header[:] = (task.epoch, task.load, load.n_rows, nnz)
-        return Filled(self.config.worker, task.epoch, task.load, task.slot, load.n_rows, nnz)
+        arrays.header[:] = (task.ticket, task.load, load.n_rows, nnz)
+        return Filled(self.config.worker, task.ticket, task.load, task.slot, load.n_rows, nnz, time.monotonic() - start)
 
 
 def main(task_fd: int, reply_fd: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     tasks = Connection(task_fd, writable=False)
     replies = Connection(reply_fd, readable=False)
-    parent = os.getppid()
     try:
-        config: WorkerConfig = tasks.recv()
-    except EOFError:
-        return
+        _serve(tasks, replies)
+    except (EOFError, OSError):
+        pass  # the main process is gone or closed our pipes: nothing to report to, exit quietly
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    # Nothing to flush or release (the OS unmaps and closes): skipping the interpreter's
+    # teardown (~0.2 s with numpy and zarr loaded) makes close() quick.
+    os._exit(0)
+
+
+def _serve(tasks: Connection, replies: Connection) -> None:
+    parent = os.getppid()
+    config: WorkerConfig = tasks.recv()
     try:
         import numcodecs.blosc
 
@@ -284,25 +322,19 @@ def main(task_fd: int, reply_fd: int) -> None:
         return
     replies.send(Started(config.worker, os.getpid()))
     while True:
-        try:
-            if not tasks.poll(POLL_S):
-                if os.getppid() != parent:
-                    return
-                continue
-            task = tasks.recv()
-        except (EOFError, OSError):
-            return
+        if not tasks.poll(POLL_S):
+            if os.getppid() != parent:
+                return
+            continue
+        task = tasks.recv()
         if task is None:
             return
         try:
             reply = decoder.run(task)
         except Exception:
             where = f"decoding load {task.load} of epoch {task.epoch}"
-            reply = Failed(config.worker, task.epoch, task.load, f"{where}:\n{traceback.format_exc()}")
-        try:
-            replies.send(reply)
-        except (BrokenPipeError, OSError):
-            return
+            reply = Failed(config.worker, task.ticket, task.load, f"{where}:\n{traceback.format_exc()}")
+        replies.send(reply)
 
 
 if __name__ == "__main__":

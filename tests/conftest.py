@@ -9,6 +9,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import psutil
 import pytest
 import scipy.sparse as sp
 
@@ -79,3 +80,35 @@ def run_quick(tmp_path):
         return tmp_path / "data" / "results"
 
     return run
+
+
+def worker_pids(pid: int | None = None) -> list[int]:
+    """Live loader worker processes started by process ``pid`` (default: this one), found from outside."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for p in children:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "arrayloaders.worker" in " ".join(p.cmdline()):
+                out.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return sorted(out)
+
+
+def tensor_parts(t):
+    """The arrays behind a tensor: (crow, col, values) of a sparse CSR one, else itself."""
+    import torch
+
+    return (t.crow_indices(), t.col_indices(), t.values()) if t.layout == torch.sparse_csr else (t,)
+
+
+def batch_bytes(batch) -> bytes:
+    """Every byte of a batch (X's arrays, obs tensors, index), for bit-for-bit comparisons later."""
+    X, obs, *index = batch
+    parts = list(tensor_parts(X))
+    parts += list(obs.values()) if isinstance(obs, dict) else [obs] if obs is not None else []
+    parts += index
+    return b"".join(p.numpy().tobytes() for p in parts)

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import psutil
 import torch
+from conftest import batch_bytes, worker_pids
 
 from arrayloaders import WorkerError, ZarrSparseDataset
 from arrayloaders.engine import _grown, slot_layout
@@ -36,70 +37,70 @@ def dataset(store: str, **kw) -> ZarrSparseDataset:
 
 def leftovers() -> dict:
     time.sleep(0.2)  # let killed children be reaped
-    return {
-        "segments": segment_names(os.getpid()),
-        # Our workers only: Python's resource tracker is a child too, for the process's lifetime.
-        "children": [
-            p.pid
-            for p in psutil.Process().children(recursive=True)
-            if p.status() != psutil.STATUS_ZOMBIE and "arrayloaders.worker" in " ".join(p.cmdline())
-        ],
-    }
+    # Our workers only: Python's resource tracker is a child too, for the process's lifetime.
+    return {"segments": segment_names(os.getpid()), "children": worker_pids()}
 
 
 def rows_of_epoch(ds) -> list[int]:
     return torch.cat([i for _, _, i in ds]).tolist()
 
 
-def worker_pids(ds) -> list[int]:
-    return [p.pid for p in ds._engine.pool.processes]
-
-
 def main(scenario: str, store: str) -> dict:
     out: dict = {"scenario": scenario}
     ds = dataset(store)
-    if scenario == "sigkill":
+    if scenario in ("sigkill", "sigstop"):
+        # A worker killed, or stopped (SIGSTOP: alive but making no progress), mid-epoch.
+        if scenario == "sigstop":
+            ds = dataset(store, timeout=2)
         it = iter(ds)
-        next(it)
-        pids = worker_pids(ds)
-        os.kill(pids[0], signal.SIGKILL)
+        held = [next(it)]
+        before = [batch_bytes(b) for b in held]
+        victim = worker_pids()[0]
+        os.kill(victim, signal.SIGKILL if scenario == "sigkill" else signal.SIGSTOP)
         t = time.monotonic()
         try:
-            for _ in it:
-                pass
+            for batch in it:
+                held.append(batch)
+                before.append(batch_bytes(batch))
             out["error"] = None
         except WorkerError as e:
             out["error"], out["seconds"] = str(e), time.monotonic() - t
-        out["killed_pid"] = pids[0]
+        out["victim"] = victim
+        out["held_unchanged"] = [batch_bytes(b) for b in held] == before
         out.update(leftovers())
         out["next_epoch_rows"] = sorted(rows_of_epoch(ds))
         ds.close()
         out["after_close"] = leftovers()
-    elif scenario == "break":
-        for _ in ds:
-            out["workers"] = worker_pids(ds)
-            break
-        out.update(leftovers())
-    elif scenario == "consumer_error":
+    elif scenario in ("break", "consumer_error"):
+        # Leaving a loop early keeps the workers for the next loop, which yields that same epoch.
+        reference = dataset(store, num_workers=0)
+        want = rows_of_epoch(reference)
         try:
             for k, _ in enumerate(ds):
+                if k == 0:
+                    out["workers"] = worker_pids()
                 if k == 3:
+                    if scenario == "break":
+                        break
                     raise ValueError("consumer failed")
         except ValueError:
             pass
-        out.update(leftovers())
-        out["next_epoch_rows"] = sorted(rows_of_epoch(ds))
+        gc.collect()
+        out["between"] = leftovers()
+        out["next_epoch_is_the_same"] = rows_of_epoch(ds) == want
+        out["workers_after"] = worker_pids()
         ds.close()
+        out.update(leftovers())
     elif scenario == "delete":
         it = iter(ds)
         next(it)
-        out["workers"] = worker_pids(ds)
+        out["workers"] = worker_pids()
         del it, ds
         gc.collect()
         out.update(leftovers())
     elif scenario == "delete_after_epoch":
         rows_of_epoch(ds)
-        out["workers"] = worker_pids(ds)
+        out["workers"] = worker_pids()
         out["segments_between_epochs"] = len(segment_names(os.getpid()))
         del ds
         gc.collect()
@@ -115,26 +116,30 @@ def main(scenario: str, store: str) -> dict:
         except WorkerError as e:
             out["error"] = str(e)
         out.update(leftovers())
-    elif scenario == "interrupt":
-        # The parent sends SIGINT once we say we are iterating. Python raises KeyboardInterrupt only if
-        # SIGINT was not ignored when it started, and a shell ignores it for background jobs (a CI runner
-        # may be one): install the handler a terminal user would have.
+    elif scenario in ("interrupt", "interrupt_uncaught"):
+        # The parent sends SIGINT (maybe several) once we say we are iterating. Python raises
+        # KeyboardInterrupt only if SIGINT was not ignored when it started, and a shell ignores it for
+        # background jobs (a CI runner may be one): install the handler a terminal user would have.
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        ds = dataset(store)
         n = 0
         try:
             while True:
                 for _ in ds:
                     if n == 0:
-                        print(json.dumps({"workers": worker_pids(ds)}), flush=True)
+                        print(json.dumps({"workers": worker_pids(), "pid": os.getpid()}), flush=True)
                     n += 1
         except KeyboardInterrupt:
+            if scenario == "interrupt_uncaught":
+                raise  # as a script stopped at a terminal: the interpreter prints it and exits
             out["interrupted"] = True
+        gc.collect()
+        out["next_epoch_rows"] = sorted(rows_of_epoch(ds))
+        ds.close()
         out.update(leftovers())
     elif scenario == "main_killed":
         it = iter(ds)
         next(it)
-        print(json.dumps({"workers": worker_pids(ds), "pid": os.getpid()}), flush=True)
+        print(json.dumps({"workers": worker_pids(), "pid": os.getpid()}), flush=True)
         time.sleep(60)  # the parent SIGKILLs us
     elif scenario == "many_epochs":
         proc = psutil.Process()
@@ -146,16 +151,17 @@ def main(scenario: str, store: str) -> dict:
             rss.append(proc.memory_info().rss)
             fds.append(proc.num_fds())
         out["rss"], out["fds"] = rss, fds
-        out["workers_rss"] = [psutil.Process(p).memory_info().rss for p in worker_pids(ds)]
+        out["workers_rss"] = [psutil.Process(p).memory_info().rss for p in worker_pids()]
         ds.close()
     elif scenario == "held_batches":
         # Hold every batch while iterating, with a ring of only two slots.
         probe = dataset(store, num_workers=0)
-        layout = _grown(slot_layout(probe._open_readers(), plan_epoch(probe._plan_config(), 1)))
+        plan = plan_epoch(probe._plan_config(), 1)
+        layout = _grown(slot_layout(probe._sources[0], probe._indptrs(), plan))
         ds = dataset(store, memory_budget=int(layout.nbytes * 2.5))
         ds.set_epoch(1)
         batches = list(ds)
-        out["slots"] = len(ds._engine.ring)
+        out["slots"] = len(ds._runtime.engine.ring)
         ds.close()
         out.update(leftovers())
         # Batches are still valid after close(): compare with a fresh in-process epoch.
@@ -165,6 +171,37 @@ def main(scenario: str, store: str) -> dict:
         out["equal"] = all(
             torch.equal(a[2], b[2]) and torch.equal(a[0].to_dense(), b[0].to_dense()) for a, b in zip(batches, ref)
         ) and len(batches) == len(ref)
+    elif scenario == "fork":
+        # A child forked after a complete epoch (workers up) uses the dataset and exits normally,
+        # running its finalizers; the parent's workers and ring must survive it.
+        want = [rows_of_epoch(dataset(store, num_workers=0, seed=s)) for s in (0,)]
+        rows_of_epoch(ds)  # epoch 0
+        out["workers"] = worker_pids()
+        out["segments_before"] = len(segment_names(os.getpid()))
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:  # the child: its own loop (its own workers), then a normal exit
+            os.close(r)
+            code = 0
+            try:
+                ds.set_epoch(0)
+                rows = rows_of_epoch(ds)
+                os.write(w, json.dumps({"rows_ok": rows == want[0], "workers": worker_pids()}).encode())
+            except BaseException as e:  # noqa: BLE001 - reported to the parent
+                os.write(w, json.dumps({"error": repr(e)}).encode())
+                code = 1
+            os.close(w)
+            sys.exit(code)  # atexit handlers and finalizers run, as at any normal exit
+        os.close(w)
+        with os.fdopen(r) as f:
+            out["child"] = json.loads(f.read() or "{}")
+        out["child_exit"] = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+        out["segments_after"] = len(segment_names(os.getpid()))
+        rows = rows_of_epoch(ds)  # epoch 1, on the parent's own workers
+        out["parent_epoch_ok"] = sorted(rows) == list(range(1000)) and rows != want[0]
+        out["workers_after"] = worker_pids()
+        ds.close()
+        out.update(leftovers())
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     return out

@@ -140,15 +140,6 @@ def test_batches_mix_many_chunks_and_files(store):
         assert not (np.diff(np.sort(rows)) == 1).all()
 
 
-def test_dataloader_wrapping_still_works(store):
-    ds = ZarrSparseDataset(100, 8, 4, return_index=True).add_store(store)
-    rows = np.concatenate([i.numpy() for *_, i in torch.utils.data.DataLoader(ds, batch_size=None)])
-    assert sorted(rows) == list(range(N))
-    with_workers = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
-    rows = np.concatenate([i.numpy() for *_, i in with_workers])
-    assert sorted(rows) == list(range(N))
-
-
 # ------------------------------------------------------------------ bad arguments
 
 

@@ -17,12 +17,14 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from conftest import tensor_parts, worker_pids
 
 from arrayloaders import ZarrDenseDataset, ZarrSparseDataset, create_store_from_h5ads
-from arrayloaders.engine import Engine
+from arrayloaders.engine import DEFAULT_TIMEOUT_MARGIN_S, Engine
 from arrayloaders.ring import Segment, SlotLayout, segment_names
 
 CHILD = Path(__file__).with_name("engine_child.py")
+REPEATS = range(3)  # fault scenarios run several times: a flake shows up in CI, not at a user's
 
 
 def run_child(scenario: str, store: Path, timeout: float = 120) -> dict:
@@ -31,11 +33,6 @@ def run_child(scenario: str, store: Path, timeout: float = 120) -> dict:
     )
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def tensor_parts(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The arrays behind a tensor: (crow, col, values) of a sparse CSR one, else itself."""
-    return (t.crow_indices(), t.col_indices(), t.values()) if t.layout == torch.sparse_csr else (t,)
 
 
 def batches(ds, epochs=(0,)):
@@ -82,15 +79,15 @@ def test_workers_stay_up_across_epochs_and_close_cleans_up(store):
     ds = ZarrSparseDataset(50, 8, 12, num_workers=2).add_store(store)
     for _ in ds:
         pass
-    pids = [p.pid for p in ds._engine.pool.processes]
-    assert len(segment_names(os.getpid())) == len(ds._engine.ring) >= 2
+    pids = worker_pids()
+    assert len(pids) == 2 and len(segment_names(os.getpid())) >= 2
     for _ in ds:
         pass
-    assert [p.pid for p in ds._engine.pool.processes] == pids
+    assert worker_pids() == pids
     ds.close()
     ds.close()  # idempotent
     assert segment_names(os.getpid()) == []
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    assert worker_pids() == []
 
 
 def test_batches_are_zero_copy_views_that_outlive_the_next_step(store):
@@ -110,7 +107,7 @@ def test_workers_do_not_import_torch(store):
     with ds:
         it = iter(ds)
         next(it)
-        pid = ds._engine.pool.processes[0].pid
+        (pid,) = worker_pids()
         maps = Path(f"/proc/{pid}/maps").read_text()
     assert "libtorch" not in maps and "numpy" in maps
 
@@ -168,22 +165,57 @@ def test_bad_num_workers_is_refused():
 # --------------------------------------------------------------------------- faults, in child processes
 
 
-def test_sigkilled_worker_raises_within_seconds_and_leaves_nothing(store):
-    out = run_child("sigkill", store)
+@pytest.mark.parametrize("repeat", REPEATS)
+def test_sigkilled_worker_raises_and_leaves_nothing(store, repeat):
+    out = run_child("sigkill", store)  # a hang fails here, at the child's timeout
     assert out["error"] is not None, "the epoch finished although a worker was killed"
-    assert "SIGKILL" in out["error"] and f"pid {out['killed_pid']}" in out["error"] and "worker 0" in out["error"]
-    assert out["seconds"] < 5
+    assert "SIGKILL" in out["error"] and f"pid {out['victim']}" in out["error"] and "worker " in out["error"]
+    assert out["held_unchanged"]  # batches received before the failure keep their values
     assert out["segments"] == [] and out["children"] == []
     assert out["next_epoch_rows"] == list(range(1000))
     assert out["after_close"] == {"segments": [], "children": []}
 
 
-@pytest.mark.parametrize("scenario", ["break", "consumer_error", "delete"])
-def test_leaving_the_loop_early_leaves_nothing(store, scenario):
+@pytest.mark.parametrize("repeat", REPEATS)
+def test_stopped_worker_is_reported_after_the_timeout(store, repeat):
+    # SIGSTOP: the worker is alive but makes no progress. With timeout=2 the loop raises (rather than
+    # hang: the child's own timeout fails the test), naming the worker, its state and its loads.
+    out = run_child("sigstop", store)
+    error = out["error"]
+    assert error is not None, "the epoch finished although a worker was stopped"
+    assert f"pid {out['victim']}, stopped)" in error and "has made no progress" in error, error
+    assert "decoding load(s) [" in error and "timeout=2" in error, error
+    assert out["held_unchanged"]
+    assert out["segments"] == [] and out["children"] == []  # the stopped worker was killed too
+    assert out["next_epoch_rows"] == list(range(1000))
+
+
+def test_default_timeout_is_the_slowest_load_plus_a_margin():
+    engine = Engine((), None, 1, 2**20)
+    assert engine._limit() == DEFAULT_TIMEOUT_MARGIN_S == 60
+    engine._slowest = 12.5
+    assert engine._limit() == 72.5
+    assert Engine((), None, 1, 2**20, timeout=3)._limit() == 3
+
+
+def test_bad_timeout_is_refused():
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        ZarrSparseDataset(timeout=0)
+
+
+@pytest.mark.parametrize("scenario", ["break", "consumer_error"])
+def test_leaving_a_loop_early_keeps_the_workers_and_the_epoch(store, scenario):
     out = run_child(scenario, store)
+    assert len(out["workers"]) == 2 and out["between"]["children"] == out["workers"]
+    assert out["next_epoch_is_the_same"]  # a loop left early does not advance the epoch
+    assert out["workers_after"] == out["workers"]  # the next loop ran on the same workers
+    assert out["segments"] == [] and out["children"] == []  # ... until close()
+
+
+def test_deleting_a_live_loop_and_the_dataset_leaves_nothing(store):
+    out = run_child("delete", store)
+    assert len(out["workers"]) == 2
     assert out["segments"] == [] and out["children"] == []
-    if "next_epoch_rows" in out:
-        assert out["next_epoch_rows"] == list(range(1000))
 
 
 def test_deleting_the_dataset_between_epochs_leaves_nothing(store):
@@ -215,26 +247,70 @@ def test_lent_views_are_counted_without_python_callbacks():
         seg.unlink()
 
 
-def test_ctrl_c_stops_workers_and_unlinks(store):
+def interrupt(store: Path, scenario: str, n_signals: int, gap: float) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run ``scenario`` in a child and press Ctrl-C ``n_signals`` times, ``gap`` seconds apart, once it iterates."""
     p = subprocess.Popen(
-        [sys.executable, str(CHILD), "interrupt", str(store)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, str(CHILD), scenario, str(store)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        workers = json.loads(p.stdout.readline())["workers"]
-        p.send_signal(signal.SIGINT)
+        started = json.loads(p.stdout.readline())
+        for _ in range(n_signals):
+            if p.poll() is not None:
+                break
+            p.send_signal(signal.SIGINT)
+            time.sleep(gap)
         try:
-            stdout, stderr = p.communicate(timeout=30)
+            stdout, stderr = p.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             p.send_signal(signal.SIGUSR1)  # the child's stacks, to stderr
             time.sleep(1)
             p.kill()
             stdout, stderr = p.communicate()
-            pytest.fail(f"Ctrl-C did not stop the loop within 30 s; the child's stderr:\n{stderr[-6000:]}")
+            pytest.fail(f"Ctrl-C did not stop the child within 60 s; its stderr:\n{stderr[-6000:]}")
     finally:
         p.kill()
-    out = json.loads(stdout.strip().splitlines()[-1])
-    assert out["interrupted"] and out["segments"] == [] and out["children"] == [], stderr
-    assert not any(psutil.pid_exists(w) for w in workers)
+        p.wait()
+    return subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr), started
+
+
+def assert_nothing_left(started: dict) -> None:
+    deadline = time.monotonic() + 10  # the child is gone; give the kernel a moment to reap its workers
+    while time.monotonic() < deadline and any(psutil.pid_exists(w) for w in started["workers"]):
+        time.sleep(0.1)
+    assert not any(psutil.pid_exists(w) for w in started["workers"])
+    assert segment_names(started["pid"]) == []
+
+
+@pytest.mark.parametrize("repeat", REPEATS)
+def test_ctrl_c_caught_in_the_loop_then_the_next_loop_works(store, repeat):
+    res, started = interrupt(store, "interrupt", 1, 0)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["interrupted"] and out["next_epoch_rows"] == list(range(1000)), res.stderr
+    assert out["segments"] == [] and out["children"] == [], res.stderr
+    assert not any(psutil.pid_exists(w) for w in started["workers"])
+
+
+@pytest.mark.parametrize("repeat", REPEATS)
+@pytest.mark.parametrize("n_signals", [1, 2, 3])
+def test_ctrl_c_pressed_again_and_again_leaves_nothing_and_one_traceback(store, n_signals, repeat):
+    # Presses 30 ms apart (faster than a person presses twice): the first interrupts the loop, the
+    # others land in our cleanup or the interpreter's exit, where they are ignored.
+    res, started = interrupt(store, "interrupt_uncaught", n_signals, 0.03)
+    assert res.returncode == -signal.SIGINT  # the interpreter re-raised SIGINT at exit, as after any Ctrl-C
+    assert res.stderr.count("Traceback") == 1 and res.stderr.rstrip().endswith("KeyboardInterrupt"), res.stderr
+    assert "Exception ignored" not in res.stderr and "BrokenPipeError" not in res.stderr, res.stderr
+    assert "leaked shared_memory" not in res.stderr, res.stderr  # we unlinked, not the resource tracker
+    assert_nothing_left(started)
+
+
+@pytest.mark.parametrize("repeat", REPEATS)
+def test_ctrl_c_in_a_burst_still_leaves_nothing(store, repeat):
+    # Three signals back to back can land inside the interpreter's own teardown, where CPython prints
+    # what it can (a plain torch + zarr script does the same); our cleanup must still complete.
+    res, started = interrupt(store, "interrupt_uncaught", 3, 0)
+    assert res.returncode != 0 and "KeyboardInterrupt" in res.stderr
+    assert "BrokenPipeError" not in res.stderr and "leaked shared_memory" not in res.stderr, res.stderr
+    assert_nothing_left(started)
 
 
 def test_killed_main_process_leaves_no_workers_or_segments(store):
@@ -262,4 +338,13 @@ def test_batches_held_by_the_user_stay_valid_with_a_tiny_ring(store):
     out = run_child("held_batches", store)
     assert out["slots"] == 2
     assert out["equal"]
+    assert out["segments"] == [] and out["children"] == []
+
+
+def test_a_forked_child_leaves_the_parents_loader_intact(store):
+    out = run_child("fork", store)
+    assert out["child_exit"] == 0 and out["child"]["rows_ok"], out["child"]
+    assert out["child"]["workers"] and not set(out["child"]["workers"]) & set(out["workers"])  # its own workers
+    assert out["segments_after"] == out["segments_before"] >= 2  # the child's exit unlinked none of ours
+    assert out["parent_epoch_ok"] and out["workers_after"] == out["workers"]
     assert out["segments"] == [] and out["children"] == []
