@@ -1,11 +1,13 @@
-"""Batches: slices of a decoded load turned into torch tensors, with their obs and index.
+"""Batches: rows of decoded loads turned into torch tensors, with their obs and index.
 
-The last step of the data path (DESIGN.md, step 5). A batch is one
-contiguous slice ``[lo, hi)`` of a load's rows (``plan.batch_rows``), so
-sparse X is built from views of the load without copying: each view is
-*lent* (``ring.Segment.lend``) so that the slot it lives in is not refilled
-while the batch is alive. obs columns are held in memory (a few bytes per
-cell) and gathered by global row index.
+The last step of the data path (DESIGN.md, step 5). Usually (stores shuffled
+at conversion) a batch is one contiguous slice ``[lo, hi)`` of a load's
+rows (``plan.batch_rows``), so sparse X is built from views of the load
+without copying: each view is *lent* (``ring.Segment.lend``) so that the
+slot it lives in is not refilled while the batch is alive. When batches mix
+a window of several loads (unshuffled stores), their rows are gathered from
+the window's loads into memory the batch owns. obs columns are held in
+memory (a few bytes per cell) and gathered by global row index.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from .load import LoadedRows
 
-__all__ = ["Batch", "BatchMaker", "ObsColumns", "keep"]
+__all__ = ["Batch", "BatchMaker", "MixedWindow", "ObsColumns", "keep"]
 
 Batch = tuple[torch.Tensor, Any] | tuple[torch.Tensor, Any, torch.Tensor]
 Lend = Callable[[np.ndarray], np.ndarray]
@@ -46,6 +48,13 @@ class ObsColumns:
         self.categories: dict[str, list] = {}
         self._parts: dict[str, list[pd.Series]] = {k: [] for k in keys}
         self.values: dict[str, np.ndarray] = {}
+
+    def copy(self) -> ObsColumns:
+        """A copy that can be added to without changing this one (the arrays are shared until then)."""
+        new = ObsColumns(self.keys)
+        new.categories, new.values = dict(self.categories), dict(self.values)
+        new._parts = {k: list(v) for k, v in self._parts.items()}
+        return new
 
     def check(self, obs: pd.DataFrame, where: str) -> None:
         missing = [k for k in self.keys if k not in obs.columns]
@@ -75,6 +84,21 @@ def _categories(s: pd.Series) -> np.ndarray:
     if isinstance(s.dtype, pd.CategoricalDtype):
         return s.cat.categories.to_numpy(dtype=object)
     return pd.unique(s.dropna().astype(object))
+
+
+class MixedWindow:
+    """The decoded loads of one window, and the order that mixes their rows (``plan.window_order``)."""
+
+    def __init__(self, loads: list[LoadedRows], order: np.ndarray):
+        self.loads, self.order = loads, order
+        self.starts = np.cumsum([0] + [int(loaded.load.n_rows) for loaded in loads])
+        self.indptrs = [loaded.indptr.tolist() if loaded.indptr is not None else None for loaded in loads]
+
+    def locate(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """For window rows ``order[lo:hi]``: which load each comes from, and its row there."""
+        pos = self.order[lo:hi]
+        which = np.searchsorted(self.starts, pos, side="right") - 1
+        return which, pos - self.starts[which]
 
 
 @dataclass(frozen=True)
@@ -111,6 +135,47 @@ class BatchMaker:
         obs = self.obs.gather(rows, self.single_key) if self.obs is not None and self.obs.keys else None
         batch = (X, obs, torch.from_numpy(rows.copy())) if self.return_index else (X, obs)
         return pinned(batch) if self.pin_memory else batch
+
+    def mixed(self, window: MixedWindow, lo: int, hi: int) -> Batch:
+        """The batch of window rows ``order[lo:hi]``, gathered from the window's loads (a copy)."""
+        which, row = window.locate(lo, hi)
+        n = hi - lo
+        rows = np.empty(n, dtype=np.int64)
+        picks = []  # per load: (batch positions, rows in the load)
+        for k, loaded in enumerate(window.loads):
+            at = np.flatnonzero(which == k)
+            picks.append((at, row[at]))
+            rows[at] = loaded.rows[row[at]]
+        first = window.loads[0]
+        if first.dense is not None:
+            dense = np.empty((n, first.dense.shape[1]), first.dense.dtype)
+            for (at, r), loaded in zip(picks, window.loads):
+                dense[at] = loaded.dense[r]
+            X = torch.from_numpy(dense)
+        else:
+            X = self._gathered_csr(window, picks, n)
+        obs = self.obs.gather(rows, self.single_key) if self.obs is not None and self.obs.keys else None
+        batch = (X, obs, torch.from_numpy(rows)) if self.return_index else (X, obs)
+        return pinned(batch) if self.pin_memory else batch
+
+    def _gathered_csr(self, window: MixedWindow, picks: list, n: int) -> torch.Tensor:
+        lengths = np.empty(n, dtype=np.int64)
+        for (at, r), loaded in zip(picks, window.loads):
+            lengths[at] = loaded.indptr[r + 1] - loaded.indptr[r]
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        first = window.loads[0]
+        data = np.empty(int(indptr[-1]), first.data.dtype)
+        indices = np.empty(int(indptr[-1]), first.indices.dtype)
+        out = indptr.tolist()
+        for (at, r), loaded, src in zip(picks, window.loads, window.indptrs):
+            # One slice copy per row: rows are kilobytes (see load.read_load).
+            for p, q in zip(at.tolist(), r.tolist()):
+                a, b, o = src[q], src[q + 1], out[p]
+                data[o : o + b - a] = loaded.data[a:b]
+                indices[o : o + b - a] = loaded.indices[a:b]
+        gathered = LoadedRows(first.load, indptr=indptr, data=data, indices=indices)
+        return self._x(gathered, 0, n, keep)
 
     def _x(self, loaded: LoadedRows, lo: int, hi: int, lend: Lend) -> torch.Tensor:
         if loaded.dense is not None:

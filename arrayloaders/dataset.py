@@ -21,14 +21,17 @@ The rules (the README states them for users):
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import os
 import threading
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import anndata as ad
@@ -38,7 +41,7 @@ import psutil
 import torch
 import zarr
 
-from .batches import Batch, BatchMaker, ObsColumns, keep
+from .batches import Batch, BatchMaker, MixedWindow, ObsColumns, keep
 from .convert import parse_bytes
 from .distributed import check_same_on_every_rank, rank_and_world_size
 from .engine import Engine, EpochRun, slot_layout
@@ -46,7 +49,7 @@ from .errors import StoreError
 from .load import LoadedRows, read_load
 from .plan import EpochPlan, PlanConfig, batch_rows, plan_epoch
 from .rows import CsrRows, DenseRows, open_rows, read_indptr
-from .store import XSource, read_manifest, use_zarrs
+from .store import MANIFEST_NAME, XSource, read_manifest, use_zarrs
 
 __all__ = ["EpochIterator", "ZarrDenseDataset", "ZarrSparseDataset"]
 
@@ -76,6 +79,41 @@ def _x_source(adata: ad.AnnData, i: int) -> XSource:
         "X=ad.io.sparse_dataset(zarr.open(path)['X']) (CSR) or X=zarr.open(path)['X'] (dense), "
         "or use add_store(path)"
     )
+
+
+DEFAULT_WINDOW = 8  # loads a batch mixes when the store is not known to be shuffled (see plan.py)
+
+
+def _shuffled_at_conversion(source: XSource) -> bool:
+    """Whether ``source`` is a file of a store that ``create_store_from_h5ads`` shuffled (its manifest says so)."""
+    root = getattr(source.store, "root", None)
+    if root is None:
+        return False
+    manifest = Path(root).parent / MANIFEST_NAME
+    try:
+        return bool(json.loads(manifest.read_text()).get("shuffle", False))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _checked_cells(cells: np.ndarray, n_obs: int) -> np.ndarray:
+    """``cells`` (a boolean mask over all cells, or row indices) as sorted distinct int64 rows; or a clear error."""
+    if cells.dtype == bool:
+        if cells.ndim != 1 or cells.size != n_obs:
+            raise ValueError(f"cells is a boolean mask of shape {cells.shape}; the dataset has {n_obs} cells")
+        rows = np.flatnonzero(cells).astype(np.int64)
+    elif cells.ndim != 1 or (cells.size and not np.issubdtype(cells.dtype, np.integer)):
+        raise ValueError(f"cells must be a boolean mask or a 1-d array of row indices, got {cells.dtype} of shape {cells.shape}")
+    else:
+        rows = np.sort(cells.astype(np.int64))
+    if rows.size == 0:
+        raise ValueError("cells selects no cells")
+    if rows[0] < 0 or rows[-1] >= n_obs:
+        bad = rows[0] if rows[0] < 0 else rows[-1]
+        raise IndexError(f"cells holds row {bad}, outside the dataset's {n_obs} cells")
+    if (np.diff(rows) == 0).any():
+        raise ValueError("cells repeats rows; to yield rows more than once per epoch, use sampler=")
+    return rows
 
 
 class _Readers:
@@ -165,6 +203,8 @@ class EpochIterator(Iterator[Batch]):
         self._make: BatchMaker | None = None
         self._loaded: LoadedRows | None = None
         self._lend: Callable[[np.ndarray], np.ndarray] = keep
+        self._mixed: MixedWindow | None = None  # the loads of the current window, when batches mix several
+        self._mixed_index = -1
         self._finalizer = weakref.finalize(self, _end_loop, self._state, dataset)
 
     @property
@@ -190,11 +230,18 @@ class EpochIterator(Iterator[Batch]):
             if state.position >= plan.n_batches:  # an empty epoch, or resumed at its end
                 self._finish(complete=True)
                 raise StopIteration
-            load, lo, hi = batch_rows(plan, state.position)
-            if self._loaded is None or self._loaded.load.index != load:
-                self._loaded = None  # drop our view of the previous load first: its slot may be refilled
-                self._loaded, self._lend = self._read(load)
-            batch = self._make(self._loaded, lo, hi, self._lend)
+            window, lo, hi = batch_rows(plan, state.position)
+            if plan.window == 1:  # the window is one load, already in batch order: slices of it
+                if self._loaded is None or self._loaded.load.index != window:
+                    self._loaded = None  # drop our view of the previous load first: its slot may be refilled
+                    self._loaded, self._lend = self._read(window)
+                batch = self._make(self._loaded, lo, hi, self._lend)
+            else:
+                if self._mixed is None or self._mixed_index != window:
+                    self._mixed = None
+                    loads = [self._read(i)[0] for i in plan.window_loads(window)]
+                    self._mixed, self._mixed_index = MixedWindow(loads, plan.window_order(window)), window
+                batch = self._make.mixed(self._mixed, lo, hi)
         except StopIteration:
             raise
         except BaseException:
@@ -222,9 +269,14 @@ class EpochIterator(Iterator[Batch]):
                 f"iterate it directly) and set {type(ds).__name__}(num_workers=...) instead"
             )
         config = ds._plan_config()
+        cells = ds._cells()
+        sequence = ds._sample(self.epoch) if ds.sampler is not None else None
         if ds.rank is None and config.world_size > 1:  # rank and world size from torch.distributed
-            check_same_on_every_rank({**ds._settings(config), "epoch": self.epoch, "resume_at": self._state.position})
-        self._plan = plan_epoch(config, self.epoch)
+            settings = {**ds._settings(config), "epoch": self.epoch, "resume_at": self._state.position}
+            if sequence is not None:  # a sampler must give every rank the same sequence
+                settings["sampled"] = hashlib.sha1(sequence.tobytes()).hexdigest()
+            check_same_on_every_rank(settings)
+        self._plan = plan_epoch(config, self.epoch, cells=cells, sequence=sequence)
         self._make = ds._batch_maker()
 
     def _read(self, load: int) -> tuple[LoadedRows, Callable[[np.ndarray], np.ndarray]]:
@@ -245,13 +297,14 @@ class EpochIterator(Iterator[Batch]):
         if got is None:
             if state.readers is None:
                 state.readers = ds._runtime.readers.take(ds._open_readers)
-            got = read_load(state.readers, plan, plan.loads[load]), keep
+            spec = plan.loads[load]
+            got = read_load(state.readers, spec, plan.take(spec)), keep
         got[0].rows = plan.rows_of_load(plan.loads[load])
         return got
 
     def _finish(self, complete: bool, failed: bool = False) -> None:
         state = self._state
-        self._loaded = None
+        self._loaded = self._mixed = None
         state.complete = complete
         if failed and state.readers is not None:  # a read was cut short: do not reuse these readers
             for reader in state.readers:
@@ -282,8 +335,17 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         equalize: Literal["drop", "pad"] = "drop",
+        cells: np.ndarray | Sequence[int] | Sequence[bool] | None = None,
+        sampler: Iterable[int] | None = None,
+        window: int | None = None,
     ):
         # Validate now, not at the first iteration.
+        if cells is not None and sampler is not None:
+            raise ValueError("give cells= (chunked access over a subset) or sampler= (your own order), not both")
+        if sampler is not None and not hasattr(sampler, "__len__"):
+            raise ValueError(f"sampler must have a length (len(sampler) rows per epoch); {type(sampler).__name__} has none")
+        if sampler is not None and iter(sampler) is sampler:
+            raise ValueError("sampler must be re-iterable (a Sampler, list or array), not an iterator: every epoch iterates it anew")
         explicit = rank_and_world_size(rank, world_size) if rank is not None or world_size is not None else (0, 1)
         PlanConfig((), batch_size, chunk_size, preload_nchunks, shuffle, seed, drop_last, *explicit, equalize)
         self.rank, self.world_size, self.equalize = rank, world_size, equalize
@@ -300,7 +362,14 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         if pin_memory and not torch.cuda.is_available():
             warnings.warn("pin_memory=True but CUDA is not available: batches are not pinned", stacklevel=2)
             self.pin_memory = False
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be a positive integer or None, got {window!r}")
+        self.window = window
+        self._cells_given = None if cells is None else np.asarray(cells)
+        self._cells_checked: np.ndarray | None = None  # sorted distinct rows, once checked against n_obs
+        self.sampler = sampler
         self._sources: list[XSource] = []
+        self._shuffled: list[bool] = []  # per source: known to be shuffled at conversion
         self._var_names: pd.Index | None = None
         self._obs: ObsColumns | None = None
         self._single_key = True
@@ -349,7 +418,11 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
             self._obs.check(a.obs, f"AnnData #{len(self._sources) + i}")
         self._obs.add([a.obs for a in adatas])
         self._var_names = var
-        self._sources += sources
+        self._sources = self._sources + sources
+        self._shuffled = self._shuffled + [_shuffled_at_conversion(s) for s in sources]
+        self._cells_checked = None
+        # New sources, new workers: loops already running keep the old ones until they end.
+        self._runtime = _Runtime()
         return self
 
     def add_store(self, path: str | os.PathLike, obs_keys: str | Sequence[str] | None = None):
@@ -421,10 +494,141 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         if not self._sources:
             raise ValueError("the dataset is empty: call add_anndatas(...) or add_store(...) first")
         rank, world_size = rank_and_world_size(self.rank, self.world_size)
+        cells = self._cells()
+        n_selected = len(self.sampler) if self.sampler is not None else None if cells is None else cells.size
         return PlanConfig(
             tuple(s.n_obs for s in self._sources), self.batch_size, self.chunk_size, self.preload_nchunks,
-            self.shuffle, self.seed, self.drop_last, rank, world_size, self.equalize,
+            self.shuffle, self.seed, self.drop_last, rank, world_size, self.equalize, n_selected, self._window(),
         )  # fmt: skip
+
+    def _window(self) -> int:
+        """Loads a batch mixes: ``window`` if given; 1 for stores shuffled at conversion, else DEFAULT_WINDOW."""
+        if not self.shuffle or self.sampler is not None:
+            return 1
+        if self.window is not None:
+            return self.window
+        return 1 if all(self._shuffled) else DEFAULT_WINDOW
+
+    # ------------------------------------------------------------------ selection
+
+    @property
+    def cells(self) -> np.ndarray | None:
+        """The subset this dataset yields (sorted row indices, as ``return_index`` numbers them), or ``None`` for all."""
+        return self._cells()
+
+    @property
+    def n_cells(self) -> int:
+        """Rows an epoch draws from: the subset's size, the sampler's length, or every cell."""
+        return self._plan_config().n_epoch
+
+    def _cells(self) -> np.ndarray | None:
+        if self._cells_given is None:
+            return None
+        if self._cells_checked is None:
+            self._cells_checked = _checked_cells(self._cells_given, self.n_obs)
+        return self._cells_checked
+
+    def _selection_id(self) -> str | None:
+        """What the batch sequence depends on in the selection, for state_dict and the ranks' check."""
+        if self.sampler is not None:
+            return f"sampler {type(self.sampler).__name__} of length {len(self.sampler)}"
+        cells = self._cells()
+        return None if cells is None else "cells sha1 " + hashlib.sha1(cells.tobytes()).hexdigest()
+
+    def _sample(self, epoch: int) -> np.ndarray:
+        """The sampler's indices for ``epoch``, checked.
+
+        The sampler runs with torch's global generator seeded from ``(seed,
+        epoch)`` (and restored after), so samplers that draw from it (torch's
+        own, with ``generator=None``) give the same sequence for the same
+        epoch on every rank and after a resume. ``set_epoch`` is called on
+        samplers that have it.
+        """
+        sampler, n_obs = self.sampler, self.n_obs
+        if callable(getattr(sampler, "set_epoch", None)):
+            sampler.set_epoch(epoch)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.default_rng([self.seed, epoch, 2]).integers(2**63)))
+            if isinstance(sampler, np.ndarray | torch.Tensor | list | tuple | range):
+                sequence = np.asarray(sampler, dtype=np.int64).ravel()
+            else:
+                sequence = np.fromiter((int(i) for i in sampler), dtype=np.int64)
+        if sequence.size != len(sampler):
+            raise ValueError(f"the sampler yielded {sequence.size} indices in epoch {epoch}, but len(sampler) is {len(sampler)}")
+        bad = (sequence < 0) | (sequence >= n_obs)
+        if bad.any():
+            raise IndexError(
+                f"the sampler yielded index {int(sequence[bad][0])} in epoch {epoch}, outside the dataset's "
+                f"{n_obs} cells (rows are numbered as return_index numbers them)"
+            )
+        return sequence
+
+    def subset(self, cells=None, sampler: Iterable[int] | None = None) -> _ZarrDataset:
+        """A dataset over the same sources and settings with another selection (``cells`` or ``sampler``).
+
+        Nothing is read again: the new dataset shares the sources, the obs
+        columns in memory and the worker processes (one of them iterating at
+        a time uses them; :meth:`close` on either stops them for both).
+        """
+        if cells is not None and sampler is not None:
+            raise ValueError("give cells= (chunked access over a subset) or sampler= (your own order), not both")
+        if sampler is not None and not hasattr(sampler, "__len__"):
+            raise ValueError(f"sampler must have a length; {type(sampler).__name__} has none")
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)  # the runtime too: one set of workers for both
+        new._cells_given = None if cells is None else np.asarray(cells)
+        new._cells_checked = None
+        new.sampler = sampler
+        new._obs = self._obs.copy() if self._obs is not None else None
+        new._epoch, new._start, new._last_stop = 0, 0, None
+        new._cells()  # refuse bad cells now
+        return new
+
+    def split(self, fraction: float, seed: int = 0) -> tuple[_ZarrDataset, _ZarrDataset]:
+        """Split the cells (of the subset, if any) at random into two datasets: ``train, val = ds.split(0.9)``.
+
+        ``round(fraction * n)`` cells go to the first, the rest to the
+        second; the same ``seed`` gives the same split. Both share the
+        sources, the obs columns and the workers (see :meth:`subset`).
+        """
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must be between 0 and 1, got {fraction!r}")
+        if self.sampler is not None:
+            raise ValueError("split() divides cells; this dataset has a sampler: split before choosing one")
+        cells = self._cells()
+        pool = np.arange(self.n_obs, dtype=np.int64) if cells is None else cells
+        order = np.random.default_rng(seed).permutation(pool.size)
+        k = int(round(fraction * pool.size))
+        return self.subset(cells=np.sort(pool[order[:k]])), self.subset(cells=np.sort(pool[order[k:]]))
+
+    def class_weights(self, key: str) -> torch.Tensor:
+        """Per-cell weights that give every class of obs column ``key`` the same total, for ``WeightedRandomSampler``.
+
+        A float64 tensor with one weight per cell of the dataset (numbered
+        as ``return_index`` numbers them): ``1 / (cells of its class)`` for
+        cells of this dataset's selection, 0 for cells outside it and for
+        cells with a missing label. ``key`` must be one of the ``obs_keys``.
+
+        Examples
+        --------
+        >>> weights = ds.class_weights("cell_type")
+        >>> sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=ds.n_cells)
+        >>> balanced = ds.subset(sampler=sampler)
+        """
+        if self._obs is None or key not in self._obs.keys:
+            keys = [] if self._obs is None else self._obs.keys
+            raise ValueError(f"class_weights({key!r}): {key!r} is not among the obs_keys given when adding data ({keys})")
+        labels = self._obs.values[key]
+        if key not in self._obs.categories:  # numeric: each distinct value is a class
+            labels = np.unique(labels, return_inverse=True)[1]
+        inside = np.zeros(labels.size, dtype=bool)
+        cells = self._cells()
+        inside[slice(None) if cells is None else cells] = True
+        inside &= labels >= 0
+        counts = np.bincount(labels[inside], minlength=1)
+        weights = np.zeros(labels.size, dtype=np.float64)
+        weights[inside] = 1.0 / counts[labels[inside]]
+        return torch.from_numpy(weights)
 
     # ------------------------------------------------------------------ resuming
 
@@ -442,7 +646,8 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         rt = self._rt()
         with rt.lock:
             epoch, start, last = self._epoch, self._start, self._last_stop
-            running = [it.position for it in list(rt.loops) if it.epoch == epoch and it._state.handed and not it._state.done]
+            loops = [it for it in list(rt.loops) if it.dataset is self and it.epoch == epoch]
+            running = [it.position for it in loops if it._state.handed and not it._state.done]
         yielded = max(running) if running else last[1] if last is not None and last[0] == epoch else start
         return {
             "epoch": epoch,
@@ -478,7 +683,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
             "seed": config.seed, "n_obs": config.n_obs, "file_n_obs": list(config.file_n_obs),
             "batch_size": config.batch_size, "chunk_size": config.chunk_size,
             "preload_nchunks": config.preload_nchunks, "shuffle": config.shuffle, "drop_last": config.drop_last,
-            "equalize": config.equalize,
+            "equalize": config.equalize, "n_selected": config.n_selected, "selection": self._selection_id(),
         }  # fmt: skip
 
     def __len__(self) -> int:
@@ -519,12 +724,12 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         rt, sources = self._rt(), tuple(self._sources)
         with rt.lock:
             engine = rt.engine
-            if engine is None or engine.closed or not engine.matches(sources, plan.config):
+            if engine is None or engine.closed or not engine.matches(sources):
                 if engine is not None and engine.in_use:
                     return None  # the sources or settings changed under a running loop: let it finish
                 if engine is not None:
                     engine.close()
-                engine = rt.engine = Engine(sources, plan.config, self.num_workers, self.memory_budget, self.timeout)
+                engine = rt.engine = Engine(sources, self.num_workers, self.memory_budget, self.timeout, plan.window)
         source = self._sources[0]
         return engine.start(plan, loads, seq, lambda: slot_layout(source, self._indptrs(), plan))
 

@@ -55,7 +55,7 @@ import numpy as np
 
 from .errors import WorkerError
 from .load import LoadedRows, load_nnz
-from .plan import EpochPlan, PlanConfig
+from .plan import EpochPlan
 from .ring import Ring, SlotLayout
 from .store import XSource
 from .worker import POLL_S, Failed, Filled, Task, WorkerConfig, WorkerPool
@@ -71,7 +71,7 @@ def slot_layout(source: XSource, indptrs: list[np.ndarray] | None, plan: EpochPl
     max_rows = max((load.n_rows for load in plan.loads), default=1)
     if source.kind == "dense":
         return SlotLayout("dense", source.dtype, max_rows, n_vars=source.n_vars)
-    max_nnz = max((load_nnz(indptrs, load) for load in plan.loads), default=1)
+    max_nnz = max((load_nnz(indptrs, load.runs, plan.selected_take(load)) for load in plan.loads), default=1)
     return SlotLayout("csr", source.dtype, max_rows, max_nnz=max_nnz)
 
 
@@ -103,17 +103,13 @@ _exit_hook_registered = False
 
 
 def _close_at_exit() -> None:
-    """Close every live engine at interpreter exit, with Ctrl-C ignored.
+    """Close every live engine at interpreter exit, with Ctrl-C deferred until it is done.
 
     Registered after ``weakref.finalize``'s own exit hook, so it runs first:
     a second Ctrl-C can then no longer cut the cleanup short inside the
-    finalizers. When the program is exiting *because of* Ctrl-C, further
-    presses are ignored for the rest of the exit too (they would only print
-    tracebacks from the interpreter's teardown).
+    finalizers. Ctrl-C works again afterwards (a hang elsewhere in the exit
+    stays interruptible).
     """
-    interrupted = getattr(sys, "last_type", None) is KeyboardInterrupt
-    if interrupted and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
     with _sigint_deferred():
         for engine in list(_live):
             Engine._shutdown(engine._parts, engine.owner)
@@ -175,8 +171,6 @@ class Engine:
     ----------
     sources
         The X of every added AnnData, in order.
-    plan
-        The plan settings (without the epoch).
     num_workers
         Worker processes (started at the first run).
     memory_budget
@@ -185,18 +179,21 @@ class Engine:
     timeout
         Seconds a worker with work may go without progress before it is
         reported; ``None``: 60 s more than the slowest load seen.
+    window
+        Loads a loop holds at once (batches mixing a window of loads): the
+        ring gets that many slots on top of ``2 * num_workers + 1``.
     """
 
     def __init__(
         self,
         sources: tuple[XSource, ...],
-        plan: PlanConfig,
         num_workers: int,
         memory_budget: int,
         timeout: float | None = None,
+        window: int = 1,
     ):
-        self.sources, self.plan_config = sources, plan
-        self.num_workers, self.memory_budget, self.timeout = num_workers, memory_budget, timeout
+        self.sources = sources
+        self.num_workers, self.memory_budget, self.timeout, self.window = num_workers, memory_budget, timeout, window
         self.owner = os.getpid()
         self.lock = threading.RLock()
         self.ring: Ring | None = None
@@ -249,8 +246,8 @@ class Engine:
     def closed(self) -> bool:
         return self._closed
 
-    def matches(self, sources: tuple[XSource, ...], plan: PlanConfig) -> bool:
-        return self.sources == sources and self.plan_config == plan
+    def matches(self, sources: tuple[XSource, ...]) -> bool:
+        return self.sources == sources
 
     @property
     def in_use(self) -> bool:
@@ -303,7 +300,7 @@ class Engine:
                 f"{layout.nbytes / 2**20:.1f} MiB (one load: {layout.max_rows} rows); raise memory_budget "
                 "or lower preload_nchunks"
             )
-        return int(min(fits, 2 * self.num_workers + 2))
+        return int(min(fits, 2 * self.num_workers + 1 + self.window))
 
     def _prepare(self, needed: SlotLayout) -> None:
         if self.ring is not None and self.ring.layout.holds(needed):
@@ -320,7 +317,7 @@ class Engine:
                 if slot.state == "lent":
                     slot.state = "free"
         if self.pool is None:
-            configs = [WorkerConfig(k, self.sources, self.plan_config) for k in range(self.num_workers)]
+            configs = [WorkerConfig(k, self.sources) for k in range(self.num_workers)]
             self.pool = self._parts[0] = WorkerPool(configs)
 
     # ------------------------------------------------------------------ the loop's next load
@@ -379,7 +376,9 @@ class Engine:
             self._slots[free] = _Slot("filling", ticket)
             self._flight[ticket] = _Flight(run, load, worker, free)
             run.submitted += 1
-            pool.submit(worker, Task(ticket, run.plan.epoch, load, free, ring.name(free), ring.layout), self._doing(worker))
+            spec = run.plan.loads[load]
+            task = Task(ticket, run.plan.epoch, load, free, ring.name(free), ring.layout, spec.runs, run.plan.take(spec))
+            pool.submit(worker, task, self._doing(worker))
 
     def _replace_oldest_lent(self) -> None:
         lent = [k for k, s in enumerate(self._slots) if s.state == "lent"]

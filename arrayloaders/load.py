@@ -1,9 +1,10 @@
 """Reading one load of the plan: its runs of rows, decoded and permuted into place.
 
-The same function fills a worker's ring slot and, for ``num_workers=0``,
-freshly allocated arrays in the main process. Each run is decoded once into
-a small buffer and its rows are copied straight to their permuted positions,
-so a load costs one decode and one copy of its bytes.
+The same function fills a worker's ring slot and, for loops that read in
+their own thread, freshly allocated arrays in the main process. Each run is
+decoded once into a small buffer and its rows are copied straight to the
+output positions the load's *take* gives them (none, one or several), so a
+load costs one decode of what it reads and one copy of what it yields.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .plan import EpochPlan, Load, load_permutation
+from .plan import Load
 from .rows import CsrRows, DenseRows
 
 __all__ = ["LoadedRows", "load_nnz", "read_load"]
@@ -32,59 +33,69 @@ class LoadedRows:
     rows: np.ndarray | None = None  # global row index of each row (set by the loop)
 
 
-def _row_lengths(indptrs: list[np.ndarray], load: Load) -> np.ndarray:
-    """Stored entries of each row of ``load``, in chunk order (``indptrs``: each file's)."""
-    return np.concatenate([np.diff(indptrs[f][a : b + 1]) for f, a, b in load.chunks.tolist()])
+def _row_lengths(indptrs: list[np.ndarray], runs: np.ndarray) -> np.ndarray:
+    """Stored entries of each read row of ``runs``, in read order (``indptrs``: each file's)."""
+    return np.concatenate([np.diff(indptrs[f][a : b + 1]) for f, a, b in runs.tolist()])
 
 
-def load_nnz(indptrs: list[np.ndarray], load: Load) -> int:
-    """Stored entries of ``load`` (``indptrs``: each file's CSR indptr)."""
-    return int(sum(indptrs[f][b] - indptrs[f][a] for f, a, b in load.chunks.tolist()))
+def load_nnz(indptrs: list[np.ndarray], runs: np.ndarray, take: np.ndarray | None = None) -> int:
+    """Stored entries a load yields: of every read row once (``take=None``), or of the rows ``take`` picks."""
+    if take is None:
+        return int(sum(indptrs[f][b] - indptrs[f][a] for f, a, b in runs.tolist()))
+    return int(_row_lengths(indptrs, runs)[take].sum())
 
 
 def read_load(
     readers: list[CsrRows] | list[DenseRows],
-    plan: EpochPlan,
     load: Load,
+    take: np.ndarray,
     out: LoadedRows | None = None,
 ) -> LoadedRows:
-    """Decode ``load``'s rows, permuted as the plan says, into ``out`` (arrays with room) or new arrays.
+    """Decode ``load``'s runs and yield the rows ``take`` picks, in its order, into ``out`` or new arrays.
 
-    Returns the filled parts, sized exactly (views of ``out``'s arrays).
+    ``take[p]`` is the read row (position in the runs' concatenation) that
+    output row ``p`` comes from: read rows may be skipped or repeated. Runs
+    are read file by file, in order. Returns the filled parts, sized exactly
+    (views of ``out``'s arrays).
     """
-    n = load.n_rows
-    order = load_permutation(plan.config, plan.epoch, load.index, n)  # output position -> chunk-order row
-    position = np.empty(n, dtype=np.int64)  # chunk-order row -> output position
-    position[order] = np.arange(n)
-    first_row = np.concatenate([[0], np.cumsum(load.chunks[:, 2] - load.chunks[:, 1])])
+    runs, n = load.runs, take.size
+    first_row = np.concatenate([[0], np.cumsum(runs[:, 2] - runs[:, 1])])
+    # The output rows each read row feeds: outputs[bounds[r]:bounds[r + 1]] for read row r.
+    outputs = np.argsort(take, kind="stable")
+    bounds = np.searchsorted(take[outputs], first_row)  # per run: where its outputs start
     if isinstance(readers[0], DenseRows):
-        dense = out.dense[:n] if out is not None else np.empty((n, readers[0].source.n_vars), readers[0].source.dtype)
-        for f in np.unique(load.chunks[:, 0]).tolist():
-            mine = np.flatnonzero(load.chunks[:, 0] == f)
-            for i, rows in zip(mine.tolist(), readers[f].runs(load.chunks[mine, 1:])):
-                dense[position[first_row[i] : first_row[i + 1]]] = rows
+        source = readers[0].source
+        dense = out.dense[:n] if out is not None else np.empty((n, source.n_vars), source.dtype)
+        for f in np.unique(runs[:, 0]).tolist():
+            mine = np.flatnonzero(runs[:, 0] == f)
+            for i, rows in zip(mine.tolist(), readers[f].runs(runs[mine, 1:])):
+                fed = outputs[bounds[i] : bounds[i + 1]]
+                dense[fed] = rows[take[fed] - first_row[i]]
         return LoadedRows(load, dense=dense)
 
-    lengths = _row_lengths([r.indptr for r in readers], load)
+    lengths = _row_lengths([r.indptr for r in readers], runs)
     indptr = out.indptr[: n + 1] if out is not None else np.empty(n + 1, dtype=np.int64)
     indptr[0] = 0
-    np.cumsum(lengths[order], out=indptr[1:])
+    np.cumsum(lengths[take], out=indptr[1:])
     nnz = int(indptr[-1])
     if out is not None:
         data, indices = out.data[:nnz], out.indices[:nnz]
     else:
         data, indices = np.empty(nnz, readers[0].source.dtype), np.empty(nnz, INDEX_DTYPE)
-    destination = indptr[position].tolist()  # where each chunk-order row's entries go
-    for f in np.unique(load.chunks[:, 0]).tolist():
-        mine = np.flatnonzero(load.chunks[:, 0] == f)
+    destination = indptr[:-1].tolist()  # where each output row's entries go
+    take_list, outputs_list = take.tolist(), outputs.tolist()
+    for f in np.unique(runs[:, 0]).tolist():
+        mine = np.flatnonzero(runs[:, 0] == f)
         indptr_f = readers[f].indptr
-        for i, (run_data, run_indices) in zip(mine.tolist(), readers[f].runs(load.chunks[mine, 1:])):
-            _, a, b = load.chunks[i].tolist()
+        for i, (run_data, run_indices) in zip(mine.tolist(), readers[f].runs(runs[mine, 1:])):
+            _, a, b = runs[i].tolist()
             starts = (indptr_f[a : b + 1] - indptr_f[a]).tolist()
-            # One slice copy per row: rows are kilobytes, so this beats building
+            r0 = int(first_row[i])
+            # One slice copy per output row: rows are kilobytes, so this beats building
             # a per-entry index (8 bytes per entry, then a fancy-index pass).
-            for q, (x, y) in enumerate(zip(starts[:-1], starts[1:]), start=first_row[i]):
-                o = destination[q]
+            for p in outputs_list[bounds[i] : bounds[i + 1]]:
+                q = take_list[p] - r0
+                x, y, o = starts[q], starts[q + 1], destination[p]
                 data[o : o + y - x] = run_data[x:y]
                 indices[o : o + y - x] = run_indices[x:y]
     return LoadedRows(load, indptr=indptr, data=data, indices=indices)

@@ -48,8 +48,10 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, Pipe, wait
 from pathlib import Path
 
+import numpy as np
+
 from .errors import WorkerError
-from .plan import EpochPlan, PlanConfig, plan_epoch
+from .plan import Load
 from .ring import SlotLayout, map_segment
 from .store import XSource
 
@@ -64,17 +66,24 @@ STOP_TIMEOUT_S = 2.0  # how long close() waits for a worker to exit before killi
 class WorkerConfig:
     worker: int
     sources: tuple[XSource, ...]
-    plan: PlanConfig  # the epoch comes with each task
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Task:
+    """Decode ``load`` (its ``runs``, yielding the rows ``take`` picks) into ``slot``.
+
+    The arrays are the plan's (``plan.Load``): a few tens of KB for a load of
+    8,192 rows, so workers need neither the plan nor the selection.
+    """
+
     ticket: int
-    epoch: int
+    epoch: int  # for messages only
     load: int
     slot: int
     segment: str  # the slot's current segment name
     layout: SlotLayout
+    runs: np.ndarray  # (k, 3) int64 (file, start, stop)
+    take: np.ndarray  # int64, one entry per yielded row
 
 
 @dataclass(frozen=True)
@@ -253,20 +262,14 @@ _PROC_STATES = {"R": "running", "S": "sleeping", "D": "waiting for the disk", "T
 
 
 class _Decoder:
-    """A worker's open stores, plan of the current epoch, and mapped slots."""
+    """A worker's open stores and mapped slots."""
 
     def __init__(self, config: WorkerConfig):
         from .rows import open_rows
 
         self.config = config
         self.readers = [open_rows(s) for s in config.sources]
-        self._plan: EpochPlan | None = None
         self._slots: dict[int, tuple[str, object, object]] = {}  # slot -> (segment, mapping, arrays)
-
-    def plan(self, epoch: int) -> EpochPlan:
-        if self._plan is None or self._plan.epoch != epoch:
-            self._plan = plan_epoch(self.config.plan, epoch)
-        return self._plan
 
     def slot(self, task: Task):
         held = self._slots.get(task.slot)
@@ -279,11 +282,10 @@ class _Decoder:
         from .load import LoadedRows, read_load
 
         start = time.monotonic()
-        plan = self.plan(task.epoch)
-        load = plan.loads[task.load]
+        load = Load(task.load, task.runs, 0, task.take.size, task.take)
         arrays = self.slot(task)
         out = LoadedRows(load, indptr=arrays.indptr, data=arrays.data, indices=arrays.indices, dense=arrays.dense)
-        rows = read_load(self.readers, plan, load, out)
+        rows = read_load(self.readers, load, task.take, out)
         nnz = int(rows.indptr[-1]) if rows.indptr is not None else 0
         arrays.header[:] = (task.ticket, task.load, load.n_rows, nnz)
         return Filled(self.config.worker, task.ticket, task.load, task.slot, load.n_rows, nnz, time.monotonic() - start)

@@ -123,6 +123,21 @@ def main(scenario: str, store: str, outdir: Path, args: dict, rank: int, world_s
                 out["other_rank_error"] = None
             except ValueError as e:
                 out["other_rank_error"] = str(e)
+    elif scenario == "sampler":
+        # A class-balancing sampler on every rank: each rank yields its share of the one sampled sequence.
+        weights = torch.linspace(1, 2, 1000, dtype=torch.float64)
+        sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=args.get("n", 601))
+        with dataset(store, sampler=sampler, num_workers=args.get("num_workers", 0)) as ds:
+            out["len"] = len(ds)
+            out["epoch0"], out["epoch1"] = epoch(ds), epoch(ds)
+    elif scenario == "sampler_mismatch":
+        # Ranks whose samplers disagree would yield overlapping cells: refused on every rank.
+        ds = dataset(store, sampler=list(range(rank, rank + 200)))
+        try:
+            epoch(ds)
+            out["error"] = None
+        except ValueError as e:
+            out["error"] = str(e)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     return out

@@ -331,3 +331,25 @@ def test_state_taken_right_after_load_state_dict_keeps_the_position(store):
     with dataset(store) as ds:
         ds.load_state_dict(again)
         assert first + epoch(ds) == full
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_sampler_is_shared_out_between_ranks_in_its_order(store, tmp_path, num_workers):
+    (alone,) = launch("sampler", store, tmp_path / "one", 1, num_workers=num_workers)
+    ranks = launch("sampler", store, tmp_path / "two", 2, timeout=60, num_workers=num_workers)
+    for e in ("epoch0", "epoch1"):
+        sequence = rows(alone[e])
+        assert len(sequence) == 601
+        halves = [rows(r[e]) for r in ranks]
+        assert halves == [sequence[:300], sequence[300:600]]  # contiguous, equal shares (one index dropped)
+    assert rows(alone["epoch0"]) != rows(alone["epoch1"])
+    assert {r["len"] for r in ranks} == {-(-300 // 50)}
+
+
+def test_samplers_that_differ_between_ranks_are_refused_on_every_rank(store, tmp_path):
+    results = launch("sampler_mismatch", store, tmp_path, 2, timeout=60)
+    for r in results:
+        assert r["error"] is not None and "sampled" in r["error"], r["error"]

@@ -57,7 +57,7 @@ def epoch_rows(plan: EpochPlan) -> np.ndarray:
 
 def read_rows(plan: EpochPlan) -> np.ndarray:
     """The epoch's rows in read order (loads' chunk pieces, before the in-load permutation)."""
-    return global_rows(plan.config.file_n_obs, [tuple(c) for load in plan.loads for c in load.chunks])
+    return global_rows(plan.config.file_n_obs, [tuple(c) for load in plan.loads for c in load.runs])
 
 
 def epoch_chunk_order(config: PlanConfig, epoch: int) -> list[tuple[int, int, int]]:
@@ -70,7 +70,7 @@ def epoch_chunk_order(config: PlanConfig, epoch: int) -> list[tuple[int, int, in
     )
     plan = plan_epoch(solo, epoch)
     assert len(plan.loads) == 1  # load_rows = n_chunks * chunk_size >= n_obs
-    order = [tuple(int(x) for x in c) for c in plan.loads[0].chunks]
+    order = [tuple(int(x) for x in c) for c in plan.loads[0].runs]
     assert sorted(order) == chunks  # whole store chunks, each exactly once
     return order
 
@@ -119,7 +119,7 @@ def check_layout(plan: EpochPlan) -> None:
     for i, load in enumerate(plan.loads):
         assert load.index == i
         assert load.start == i * cfg.load_rows
-        ch = load.chunks
+        ch = load.runs
         assert ch.dtype == np.int64 and ch.ndim == 2 and ch.shape[1] == 3 and len(ch) >= 1
         f, a, b = ch.T
         assert ((f >= 0) & (f < len(sizes))).all()
@@ -230,7 +230,7 @@ def test_same_config_and_epoch_give_the_same_plan(config, epoch):
     assert (a.n_rows, a.n_batches, len(a.loads)) == (b.n_rows, b.n_batches, len(b.loads))
     for la, lb in zip(a.loads, b.loads):
         assert (la.index, la.start) == (lb.index, lb.start)
-        np.testing.assert_array_equal(la.chunks, lb.chunks)
+        np.testing.assert_array_equal(la.runs, lb.runs)
         np.testing.assert_array_equal(
             load_permutation(config, epoch, la.index, la.n_rows), load_permutation(config, epoch, lb.index, lb.n_rows)
         )
@@ -395,7 +395,7 @@ def test_pad_with_fewer_chunks_than_ranks_splits_the_chunk():
     plans = rank_plans(config, 0)
     assert [epoch_rows(p).tolist() for p in plans] == [[0, 1, 0], [2, 3, 4]]
     assert [p.n_batches for p in plans] == [2, 2]
-    assert [p.loads[0].chunks.tolist() for p in plans] == [[[0, 0, 2], [0, 0, 1]], [[0, 2, 5]]]
+    assert [p.loads[0].runs.tolist() for p in plans] == [[[0, 0, 2], [0, 0, 1]], [[0, 2, 5]]]
 
 
 def test_drop_with_fewer_chunks_than_ranks_splits_the_chunk():
@@ -405,7 +405,7 @@ def test_drop_with_fewer_chunks_than_ranks_splits_the_chunk():
     plans = rank_plans(config, 0)
     assert [epoch_rows(p).tolist() for p in plans] == [[0, 1], [2, 3]]
     assert [p.n_batches for p in plans] == [1, 1]
-    assert [p.loads[0].chunks.tolist() for p in plans] == [[[0, 0, 2]], [[0, 2, 4]]]
+    assert [p.loads[0].runs.tolist() for p in plans] == [[[0, 0, 2]], [[0, 2, 4]]]
 
 
 # ---------------------------------------------------------------------------
