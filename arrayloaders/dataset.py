@@ -168,21 +168,27 @@ class _LoopState:
     handed: int = 0  # batches this loop has handed out
     run: EpochRun | None = None
     readers: list | None = None
+    pool: _Readers | None = None  # where ``readers`` came from, and go back to
+    owner: int = field(default_factory=os.getpid)  # the process the run and readers belong to
     complete: bool = False
     done: bool = False
 
+    def forked(self) -> None:
+        """In a child forked mid-loop: the parent's run and readers are the parent's; drop them untouched."""
+        if self.owner != os.getpid():
+            self.run, self.readers, self.pool, self.owner = None, None, None, os.getpid()
 
-def _end_loop(state: _LoopState, dataset: _ZarrDataset) -> None:
+
+def _end_loop(state: _LoopState) -> None:
     """Give back what a loop holds. Called once, when it ends or is garbage collected: sets flags only."""
     state.done = True
+    state.forked()
     if state.run is not None:
         state.run.release()
         state.run = None
     if state.readers is not None:
-        dataset._runtime.readers.give_back(state.readers)
+        state.pool.give_back(state.readers)
         state.readers = None
-    if state.handed and not state.complete:
-        dataset._last_stop = (state.epoch, state.position)
 
 
 class EpochIterator(Iterator[Batch]):
@@ -205,7 +211,7 @@ class EpochIterator(Iterator[Batch]):
         self._lend: Callable[[np.ndarray], np.ndarray] = keep
         self._mixed: MixedWindow | None = None  # the loads of the current window, when batches mix several
         self._mixed_index = -1
-        self._finalizer = weakref.finalize(self, _end_loop, self._state, dataset)
+        self._finalizer = weakref.finalize(self, _end_loop, self._state)
 
     @property
     def position(self) -> int:
@@ -282,6 +288,7 @@ class EpochIterator(Iterator[Batch]):
     def _read(self, load: int) -> tuple[LoadedRows, Callable[[np.ndarray], np.ndarray]]:
         """Load ``load`` from the workers if they are (or become) ours, else read it in this thread."""
         state, ds, plan = self._state, self.dataset, self._plan
+        state.forked()
         if state.run is not None:
             got = state.run.get(load)
             if got is None:  # a newer loop took the workers, or the dataset was closed
@@ -296,7 +303,8 @@ class EpochIterator(Iterator[Batch]):
                 got = state.run.get(load)
         if got is None:
             if state.readers is None:
-                state.readers = ds._runtime.readers.take(ds._open_readers)
+                state.pool = ds._rt().readers
+                state.readers = state.pool.take(ds._open_readers)
             spec = plan.loads[load]
             got = read_load(state.readers, spec, plan.take(spec)), keep
         got[0].rows = plan.rows_of_load(plan.loads[load])
@@ -373,10 +381,8 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         self._var_names: pd.Index | None = None
         self._obs: ObsColumns | None = None
         self._single_key = True
-        # The current epoch: where the next loop starts (epoch, first batch), and where the last
-        # abandoned loop stopped (for state_dict).
+        # The current epoch: where the next loop starts (epoch, first batch).
         self._epoch, self._start = 0, 0
-        self._last_stop: tuple[int, int] | None = None
         self._runtime = _Runtime()
         use_zarrs()
 
@@ -483,12 +489,12 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         the same epoch on every rank, as with ``torch.utils.data.DistributedSampler``.
         """
         with self._rt().lock:
-            self._epoch, self._start, self._last_stop = int(epoch), 0, None
+            self._epoch, self._start = int(epoch), 0
 
     def _epoch_complete(self, epoch: int) -> None:
         with self._rt().lock:
             if self._epoch == epoch:
-                self._epoch, self._start, self._last_stop = epoch + 1, 0, None
+                self._epoch, self._start = epoch + 1, 0
 
     def _plan_config(self) -> PlanConfig:
         if not self._sources:
@@ -580,7 +586,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         new._cells_checked = None
         new.sampler = sampler
         new._obs = self._obs.copy() if self._obs is not None else None
-        new._epoch, new._start, new._last_stop = 0, 0, None
+        new._epoch, new._start = 0, 0
         new._cells()  # refuse bad cells now
         return new
 
@@ -633,25 +639,25 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
     # ------------------------------------------------------------------ resuming
 
     def state_dict(self) -> dict:
-        """Where training stands in the current epoch: restore it with :meth:`load_state_dict` to yield exactly the rest.
+        """Where training stands: restore it with :meth:`load_state_dict` to yield exactly the rest.
 
         Holds the seed, the current epoch and how many of its batches the
-        furthest loop over it has handed out (a running loop, or the last
-        one that stopped early), plus the settings the batch sequence
-        depends on, to refuse a mismatch. After a complete epoch it points
-        at the start of the next. Take it on every rank; under DDP each rank
+        furthest *running* loop over it has handed out (a loop left early or
+        a peek no longer counts: the next loop starts the epoch again, and so
+        does a restored one). After a complete epoch it points at the start
+        of the next. Also holds the settings the batch sequence depends on,
+        to refuse a mismatch. Take it on every rank; under DDP each rank
         restores its own.
         """
         config = self._plan_config()
         rt = self._rt()
         with rt.lock:
-            epoch, start, last = self._epoch, self._start, self._last_stop
+            epoch, start = self._epoch, self._start
             loops = [it for it in list(rt.loops) if it.dataset is self and it.epoch == epoch]
-            running = [it.position for it in loops if it._state.handed and not it._state.done]
-        yielded = max(running) if running else last[1] if last is not None and last[0] == epoch else start
+        running = [it.position for it in loops if it._state.handed and not it._state.done]
         return {
             "epoch": epoch,
-            "batches_yielded": yielded,
+            "batches_yielded": max(running, default=start),
             "seed": self.seed,
             "rank": config.rank,
             "world_size": config.world_size,
@@ -676,7 +682,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         if yielded >= config.n_batches:  # saved after a complete epoch: go on with the next
             epoch, yielded = epoch + 1, 0
         with self._rt().lock:
-            self._epoch, self._start, self._last_stop = epoch, yielded, None
+            self._epoch, self._start = epoch, yielded
 
     def _settings(self, config: PlanConfig) -> dict:
         return {

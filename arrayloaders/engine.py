@@ -151,6 +151,8 @@ class EpochRun:
         they, and every batch made from them, are garbage collected.
         """
         engine = self.engine
+        if os.getpid() != engine.owner:
+            return None  # a forked child: the parent's workers are not ours to drive
         with engine.lock:
             if self.ended or self.released or engine.run is not self:
                 return None
@@ -263,6 +265,8 @@ class Engine:
         ``layout()`` gives the slot size the plan needs (called only when
         the workers are taken).
         """
+        if os.getpid() != self.owner:
+            return None  # a forked child: the parent's workers are not ours to drive
         if not self.lock.acquire(blocking=False):
             return None  # another thread is waiting on the workers right now
         try:
@@ -371,14 +375,14 @@ class Engine:
             load = run.loads[run.submitted]
             worker = load % len(pool)
             ticket = self._tickets = self._tickets + 1
+            spec = run.plan.loads[load]
+            task = Task(ticket, run.plan.epoch, load, free, ring.name(free), ring.layout, spec.runs, run.plan.take(spec))
+            pool.submit(worker, task, f"being given load {load} of epoch {run.plan.epoch}")
             if not any(f.worker == worker for f in self._flight.values()):
                 self._busy_since[worker] = time.monotonic()
             self._slots[free] = _Slot("filling", ticket)
             self._flight[ticket] = _Flight(run, load, worker, free)
             run.submitted += 1
-            spec = run.plan.loads[load]
-            task = Task(ticket, run.plan.epoch, load, free, ring.name(free), ring.layout, spec.runs, run.plan.take(spec))
-            pool.submit(worker, task, self._doing(worker))
 
     def _replace_oldest_lent(self) -> None:
         lent = [k for k, s in enumerate(self._slots) if s.state == "lent"]

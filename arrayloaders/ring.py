@@ -9,6 +9,9 @@ Ownership (see ``worker.py`` for the protocol):
   unlink checks the pid), so the parent's ring survives the child's exit.
 - Names are ``al_<pid>_<token>_<slot>_<generation>``: :func:`segment_names`
   lists a process's segments in ``/dev/shm`` (for ``close()`` checks and tests).
+- If the main process dies without unlinking (SIGKILL, ``os._exit`` in a
+  forked child), its workers notice within a second and unlink its segments
+  (:func:`unlink_orphans`); the resource tracker remains the last resort.
 - Batches handed to the user are views into a slot (zero copy). Each view is
   counted (:meth:`Segment.lend`) until torch frees it, and a slot is given
   to a worker again only when none is alive. If the user keeps batches and
@@ -26,6 +29,7 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+import threading
 import weakref
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -34,7 +38,7 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["Ring", "Segment", "SlotLayout", "SlotArrays", "map_segment", "segment_names"]
+__all__ = ["Ring", "Segment", "SlotLayout", "SlotArrays", "map_segment", "segment_names", "unlink_orphans"]
 
 PREFIX = "al"
 SHM_DIR = Path("/dev/shm")
@@ -104,6 +108,20 @@ def map_segment(name: str, nbytes: int) -> mmap.mmap:
         os.close(fd)
 
 
+def unlink_orphans(pid: int) -> None:
+    """Unlink every segment process ``pid`` created: its workers call this when it died without doing so.
+
+    The names carry the creator's pid (:func:`segment_names`). The resource
+    tracker would unlink them too, but only when the last process sharing it
+    exits, which for a child forked from a long-running parent is too late.
+    """
+    for name in segment_names(pid):
+        try:
+            os.unlink(SHM_DIR / name)
+        except FileNotFoundError:
+            pass  # another worker of the same process was quicker
+
+
 def segment_names(pid: int | None = None) -> list[str]:
     """Names of this package's segments in ``/dev/shm`` (of process ``pid``, or all)."""
     prefix = f"{PREFIX}_{pid}_" if pid is not None else f"{PREFIX}_"
@@ -141,20 +159,24 @@ class Segment:
         self._shm.close()  # our own mapping above is the one views refer to
         self.arrays = layout.arrays(self.mapping)
         self._views: list[weakref.ref] = []
+        self._views_lock = threading.Lock()  # a loop in one thread lends while another counts
         self._unlinked = False
 
     def lend(self, view: np.ndarray) -> np.ndarray:
         """Count ``view`` as held by the user until it is garbage collected."""
         # A plain weak reference, no callback: a Python callback run when a view dies is where
         # a Ctrl-C can land, and the interpreter swallows exceptions raised in such callbacks.
-        self._views.append(weakref.ref(view))
+        ref = weakref.ref(view)
+        with self._views_lock:
+            self._views.append(ref)
         return view
 
     @property
     def lent(self) -> int:
         """Views handed out that are still alive."""
-        self._views = [v for v in self._views if v() is not None]
-        return len(self._views)
+        with self._views_lock:
+            self._views = [v for v in self._views if v() is not None]
+            return len(self._views)
 
     def unlink(self) -> None:
         """Remove the name (idempotent; a no-op in a forked child). The memory is freed when the last mapping goes."""

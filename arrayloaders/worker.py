@@ -294,21 +294,28 @@ class _Decoder:
 def main(task_fd: int, reply_fd: int) -> None:
     tasks = Connection(task_fd, writable=False)
     replies = Connection(reply_fd, readable=False)
+    parent = os.getppid()
     try:
-        _serve(tasks, replies)
+        told = _serve(tasks, replies, parent)
     except (EOFError, OSError):
-        pass  # the main process is gone or closed our pipes: nothing to report to, exit quietly
+        told = False  # the main process is gone: nothing to report to
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)
+    if not told:
+        # It died without closing us (SIGKILL, os._exit in a forked child): unlink its ring,
+        # which it can no longer do and its resource tracker may only do much later.
+        from .ring import unlink_orphans
+
+        unlink_orphans(parent)
     # Nothing to flush or release (the OS unmaps and closes): skipping the interpreter's
     # teardown (~0.2 s with numpy and zarr loaded) makes close() quick.
     os._exit(0)
 
 
-def _serve(tasks: Connection, replies: Connection) -> None:
-    parent = os.getppid()
+def _serve(tasks: Connection, replies: Connection, parent: int) -> bool:
+    """Serve tasks until told to stop (returns True) or the parent is gone (False)."""
     config: WorkerConfig = tasks.recv()
     try:
         import numcodecs.blosc
@@ -321,16 +328,16 @@ def _serve(tasks: Connection, replies: Connection) -> None:
         decoder = _Decoder(config)
     except Exception:
         replies.send(Failed(config.worker, -1, -1, traceback.format_exc()))
-        return
+        return True  # the main process reads the failure and closes the pool
     replies.send(Started(config.worker, os.getpid()))
     while True:
         if not tasks.poll(POLL_S):
             if os.getppid() != parent:
-                return
+                return False
             continue
         task = tasks.recv()
         if task is None:
-            return
+            return True
         try:
             reply = decoder.run(task)
         except Exception:

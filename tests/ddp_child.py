@@ -42,18 +42,20 @@ def record(X: torch.Tensor, index: torch.Tensor) -> list:
     return [index.tolist(), h.hexdigest()]
 
 
-def epoch(ds, n: int | None = None) -> list:
-    """The records of the next loop over ``ds`` (the first ``n`` batches only, if given)."""
-    out = []
-    if n == 0:
-        return out
-    it = iter(ds)
-    for X, _, index in it:
+def epoch(ds) -> list:
+    """The records of the next loop over ``ds``."""
+    return [record(X, index) for X, _, index in ds]
+
+
+def head(ds, n: int) -> tuple[list, dict]:
+    """The records of the first ``n`` batches of the next loop, and ``ds.state_dict()`` taken then (while it runs)."""
+    out, it = [], iter(ds)
+    for _ in range(n):
+        X, _, index = next(it)
         out.append(record(X, index))
-        if n is not None and len(out) == n:
-            break
+    state = ds.state_dict()
     it.close()
-    return out
+    return out, state
 
 
 def main(scenario: str, store: str, outdir: Path, args: dict, rank: int, world_size: int) -> dict:
@@ -102,8 +104,7 @@ def main(scenario: str, store: str, outdir: Path, args: dict, rank: int, world_s
             out["full"] = epoch(ds)
         with dataset(store, **kw) as ds:
             ds.set_epoch(1)
-            out["first"] = epoch(ds, args["k"])
-            state = ds.state_dict()
+            out["first"], state = head(ds, args["k"])
         (outdir / f"state{rank}.json").write_text(json.dumps(state))
         out["state"] = state
     elif scenario == "resume_load":

@@ -136,9 +136,12 @@ def main(scenario: str, store: str) -> dict:
         out["next_epoch_rows"] = sorted(rows_of_epoch(ds))
         ds.close()
         out.update(leftovers())
-    elif scenario == "main_killed":
+    elif scenario in ("main_killed", "main_killed_with_helper"):
         it = iter(ds)
         next(it)
+        if scenario == "main_killed_with_helper" and os.fork() == 0:
+            time.sleep(60)  # a forked helper (sharing our resource tracker) outlives us
+            os._exit(0)
         print(json.dumps({"workers": worker_pids(), "pid": os.getpid()}), flush=True)
         time.sleep(60)  # the parent SIGKILLs us
     elif scenario == "many_epochs":
@@ -200,6 +203,41 @@ def main(scenario: str, store: str) -> dict:
         rows = rows_of_epoch(ds)  # epoch 1, on the parent's own workers
         out["parent_epoch_ok"] = sorted(rows) == list(range(1000)) and rows != want[0]
         out["workers_after"] = worker_pids()
+        ds.close()
+        out.update(leftovers())
+    elif scenario in ("fork_mid_loop", "fork_exit"):
+        # fork_mid_loop: a child forked mid-loop goes on with the inherited loop; the parent holds
+        # batches and goes on with its own. fork_exit: a child runs its own loop and leaves with
+        # os._exit (as multiprocessing's fork workers do): its ring must not outlive it.
+        want = [batch_bytes(b) for b in dataset(store, num_workers=0)]
+        it = iter(ds)
+        held = [next(it) for _ in range(3)]
+        before = [batch_bytes(b) for b in held]
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.close(r)
+            if scenario == "fork_mid_loop":
+                del held
+                rest = [batch_bytes(b) for b in it]
+                report = {"rest_ok": before + rest == want}
+            else:
+                ds.set_epoch(0)
+                report = {"own_ok": [batch_bytes(b) for b in ds] == want, "pid": os.getpid()}
+                report["segments"] = len(segment_names(os.getpid()))
+            os.write(w, json.dumps(report).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            out["child"] = json.loads(f.read() or "{}")
+        os.waitpid(child, 0)
+        rest = [batch_bytes(b) for b in it]
+        out["parent_ok"] = before + rest == want and [batch_bytes(b) for b in held] == before
+        if scenario == "fork_exit":
+            deadline = time.monotonic() + 10  # the child's workers notice within a second or two
+            while segment_names(child) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            out["child_segments_after_exit"] = segment_names(child)
         ds.close()
         out.update(leftovers())
     else:

@@ -24,7 +24,7 @@ from conftest import SIZES
 from arrayloaders import ZarrSparseDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ddp_child import dataset, epoch  # noqa: E402
+from ddp_child import dataset, epoch, head  # noqa: E402
 
 N = sum(SIZES)
 CHILD = Path(__file__).with_name("ddp_child.py")
@@ -211,8 +211,7 @@ def test_resume_in_a_new_process_continues_the_epoch_exactly(store, tmp_path, nu
     for k in ks:
         with dataset(store, num_workers=num_workers) as ds:
             epoch(ds)  # all of epoch 0
-            firsts[k] = epoch(ds, k)  # k batches of epoch 1
-            state = ds.state_dict()
+            firsts[k], state = head(ds, k)  # k batches of epoch 1, and the state taken then
         json.dumps(state)  # plain JSON
         # A complete epoch's state points at the start of the next one.
         assert (state["epoch"], state["batches_yielded"]) == ((1, k) if k < n else (2, 0))
@@ -323,8 +322,7 @@ def test_state_taken_right_after_load_state_dict_keeps_the_position(store):
     with dataset(store) as ds:
         full = epoch(ds)
     with dataset(store) as ds:
-        first = epoch(ds, 3)
-        state = ds.state_dict()
+        first, state = head(ds, 3)
     with dataset(store) as ds:
         ds.load_state_dict(state)
         again = ds.state_dict()  # e.g. a checkpoint written right after resuming

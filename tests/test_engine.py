@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -323,8 +324,11 @@ def test_ctrl_c_in_a_burst_still_leaves_nothing(store, repeat):
     assert_nothing_left(started)
 
 
-def test_killed_main_process_leaves_no_workers_or_segments(store):
-    p = subprocess.Popen([sys.executable, str(CHILD), "main_killed", str(store)], stdout=subprocess.PIPE, text=True)
+@pytest.mark.parametrize("scenario", ["main_killed", "main_killed_with_helper"])
+def test_killed_main_process_leaves_no_workers_or_segments(store, scenario):
+    # With a forked helper alive, the resource tracker (shared with it) would unlink the segments
+    # only when the helper exits: the workers unlink them when they notice their parent died.
+    p = subprocess.Popen([sys.executable, str(CHILD), scenario, str(store)], stdout=subprocess.PIPE, text=True)
     info = json.loads(p.stdout.readline())
     assert segment_names(info["pid"])
     p.kill()
@@ -332,9 +336,46 @@ def test_killed_main_process_leaves_no_workers_or_segments(store):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and (segment_names(info["pid"]) or any(psutil.pid_exists(w) for w in info["workers"])):
         time.sleep(0.2)
-    # Workers notice their parent is gone; the resource tracker unlinks the segments.
     assert not any(psutil.pid_exists(w) for w in info["workers"])
     assert segment_names(info["pid"]) == []
+    for child in psutil.Process().children(recursive=True):  # the helper, reparented away from p
+        if "main_killed" in " ".join(child.cmdline()):
+            child.kill()
+
+
+def test_a_child_forked_mid_loop_never_drives_the_parents_workers(store):
+    out = run_child("fork_mid_loop", store)
+    assert out["child"]["rest_ok"]  # the inherited loop went on correctly in the child...
+    assert out["parent_ok"]  # ...and the parent's loop and held batches are untouched
+    assert out["segments"] == [] and out["children"] == []
+
+
+def test_a_forked_child_leaving_with_os_exit_leaves_no_segments(store):
+    out = run_child("fork_exit", store)
+    assert out["child"]["own_ok"] and out["child"]["segments"] >= 2  # it ran its own workers and ring
+    assert out["child_segments_after_exit"] == []  # its workers unlinked them
+    assert out["parent_ok"]
+    assert out["segments"] == [] and out["children"] == []
+
+
+def test_lending_and_counting_from_several_threads_loses_no_view():
+    seg = Segment(f"al_test_{os.getpid()}_race", SlotLayout("csr", "float32", max_rows=4, max_nnz=64))
+    try:
+        kept, stop = [], threading.Event()
+
+        def count():
+            while not stop.is_set():
+                seg.lent
+
+        counter = threading.Thread(target=count)
+        counter.start()
+        for _ in range(20_000):
+            kept.append(seg.lend(seg.arrays.data[:3]))
+        stop.set()
+        counter.join()
+        assert seg.lent == len(kept)
+    finally:
+        seg.unlink()
 
 
 def test_many_epochs_do_not_grow_memory_or_open_files(store):

@@ -106,15 +106,41 @@ def test_a_kept_peek_iterator_gives_the_workers_to_the_next_loop_and_goes_on(sto
         assert [first, *loop(kept)] == reference(store, 0)  # the peek goes on with its own epoch
 
 
-def test_break_repeats_the_epoch_and_the_state_points_at_the_break(store, num_workers):
+def test_break_repeats_the_epoch_and_the_state_says_so(store, num_workers):
     with make(store, num_workers) as ds:
         for k, _ in enumerate(ds):
             if k == 6:
+                assert ds.state_dict()["batches_yielded"] == 7  # while the loop runs: where it stands
                 break
-        assert (ds.state_dict()["epoch"], ds.state_dict()["batches_yielded"]) == (0, 7)
+        # Left early, the loop no longer counts: the next loop starts the epoch again, and so
+        # does a dataset restored from the state.
+        assert (ds.state_dict()["epoch"], ds.state_dict()["batches_yielded"]) == (0, 0)
         assert loop(ds) == reference(store, 0)
         assert (ds.state_dict()["epoch"], ds.state_dict()["batches_yielded"]) == (1, 0)
         assert loop(ds) == reference(store, 1)
+
+
+def _peek(ds):
+    next(iter(ds))
+
+
+def _break_at_3(ds):
+    for k, _ in enumerate(ds):
+        if k == 2:
+            break
+
+
+def _two_epochs(ds):
+    loop(ds)
+    loop(ds)
+
+
+@pytest.mark.parametrize("before", [_peek, _break_at_3, _two_epochs], ids=lambda f: f.__name__.strip("_"))
+def test_a_restored_state_gives_the_same_next_loop(store, before):
+    with make(store, 2) as ds, make(store, 0) as restored:
+        before(ds)
+        restored.load_state_dict(ds.state_dict())
+        assert loop(restored) == loop(ds)
 
 
 def test_a_loop_stopped_at_len_completes_the_epoch_and_keeps_the_workers(store):
@@ -229,3 +255,24 @@ def test_dataloader_in_the_main_process_advances_epochs_without_warnings(store, 
         loader = torch.utils.data.DataLoader(ds, batch_size=None)
         assert loop(loader) == reference(store, 0)
         assert loop(loader) == reference(store, 1)
+
+
+# --------------------------------------------------------------------------- adding data
+
+
+@pytest.mark.parametrize("pattern", ["loops", "zip"])
+def test_adding_a_store_after_iterating_gives_the_combined_dataset(store, tmp_path, num_workers, pattern):
+    from arrayloaders import create_store_from_h5ads
+    from arrayloaders.example_data import write_example_h5ads
+
+    more = create_store_from_h5ads(write_example_h5ads(tmp_path / "h5", (120,), 400, nnz_per_cell=40, seed=7),
+                                   tmp_path / "more", progress=False)  # fmt: skip
+    with make(store, num_workers) as ds, make(store, 0) as both:
+        kept = iter(ds)
+        next(kept)  # a peek kept from before the change
+        for _ in zip(ds, ds) if pattern == "zip" else ds:
+            pass
+        ds.add_store(more, obs_keys="cell_type")
+        both.add_store(more, obs_keys="cell_type")
+        both.set_epoch(ds.epoch)
+        assert ds.n_obs == 1120 and loop(ds) == loop(both)
