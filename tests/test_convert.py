@@ -20,7 +20,8 @@ import scipy.sparse as sp
 from conftest import N_VARS, SIZES, assert_bit_identical, read_sources, read_store
 
 from arrayloaders import InputFileError, StoreError, XLayout, create_store_from_h5ads, read_manifest
-from arrayloaders.convert import csr_row_positions, parse_bytes, plan_output_files
+from arrayloaders.buckets import csr_row_positions
+from arrayloaders.convert import parse_bytes, plan_output_files
 from arrayloaders.example_data import make_example_adata, write_example_h5ads
 
 REPO = Path(__file__).resolve().parents[1]
