@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +23,8 @@ import psutil
 
 from .buckets import InputFile, scatter, write_output_file
 from .errors import InputFileError, StoreError
-from .store import MANIFEST_NAME, StoreManifest, XLayout, chunk_file_name, use_zarrs, write_manifest
+from .output import StagedOutput, check_output, remove_tree, scratch_directory
+from .store import StoreManifest, XLayout, chunk_file_name, use_zarrs, write_manifest
 
 __all__ = ["create_store_from_h5ads", "parse_bytes"]
 
@@ -297,8 +297,11 @@ def create_store_from_h5ads(
     paths = [Path(p) for p in adata_paths]
     if not paths:
         raise InputFileError("no input files given")
-    out = Path(output_path)
-    _prepare_output(out, overwrite)
+    out = check_output(output_path, paths, overwrite)
+    if tmp_dir is not None:
+        scratch_parent = Path(os.path.realpath(tmp_dir))
+        if scratch_parent == out or out in scratch_parent.parents:
+            raise StoreError(f"tmp_dir={tmp_dir} is inside the output {output_path}; choose a directory outside it")
 
     inputs = [_scan_input(p, str(p)) for p in paths]
     x_formats = {inp.x_format for inp in inputs}
@@ -321,57 +324,45 @@ def create_store_from_h5ads(
     n_obs = len(obs)
     order, bounds = plan_output_files(n_obs, n_obs_per_file, shuffle, seed)
 
-    work = Path(tmp_dir) if tmp_dir is not None else out
-    work.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".arrayloaders-tmp-", dir=work))
-    try:
-        buckets = scatter(inputs, order, bounds, len(var), dtype, x_format == "dense", working, progress, scratch)
-        files = []
-        for j, bucket in enumerate(buckets):
-            name = chunk_file_name(j)
-            lo, hi = bounds[j], bounds[j + 1]
-            write_output_file(
-                out / name, bucket, order[lo:hi], obs.iloc[order[lo:hi]], var, dtype, layout, working, progress, j
-            )
-            files.append({"name": name, "n_obs": int(hi - lo)})
-            shutil.rmtree(bucket.dir)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-    write_manifest(
-        out,
-        StoreManifest(
-            n_obs=n_obs,
-            n_vars=len(var),
-            x_format=x_format,
-            dtype=str(dtype),
-            files=files,
-            inputs=[{"path": str(inp.path), "n_obs": inp.n_obs} for inp in inputs],
-            var_names=[str(v) for v in var.index],
-            obs_schema=obs_schema,
-            layout={"x": asdict(layout), "zarr_format": 3},
-            shuffle=shuffle,
-            seed=seed,
-            var_join=var_join,
-            source_key=source_key,
-        ),
-    )
-    return out
+    # Everything is built in a hidden sibling of the output and moved into
+    # place once complete; an error or Ctrl-C anywhere below removes it.
+    with StagedOutput(out) as staged:
+        scratch = scratch_directory(Path(tmp_dir) if tmp_dir is not None else staged.path)
+        try:
+            buckets = scatter(inputs, order, bounds, len(var), dtype, x_format == "dense", working, progress, scratch)
+            files = []
+            for j, bucket in enumerate(buckets):
+                name = chunk_file_name(j)
+                lo, hi = bounds[j], bounds[j + 1]
+                write_output_file(
+                    staged.path / name, bucket, order[lo:hi], obs.iloc[order[lo:hi]], var, dtype, layout, working,
+                    progress, j,
+                )  # fmt: skip
+                files.append({"name": name, "n_obs": int(hi - lo)})
+                shutil.rmtree(bucket.dir)
+        finally:
+            remove_tree(scratch)
+        write_manifest(
+            staged.path,
+            StoreManifest(
+                n_obs=n_obs,
+                n_vars=len(var),
+                x_format=x_format,
+                dtype=str(dtype),
+                files=files,
+                inputs=[{"path": str(inp.path), "n_obs": inp.n_obs} for inp in inputs],
+                var_names=[str(v) for v in var.index],
+                obs_schema=obs_schema,
+                layout={"x": asdict(layout), "zarr_format": 3},
+                shuffle=shuffle,
+                seed=seed,
+                var_join=var_join,
+                source_key=source_key,
+            ),
+        )
+        staged.commit()
+    return Path(output_path)
 
 
 def _default_budget() -> int:
     return int(min(2 * 2**30, psutil.virtual_memory().available / 4))
-
-
-def _prepare_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise StoreError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise StoreError(f"{out}: already exists and is not empty; pass overwrite=True to replace it")
-        # Drop the manifest first: if we are killed while deleting, what is
-        # left no longer opens as a store.
-        (out / MANIFEST_NAME).unlink(missing_ok=True)
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-

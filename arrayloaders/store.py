@@ -185,8 +185,15 @@ def write_manifest(store: Path, manifest: StoreManifest) -> None:
     os.replace(tmp, store / MANIFEST_NAME)
 
 
-def read_manifest(store: str | os.PathLike) -> StoreManifest:
+def read_manifest(store: str | os.PathLike, verify: bool = True) -> StoreManifest:
     """Read and check the manifest of ``store``.
+
+    Parameters
+    ----------
+    store
+        The store directory.
+    verify
+        Also check the manifest against the files it lists.
 
     Raises
     ------
@@ -204,10 +211,49 @@ def read_manifest(store: str | os.PathLike) -> StoreManifest:
             "create_store_from_h5ads or its conversion did not finish"
         )
     manifest = StoreManifest.from_json(path.read_text(), path)
+    if not verify:
+        return manifest
     missing = [f["name"] for f in manifest.files if not (store / f["name"]).is_dir()]
     if missing:
         raise StoreError(f"{store}: files listed in the manifest are missing: {', '.join(missing)}")
     return manifest
+
+
+def foreign_entries(store: Path, manifest: StoreManifest) -> list[str]:
+    """Paths inside ``store`` (relative to it) that the store did not write: a user's files.
+
+    Ours are the manifest, the listed ``chunk_{i}.zarr`` directories, and
+    inside those only ``zarr.json`` metadata and chunk files under a ``c``
+    directory (``c/0``, ``c/3/0``). Symbolic links are never ours.
+    """
+    listed = {f["name"] for f in manifest.files}
+    foreign = []
+    for entry in sorted(os.scandir(store), key=lambda e: e.name):
+        if entry.name == MANIFEST_NAME and entry.is_file(follow_symlinks=False):
+            continue
+        if entry.name not in listed or not entry.is_dir(follow_symlinks=False):
+            foreign.append(entry.name)
+            continue
+        for root, dirs, files in os.walk(entry.path):
+            rel = Path(root).relative_to(store)
+            links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+            dirs[:] = [d for d in dirs if d not in links]
+            for name in links + files:
+                if name in links or os.path.islink(os.path.join(root, name)) or not _metadata_or_chunk(rel.parts, name):
+                    foreign.append(str(rel / name))
+    return foreign
+
+
+def _metadata_or_chunk(parts: tuple[str, ...], name: str) -> bool:
+    """Whether a file at ``parts/name`` is zarr v3 metadata or a chunk key (``…/c/1/0``)."""
+    if name == "zarr.json":
+        return True
+    if not name.isdigit():
+        return False
+    i = len(parts) - 1
+    while i > 0 and parts[i].isdigit():
+        i -= 1
+    return i > 0 and parts[i] == "c"
 
 
 # --------------------------------------------------------------------------- reading

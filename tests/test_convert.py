@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -248,12 +249,175 @@ def test_mixed_dense_and_csr_is_refused(h5ads, dense_h5ads, tmp_path):
         convert([h5ads[0], dense_h5ads[0]], tmp_path / "s", var_join="outer")
 
 
+# ------------------------------------------------------------------ the output directory
+
+
+def siblings(directory: Path) -> list[Path]:
+    """Hidden directories a conversion builds in (``.NAME.arrayloaders-…``) or keeps scratch in."""
+    return sorted(p for p in directory.iterdir() if ".arrayloaders-" in p.name)
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` with its contents (to prove that nothing changed)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
 def test_existing_output_is_refused_unless_overwrite(h5ads, tmp_path):
     out = convert(h5ads[:1], tmp_path / "s")
     with pytest.raises(StoreError, match="already exists.*overwrite=True"):
         convert(h5ads[:1], out)
     convert(h5ads[1:2], out, overwrite=True)
     assert read_manifest(out).n_obs == SIZES[1]
+    assert read_store(out).n_obs == SIZES[1]
+    assert siblings(tmp_path) == []  # the old store and the staging directory are gone
+
+
+@pytest.fixture
+def inputs_in_a_tree(h5ads, tmp_path):
+    """Two inputs copied to tmp_path/data/raw/{a,b}.h5ad, and a symlink to their directory."""
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    paths = [raw / "a.h5ad", raw / "b.h5ad"]
+    for src, dst in zip(h5ads[:2], paths):
+        shutil.copy(src, dst)
+    (tmp_path / "link").symlink_to(raw, target_is_directory=True)
+    return paths
+
+
+OUTPUT_AT_INPUTS = {
+    "input-directory": lambda root: root / "data" / "raw",
+    "input-parent": lambda root: root / "data",
+    "input-grandparent": lambda root: root,
+    "symlink-to-input-directory": lambda root: root / "link",
+    "dotdot-spelling": lambda root: root / "data" / "raw" / ".." / "raw",
+    "input-file": lambda root: root / "data" / "raw" / "a.h5ad",
+    "input-through-symlink": lambda root: root / "link" / "b.h5ad",
+}
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["no-overwrite", "overwrite"])
+@pytest.mark.parametrize("where", list(OUTPUT_AT_INPUTS))
+def test_output_at_or_above_an_input_is_refused(inputs_in_a_tree, tmp_path, where, overwrite):
+    before = tree(tmp_path / "data")
+    with pytest.raises(StoreError, match="input") as info:
+        convert(inputs_in_a_tree, OUTPUT_AT_INPUTS[where](tmp_path), overwrite=overwrite)
+    assert "\n" not in str(info.value)
+    assert tree(tmp_path / "data") == before  # nothing deleted, nothing added
+    assert siblings(tmp_path) == [] and siblings(tmp_path / "data") == []
+
+
+def test_input_given_through_a_symlinked_directory_is_protected(inputs_in_a_tree, tmp_path):
+    with pytest.raises(StoreError, match="contains the input"):
+        convert([tmp_path / "link" / "a.h5ad"], tmp_path / "data", overwrite=True)
+    assert (tmp_path / "data" / "raw" / "a.h5ad").exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["no-overwrite", "overwrite"])
+def test_foreign_directory_is_never_replaced(h5ads, tmp_path, overwrite):
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("\\chapter{Results}")
+    message = "not an arrayloaders store.*thesis.tex" if overwrite else "already exists"
+    with pytest.raises(StoreError, match=message):
+        convert(h5ads[:1], thesis, overwrite=overwrite)
+    assert tree(thesis) == {"thesis.tex": b"\\chapter{Results}"}
+    assert siblings(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["arrayloaders.notes", "chunk_0.zarr/obs/notes.txt", "chunk_0.zarr/X/data/c/0.bak"])
+def test_store_holding_a_foreign_file_is_not_replaced(h5ads, tmp_path, where):
+    out = convert(h5ads[:1], tmp_path / "s")
+    (out / where).write_text("mine")
+    before = tree(out)
+    with pytest.raises(StoreError, match="not part of it.*" + where.split("/")[-1].replace(".", r"\.")):
+        convert(h5ads[1:2], out, overwrite=True)
+    assert tree(out) == before
+    assert siblings(tmp_path) == []
+
+
+def test_empty_directory_and_missing_parents_are_fine(h5ads, tmp_path):
+    (tmp_path / "empty").mkdir()
+    convert(h5ads[:1], tmp_path / "empty")
+    assert read_manifest(tmp_path / "empty").n_obs == SIZES[0]
+    convert(h5ads[:1], tmp_path / "new" / "deeper" / "s")
+    assert read_manifest(tmp_path / "new" / "deeper" / "s").n_obs == SIZES[0]
+
+
+def test_output_that_is_a_file_is_refused(h5ads, tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StoreError, match="not a directory"):
+        convert(h5ads[:1], tmp_path / "f", overwrite=True)
+    assert (tmp_path / "f").read_text() == "x"
+
+
+@pytest.mark.parametrize("stage", ["scan", "write"])
+def test_failed_conversion_leaves_nothing(h5ads, tmp_path, monkeypatch, stage):
+    """A failure before or during the passes: no output, no staging directory, no scratch, no new parents."""
+    import arrayloaders.convert as convert_module
+
+    if stage == "write":
+        real = convert_module.write_output_file
+
+        def fail_on_second_file(path, *args):
+            if path.name == "chunk_1.zarr":
+                raise RuntimeError("disk full")
+            real(path, *args)
+
+        monkeypatch.setattr(convert_module, "write_output_file", fail_on_second_file)
+        paths, error = h5ads, RuntimeError
+    else:
+        (tmp_path / "bad.h5ad").write_text("not hdf5")
+        paths, error = [h5ads[0], tmp_path / "bad.h5ad"], InputFileError
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with pytest.raises(error):
+        convert(paths, tmp_path / "new" / "s", n_obs_per_file=300, tmp_dir=scratch)
+    assert not (tmp_path / "new").exists()
+    assert siblings(tmp_path) == [] and list(scratch.iterdir()) == []
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_overwrite_swaps_in_the_new_store(h5ads, tmp_path, monkeypatch, exchange):
+    import arrayloaders.output as output_module
+
+    calls = []
+    real = output_module.exchange_paths
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b) if exchange else False
+
+    monkeypatch.setattr(output_module, "exchange_paths", spy)
+    out = convert(h5ads[:1], tmp_path / "s")
+    convert(h5ads[2:3], out, overwrite=True)
+    assert len(calls) == 1
+    assert read_manifest(out).n_obs == SIZES[2]
+    src = read_sources(h5ads[2:3])
+    assert_bit_identical(read_store(out)[src.obs_names].X, src.X)
+    assert siblings(tmp_path) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+def test_exchange_paths_swaps_two_directories(tmp_path):
+    from arrayloaders.output import exchange_paths
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x").write_text("a"), (tmp_path / "b" / "y").write_text("b")
+    assert exchange_paths(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "a" / "y").read_text() == "b" and (tmp_path / "b" / "x").read_text() == "a"
+    with pytest.raises(OSError):
+        exchange_paths(tmp_path / "a", tmp_path / "missing")
+
+
+def test_tmp_dir_holds_the_buckets_and_is_left_clean(h5ads, tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "other.txt").write_text("keep")
+    out = convert(h5ads, tmp_path / "s", tmp_dir=scratch)
+    assert read_manifest(out).n_obs == sum(SIZES)
+    assert sorted(p.name for p in scratch.iterdir()) == ["other.txt"]
+    with pytest.raises(StoreError, match="tmp_dir.*inside the output"):
+        convert(h5ads, out, overwrite=True, tmp_dir=out / "tmp")
 
 
 def test_directory_without_manifest_is_not_a_store(tmp_path):
@@ -264,25 +428,53 @@ def test_directory_without_manifest_is_not_a_store(tmp_path):
         read_manifest(tmp_path / "nothing")
 
 
-def test_killed_conversion_never_looks_complete(tmp_path):
-    paths = write_example_h5ads(tmp_path / "in", (3000, 3000), 2000, nnz_per_cell=300)
-    out = tmp_path / "s"
+def start_and_kill_conversion(paths, out: Path, **kwargs) -> None:
+    """Run a conversion in a subprocess and SIGKILL it once its staging directory has an X chunk file."""
     script = f"""
         from arrayloaders import create_store_from_h5ads
-        create_store_from_h5ads({[str(p) for p in paths]!r}, {str(out)!r}, n_obs_per_file=500, progress=False)
+        create_store_from_h5ads({[str(p) for p in paths]!r}, {str(out)!r}, progress=False, **{kwargs!r})
     """
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)])
+    pattern = f".{out.name}.arrayloaders-*/chunk_*.zarr/X/data/c/*"
     try:
         deadline = time.monotonic() + 60
-        while not (out / "chunk_1.zarr").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        while not list(out.parent.glob(pattern)) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "conversion finished before it could be killed"
-    assert (out / "chunk_0.zarr").exists()
-    with pytest.raises(StoreError, match="not an arrayloaders store"):
-        read_manifest(out)
+
+
+@pytest.fixture(scope="module")
+def slow_inputs(tmp_path_factory):
+    """Inputs large enough (6,000 cells x 300 non-zeros) that a conversion can be killed half-way."""
+    return write_example_h5ads(tmp_path_factory.mktemp("slow"), (3000, 3000), 2000, nnz_per_cell=300)
+
+
+def test_killed_conversion_leaves_no_output_and_the_next_run_cleans_up(slow_inputs, tmp_path):
+    out = tmp_path / "s"
+    start_and_kill_conversion(slow_inputs, out, n_obs_per_file=500)
+    assert not out.exists()  # never a partial store at the output
+    assert len(siblings(tmp_path)) == 1  # the dead conversion's staging directory
+    convert(slow_inputs[:1], out, n_obs_per_file=500)
+    assert read_manifest(out).n_obs == 3000
+    assert siblings(tmp_path) == []
+
+
+def test_killed_overwrite_keeps_the_old_store(h5ads, slow_inputs, tmp_path):
+    out = convert(h5ads[:1], tmp_path / "s")
+    old = read_store(out)
+    before = tree(out)
+    start_and_kill_conversion(slow_inputs, out, n_obs_per_file=500, overwrite=True)
+    assert tree(out) == before
+    still = read_store(out)
+    assert_bit_identical(still.X, old.X)
+    np.testing.assert_array_equal(still.obs_names, old.obs_names)
+    assert len(siblings(tmp_path)) == 1
+    convert(h5ads[1:2], out, overwrite=True)
+    assert read_manifest(out).n_obs == SIZES[1]
+    assert siblings(tmp_path) == []
 
 
 # ------------------------------------------------------------------ memory bound
