@@ -23,6 +23,8 @@ import pandas as pd
 import zarr
 from tqdm.auto import tqdm
 
+from .errors import InputFileError
+
 __all__ = ["InputFile", "csr_row_positions", "scatter", "write_output_file"]
 
 
@@ -129,6 +131,12 @@ def _read_block(inp: InputFile, f: h5py.File, r0: int, r1: int, n_vars: int, dty
     a, b = inp.indptr[r0], inp.indptr[r1]
     data = f["X/data"][a:b].astype(dtype, copy=False)
     indices = f["X/indices"][a:b]
+    if indices.size and (indices.min() < 0 or indices.max() >= len(inp.var)):
+        bad = int(indices.max() if indices.max() >= len(inp.var) else indices.min())
+        raise InputFileError(
+            f"{inp.path}: X/indices holds column {bad} in rows {r0}-{r1 - 1}, outside the {len(inp.var)} genes "
+            "(damaged file)"
+        )
     indptr = inp.indptr[r0 : r1 + 1] - a
     if not np.array_equal(inp.gene_map, np.arange(n_vars)):
         mapped = inp.gene_map[indices]
@@ -179,7 +187,10 @@ def scatter(inputs, order, bounds, n_vars, dtype, dense, budget, progress, scrat
         for inp in inputs:
             with h5py.File(inp.path, "r") as f:
                 for r0, r1 in _blocks(_row_bytes(inp, n_vars, dtype.itemsize), block_bytes):
-                    block = _read_block(inp, f, r0, r1, n_vars, dtype)
+                    try:
+                        block = _read_block(inp, f, r0, r1, n_vars, dtype)
+                    except OSError as e:  # HDF5's messages do not name the file
+                        raise InputFileError(f"{inp.path}: cannot read X rows {r0}-{r1 - 1} ({e})") from e
                     dest = dest_file[offset + r0 : offset + r1]
                     rows_by_dest = np.argsort(dest, kind="stable")
                     cuts = np.searchsorted(dest[rows_by_dest], np.arange(len(buckets) + 1))

@@ -39,6 +39,50 @@ _RESERVE = 64 * 2**20
 # --------------------------------------------------------------------------- inputs
 
 
+def _input_paths(adata_paths) -> list[Path]:
+    """The inputs as paths: a list (not one path), each file once, whatever its spelling."""
+    if isinstance(adata_paths, (str, bytes, os.PathLike)):
+        one = os.fsdecode(adata_paths)
+        raise InputFileError(f"adata_paths must be a list of .h5ad paths, not a single path ({one!r}); pass [{one!r}]")
+    paths = []
+    for i, p in enumerate(adata_paths):
+        if not isinstance(p, (str, bytes, os.PathLike)):
+            raise InputFileError(f"adata_paths[{i}] is a {type(p).__name__}, not a path")
+        paths.append(Path(os.fsdecode(p)))
+    if not paths:
+        raise InputFileError("no input files given")
+    seen: dict = {}
+    for p in paths:
+        try:
+            st = p.stat()
+            key = (st.st_dev, st.st_ino)  # the same file through links, .. or another spelling
+        except OSError:
+            key = os.path.realpath(p)  # missing: reported, naming the file, when it is scanned
+        if key in seen:
+            also = f" (also given as {seen[key]})" if str(seen[key]) != str(p) else ""
+            raise InputFileError(f"{p}: given twice{also}; each input file may appear once")
+        seen[key] = p
+    return paths
+
+
+def _check_indptr(path: Path, indptr: np.ndarray, n_obs: int, nnz: int) -> None:
+    """Raise naming the file unless ``indptr`` is a valid CSR row pointer over ``nnz`` entries."""
+    if indptr.shape != (n_obs + 1,):
+        raise InputFileError(f"{path}: X/indptr has {indptr.size} entries, expected n_obs + 1 = {n_obs + 1}")
+    if indptr[0] != 0:
+        raise InputFileError(f"{path}: X/indptr starts at {indptr[0]}, not 0 (damaged file)")
+    steps = np.diff(indptr)
+    if (steps < 0).any():
+        row = int(np.flatnonzero(steps < 0)[0])
+        raise InputFileError(
+            f"{path}: X/indptr decreases at row {row} ({indptr[row]} -> {indptr[row + 1]}); damaged file"
+        )
+    if indptr[-1] != nnz:
+        raise InputFileError(
+            f"{path}: X/indptr ends at {indptr[-1]} but X/data holds {nnz} entries (damaged or truncated file)"
+        )
+
+
 def _scan_input(path: Path, label: str) -> InputFile:
     """Open one ``.h5ad`` and check it can be converted; raise naming the file if not."""
     if not path.exists():
@@ -72,6 +116,12 @@ def _scan_input(path: Path, label: str) -> InputFile:
             x_format, dtype = "csr", np.dtype(node["data"].dtype)
             indptr = node["indptr"][:].astype(np.int64)
             shape = tuple(int(s) for s in node.attrs["shape"])
+            nnz = node["data"].shape[0]
+            if node["indices"].shape[0] != nnz:
+                raise InputFileError(
+                    f"{path}: X/indices has {node['indices'].shape[0]} entries but X/data {nnz} (damaged file)"
+                )
+            _check_indptr(path, indptr, shape[0], nnz)
         elif encoding == "array" and isinstance(node, h5py.Dataset) and node.ndim == 2:
             x_format, dtype, indptr, shape = "dense", np.dtype(node.dtype), None, node.shape
         else:
@@ -294,9 +344,7 @@ def create_store_from_h5ads(
     budget = parse_bytes(memory_budget) if memory_budget is not None else _default_budget()
     if n_obs_per_file <= 0:
         raise ValueError(f"n_obs_per_file must be positive, got {n_obs_per_file}")
-    paths = [Path(p) for p in adata_paths]
-    if not paths:
-        raise InputFileError("no input files given")
+    paths = _input_paths(adata_paths)
     out = check_output(output_path, paths, overwrite)
     if tmp_dir is not None:
         scratch_parent = Path(os.path.realpath(tmp_dir))

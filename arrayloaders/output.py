@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import ArrayloadersError, StoreError
+from .errors import ArrayloadersError, ConversionWarning, StoreError
 from .store import foreign_entries, read_manifest
 
 __all__ = ["StagedOutput", "check_output", "exchange_paths", "remove_dead_siblings", "scratch_directory"]
@@ -244,7 +244,9 @@ class StagedOutput:
             try:
                 remove_tree(old)
             except OSError as e:  # the new store is in place: say what is left, do not fail
-                warnings.warn(f"{out}: replaced, but the old store could not be deleted from {old} ({e})", stacklevel=3)
+                warnings.warn(
+                    f"{out}: replaced, but the old store could not be deleted from {old} ({e})", ConversionWarning, stacklevel=3
+                )
         else:
             try:
                 os.rename(staged, out)  # atomic; replaces an empty directory

@@ -223,6 +223,36 @@ def _zero_cell_file(path):
     make_example_adata(10, 20, nnz_per_cell=3)[:0].copy().write_h5ad(path)
 
 
+def _damaged(edit):
+    """A small valid CSR file, then ``edit(X group)`` applied with h5py (as a damaged file would be)."""
+
+    def make(path):
+        # 10 cells x 20 genes, 3 entries each: 30 entries in all
+        indices = np.array([[c % 20, (c + 5) % 20, (c + 11) % 20] for c in range(10)])
+        X = sp.csr_matrix((np.ones(30, np.float32), np.sort(indices, axis=1).ravel(), np.arange(0, 31, 3)), (10, 20))
+        obs = pd.DataFrame(index=[f"cell_{i}" for i in range(10)])
+        ad.AnnData(X, obs=obs, var=pd.DataFrame(index=[f"gene_{g}" for g in range(20)])).write_h5ad(path)
+        with h5py.File(path, "r+") as f:
+            edit(f["X"])
+
+    return make
+
+
+def _set(name, index, value):
+    def edit(x):
+        values = x[name][:]
+        values[index] = value
+        x[name][...] = values
+
+    return edit
+
+
+def _truncate_data(x):
+    data = x["data"][:-5]
+    del x["data"]
+    x["data"] = data
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -232,9 +262,16 @@ def _zero_cell_file(path):
         (_csc_file, "CSC"),
         (_zero_cell_file, "no cells"),
         (lambda p: h5py.File(p, "w").close(), "no X"),
+        (_damaged(_set("indptr", 4, 1)), "indptr decreases at row 3"),
+        (_damaged(_set("indptr", 0, 2)), "indptr starts at 2"),
+        (_damaged(_set("indptr", -1, 29)), "indptr ends at 29 but X/data holds 30"),
+        (_damaged(_truncate_data), "X/indices has 30 entries but X/data 25"),
     ],
-    ids=["missing", "not-h5ad", "empty-file", "csc", "zero-cells", "no-X"],
-)
+    ids=[
+        "missing", "not-h5ad", "empty-file", "csc", "zero-cells", "no-X", "indptr-decreasing", "indptr-start",
+        "indptr-end", "data-truncated",
+    ],
+)  # fmt: skip
 def test_bad_input_names_the_file_and_problem(h5ads, tmp_path, make, message):
     bad = tmp_path / "bad.h5ad"
     make(bad)
@@ -242,6 +279,48 @@ def test_bad_input_names_the_file_and_problem(h5ads, tmp_path, make, message):
         convert([h5ads[0], bad], tmp_path / "s")
     assert str(bad) in str(info.value)
     assert not (tmp_path / "s" / "arrayloaders.json").exists()
+
+
+def test_column_index_out_of_range_is_found_while_reading(tmp_path):
+    _damaged(_set("indices", 7, 20))(tmp_path / "bad.h5ad")
+    with pytest.raises(InputFileError, match="bad.h5ad: X/indices holds column 20 in rows 0-9, outside the 20 genes"):
+        convert([tmp_path / "bad.h5ad"], tmp_path / "s", tmp_dir=tmp_path / "scratch")
+    assert not (tmp_path / "s").exists() and list((tmp_path / "scratch").iterdir()) == []
+
+
+@pytest.mark.parametrize("one", [str, Path], ids=["str", "Path"])
+def test_a_single_path_instead_of_a_list_is_refused(h5ads, tmp_path, one):
+    with pytest.raises(InputFileError, match="list of .h5ad paths, not a single path.*" + h5ads[0].name):
+        convert(one(h5ads[0]), tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+SPELLINGS = {
+    "same-spelling": lambda p, tmp: p,
+    "dotdot": lambda p, tmp: p.parent / ".." / p.parent.name / p.name,
+    "relative": lambda p, tmp: Path(os.path.relpath(p)),
+    "symlink": lambda p, tmp: _link(tmp / "link.h5ad", p),
+    "hardlink": lambda p, tmp: _hardlink(tmp / "hard.h5ad", p),
+}
+
+
+def _link(link: Path, target: Path) -> Path:
+    link.symlink_to(target)
+    return link
+
+
+def _hardlink(link: Path, target: Path) -> Path:
+    os.link(target, link)
+    return link
+
+
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+def test_the_same_file_twice_is_refused(h5ads, tmp_path, spelling):
+    again = SPELLINGS[spelling](h5ads[0], tmp_path)
+    with pytest.raises(InputFileError, match="given twice") as info:
+        convert([h5ads[0], h5ads[1], again], tmp_path / "s")
+    assert str(again) in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "s").exists()
 
 
 def test_mixed_dense_and_csr_is_refused(h5ads, dense_h5ads, tmp_path):
@@ -546,20 +625,108 @@ def test_cli_help_documents_every_option():
     for option in (
         "--output", "--no-shuffle", "--seed", "--n-obs-per-file", "--var-join", "--obs-columns", "--source-key",
         "--memory-budget", "--compressor", "--level", "--chunk-elements", "--shard-elements", "--tmp-dir",
-        "--overwrite", "--quiet",
+        "--overwrite", "--quiet", "--debug",
     ):  # fmt: skip
         assert option in res.stdout
 
 
-def test_cli_converts_and_reports_errors_in_one_line(h5ads, tmp_path):
+def test_cli_converts(h5ads, tmp_path):
     res = run_cli(*h5ads, "-o", tmp_path / "s", "--seed", "3", "--n-obs-per-file", "600", "-q")
     assert res.returncode == 0, res.stderr
     m = read_manifest(tmp_path / "s")
     assert m.seed == 3 and len(m.files) == 2 and m.n_obs == sum(SIZES)
-    res = run_cli(*h5ads, "-o", tmp_path / "s", "-q")
-    assert res.returncode != 0
-    assert res.stderr.strip().splitlines()[-1].startswith("convert.py: error:")
-    assert "already exists" in res.stderr
-    res = run_cli(tmp_path / "missing.h5ad", "-o", tmp_path / "t", "-q")
-    assert res.returncode != 0 and f"{tmp_path / 'missing.h5ad'}: no such file" in res.stderr
-    assert "Traceback" not in res.stderr
+
+
+@pytest.fixture(scope="module")
+def cli_main():
+    """``scripts/convert.py``'s ``main``, imported (in-process runs are faster than a subprocess each)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_script", REPO / "scripts" / "convert.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _damaged_indptr(tmp_path, h5ads):
+    _damaged(_set("indptr", 4, 1))(tmp_path / "damaged.h5ad")
+    return [tmp_path / "damaged.h5ad"]
+
+
+def _foreign_output(tmp_path, h5ads):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "thesis.tex").write_text("x")
+    return [h5ads[0], "--overwrite"]
+
+
+# id -> (arguments after the inputs, a function making the inputs, text the one line must hold)
+CLI_ERRORS = {
+    "missing-file": (lambda tmp, h: [tmp / "missing.h5ad"], "missing.h5ad: no such file"),
+    "not-h5ad": (lambda tmp, h: [_text_file(tmp / "cells.h5ad")], "cells.h5ad: not an .h5ad"),
+    "same-file-twice": (lambda tmp, h: [h[0], h[0]], "given twice"),
+    "same-file-other-spelling": (lambda tmp, h: [h[0], h[0].parent / ".." / h[0].parent.name / h[0].name], "given twice"),
+    "damaged-indptr": (_damaged_indptr, "damaged.h5ad: X/indptr decreases"),
+    "output-is-input-directory": (lambda tmp, h: [_copy(h[0], tmp / "a.h5ad"), "-o", tmp], "contains the input"),
+    "foreign-output-directory": (_foreign_output, "not an arrayloaders store"),
+    "memory-budget-unparsable": (lambda tmp, h: [h[0], "--memory-budget", "lots"], "cannot parse a size from 'lots'"),
+    "memory-budget-too-small": (lambda tmp, h: [h[0], "--memory-budget", "1MB"], "too small for X shards"),
+}
+
+
+def _text_file(path):
+    path.write_text("cell,gene\n")
+    return path
+
+
+def _copy(src, dst):
+    shutil.copy(src, dst)
+    return dst
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip("\n").split("\n")
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", list(CLI_ERRORS))
+def test_cli_reports_each_error_in_one_line(cli_main, h5ads, tmp_path, capsys, case):
+    make, text = CLI_ERRORS[case]
+    args = [str(a) for a in make(tmp_path, h5ads)]
+    if "-o" not in args:
+        args += ["-o", str(tmp_path / "s")]
+    assert cli_main.main([*args, "-q"]) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("convert.py: error: ") and text in line, line
+    assert "internal error" not in line
+
+
+def test_cli_reports_an_unexpected_error_as_internal(cli_main, h5ads, tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(cli_main, "create_store_from_h5ads", broken)
+    assert cli_main.main([str(h5ads[0]), "-o", str(tmp_path / "s"), "-q"]) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert line == "convert.py: error: internal error: KeyError: 'surprise' (run with --debug to see the traceback)"
+    with pytest.raises(KeyError, match="surprise"):
+        cli_main.main([str(h5ads[0]), "-o", str(tmp_path / "s"), "-q", "--debug"])
+
+
+def test_cli_bad_arguments_are_one_line_too(cli_main, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main.main(["x.h5ad", "-o", "s", "--no-such-option"])
+    assert info.value.code == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("convert.py: error: unrecognized arguments: --no-such-option")
+
+
+def test_cli_process_prints_one_line_and_no_traceback(h5ads, tmp_path):
+    """The real process, without -q: the same file twice (19 lines of traceback before) and a missing file."""
+    res = run_cli(h5ads[0], h5ads[0], "-o", tmp_path / "s")
+    assert res.returncode == 1
+    assert _one_line(res.stderr).startswith("convert.py: error: ") and "given twice" in res.stderr
+    res = run_cli(tmp_path / "missing.h5ad", "-o", tmp_path / "t")
+    assert res.returncode == 1 and _one_line(res.stderr) == f"convert.py: error: {tmp_path / 'missing.h5ad'}: no such file"
+    assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
