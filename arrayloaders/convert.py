@@ -22,6 +22,7 @@ import pandas as pd
 import psutil
 
 from .buckets import InputFile, scatter, write_output_file
+from .columns import ColumnSchema, harmonise_frames, join_columns
 from .errors import InputFileError, StoreError
 from .output import StagedOutput, check_output, remove_tree, scratch_directory
 from .store import StoreManifest, XLayout, chunk_file_name, use_zarrs, write_manifest
@@ -29,6 +30,7 @@ from .store import StoreManifest, XLayout, chunk_file_name, use_zarrs, write_man
 __all__ = ["create_store_from_h5ads", "parse_bytes"]
 
 VarJoin = Literal["same", "inner", "outer"]
+ObsJoin = Literal["outer", "inner"]
 
 # Part of the budget kept for the libraries' own buffers (zarrs' threads,
 # HDF5's chunk cache, pages of mapped buckets): measured at ~50 MiB, flat in
@@ -172,74 +174,41 @@ def _join_var(inputs: list[InputFile], var_join: VarJoin) -> pd.DataFrame:
         if not inp.var.index.is_unique:
             raise InputFileError(f"{inp.path}: var_names are not unique; call adata.var_names_make_unique() first")
         inp.gene_map = names.get_indexer(inp.var.index).astype(np.int64)
-    stacked = pd.concat([inp.var for inp in inputs])
-    var = stacked[~stacked.index.duplicated(keep="first")].reindex(names)
-    var.index = pd.Index(names.astype(str), dtype=object)
-    return var
+    # Each gene's var values come from the first input that has it; columns
+    # are harmonised over all inputs (outer join), as obs columns are.
+    frames, labels = [inp.var for inp in inputs], [str(inp.path) for inp in inputs]
+    columns = join_columns(frames, labels, "outer", what="var")
+    values, _ = harmonise_frames(frames, labels, columns, what="var")
+    stacked = np.concatenate([inp.var.index.to_numpy(dtype=object) for inp in inputs])
+    first = ~pd.Index(stacked).duplicated(keep="first")
+    rows = np.flatnonzero(first)[pd.Index(stacked[first]).get_indexer(names)]
+    return pd.DataFrame({c: v.take(rows) for c, v in values.items()}, index=_str_index(names), columns=columns)
+
+
+def _str_index(index) -> pd.Index:
+    """Names as a plain ``object`` index of ``str`` (pandas 3 would infer its string dtype, which anndata 0.12 will not write)."""
+    return pd.Index(np.asarray(pd.Index(index).astype(str), dtype=object), dtype=object)
 
 
 def _harmonise_obs(
-    inputs: list[InputFile], obs_columns: Sequence[str] | None, source_key: str | None
+    inputs: list[InputFile], obs_join: ObsJoin, obs_columns: Sequence[str] | None, source_key: str | None
 ) -> tuple[pd.DataFrame, dict[str, dict]]:
-    """Concatenate every input's obs with one dtype per column.
-
-    Categoricals (and strings, which anndata stores as categoricals anyway)
-    get the union of categories in first-seen order; codes are remapped.
-    """
-    if obs_columns is None:
-        columns: list[str] = []
-        for inp in inputs:
-            columns += [c for c in inp.obs.columns if c not in columns]
-    else:
-        columns = list(obs_columns)
-    for inp in inputs:
-        missing = [c for c in columns if c not in inp.obs.columns]
-        if missing:
-            raise InputFileError(
-                f"{inp.path}: obs has no column(s) {missing}; pass obs_columns=[...] to keep only "
-                "columns every input has"
-            )
+    """Every input's obs concatenated, one dtype per column (``columns.py``), and the schema for the manifest."""
+    frames, labels = [inp.obs for inp in inputs], [str(inp.path) for inp in inputs]
+    columns = join_columns(frames, labels, obs_join, obs_columns)
     if source_key is not None and source_key in columns:
         raise InputFileError(
             f"obs column {source_key!r} exists in the inputs and would be overwritten by the source "
             "file column; pass another source_key= (or source_key=None)"
         )
-    schema: dict[str, dict] = {}
-    parts = {c: [inp.obs[c] for inp in inputs] for c in columns}
-    out = {}
-    for c, series in parts.items():
-        if any(isinstance(s.dtype, pd.CategoricalDtype) or not _is_plain_numeric(s) for s in series):
-            categories: list = []
-            seen: set = set()
-            for s in series:
-                cats = s.cat.categories if isinstance(s.dtype, pd.CategoricalDtype) else pd.unique(s.dropna())
-                for v in cats:
-                    if v not in seen:
-                        seen.add(v)
-                        categories.append(v)
-            dtype = pd.CategoricalDtype(categories)
-            out[c] = pd.Categorical(np.concatenate([s.astype(object).to_numpy() for s in series]), dtype=dtype)
-            schema[c] = {"kind": "categorical", "categories": [_json_scalar(v) for v in categories]}
-        else:
-            dtype = np.result_type(*[s.dtype for s in series])
-            out[c] = np.concatenate([s.to_numpy().astype(dtype) for s in series])
-            schema[c] = {"kind": "numeric", "dtype": str(dtype)}
+    values, schema = harmonise_frames(frames, labels, columns)
     if source_key is not None:
-        labels = [inp.label for inp in inputs]
         codes = np.repeat(np.arange(len(inputs)), [inp.n_obs for inp in inputs])
-        out[source_key] = pd.Categorical.from_codes(codes, categories=pd.Index(labels).unique())
-        schema[source_key] = {"kind": "categorical", "categories": list(pd.Index(labels).unique())}
-    index = pd.Index(np.concatenate([inp.obs.index.astype(str).to_numpy(dtype=object) for inp in inputs]))
-    obs = pd.DataFrame(out, index=index, columns=list(out))
-    return obs, schema
-
-
-def _is_plain_numeric(s: pd.Series) -> bool:
-    return s.dtype.kind in "biuf"
-
-
-def _json_scalar(v):
-    return v.item() if isinstance(v, np.generic) else v
+        values[source_key] = pd.Categorical.from_codes(codes, categories=pd.Index(labels, dtype=object))
+        schema[source_key] = ColumnSchema("categorical", "category", tuple(labels))
+    index = _str_index(np.concatenate([inp.obs.index.to_numpy(dtype=object) for inp in inputs]))
+    obs = pd.DataFrame(values, index=index, columns=list(values))
+    return obs, {c: s.to_json() for c, s in schema.items()}
 
 
 # --------------------------------------------------------------------------- plan
@@ -281,6 +250,7 @@ def create_store_from_h5ads(
     seed: int = 0,
     n_obs_per_file: int = 2**20,
     var_join: VarJoin = "same",
+    obs_join: ObsJoin = "outer",
     obs_columns: Sequence[str] | None = None,
     source_key: str | None = "source_file",
     memory_budget: int | str | None = None,
@@ -291,13 +261,44 @@ def create_store_from_h5ads(
 ) -> Path:
     """Convert ``.h5ad`` files into one shuffled arrayloaders store.
 
+    The store is built in a hidden sibling directory of ``output_path`` and
+    moved into place only when complete, so ``output_path`` is always either
+    absent, the complete old store, or the complete new one; a failed or
+    killed conversion leaves nothing behind (a killed one's directory is
+    removed by the next conversion to the same output).
+
+    **obs (and var) columns get one dtype each**, whatever each input holds:
+
+    - A column that is text in any input (categorical, with any categories,
+      or strings: ``object`` or a pandas string dtype) becomes a categorical
+      of strings. Values are rendered with ``str`` (so ``3`` and ``"3"`` are
+      one category), categories come in first-seen order, missing values
+      stay missing (code -1).
+    - Otherwise it stays numeric: bool if bool everywhere; ints (and bools,
+      as 0/1) widen to the narrowest int holding all; any float gives the
+      float numpy promotes to (ints must be exactly representable), missing
+      values as NaN.
+    - A bool or int column with a missing value in some input (pandas'
+      nullable ``Int64``/``boolean``), or that some input lacks (outer
+      join), becomes nullable (``boolean``, ``Int64`` or the nullable int of
+      its width), so values stay exact.
+    - Other dtypes (dates, complex numbers) are refused with an
+      :class:`~arrayloaders.errors.InputFileError` naming file and column.
+
+    Each column's result is recorded in the manifest's ``obs_schema`` (kind,
+    dtype, categories, whether it has missing values). Every file opens with
+    ``anndata.read_zarr`` on anndata 0.12 and 0.13 without changing anndata
+    settings (names and categories are written as plain strings).
+
     Parameters
     ----------
     adata_paths
-        Input ``.h5ad`` files, X stored as CSR or dense (CSC is refused).
+        A list of input ``.h5ad`` files, X stored as CSR or dense (CSC is
+        refused); each file once.
     output_path
         The store directory to create: ``chunk_{i}.zarr`` AnnData (zarr v3)
-        files plus ``arrayloaders.json``.
+        files plus ``arrayloaders.json``. It must not be, or contain, an
+        input (symlinks and ``..`` are resolved).
     shuffle
         Shuffle cells globally across all inputs; ``False`` keeps input order.
     seed
@@ -307,9 +308,17 @@ def create_store_from_h5ads(
     var_join
         ``"same"`` (default) requires identical var_names in every input;
         ``"inner"`` keeps genes present in all inputs; ``"outer"`` keeps every
-        gene (first-seen order), missing genes are zeros.
+        gene (first-seen order), missing genes are zeros. var columns are
+        kept from all inputs (harmonised as obs columns are); a gene's values
+        come from the first input that has it.
+    obs_join
+        ``"outer"`` (default, as ``anndata.concat``): keep every obs column
+        of any input, missing values for the cells of inputs without it;
+        ``"inner"``: keep only the columns every input has.
     obs_columns
-        obs columns to keep (default: all; every input must have them).
+        obs columns to keep (default: as ``obs_join`` says). Under
+        ``obs_join="outer"`` a column some inputs lack is filled with missing
+        values; under ``"inner"`` every input must have it.
     source_key
         Name of an added categorical obs column holding each cell's input
         path; ``None`` to leave it out.
@@ -320,12 +329,14 @@ def create_store_from_h5ads(
     layout
         Chunking and compression of X (:class:`~arrayloaders.store.XLayout`).
     overwrite
-        Replace an existing store at ``output_path``; otherwise refuse.
+        Replace an existing store at ``output_path`` (swapped atomically, the
+        old one deleted afterwards); otherwise refuse. Only an arrayloaders
+        store that holds nothing but its own files is ever replaced.
     progress
         Show progress bars with cells/s.
     tmp_dir
-        Where temporary buckets go (about the size of the input X);
-        default: inside ``output_path``.
+        Where temporary buckets go (about the size of the input X), outside
+        ``output_path``; default: inside the new store's hidden directory.
 
     Returns
     -------
@@ -334,10 +345,13 @@ def create_store_from_h5ads(
     Raises
     ------
     InputFileError
-        An input is missing, not an ``.h5ad``, empty, CSC, or inconsistent
+        An input is missing, not an ``.h5ad``, empty, CSC, damaged, given
+        twice, has an obs column the rule cannot store, or is inconsistent
         with the others; the message names the file.
     StoreError
-        ``output_path`` exists and ``overwrite`` is false.
+        ``output_path`` is or contains an input, is a file, or is a non-empty
+        directory and ``overwrite`` is false or it is not an arrayloaders
+        store (or holds files the store does not account for).
     """
     use_zarrs()
     layout = layout or XLayout()
@@ -368,7 +382,7 @@ def create_store_from_h5ads(
             f"least {_RESERVE + 8 * shard_bytes}; raise memory_budget or pass a layout with smaller shards"
         )
     working = budget - _RESERVE
-    obs, obs_schema = _harmonise_obs(inputs, obs_columns, source_key)
+    obs, obs_schema = _harmonise_obs(inputs, obs_join, obs_columns, source_key)
     n_obs = len(obs)
     order, bounds = plan_output_files(n_obs, n_obs_per_file, shuffle, seed)
 
@@ -405,6 +419,7 @@ def create_store_from_h5ads(
                 shuffle=shuffle,
                 seed=seed,
                 var_join=var_join,
+                obs_join=obs_join,
                 source_key=source_key,
             ),
         )

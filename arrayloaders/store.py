@@ -30,7 +30,10 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "arrayloaders.json"
-FORMAT_VERSION = 1
+# 2: obs columns may be nullable or hold missing values (obs_schema records
+#    "missing"), every chunk is written and checksummed (crc32c). 1 is read too.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def use_zarrs(threads: int | None = None) -> None:
@@ -141,6 +144,7 @@ class StoreManifest:
     seed: int
     var_join: str
     source_key: str | None
+    obs_join: str | None = None  # None: written before obs joins (version 1), all inputs had every column
     format_version: int = FORMAT_VERSION
     format: str = "arrayloaders-store"
     created_by: str = field(default_factory=lambda: f"arrayloaders {_version()}")
@@ -156,10 +160,11 @@ class StoreManifest:
             raise StoreError(f"{path}: the manifest is not valid JSON ({e})") from e
         if not isinstance(raw, dict) or raw.get("format") != "arrayloaders-store":
             raise StoreError(f"{path}: not an arrayloaders manifest")
-        if raw.get("format_version") != FORMAT_VERSION:
+        if raw.get("format_version") not in READABLE_VERSIONS:
             raise StoreError(
                 f"{path}: store format version {raw.get('format_version')} is not supported by this "
-                f"arrayloaders (reads version {FORMAT_VERSION}); re-create the store"
+                f"arrayloaders (reads versions {', '.join(map(str, READABLE_VERSIONS))}); re-create the store "
+                "or upgrade arrayloaders"
             )
         try:
             return cls(**raw)

@@ -55,7 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="same: inputs must have identical var_names; inner: genes in all inputs; outer: all genes, "
         "missing ones are zeros (default: %(default)s)",
     )
-    p.add_argument("--obs-columns", nargs="+", metavar="COL", help="obs columns to keep (default: all)")
+    p.add_argument(
+        "--obs-join",
+        choices=["outer", "inner"],
+        default="outer",
+        help="outer: keep every obs column of any input, missing values for the cells of inputs without it; "
+        "inner: only the columns every input has (default: %(default)s)",
+    )
+    p.add_argument(
+        "--obs-columns", nargs="+", metavar="COL", help="obs columns to keep (default: those --obs-join keeps)"
+    )
     p.add_argument(
         "--source-key",
         default="source_file",
@@ -138,6 +147,7 @@ def convert(args: argparse.Namespace) -> int:
         seed=args.seed,
         n_obs_per_file=args.n_obs_per_file,
         var_join=args.var_join,
+        obs_join=args.obs_join,
         obs_columns=args.obs_columns,
         source_key=args.source_key or None,
         memory_budget=args.memory_budget,

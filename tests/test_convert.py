@@ -79,7 +79,7 @@ def test_each_file_is_anndata_readable_with_manifest(store):
     assert sum(f["n_obs"] for f in m.files) == m.n_obs
     assert [i["n_obs"] for i in m.inputs] == list(SIZES)
     assert m.obs_schema["cell_type"]["kind"] == "categorical"
-    assert m.obs_schema["batch"] == {"kind": "numeric", "dtype": "int64"}
+    assert m.obs_schema["batch"] == {"kind": "numeric", "dtype": "int64", "missing": False}
     assert m.layout["x"]["compressor"] == "blosc-lz4" and m.seed == 0 and m.shuffle
     for f in m.files:
         adata = ad.read_zarr(store / f["name"])
@@ -193,7 +193,9 @@ def test_categoricals_are_unified_not_stringified(tmp_path):
     assert list(st[a.obs_names].obs["tissue"].astype(str)) == list(a.obs["tissue"].astype(str))
     assert list(st[b.obs_names].obs["tissue"].astype(str)) == list(b.obs["tissue"].astype(str))
     assert isinstance(st.obs["donor"].dtype, pd.CategoricalDtype)
-    assert read_manifest(out).obs_schema["tissue"] == {"kind": "categorical", "categories": ["lung", "liver", "brain"]}
+    assert read_manifest(out).obs_schema["tissue"] == {
+        "kind": "categorical", "dtype": "category", "categories": ["lung", "liver", "brain"], "missing": False
+    }  # fmt: skip
 
 
 def test_obs_subset_and_no_source_column(h5ads, tmp_path):
@@ -201,13 +203,190 @@ def test_obs_subset_and_no_source_column(h5ads, tmp_path):
     assert list(st.obs.columns) == ["batch"]
 
 
-def test_obs_column_missing_in_one_file_is_named(tmp_path):
-    a = make_example_adata(10, 20, nnz_per_cell=3, seed=1, name_prefix="a")
-    b = make_example_adata(10, 20, nnz_per_cell=3, seed=2, name_prefix="b")
-    a.obs["extra"] = 1
-    a.write_h5ad(tmp_path / "a.h5ad"), b.write_h5ad(tmp_path / "b.h5ad")
-    with pytest.raises(InputFileError, match=r"b\.h5ad.*'extra'.*obs_columns"):
-        convert([tmp_path / "a.h5ad", tmp_path / "b.h5ad"], tmp_path / "s")
+def write_h5ad(adata: ad.AnnData, path: Path) -> Path:
+    """Write as a user would; pandas' string dtype needs anndata 0.12's opt-in (0.13 writes it by default)."""
+    with ad.settings.override(allow_write_nullable_strings=True):
+        adata.write_h5ad(path)
+    return path
+
+
+def _string(values):
+    return pd.array(values, dtype="string")
+
+
+def obs_of_every_dtype() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """obs of two inputs (8 and 6 cells) with every dtype anndata writes, and columns that differ between them."""
+    na = None
+    a = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(["T", "B", na, "T", "NK", "B", "T", na], categories=["T", "B", "NK"]),
+            "cat_int": pd.Categorical([1, 2, na, 3, 1, 1, 2, 3]),
+            "donor": _string(["d1", na, "d2", "d1", "d1", "d2", na, "d1"]),
+            "tissue": _string(["lung", "liver", "lung", na, "lung", "liver", "lung", "lung"]),
+            "barcode": np.array([f"AAC{i}" for i in range(8)], dtype=object),  # unique: stays a string array
+            "n_genes": pd.array([100, na, 250, 2**40, 0, -1, na, 7], dtype="Int64"),
+            "doublet": pd.array([True, na, False, False, True, na, False, True], dtype="boolean"),
+            "is_ok": np.array([True, False, True, True, False, True, True, False]),
+            "depth": np.array([1, 2, 3, 4, 5, 6, 7, 2**31 - 1], dtype=np.int32),
+            "score": np.array([0.1, np.nan, -0.0, 1e30, 2.5, np.inf, -np.inf, 3], dtype=np.float32),
+            "mixed": np.array([0, 3, 2, 1, 0, 3, 2, 1], dtype=np.int64),
+            "widen": np.array([-128, 127, 0, 1, 2, 3, 4, 5], dtype=np.int8),
+            "to_float": np.array([1, 2, 3, 4, 5, 6, 7, -32768], dtype=np.int16),
+            "only_a": np.array([0.5, 1.5, 2.5, np.nan, 4.5, 5.5, 6.5, 7.5]),
+        },
+        index=[f"a{i}" for i in range(8)],
+    )
+    b = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(["B", "DC", "T", "B", na, "DC"], categories=["DC", "B", "T"]),
+            "cat_int": pd.Categorical([3, 4, 4, 3, na, 3]),
+            "donor": pd.Categorical(["d3", "d1", "d3", "d3", "d1", na]),
+            "tissue": pd.Categorical(["brain", "lung", "brain", "brain", "lung", "lung"]),
+            "n_genes": np.array([5, 6, 7, 8, 9, 2**62], dtype=np.int64),
+            "doublet": np.array([False, True, False, False, False, True]),
+            "is_ok": np.array([True, True, False, False, True, True]),
+            "depth": np.array([9, 8, 7, 6, 5, -(2**31)], dtype=np.int32),
+            "score": np.array([np.nan, 1, 2, 3, 4, 5], dtype=np.float32),
+            "mixed": np.array(["0", "1", "2", "3", "x", "1"], dtype=object),
+            "widen": np.array([2**40, 0, 1, 2, 3, 4], dtype=np.int64),
+            "to_float": np.array([0.25, 1, 2, 3, 4, np.nan], dtype=np.float32),
+            "only_b": pd.array([True, False, na, True, True, False], dtype="boolean"),
+        },
+        index=[f"b{i}" for i in range(6)],
+    )
+    return a, b
+
+
+# column -> the dtype the documented rule gives it
+OBS_DTYPES = {
+    "cell_type": "category", "cat_int": "category", "donor": "category", "tissue": "category", "barcode": "category",
+    "n_genes": "Int64", "doublet": "boolean", "is_ok": "bool", "depth": "int32", "score": "float32",
+    "mixed": "category", "widen": "int64", "to_float": "float32", "only_a": "float64", "only_b": "boolean",
+    "source_file": "category",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def every_dtype(tmp_path_factory):
+    """Two inputs with obs of every dtype (written by this environment's anndata), converted once."""
+    root = tmp_path_factory.mktemp("every_dtype")
+    frames = obs_of_every_dtype()
+    paths = []
+    for i, obs in enumerate(frames):
+        adata = make_example_adata(len(obs), 30, nnz_per_cell=4, seed=i, name_prefix="ab"[i])
+        adata.obs = obs
+        paths.append(write_h5ad(adata, root / f"{'ab'[i]}.h5ad"))
+    out = create_store_from_h5ads(paths, root / "store", n_obs_per_file=5, progress=False)
+    return paths, frames, out
+
+
+def expected_text(value) -> str | None:
+    return None if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)) else str(value)
+
+
+def assert_column_equal(got: pd.Series, source: pd.Series | None, n: int, dtype: str) -> None:
+    """Output cells of one input against that input's column: equal text, same bits, missing where missing."""
+    got = got.reset_index(drop=True)
+    if source is None:
+        assert got.isna().all()
+        return
+    source = source.reset_index(drop=True)
+    if dtype == "category":
+        want = [expected_text(v) for v in source.astype(object)]
+        assert [None if pd.isna(v) else v for v in got.astype(object)] == want
+        return
+    np.testing.assert_array_equal(got.isna().to_numpy(), source.isna().to_numpy())
+    present = ~source.isna().to_numpy()
+    values = got.to_numpy(dtype=np.dtype(dtype.lower()) if dtype != "boolean" else bool, na_value=0)[present]
+    wanted = source.to_numpy(dtype=values.dtype, na_value=0)[present]
+    np.testing.assert_array_equal(values.view(np.uint8), wanted.view(np.uint8))
+
+
+def test_every_obs_dtype_round_trips_value_for_value(every_dtype):
+    paths, frames, out = every_dtype
+    store = read_store(out)
+    assert {c: str(store.obs[c].dtype) for c in store.obs.columns} == OBS_DTYPES
+    for path, frame in zip(paths, frames):
+        part = store[frame.index].obs
+        for column, dtype in OBS_DTYPES.items():
+            if column == "source_file":
+                assert (part[column].astype(str) == str(path)).all()
+                continue
+            assert_column_equal(part[column], frame.get(column), len(frame), dtype)
+    # The issue's case: int64 0..3 in one file, "0".."3" in the other: one category each, no duplicates.
+    assert list(store.obs["mixed"].cat.categories) == ["0", "3", "2", "1", "x"]
+    # Every file opens on its own with the same dtypes (anndata.read_zarr, no settings flipped).
+    for f in sorted(out.glob("chunk_*.zarr")):
+        assert {c: str(t) for c, t in ad.read_zarr(f).obs.dtypes.items()} == OBS_DTYPES
+
+
+def test_obs_schema_in_the_manifest(every_dtype):
+    schema = read_manifest(every_dtype[2]).obs_schema
+    assert schema["n_genes"] == {"kind": "numeric", "dtype": "Int64", "missing": True}
+    assert schema["is_ok"] == {"kind": "numeric", "dtype": "bool", "missing": False}
+    assert schema["only_b"] == {"kind": "numeric", "dtype": "boolean", "missing": True}
+    assert schema["only_a"] == {"kind": "numeric", "dtype": "float64", "missing": True}
+    assert schema["cell_type"] == {
+        "kind": "categorical", "dtype": "category", "categories": ["T", "B", "NK", "DC"], "missing": True
+    }  # fmt: skip
+    assert schema["cat_int"]["categories"] == ["1", "2", "3", "4"]
+    assert read_manifest(every_dtype[2]).obs_join == "outer"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "columns"),
+    [
+        ({}, list(OBS_DTYPES)),
+        ({"obs_join": "inner"}, [c for c in OBS_DTYPES if c not in ("barcode", "only_a", "only_b")]),
+        ({"obs_columns": ["only_b", "depth"]}, ["only_b", "depth", "source_file"]),
+        ({"obs_join": "inner", "obs_columns": ["depth"], "source_key": None}, ["depth"]),
+    ],
+    ids=["outer", "inner", "outer-selected", "inner-selected"],
+)
+def test_obs_join(every_dtype, tmp_path, kwargs, columns):
+    paths, frames, _ = every_dtype
+    out = convert(paths, tmp_path / "s", **kwargs)
+    store = read_store(out)
+    assert list(store.obs.columns) == columns
+    assert list(read_manifest(out).obs_schema) == columns
+    if "only_b" in columns:
+        assert store[frames[0].index].obs["only_b"].isna().all()
+        assert_column_equal(store[frames[1].index].obs["only_b"], frames[1]["only_b"], 6, "boolean")
+
+
+def test_inner_join_with_a_column_some_input_lacks_is_named(every_dtype, tmp_path):
+    paths, *_ = every_dtype
+    with pytest.raises(InputFileError, match=r"a\.h5ad: obs has no column 'only_b'.*obs_join='outer'"):
+        convert(paths, tmp_path / "s", obs_join="inner", obs_columns=["only_b"])
+    assert not (tmp_path / "s").exists()
+
+
+def test_obs_column_of_a_dtype_a_store_cannot_hold_is_named(tmp_path):
+    a = make_example_adata(4, 10, nnz_per_cell=2, seed=1)
+    a.obs["when"] = np.array([1 + 1j, 2, 3, 4])  # complex: anndata writes it, a categorical or number cannot be
+    path = tmp_path / "a.h5ad"
+    try:
+        a.write_h5ad(path)
+    except Exception:
+        pytest.skip("this anndata does not write complex obs columns")
+    with pytest.raises(InputFileError, match=r"a\.h5ad: obs column 'when' has dtype complex128"):
+        convert([path], tmp_path / "s")
+
+
+def test_var_columns_are_harmonised(tmp_path):
+    a = make_example_adata(5, 6, nnz_per_cell=2, seed=1, name_prefix="a")
+    b = make_example_adata(5, 6, nnz_per_cell=2, seed=2, name_prefix="b")
+    a.var["symbol"] = pd.Categorical([f"S{i}" for i in range(6)])
+    b.var["symbol"] = np.arange(6)  # ints elsewhere: strings in the store
+    a.var["highly_variable"] = np.array([True, False] * 3)
+    b.var["mean"] = np.linspace(0, 1, 6)
+    paths = [write_h5ad(a, tmp_path / "a.h5ad"), write_h5ad(b, tmp_path / "b.h5ad")]
+    out = convert(paths, tmp_path / "s")
+    var = ad.read_zarr(out / "chunk_0.zarr").var
+    assert list(var.columns) == ["symbol", "highly_variable", "mean"]
+    assert list(var["symbol"].astype(str)) == [f"S{i}" for i in range(6)]  # the first input's values
+    assert str(var["highly_variable"].dtype) == "boolean" and str(var["mean"].dtype) == "float64"
+    assert all(type(v) is str for v in var.index)
 
 
 # ------------------------------------------------------------------ bad input
@@ -623,7 +802,7 @@ def test_cli_help_documents_every_option():
     res = run_cli("--help")
     assert res.returncode == 0
     for option in (
-        "--output", "--no-shuffle", "--seed", "--n-obs-per-file", "--var-join", "--obs-columns", "--source-key",
+        "--output", "--no-shuffle", "--seed", "--n-obs-per-file", "--var-join", "--obs-join", "--obs-columns", "--source-key",
         "--memory-budget", "--compressor", "--level", "--chunk-elements", "--shard-elements", "--tmp-dir",
         "--overwrite", "--quiet", "--debug",
     ):  # fmt: skip
@@ -631,10 +810,10 @@ def test_cli_help_documents_every_option():
 
 
 def test_cli_converts(h5ads, tmp_path):
-    res = run_cli(*h5ads, "-o", tmp_path / "s", "--seed", "3", "--n-obs-per-file", "600", "-q")
+    res = run_cli(*h5ads, "-o", tmp_path / "s", "--seed", "3", "--n-obs-per-file", "600", "-q", "--obs-join", "inner")
     assert res.returncode == 0, res.stderr
     m = read_manifest(tmp_path / "s")
-    assert m.seed == 3 and len(m.files) == 2 and m.n_obs == sum(SIZES)
+    assert m.seed == 3 and len(m.files) == 2 and m.n_obs == sum(SIZES) and m.obs_join == "inner"
 
 
 @pytest.fixture(scope="module")
