@@ -106,8 +106,15 @@ def _numpy_dtype(s: pd.Series) -> np.dtype:
 
 def _render(value) -> str:
     """A value as category text: ``str`` of it in its own dtype (``3`` -> ``"3"``, ``True`` -> ``"True"``,
-    ``np.float32(0.1)`` -> ``"0.1"``, ``1e6`` -> ``"1000000.0"`` as float64, ``"1e+06"`` as float32)."""
-    return value if type(value) is str else str(value)
+    ``np.float32(0.1)`` -> ``"0.1"``, ``1e6`` -> ``"1000000.0"`` as float64, ``"1e+06"`` as float32).
+
+    -0.0 equals 0.0, so both are ``"0.0"`` (whichever comes first).
+    """
+    if type(value) is str:
+        return value
+    if isinstance(value, (float, np.floating)) and value == 0:
+        value = abs(value)
+    return str(value)
 
 
 def _text_codes(s: pd.Series) -> tuple[np.ndarray, list[str]]:

@@ -136,6 +136,9 @@ def _scan_input(path: Path, label: str) -> InputFile:
         raise InputFileError(f"{path}: has no cells (n_obs == 0)")
     if shape[1] == 0:
         raise InputFileError(f"{path}: has no genes (n_vars == 0)")
+    # Names as plain str: files of pandas 3 hold its string dtype, which never
+    # equals an object index of the same names.
+    obs.index, var.index = _str_index(obs.index), _str_index(var.index)
     return InputFile(path, label, shape[0], x_format, dtype, var, obs, indptr)
 
 

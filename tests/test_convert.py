@@ -389,6 +389,60 @@ def test_var_columns_are_harmonised(tmp_path):
     assert all(type(v) is str for v in var.index)
 
 
+# ------------------------------------------------------------------ files from newer anndata and pandas
+
+FIXTURES = [REPO / "tests" / "data" / "anndata013_a.h5ad", REPO / "tests" / "data" / "anndata013_b.h5ad"]
+FIXTURE_DTYPES = {
+    "cell_type": "category", "donor": "category", "barcode": "category", "n_counts": "Int64",
+    "doublet": "boolean", "batch": "category", "flag": "bool", "score": "float64", "only_a": "category",
+    "only_b": "Int64", "source_file": "category",
+}  # fmt: skip
+
+
+def test_fixtures_are_from_the_newer_stack():
+    """Made by tests/data/make_fixtures.py under anndata 0.13 / pandas 3: pandas' str columns and names."""
+    for path in FIXTURES:
+        with h5py.File(path) as f:
+            assert f["obs/_index"].attrs["encoding-type"] == "nullable-string-array"
+            assert f["uns/written_by"][()].decode().startswith("anndata 0.13")
+    with h5py.File(FIXTURES[0]) as f:
+        assert f["obs/n_counts"].attrs["encoding-type"] == "nullable-integer"
+        assert f["obs/doublet"].attrs["encoding-type"] == "nullable-boolean"
+        assert f["obs/barcode"].attrs["encoding-type"] == "nullable-string-array"
+
+
+def test_files_from_newer_anndata_convert_and_round_trip(tmp_path):
+    out = convert(FIXTURES, tmp_path / "s", n_obs_per_file=8)
+    store = read_store(out)
+    assert {c: str(store.obs[c].dtype) for c in store.obs.columns} == FIXTURE_DTYPES
+    for path in FIXTURES:
+        source = ad.read_h5ad(path)
+        part = store[list(source.obs_names)]
+        assert_bit_identical(part.X, source.X)
+        for column, dtype in FIXTURE_DTYPES.items():
+            if column != "source_file":
+                assert_column_equal(part.obs[column], source.obs.get(column), source.n_obs, dtype)
+    assert list(store.obs["batch"].cat.categories) == ["0", "1", "2", "b2"]
+    var = ad.read_zarr(out / "chunk_0.zarr").var
+    assert list(var.index) == [f"ENSG{g:05d}" for g in range(8)]
+    assert list(var["gene_symbol"].astype(str)) == [f"SYM{g}" for g in range(8)]
+
+
+def test_newer_and_older_files_convert_together(tmp_path):
+    """A file of this environment's anndata next to one of anndata 0.13: the schemas meet by the rule."""
+    older = make_example_adata(5, 8, nnz_per_cell=2, seed=3, name_prefix="c")
+    older.var_names = [f"ENSG{g:05d}" for g in range(8)]
+    older.obs["n_counts"] = np.arange(5, dtype=np.int32)
+    older.obs["cell_type"] = pd.Categorical(["T", "Mono", "T", "B", "Mono"])
+    path = write_h5ad(older, tmp_path / "c.h5ad")
+    out = convert([*FIXTURES, path], tmp_path / "s")
+    store = read_store(out)
+    assert str(store.obs["n_counts"].dtype) == "Int64"
+    assert list(store.obs["cell_type"].cat.categories) == ["T", "B", "NK", "DC", "Mono"]
+    assert_column_equal(store[older.obs_names].obs["n_counts"], older.obs["n_counts"], 5, "Int64")
+    assert_bit_identical(store[older.obs_names].X, older.X)
+
+
 # ------------------------------------------------------------------ bad input
 
 
