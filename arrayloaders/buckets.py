@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +41,7 @@ class InputFile:
     obs: pd.DataFrame
     indptr: np.ndarray | None  # CSR only; O(n_obs) bookkeeping
     gene_map: np.ndarray | None = None  # input column -> output column, -1 = dropped
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # elements not carried: {"layers": ["counts"], ...}
 
 class _Bucket:
     """Temporary on-disk rows of one output file, in increasing global cell order."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +24,7 @@ import psutil
 
 from .buckets import InputFile, scatter, write_output_file
 from .columns import ColumnSchema, harmonise_frames, join_columns
-from .errors import InputFileError, StoreError
+from .errors import ConversionWarning, InputFileError, StoreError
 from .output import StagedOutput, check_output, remove_tree, scratch_directory
 from .store import StoreManifest, XLayout, chunk_file_name, use_zarrs, write_manifest
 
@@ -104,6 +105,7 @@ def _scan_input(path: Path, label: str) -> InputFile:
             raise InputFileError(f"{path}: not an AnnData file (no obs/var groups)")
         node = f["X"]
         encoding = node.attrs.get("encoding-type", "array" if isinstance(node, h5py.Dataset) else None)
+        dropped = _not_carried(f)
         try:
             obs = ad.io.read_elem(f["obs"])
             var = ad.io.read_elem(f["var"])
@@ -139,7 +141,38 @@ def _scan_input(path: Path, label: str) -> InputFile:
     # Names as plain str: files of pandas 3 hold its string dtype, which never
     # equals an object index of the same names.
     obs.index, var.index = _str_index(obs.index), _str_index(var.index)
-    return InputFile(path, label, shape[0], x_format, dtype, var, obs, indptr)
+    return InputFile(path, label, shape[0], x_format, dtype, var, obs, indptr, dropped=dropped)
+
+
+# Elements of an AnnData that the store does not hold (yet): the conversion says so.
+_NOT_CARRIED = ("layers", "obsm", "obsp", "raw")
+
+
+def _not_carried(f: h5py.File) -> dict[str, list[str]]:
+    """What of an open ``.h5ad`` the store will not hold: {"layers": ["counts"], "raw": [], ...}."""
+    out = {}
+    for name in _NOT_CARRIED:
+        node = f.get(name)
+        if node is None or (isinstance(node, h5py.Group) and name != "raw" and not len(node)):
+            continue
+        if name == "raw" and node.attrs.get("encoding-type") == "null":
+            continue
+        out[name] = sorted(node) if name != "raw" and isinstance(node, h5py.Group) else []
+    return out
+
+
+def _warn_not_carried(inputs: list[InputFile]) -> None:
+    """One warning for the whole conversion, naming each dropped element and the files that have it."""
+    files: dict[str, list[str]] = {}
+    for inp in inputs:
+        for name, keys in inp.dropped.items():
+            what = f"{name} {', '.join(repr(k) for k in keys)}" if keys else name
+            files.setdefault(what, []).append(str(inp.path))
+    if files:
+        listed = "; ".join(f"{what} from {', '.join(paths)}" for what, paths in files.items())
+        warnings.warn(
+            f"the store does not carry layers, obsm, obsp or raw yet; dropped: {listed}", ConversionWarning, stacklevel=3
+        )
 
 
 def _join_var(inputs: list[InputFile], var_join: VarJoin) -> pd.DataFrame:
@@ -369,6 +402,7 @@ def create_store_from_h5ads(
             raise StoreError(f"tmp_dir={tmp_dir} is inside the output {output_path}; choose a directory outside it")
 
     inputs = [_scan_input(p, str(p)) for p in paths]
+    _warn_not_carried(inputs)
     x_formats = {inp.x_format for inp in inputs}
     if len(x_formats) > 1:
         by = {f: [str(i.path) for i in inputs if i.x_format == f] for f in x_formats}

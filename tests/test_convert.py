@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -20,7 +21,7 @@ import pytest
 import scipy.sparse as sp
 from conftest import N_VARS, SIZES, assert_bit_identical, read_sources, read_store
 
-from arrayloaders import InputFileError, StoreError, XLayout, create_store_from_h5ads, read_manifest
+from arrayloaders import ConversionWarning, InputFileError, StoreError, XLayout, create_store_from_h5ads, read_manifest
 from arrayloaders.buckets import csr_row_positions
 from arrayloaders.convert import parse_bytes, plan_output_files
 from arrayloaders.example_data import make_example_adata, write_example_h5ads
@@ -411,6 +412,7 @@ def test_fixtures_are_from_the_newer_stack():
         assert f["obs/barcode"].attrs["encoding-type"] == "nullable-string-array"
 
 
+@pytest.mark.filterwarnings("ignore::arrayloaders.errors.ConversionWarning")
 def test_files_from_newer_anndata_convert_and_round_trip(tmp_path):
     out = convert(FIXTURES, tmp_path / "s", n_obs_per_file=8)
     store = read_store(out)
@@ -428,6 +430,7 @@ def test_files_from_newer_anndata_convert_and_round_trip(tmp_path):
     assert list(var["gene_symbol"].astype(str)) == [f"SYM{g}" for g in range(8)]
 
 
+@pytest.mark.filterwarnings("ignore::arrayloaders.errors.ConversionWarning")
 def test_newer_and_older_files_convert_together(tmp_path):
     """A file of this environment's anndata next to one of anndata 0.13: the schemas meet by the rule."""
     older = make_example_adata(5, 8, nnz_per_cell=2, seed=3, name_prefix="c")
@@ -441,6 +444,25 @@ def test_newer_and_older_files_convert_together(tmp_path):
     assert list(store.obs["cell_type"].cat.categories) == ["T", "B", "NK", "DC", "Mono"]
     assert_column_equal(store[older.obs_names].obs["n_counts"], older.obs["n_counts"], 5, "Int64")
     assert_bit_identical(store[older.obs_names].X, older.X)
+
+
+def test_dropped_elements_are_named_in_one_warning(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert(FIXTURES, tmp_path / "s")
+    ours = [w for w in caught if issubclass(w.category, ConversionWarning)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    message = str(ours[0].message)
+    a, b = map(str, FIXTURES)
+    assert f"layers 'counts' from {a}; obsm 'X_pca' from {a}; raw from {b}" in message
+    assert "\n" not in message
+
+
+def test_no_warning_when_nothing_is_dropped(h5ads, tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert(h5ads[:1], tmp_path / "s")
+    assert not [w for w in caught if issubclass(w.category, ConversionWarning)]
 
 
 # ------------------------------------------------------------------ bad input
@@ -933,6 +955,12 @@ def test_cli_reports_each_error_in_one_line(cli_main, h5ads, tmp_path, capsys, c
     line = _one_line(capsys.readouterr().err)
     assert line.startswith("convert.py: error: ") and text in line, line
     assert "internal error" not in line
+
+
+def test_cli_prints_the_warning_in_one_line(cli_main, tmp_path, capsys):
+    assert cli_main.main([*map(str, FIXTURES), "-o", str(tmp_path / "s"), "-q"]) == 0
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("convert.py: warning: the store does not carry layers") and "raw from" in line
 
 
 def test_cli_reports_an_unexpected_error_as_internal(cli_main, h5ads, tmp_path, capsys, monkeypatch):
