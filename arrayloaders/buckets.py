@@ -24,6 +24,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from .errors import InputFileError
+from .shards import COMPLETE_ATTRIBUTE, missing_chunk_files, unwritten_chunks
 
 __all__ = ["InputFile", "csr_row_positions", "scatter", "write_output_file"]
 
@@ -107,7 +108,8 @@ class _AlignedAppender:
             return
         buf = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
         n = buf.shape[0] if final else (buf.shape[0] // self.align) * self.align
-        self.array[self.pos : self.pos + n] = buf[:n]
+        if n:
+            write_complete(self.array, self.pos, self.pos + n, buf[:n])
         self.pos += n
         rest = buf[n:]
         self._pending, self._pending_len = ([rest] if rest.shape[0] else []), rest.shape[0]
@@ -227,23 +229,55 @@ def _mapped(path: Path, dtype: np.dtype, shape: tuple[int, ...]):
 
 
 def write_output_file(path, bucket, ids, obs, var, dtype, layout, budget, progress, j) -> None:
-    """Pass 2: write one ``chunk_{j}.zarr`` from its bucket, rows in ``ids`` order."""
+    """Pass 2: write one ``chunk_{j}.zarr`` from its bucket, rows in ``ids`` order.
+
+    Every chunk of every array is stored (a missing one is damage, never
+    fill values) and carries a crc32c checksum when ``layout.checksum``.
+    """
     # The bucket holds this file's cells in increasing global id: the bucket
     # row of cell ids[p] is its rank among the sorted ids.
     bucket_row = np.searchsorted(np.sort(ids), ids)
     n_vars = len(var)
-    obs = obs.copy()
-    obs.index = pd.Index(obs.index.astype(str), dtype=object)
-    # Write the AnnData skeleton (obs, var, empty mappings) with anndata
-    # itself; X is added below with our chunking and sharding.
-    with _quiet_consolidation(), ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
-        ad.AnnData(obs=obs, var=var).write_zarr(path)
-    root = zarr.open_group(path, mode="r+", use_consolidated=False)
+    root = zarr.open_group(path, mode="w", zarr_format=3)
+    write_obs_and_var(root, obs, var, layout)
     _write_x(root, bucket, bucket_row, n_vars, dtype, layout, budget, progress, path.name)
-    # anndata consolidated the skeleton's metadata; X must be in it, or
-    # read_zarr would not see X.
+    # X must be in the consolidated metadata, or read_zarr would not see it.
     with _quiet_consolidation():
         zarr.consolidate_metadata(path)
+
+
+@contextmanager
+def _every_chunk_written():
+    """zarr-python's own codec pipeline with ``write_empty_chunks``.
+
+    zarr skips chunks that hold only the fill value unless told otherwise,
+    and the zarrs pipeline (0.2) skips them even when told: without them, a
+    deleted chunk file could not be told from an empty chunk.
+    """
+    with zarr.config.set(
+        {"codec_pipeline.path": "zarr.core.codec_pipeline.BatchedCodecPipeline", "array.write_empty_chunks": True}
+    ):
+        yield
+
+
+def write_obs_and_var(root: zarr.Group, obs: pd.DataFrame, var: pd.DataFrame, layout) -> None:
+    """The AnnData skeleton (obs, var, empty mappings), written by anndata with our codecs, every chunk stored.
+
+    ``anndata.io.write_elem`` is public on anndata 0.12 and 0.13 alike and
+    passes ``dataset_kwargs`` to every array it creates. ``write_zarr`` is not
+    used: anndata 0.13 switches it to the zarrs pipeline, which drops chunks
+    of fill values.
+    """
+    with _every_chunk_written(), warnings.catch_warnings(), ad.settings.override(auto_shard_zarr_v3=False):
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        ad.io.write_elem(root, "/", ad.AnnData(obs=obs, var=var), dataset_kwargs={"compressors": layout.compressors("obs")})
+    for name, node in root.members(max_depth=None):
+        # anndata stores a missing element (raw=None) as a 0-d "null" array with no chunk at all
+        if isinstance(node, zarr.Array) and node.attrs.get("encoding-type") != "null":
+            missing = missing_chunk_files(node)
+            if missing:
+                raise RuntimeError(f"internal error: {len(missing)} chunk(s) of {name} were not written: {missing[:3]}")
+            node.attrs[COMPLETE_ATTRIBUTE] = True
 
 
 @contextmanager
@@ -254,19 +288,40 @@ def _quiet_consolidation():
         yield
 
 
-def _write_x(root, bucket, bucket_row, n_vars, dtype, layout, budget, progress, name) -> None:
+def write_complete(array: zarr.Array, start: int, stop: int, values: np.ndarray) -> None:
+    """``array[start:stop] = values`` (along the first axis), every chunk of the region stored.
+
+    Written with the fast zarrs pipeline first; where it left a chunk out
+    (all fill values), the region is written again with zarr-python's
+    pipeline, which honours ``write_empty_chunks``. The check reads shard
+    indexes (a few KiB per shard).
+    """
+    array[start:stop] = values
+    row = int(np.prod(array.shape[1:]))
+    if not unwritten_chunks(array, start * row, stop * row):
+        return
+    with _every_chunk_written():
+        careful = zarr.open_array(store=array.store, path=array.path, mode="r+")
+        careful[start:stop] = values
+    still = unwritten_chunks(array, start * row, stop * row)
+    if still:
+        raise RuntimeError(f"internal error: {len(still)} chunk(s) were not written: {still[:3]}")
+
+
+def _write_x(root, bucket, bucket_row, n_vars, dtype, layout, budget, progress, file_name) -> None:
     n_rows = bucket_row.size
     block_bytes = max(1, budget // 16)
+    complete = {COMPLETE_ATTRIBUTE: True}
     if bucket.dense:
         rows_per_chunk, rows_per_shard = layout.dense_rows(n_vars, dtype.itemsize)
         x = root.create_array(
             "X", shape=(n_rows, n_vars), dtype=dtype, chunks=(rows_per_chunk, n_vars),
             shards=(rows_per_shard, n_vars), compressors=layout.compressors(),
+            attributes={"encoding-type": "array", "encoding-version": "0.2.0", **complete},
         )  # fmt: skip
-        x.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
         writer = _AlignedAppender(x, rows_per_shard)
         step = max(1, block_bytes // max(1, n_vars * dtype.itemsize))
-        with tqdm(total=n_rows, unit="cells", unit_scale=True, desc=f"write {name}", disable=not progress) as bar:
+        with tqdm(total=n_rows, unit="cells", unit_scale=True, desc=f"write {file_name}", disable=not progress) as bar:
             for p0 in range(0, n_rows, step):
                 with _mapped(bucket.path("rows"), dtype, (bucket.n_rows, n_vars)) as src:
                     writer.append(np.array(src[bucket_row[p0 : p0 + step]]))
@@ -288,19 +343,19 @@ def _write_x(root, bucket, bucket_row, n_vars, dtype, layout, budget, progress, 
     for name, dt, role in (("data", dtype, "values"), ("indices", indices_dtype, "indices")):
         arrays[name] = group.create_array(
             name, shape=(total,), dtype=dt, chunks=(layout.chunk_elements,),
-            shards=(layout.shard_elements,), compressors=layout.compressors(role),
+            shards=(layout.shard_elements,), compressors=layout.compressors(role), attributes=complete,
         )  # fmt: skip
     indptr_array = group.create_array(
         "indptr", shape=(n_rows + 1,), dtype=np.int64, chunks=(min(2**16, n_rows + 1),),
-        compressors=layout.compressors("indices"),
+        compressors=layout.compressors("indices"), attributes=complete,
     )  # fmt: skip
-    indptr_array[:] = indptr
+    write_complete(indptr_array, 0, n_rows + 1, indptr)
     # Buckets hold int32 indices; the output may be narrower.
     dtypes = {"data": dtype, "indices": np.dtype(np.int32)}
     writers = {name: _AlignedAppender(arrays[name], layout.shard_elements) for name in arrays}
     # Each block gathers about block_bytes of entries (positions: 8 B each).
     row_bytes = row_nnz * (dtype.itemsize + 4 + 8)
-    with tqdm(total=n_rows, unit="cells", unit_scale=True, desc=f"write {name}", disable=not progress) as bar:
+    with tqdm(total=n_rows, unit="cells", unit_scale=True, desc=f"write {file_name}", disable=not progress) as bar:
         for p0, p1 in _blocks(row_bytes, block_bytes) if n_rows else []:
             pos = csr_row_positions(bucket_indptr, bucket_row[p0:p1])
             for name in writers:

@@ -19,9 +19,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import zarr
 from conftest import N_VARS, SIZES, assert_bit_identical, read_sources, read_store
 
 from arrayloaders import ConversionWarning, InputFileError, StoreError, XLayout, create_store_from_h5ads, read_manifest
+from arrayloaders.rows import open_rows
+from arrayloaders.shards import COMPLETE_ATTRIBUTE
+from arrayloaders.store import XSource, read_obs
 from arrayloaders.buckets import csr_row_positions
 from arrayloaders.convert import parse_bytes, plan_output_files
 from arrayloaders.example_data import make_example_adata, write_example_h5ads
@@ -809,6 +813,199 @@ def test_killed_overwrite_keeps_the_old_store(h5ads, slow_inputs, tmp_path):
     convert(h5ads[1:2], out, overwrite=True)
     assert read_manifest(out).n_obs == SIZES[1]
     assert siblings(tmp_path) == []
+
+
+# ------------------------------------------------------------------ damaged stores
+
+
+def damaged_copy(store: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    return copy
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x04
+    path.write_bytes(bytes(raw))
+
+
+def x_source(store: Path, name: str = "chunk_0.zarr") -> XSource:
+    m = read_manifest(store, verify=False)
+    n_obs = next(f["n_obs"] for f in m.files if f["name"] == name)
+    path = "X"
+    return XSource(zarr.storage.LocalStore(store / name, read_only=True), path, m.x_format, n_obs, m.n_vars, m.dtype)
+
+
+def read_all_rows(store: Path) -> None:
+    """Every row of chunk_0.zarr through the loader's reader (straight from the shard files)."""
+    rows = open_rows(x_source(store))
+    try:
+        assert rows.direct
+        list(rows.runs(np.array([[0, rows.source.n_obs]], dtype=np.int64)))
+    finally:
+        rows.close()
+
+
+PER_SHARD = XLayout().shard_elements // XLayout().chunk_elements  # shard index entries
+
+# id -> byte to flip in a shard file of X/data or X/indices, from its first chunk's (offset, nbytes) and the file size
+X_FLIPS = {
+    "blosc-header": lambda at, n, size: at + 2,
+    "blosc-payload": lambda at, n, size: at + n // 2,
+    "chunk-crc32c": lambda at, n, size: at + n - 2,
+    "shard-index": lambda at, n, size: size - 4 - 16 * PER_SHARD + 9,
+    "shard-index-crc32c": lambda at, n, size: size - 2,
+}
+
+
+@pytest.mark.parametrize("array", ["data", "indices"])
+@pytest.mark.parametrize("damage", [*X_FLIPS, "deleted"])
+def test_damaged_x_is_detected_naming_the_file(store, tmp_path, array, damage):
+    copy = damaged_copy(store, tmp_path)
+    shard = copy / "chunk_0.zarr" / "X" / array / "c" / "0"
+    read_all_rows(copy)  # intact: reads
+    if damage == "deleted":
+        shard.unlink()
+        with pytest.raises(StoreError, match=f"{shard}: chunk file of chunk_0.zarr/X/{array} is missing"):
+            read_manifest(copy)
+    else:
+        size = shard.stat().st_size
+        at, n = np.frombuffer(shard.read_bytes()[size - 4 - 16 * PER_SHARD :][:16], "<u8").tolist()
+        flip_byte(shard, X_FLIPS[damage](at, n, size))
+    with pytest.raises(OSError, match=str(shard)) as info:
+        read_all_rows(copy)
+    assert any(word in str(info.value) for word in ("checksum mismatch", "shard index", "missing"))
+
+
+@pytest.mark.parametrize("damage", ["flip-payload", "flip-crc32c", "deleted"])
+def test_damaged_indptr_is_detected_naming_the_file(store, tmp_path, damage):
+    copy = damaged_copy(store, tmp_path)
+    chunk = copy / "chunk_0.zarr" / "X" / "indptr" / "c" / "0"
+    if damage == "deleted":
+        chunk.unlink()
+        with pytest.raises(StoreError, match=f"{chunk}: chunk file of chunk_0.zarr/X/indptr is missing"):
+            read_manifest(copy)
+    else:
+        flip_byte(chunk, 20 if damage == "flip-payload" else chunk.stat().st_size - 1)
+    with pytest.raises(OSError, match=str(chunk.parent.parent if damage != "deleted" else chunk)):
+        read_all_rows(copy)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda p: p.__setitem__(5, p[4] - 1), "decreases at row 4"),
+        (lambda p: p.__setitem__(0, 1), "starts at 1, not 0"),
+        (lambda p: p.__setitem__(-1, p[-1] + 1), "ends at .* but data holds"),
+    ],
+    ids=["decreasing", "first", "last"],
+)
+def test_inconsistent_indptr_with_a_valid_checksum_is_refused(store, tmp_path, edit, message):
+    copy = damaged_copy(store, tmp_path)
+    array = zarr.open_array(copy / "chunk_0.zarr" / "X" / "indptr", mode="r+")
+    values = array[:]
+    edit(values)
+    array[:] = values  # written through zarr: the checksum matches the wrong values
+    with pytest.raises(StoreError, match=f"{copy / 'chunk_0.zarr' / 'X' / 'indptr'}: {message}"):
+        read_all_rows(copy)
+
+
+@pytest.mark.parametrize("damage", ["flip-payload", "flip-crc32c", "deleted"])
+@pytest.mark.parametrize("array", ["cell_type/codes", "cell_type/categories", "batch", "_index"])
+def test_damaged_obs_is_detected_naming_the_array(store, tmp_path, array, damage):
+    copy = damaged_copy(store, tmp_path)
+    chunk = copy / "chunk_0.zarr" / "obs" / array / "c" / "0"
+    assert read_obs(copy, "chunk_0.zarr").shape[0] == read_manifest(copy).files[0]["n_obs"]
+    if damage == "deleted":
+        chunk.unlink()
+        with pytest.raises(StoreError, match=f"{chunk}: chunk file of chunk_0.zarr/obs/{array} is missing"):
+            read_manifest(copy)
+        return
+    flip_byte(chunk, chunk.stat().st_size // 2 if damage == "flip-payload" else chunk.stat().st_size - 1)
+    read_manifest(copy)  # metadata and files are fine: the damage is inside a chunk
+    with pytest.raises(StoreError, match=f"{copy / 'chunk_0.zarr'}/obs/{array}: cannot be read"):
+        read_obs(copy, "chunk_0.zarr")
+
+
+@pytest.mark.parametrize("damage", ["flip-payload", "deleted"])
+def test_damaged_dense_x_is_detected_naming_the_file(dense_h5ads, tmp_path, damage):
+    out = convert(dense_h5ads, tmp_path / "s", n_obs_per_file=64)
+    shard = out / "chunk_0.zarr" / "X" / "c" / "0" / "0"
+    if damage == "deleted":
+        shard.unlink()
+        with pytest.raises(StoreError, match=f"{shard}: chunk file of chunk_0.zarr/X is missing"):
+            read_manifest(out)
+    else:
+        flip_byte(shard, 30)
+    rows = open_rows(x_source(out))
+    with pytest.raises(OSError, match=str(shard)):
+        list(rows.runs(np.array([[0, rows.source.n_obs]], dtype=np.int64)))
+    rows.close()
+
+
+def edit_manifest(store: Path, change) -> None:
+    path = store / "arrayloaders.json"
+    raw = json.loads(path.read_text())
+    change(raw)
+    path.write_text(json.dumps(raw))
+
+
+MANIFEST_EDITS = {
+    "n_obs": (lambda m: m.__setitem__("n_obs", m["n_obs"] + 1), "'n_obs' .* is not the sum"),
+    "file-n_obs": (
+        lambda m: (m["files"][0].__setitem__("n_obs", m["files"][0]["n_obs"] + 1), m.__setitem__("n_obs", m["n_obs"] + 1)),
+        "'files' entry of chunk_0.zarr says",
+    ),
+    "dtype": (lambda m: m.__setitem__("dtype", "float64"), "'dtype' \\(float64\\) differs from X of chunk_0.zarr"),
+    "n_vars": (lambda m: m.__setitem__("n_vars", m["n_vars"] - 1), "'n_vars'"),
+    "var_names": (lambda m: m["var_names"].pop(), "'n_vars'"),
+    "duplicate-file": (lambda m: m["files"].append(dict(m["files"][0])), "'files' list chunk_0.zarr more than once"),
+    "missing-file": (lambda m: m["files"][1].__setitem__("name", "chunk_9.zarr"), "missing: chunk_9.zarr"),
+    "obs_schema": (lambda m: m["obs_schema"].pop("batch"), "'obs_schema' lists columns"),
+    "format_version": (lambda m: m.__setitem__("format_version", 99), "format version 99 is not supported"),
+}
+
+
+@pytest.mark.parametrize("edit", list(MANIFEST_EDITS))
+def test_an_edited_manifest_is_refused_naming_store_and_field(store, tmp_path, edit):
+    copy = damaged_copy(store, tmp_path)
+    change, message = MANIFEST_EDITS[edit]
+    edit_manifest(copy, change)
+    with pytest.raises(StoreError, match=message) as info:
+        read_manifest(copy)
+    assert str(copy) in str(info.value) and "\\n" not in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore:Consolidated metadata")
+def test_stores_of_format_1_without_checksums_still_load(h5ads, tmp_path):
+    """A store as written before checksums: no crc32c, no completeness mark, chunks of fill values left out."""
+    out = convert(h5ads[:1], tmp_path / "s", layout=XLayout(checksum=False), n_obs_per_file=200)
+    for f in sorted(out.glob("chunk_*.zarr")):
+        group = zarr.open_group(f, mode="r+")
+        for _, node in group.members(max_depth=None):
+            if isinstance(node, zarr.Array) and COMPLETE_ATTRIBUTE in node.attrs:
+                del node.attrs[COMPLETE_ATTRIBUTE]
+        (f / "obs" / "source_file" / "codes" / "c" / "0").unlink()  # all 0: zarr left such chunks out
+        zarr.consolidate_metadata(f)
+
+    def as_version_1(m):
+        m["format_version"] = 1
+        del m["obs_join"]
+        m["obs_schema"] = {
+            c: {"kind": s["kind"], "categories": s["categories"]} if s["kind"] == "categorical" else {"kind": "numeric", "dtype": s["dtype"]}
+            for c, s in m["obs_schema"].items()
+        }
+
+    edit_manifest(out, as_version_1)
+    m = read_manifest(out)
+    assert m.format_version == 1 and m.obs_join is None
+    for f in m.files:
+        obs = read_obs(out, f["name"])
+        assert (obs["source_file"].astype(str) == str(h5ads[0])).all()
+    read_all_rows(out)
+    src = read_sources(h5ads[:1])
+    assert_bit_identical(read_store(out)[src.obs_names].X, src.X)
 
 
 # ------------------------------------------------------------------ memory bound
