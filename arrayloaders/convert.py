@@ -1,8 +1,11 @@
 """``create_store_from_h5ads``: many ``.h5ad`` files in, one shuffled store out.
 
-This module scans the inputs, joins their var and obs, and plans the
-output; the two out-of-core passes that move X are in ``buckets.py``. Only per-cell bookkeeping (the permutation, obs) is held for all cells at
-once: tens of bytes per cell against kilobytes of X.
+This module checks and scans the inputs, joins their var and obs (one dtype
+per column: ``columns.py``) and plans the output. The two out-of-core passes
+that move X are in ``buckets.py``; building the store beside its output and
+swapping it in is ``output.py``'s. Only per-cell bookkeeping (the
+permutation, obs) is held for all cells at once: tens of bytes per cell
+against kilobytes of X.
 """
 
 from __future__ import annotations

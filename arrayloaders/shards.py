@@ -33,6 +33,7 @@ as the fill value, as zarr does.
 from __future__ import annotations
 
 import os
+import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,7 @@ __all__ = ["COMPLETE_ATTRIBUTE", "DirectArray", "unwritten_chunks"]
 COMPLETE_ATTRIBUTE = "arrayloaders:every_chunk_written"
 
 _MISSING = 2**64 - 1  # shard index entry of a chunk that was never written
+_U32 = struct.Struct("<I")  # a stored crc32c
 _MAX_OPEN_FILES = 64  # per array; shard files are reopened when evicted
 _MAX_TABLES = 16384  # shard indexes kept per array (4 KiB each for 2^22 / 2^14 shards)
 
@@ -59,23 +61,23 @@ def _setting(value) -> str | None:
     return getattr(value, "value", value)
 
 
-class _Damaged(ValueError):
-    """A stored chunk whose checksum does not match its bytes."""
+def _decoder(codecs) -> tuple[Callable[[memoryview, np.ndarray], None] | None, bool]:
+    """(a function decoding one stored chunk into a buffer, whether chunks end in a crc32c).
 
-
-def _decoder(codecs) -> Callable[[memoryview, np.ndarray], None] | None:
-    """A function decoding one stored chunk into a buffer, or None if the codecs are not ours to read."""
+    The function is None if the codecs are not ours to read. The checksum
+    (zarr v3's ``crc32c`` codec: 4 bytes, little endian, of the bytes before
+    it) is checked by the reader, not here: it has the chunk's bytes as a
+    numpy view already, which saves a conversion per chunk.
+    """
     codecs = list(codecs)
-    if codecs and isinstance(codecs[-1], Crc32cCodec):
-        if any(isinstance(c, Crc32cCodec) for c in codecs[:-1]):
-            return None
-        decode = _decoder(codecs[:-1])
-        return None if decode is None else _verified(decode)
-    if not codecs or not isinstance(codecs[0], BytesCodec):
-        return None
+    checked = bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
+    if checked:
+        codecs = codecs[:-1]
+    if any(isinstance(c, Crc32cCodec) for c in codecs) or not codecs or not isinstance(codecs[0], BytesCodec):
+        return None, checked
     endian = _setting(codecs[0].endian)
     if not np.little_endian or endian not in (None, "little"):
-        return None
+        return None, checked
     rest = codecs[1:]
     if not rest:
 
@@ -84,9 +86,9 @@ def _decoder(codecs) -> Callable[[memoryview, np.ndarray], None] | None:
                 raise ValueError(f"the chunk holds {len(src)} bytes, expected {out.nbytes}")
             out.view(np.uint8)[:] = np.frombuffer(src, dtype=np.uint8)
 
-        return copy
+        return copy, checked
     if len(rest) != 1:
-        return None
+        return None, checked
     if isinstance(rest[0], BloscCodec):
 
         def blosc(src: memoryview, out: np.ndarray) -> None:
@@ -97,26 +99,11 @@ def _decoder(codecs) -> Callable[[memoryview, np.ndarray], None] | None:
                 raise ValueError(f"a blosc chunk holds {held} bytes, expected {out.nbytes}")
             numcodecs.blosc.decompress(src, out)
 
-        return blosc
+        return blosc, checked
     if isinstance(rest[0], ZstdCodec):
         zstd = numcodecs.zstd.Zstd()
-        return lambda src, out: zstd.decode(src, out=out)
-    return None
-
-
-def _verified(decode: Callable[[memoryview, np.ndarray], None]) -> Callable[[memoryview, np.ndarray], None]:
-    """``decode`` of a chunk stored with a trailing crc32c (zarr v3's ``crc32c`` codec), checked first."""
-
-    def check_then_decode(src: memoryview, out: np.ndarray) -> None:
-        if len(src) < 4:
-            raise _Damaged(f"{len(src)} bytes, shorter than its checksum")
-        payload = src[:-4]
-        # google_crc32c takes numpy arrays (not memoryviews) without a copy
-        if google_crc32c.value(np.frombuffer(payload, dtype=np.uint8)) != int.from_bytes(src[-4:], "little"):
-            raise _Damaged("checksum mismatch")
-        decode(payload, out)
-
-    return check_then_decode
+        return (lambda src, out: zstd.decode(src, out=out)), checked
+    return None, checked
 
 
 class DirectArray:
@@ -138,6 +125,7 @@ class DirectArray:
         decode: Callable[[memoryview, np.ndarray], None],
         index: tuple[str, int] | None,
         complete: bool = False,
+        checked: bool = False,
     ):
         self.path, self._encode_key, self._ndim = path, encode_key, ndim
         self.dtype, self.fill_value, self.n_elements = dtype, fill_value, n_elements
@@ -145,11 +133,13 @@ class DirectArray:
         self._decode = decode
         self._index_at = index  # (where, bytes per entry) of a shard index, None if unsharded
         self.complete = complete  # every chunk was written: a missing one is damage
+        self.checked = checked  # every stored chunk ends in its crc32c
         self._per_file = file_elements // chunk_elements
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._tables: dict[int, np.ndarray | None] = {}
         self._scratch = np.empty(chunk_elements, dtype)
         self._compressed = bytearray(chunk_elements * dtype.itemsize + 1024)
+        self._compressed_view = np.frombuffer(self._compressed, dtype=np.uint8)  # for google_crc32c
 
     @classmethod
     def open(cls, array: zarr.Array) -> DirectArray | None:
@@ -175,7 +165,7 @@ class DirectArray:
             codecs = list(sharding.codecs)
         if any(isinstance(c, ShardingCodec) for c in codecs):
             return None
-        decode = _decoder(codecs)
+        decode, checked = _decoder(codecs)
         if decode is None:
             return None
         if array.ndim == 2 and (outer[1] != array.shape[1] or inner[1] != array.shape[1]):
@@ -193,6 +183,7 @@ class DirectArray:
             decode,
             index,
             complete=array.attrs.get(COMPLETE_ATTRIBUTE) is True,
+            checked=checked,
         )
 
     # ------------------------------------------------------------------ files
@@ -328,7 +319,8 @@ class DirectArray:
         total = offsets[-1] + sizes[-1] - offsets[0]
         if len(self._compressed) < total:
             self._compressed = bytearray(total)
-        buf = memoryview(self._compressed)
+            self._compressed_view = np.frombuffer(self._compressed, dtype=np.uint8)
+        buf, view = memoryview(self._compressed), self._compressed_view
         got = os.preadv(fd, [buf[:total]], offsets[0])
         if got != total:
             raise OSError(f"{path}: short read ({got} of {total} bytes) at offset {offsets[0]}")
@@ -337,18 +329,28 @@ class DirectArray:
             c = first + i
             lo, hi = c * ce, (c + 1) * ce
             a, b = max(start, lo), min(stop, hi)
-            src = buf[pos : pos + nbytes]
+            end = pos + nbytes
+            if self.checked:  # verify before decoding: damage is never decoded as data
+                end -= 4
+                if end < pos or google_crc32c.value(view[pos:end]) != _U32.unpack_from(self._compressed, end)[0]:
+                    self._damaged(path, c, "checksum mismatch")
+            src = buf[pos:end]
             pos += nbytes
             whole = a == lo and b == hi  # the whole chunk is wanted: decode in place
             try:
                 # chunks are stored whole (the last one padded): else decode aside, keep a part
                 self._decode(src, out[a - start : b - start] if whole else self._scratch)
-            except Exception as e:  # noqa: BLE001 - blosc, zstd and the checksum raise different types
-                where = f"inner chunk {c % self._per_file} of the shard" if self._index_at else "the chunk"
-                problem = str(e) if isinstance(e, _Damaged) else f"cannot be decoded ({type(e).__name__}: {e})"
-                raise OSError(f"{path}: {where} (elements [{lo}, {hi}) of the array): {problem} (damaged file)") from e
+            except Exception as e:  # noqa: BLE001 - blosc and zstd raise different types
+                self._damaged(path, c, f"cannot be decoded ({type(e).__name__}: {e})", e)
             if not whole:
                 out[a - start : b - start] = self._scratch[a - lo : b - lo]
+
+    def _damaged(self, path: Path, c: int, problem: str, cause: BaseException | None = None):
+        ce = self.chunk_elements
+        where = f"inner chunk {c % self._per_file} of the shard" if self._index_at else "the chunk"
+        raise OSError(
+            f"{path}: {where} (elements [{c * ce}, {(c + 1) * ce}) of the array): {problem} (damaged file)"
+        ) from cause
 
     # ------------------------------------------------------------------ completeness
 

@@ -303,21 +303,33 @@ def check_files(store: Path, manifest: StoreManifest) -> None:
                     )
 
 
-def read_obs(store: str | os.PathLike, name: str):
+def read_obs(store: str | os.PathLike, name: str, columns: list[str] | None = None):
     """The obs of file ``name`` of a store as a ``pandas.DataFrame``, read by anndata.
 
-    zarr verifies each chunk's checksum as it decodes, but its errors name
-    no file. Here a damaged obs raises a :class:`StoreError` that names the
-    array. (Missing chunk files are found earlier, by :func:`read_manifest`.)
+    ``columns`` reads only those columns (and the index), e.g. the loader's
+    ``obs_keys``. zarr verifies each chunk's checksum as it decodes, but its
+    errors name no file: here a damaged obs raises a :class:`StoreError` that
+    names the array. (Missing chunk files are found earlier, by
+    :func:`read_manifest`.)
     """
     import anndata as ad  # not at import time: worker processes import this module
+    import pandas as pd
 
     where = Path(store) / name
     group = zarr.open_group(where, mode="r")
+    obs = group["obs"]
     try:
-        return ad.io.read_elem(group["obs"])
+        if columns is None:
+            return ad.io.read_elem(obs)
+        missing = [c for c in columns if c not in obs.attrs.get("column-order", [])]
+        if missing:
+            raise StoreError(f"{where}/obs: has no column(s) {missing}; it has {list(obs.attrs.get('column-order', []))}")
+        index = ad.io.read_elem(obs[obs.attrs.get("_index", "_index")])
+        return pd.DataFrame({c: ad.io.read_elem(obs[c]) for c in columns}, index=index, columns=list(columns))
+    except StoreError:
+        raise
     except Exception as e:  # noqa: BLE001 - zarr, zarrs and anndata raise many types
-        culprit = _damaged_array(group["obs"]) or "obs"
+        culprit = _damaged_array(obs) or "obs"
         raise StoreError(f"{where}/{culprit}: cannot be read ({type(e).__name__}: {e}); damaged store") from e
 
 

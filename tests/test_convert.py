@@ -24,7 +24,7 @@ from conftest import N_VARS, SIZES, assert_bit_identical, read_sources, read_sto
 
 from arrayloaders import ConversionWarning, InputFileError, StoreError, XLayout, create_store_from_h5ads, read_manifest
 from arrayloaders.rows import open_rows
-from arrayloaders.shards import COMPLETE_ATTRIBUTE
+from arrayloaders.shards import COMPLETE_ATTRIBUTE, missing_chunk_files, unwritten_chunks
 from arrayloaders.store import XSource, read_obs
 from arrayloaders.buckets import csr_row_positions
 from arrayloaders.convert import parse_bytes, plan_output_files
@@ -847,6 +847,34 @@ def read_all_rows(store: Path) -> None:
         rows.close()
 
 
+@pytest.mark.parametrize("kind", ["csr", "dense", "csr-all-empty"])
+def test_chunks_holding_only_zeros_are_written(tmp_path, kind):
+    """zarr leaves out chunks of fill values (zarrs even when told not to): our stores must hold every chunk."""
+    n_obs, n_vars = 40, 16
+    if kind == "dense":
+        X = np.zeros((n_obs, n_vars), np.float32)
+        X[30:] = 1.0  # rows 0-29 all zero: whole chunks of zeros
+    else:
+        X = sp.random(n_obs, n_vars, density=0.3, format="csr", dtype=np.float32, random_state=0)
+        X.data[: X.indptr[25]] = 0.0  # explicit zeros: stored entries whose value is the fill value
+        X.indices[: X.indptr[25]] = 0  # ... and column 0, so indices chunks are all zero too
+        if kind == "csr-all-empty":
+            X = sp.csr_matrix((n_obs, n_vars), dtype=np.float32)  # indptr all zero
+    adata = ad.AnnData(X, obs=pd.DataFrame({"flag": np.zeros(n_obs, bool)}, index=[f"c{i}" for i in range(n_obs)]))
+    path = write_h5ad(adata, tmp_path / "zeros.h5ad")
+    layout = XLayout(chunk_elements=16, shard_elements=64, dense_chunk_bytes=4 * n_vars * 4, dense_shard_bytes=16 * n_vars * 4)
+    out = convert([path], tmp_path / "s", shuffle=False, layout=layout, source_key=None)
+    group = zarr.open_group(out / "chunk_0.zarr", mode="r")
+    arrays = [node for _, node in group.members(max_depth=None) if isinstance(node, zarr.Array) and node.ndim]
+    assert len(arrays) >= 3
+    for array in arrays:
+        assert array.attrs[COMPLETE_ATTRIBUTE] is True
+        assert missing_chunk_files(array) == [], array.path
+        assert unwritten_chunks(array) in ([], None), array.path
+    read_manifest(out)
+    assert_bit_identical(read_store(out).X, ad.read_h5ad(path).X)
+
+
 PER_SHARD = XLayout().shard_elements // XLayout().chunk_elements  # shard index entries
 
 # id -> byte to flip in a shard file of X/data or X/indices, from its first chunk's (offset, nbytes) and the file size
@@ -924,8 +952,18 @@ def test_damaged_obs_is_detected_naming_the_array(store, tmp_path, array, damage
         return
     flip_byte(chunk, chunk.stat().st_size // 2 if damage == "flip-payload" else chunk.stat().st_size - 1)
     read_manifest(copy)  # metadata and files are fine: the damage is inside a chunk
-    with pytest.raises(StoreError, match=f"{copy / 'chunk_0.zarr'}/obs/{array}: cannot be read"):
-        read_obs(copy, "chunk_0.zarr")
+    for columns in (None, ["cell_type", "batch"]):
+        with pytest.raises(StoreError, match=f"{copy / 'chunk_0.zarr'}/obs/{array}: cannot be read"):
+            read_obs(copy, "chunk_0.zarr", columns)
+
+
+def test_read_obs_reads_the_columns_asked_for(store):
+    full = read_obs(store, "chunk_1.zarr")
+    some = read_obs(store, "chunk_1.zarr", ["batch", "cell_type"])
+    assert list(some.columns) == ["batch", "cell_type"]
+    pd.testing.assert_frame_equal(some, full[["batch", "cell_type"]])
+    with pytest.raises(StoreError, match="chunk_1.zarr/obs: has no column"):
+        read_obs(store, "chunk_1.zarr", ["nope"])
 
 
 @pytest.mark.parametrize("damage", ["flip-payload", "deleted"])
