@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputFileError
 from .shards import COMPLETE_ATTRIBUTE, missing_chunk_files, unwritten_chunks
+from .store import XLayout
 
 __all__ = ["InputFile", "csr_row_positions", "scatter", "write_output_file"]
 
@@ -228,8 +229,19 @@ def _mapped(path: Path, dtype: np.dtype, shape: tuple[int, ...]):
         del m
 
 
-def write_output_file(path, bucket, ids, obs, var, dtype, layout, budget, progress, j) -> None:
-    """Pass 2: write one ``chunk_{j}.zarr`` from its bucket, rows in ``ids`` order.
+def write_output_file(
+    path: Path,
+    bucket: _Bucket,
+    ids: np.ndarray,
+    obs: pd.DataFrame,
+    var: pd.DataFrame,
+    dtype: np.dtype,
+    layout: XLayout,
+    budget: int,
+    progress: bool,
+    j: int,
+) -> None:
+    """Pass 2: write one ``chunk_{j}.zarr`` from its bucket, rows in ``ids`` order (global cell ids).
 
     Every chunk of every array is stored (a missing one is damage, never
     fill values) and carries a crc32c checksum when ``layout.checksum``.
@@ -260,7 +272,7 @@ def _every_chunk_written():
         yield
 
 
-def write_obs_and_var(root: zarr.Group, obs: pd.DataFrame, var: pd.DataFrame, layout) -> None:
+def write_obs_and_var(root: zarr.Group, obs: pd.DataFrame, var: pd.DataFrame, layout: XLayout) -> None:
     """The AnnData skeleton (obs, var, empty mappings), written by anndata with our codecs, every chunk stored.
 
     ``anndata.io.write_elem`` is public on anndata 0.12 and 0.13 alike and

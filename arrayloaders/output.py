@@ -220,8 +220,12 @@ class StagedOutput:
         missing = [p for p in [parent, *parent.parents] if not p.exists()]
         parent.mkdir(parents=True, exist_ok=True)
         self._created_parents = missing  # deepest first
-        remove_dead_siblings(parent, "." + self.output.name)
-        self.path = _make_marked_dir(parent / _sibling_name("." + self.output.name))
+        try:
+            remove_dead_siblings(parent, "." + self.output.name)
+            self.path = _make_marked_dir(parent / _sibling_name("." + self.output.name))
+        except BaseException:
+            self.__exit__(None, None, None)  # __exit__ does not run when __enter__ raises
+            raise
         return self
 
     def commit(self) -> None:
@@ -256,9 +260,9 @@ class StagedOutput:
             self._committed = True
 
     def __exit__(self, *exc) -> None:
-        if self._committed or self.path is None:
+        if self._committed:
             return
-        if self.path.exists():
+        if self.path is not None and self.path.exists():
             remove_tree(self.path)
         for p in self._created_parents:
             try:
