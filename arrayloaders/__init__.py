@@ -14,6 +14,7 @@ _PUBLIC = {
     "ArrayloadersError": ".errors",
     "InputFileError": ".errors",
     "StoreError": ".errors",
+    "ConversionWarning": ".errors",
     "WorkerError": ".errors",
     "StoreManifest": ".store",
     "XLayout": ".store",
@@ -29,7 +30,7 @@ __all__ = sorted(_PUBLIC)
 if TYPE_CHECKING:
     from .convert import create_store_from_h5ads
     from .dataset import EpochIterator, ZarrDenseDataset, ZarrSparseDataset
-    from .errors import ArrayloadersError, InputFileError, StoreError, WorkerError
+    from .errors import ArrayloadersError, ConversionWarning, InputFileError, StoreError, WorkerError
     from .store import StoreManifest, XLayout, read_manifest
 
 

@@ -1,14 +1,11 @@
 """``create_store_from_h5ads``: many ``.h5ad`` files in, one shuffled store out.
 
-Out-of-core in two passes, each bounded by the memory budget:
-
-1. *scatter*: stream every input once, in row blocks, and append each row to
-   the temporary bucket of the output file the global permutation sends it to;
-2. *write*: for each output file, gather its bucket's rows in the permuted
-   order (block by block) and write them, shard-aligned, into ``chunk_{i}.zarr``.
-
-Only per-cell bookkeeping (the permutation, obs) is held for all cells at
-once: tens of bytes per cell against kilobytes of X.
+This module checks and scans the inputs, joins their var and obs (one dtype
+per column: ``columns.py``) and plans the output. The two out-of-core passes
+that move X are in ``buckets.py``; building the store beside its output and
+swapping it in is ``output.py``'s. Only per-cell bookkeeping (the
+permutation, obs) is held for all cells at once: tens of bytes per cell
+against kilobytes of X.
 """
 
 from __future__ import annotations
@@ -16,11 +13,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -29,15 +24,17 @@ import h5py
 import numpy as np
 import pandas as pd
 import psutil
-import zarr
-from tqdm.auto import tqdm
 
-from .errors import InputFileError, StoreError
-from .store import MANIFEST_NAME, StoreManifest, XLayout, chunk_file_name, use_zarrs, write_manifest
+from .buckets import InputFile, scatter, write_output_file
+from .columns import ColumnSchema, harmonise_frames, join_columns
+from .errors import ConversionWarning, InputFileError, StoreError
+from .output import StagedOutput, check_output, remove_tree, scratch_directory
+from .store import StoreManifest, XLayout, chunk_file_name, use_zarrs, write_manifest
 
 __all__ = ["create_store_from_h5ads", "parse_bytes"]
 
 VarJoin = Literal["same", "inner", "outer"]
+ObsJoin = Literal["outer", "inner"]
 
 # Part of the budget kept for the libraries' own buffers (zarrs' threads,
 # HDF5's chunk cache, pages of mapped buckets): measured at ~50 MiB, flat in
@@ -48,22 +45,51 @@ _RESERVE = 64 * 2**20
 # --------------------------------------------------------------------------- inputs
 
 
-@dataclass
-class _Input:
-    """One scanned input file: what the plan needs, and how to map its genes."""
+def _input_paths(adata_paths) -> list[Path]:
+    """The inputs as paths: a list (not one path), each file once, whatever its spelling."""
+    if isinstance(adata_paths, (str, bytes, os.PathLike)):
+        one = os.fsdecode(adata_paths)
+        raise InputFileError(f"adata_paths must be a list of .h5ad paths, not a single path ({one!r}); pass [{one!r}]")
+    paths = []
+    for i, p in enumerate(adata_paths):
+        if not isinstance(p, (str, bytes, os.PathLike)):
+            raise InputFileError(f"adata_paths[{i}] is a {type(p).__name__}, not a path")
+        paths.append(Path(os.fsdecode(p)))
+    if not paths:
+        raise InputFileError("no input files given")
+    seen: dict = {}
+    for p in paths:
+        try:
+            st = p.stat()
+            key = (st.st_dev, st.st_ino)  # the same file through links, .. or another spelling
+        except OSError:
+            key = os.path.realpath(p)  # missing: reported, naming the file, when it is scanned
+        if key in seen:
+            also = f" (also given as {seen[key]})" if str(seen[key]) != str(p) else ""
+            raise InputFileError(f"{p}: given twice{also}; each input file may appear once")
+        seen[key] = p
+    return paths
 
-    path: Path
-    label: str
-    n_obs: int
-    x_format: Literal["csr", "dense"]
-    dtype: np.dtype
-    var: pd.DataFrame
-    obs: pd.DataFrame
-    indptr: np.ndarray | None  # CSR only; O(n_obs) bookkeeping
-    gene_map: np.ndarray | None = None  # input column -> output column, -1 = dropped
+
+def _check_indptr(path: Path, indptr: np.ndarray, n_obs: int, nnz: int) -> None:
+    """Raise naming the file unless ``indptr`` is a valid CSR row pointer over ``nnz`` entries."""
+    if indptr.shape != (n_obs + 1,):
+        raise InputFileError(f"{path}: X/indptr has {indptr.size} entries, expected n_obs + 1 = {n_obs + 1}")
+    if indptr[0] != 0:
+        raise InputFileError(f"{path}: X/indptr starts at {indptr[0]}, not 0 (damaged file)")
+    steps = np.diff(indptr)
+    if (steps < 0).any():
+        row = int(np.flatnonzero(steps < 0)[0])
+        raise InputFileError(
+            f"{path}: X/indptr decreases at row {row} ({indptr[row]} -> {indptr[row + 1]}); damaged file"
+        )
+    if indptr[-1] != nnz:
+        raise InputFileError(
+            f"{path}: X/indptr ends at {indptr[-1]} but X/data holds {nnz} entries (damaged or truncated file)"
+        )
 
 
-def _scan_input(path: Path, label: str) -> _Input:
+def _scan_input(path: Path, label: str) -> InputFile:
     """Open one ``.h5ad`` and check it can be converted; raise naming the file if not."""
     if not path.exists():
         raise InputFileError(f"{path}: no such file")
@@ -82,6 +108,7 @@ def _scan_input(path: Path, label: str) -> _Input:
             raise InputFileError(f"{path}: not an AnnData file (no obs/var groups)")
         node = f["X"]
         encoding = node.attrs.get("encoding-type", "array" if isinstance(node, h5py.Dataset) else None)
+        dropped = _not_carried(f)
         try:
             obs = ad.io.read_elem(f["obs"])
             var = ad.io.read_elem(f["var"])
@@ -96,6 +123,12 @@ def _scan_input(path: Path, label: str) -> _Input:
             x_format, dtype = "csr", np.dtype(node["data"].dtype)
             indptr = node["indptr"][:].astype(np.int64)
             shape = tuple(int(s) for s in node.attrs["shape"])
+            nnz = node["data"].shape[0]
+            if node["indices"].shape[0] != nnz:
+                raise InputFileError(
+                    f"{path}: X/indices has {node['indices'].shape[0]} entries but X/data {nnz} (damaged file)"
+                )
+            _check_indptr(path, indptr, shape[0], nnz)
         elif encoding == "array" and isinstance(node, h5py.Dataset) and node.ndim == 2:
             x_format, dtype, indptr, shape = "dense", np.dtype(node.dtype), None, node.shape
         else:
@@ -108,10 +141,44 @@ def _scan_input(path: Path, label: str) -> _Input:
         raise InputFileError(f"{path}: has no cells (n_obs == 0)")
     if shape[1] == 0:
         raise InputFileError(f"{path}: has no genes (n_vars == 0)")
-    return _Input(path, label, shape[0], x_format, dtype, var, obs, indptr)
+    # Names as plain str: files of pandas 3 hold its string dtype, which never
+    # equals an object index of the same names.
+    obs.index, var.index = _str_index(obs.index), _str_index(var.index)
+    return InputFile(path, label, shape[0], x_format, dtype, var, obs, indptr, dropped=dropped)
 
 
-def _join_var(inputs: list[_Input], var_join: VarJoin) -> pd.DataFrame:
+# Elements of an AnnData that the store does not hold (yet): the conversion says so.
+_NOT_CARRIED = ("layers", "obsm", "obsp", "raw")
+
+
+def _not_carried(f: h5py.File) -> dict[str, list[str]]:
+    """What of an open ``.h5ad`` the store will not hold: {"layers": ["counts"], "raw": [], ...}."""
+    out = {}
+    for name in _NOT_CARRIED:
+        node = f.get(name)
+        if node is None or (isinstance(node, h5py.Group) and name != "raw" and not len(node)):
+            continue
+        if name == "raw" and node.attrs.get("encoding-type") == "null":
+            continue
+        out[name] = sorted(node) if name != "raw" and isinstance(node, h5py.Group) else []
+    return out
+
+
+def _warn_not_carried(inputs: list[InputFile]) -> None:
+    """One warning for the whole conversion, naming each dropped element and the files that have it."""
+    files: dict[str, list[str]] = {}
+    for inp in inputs:
+        for name, keys in inp.dropped.items():
+            what = f"{name} {', '.join(repr(k) for k in keys)}" if keys else name
+            files.setdefault(what, []).append(str(inp.path))
+    if files:
+        listed = "; ".join(f"{what} from {', '.join(paths)}" for what, paths in files.items())
+        warnings.warn(
+            f"the store does not carry layers, obsm, obsp or raw yet; dropped: {listed}", ConversionWarning, stacklevel=3
+        )
+
+
+def _join_var(inputs: list[InputFile], var_join: VarJoin) -> pd.DataFrame:
     """Output var, and each input's ``gene_map`` onto it."""
     first = inputs[0]
     if var_join == "same":
@@ -146,74 +213,41 @@ def _join_var(inputs: list[_Input], var_join: VarJoin) -> pd.DataFrame:
         if not inp.var.index.is_unique:
             raise InputFileError(f"{inp.path}: var_names are not unique; call adata.var_names_make_unique() first")
         inp.gene_map = names.get_indexer(inp.var.index).astype(np.int64)
-    stacked = pd.concat([inp.var for inp in inputs])
-    var = stacked[~stacked.index.duplicated(keep="first")].reindex(names)
-    var.index = pd.Index(names.astype(str), dtype=object)
-    return var
+    # Each gene's var values come from the first input that has it; columns
+    # are harmonised over all inputs (outer join), as obs columns are.
+    frames, labels = [inp.var for inp in inputs], [str(inp.path) for inp in inputs]
+    columns = join_columns(frames, labels, "outer", what="var")
+    values, _ = harmonise_frames(frames, labels, columns, what="var")
+    stacked = np.concatenate([inp.var.index.to_numpy(dtype=object) for inp in inputs])
+    first = ~pd.Index(stacked).duplicated(keep="first")
+    rows = np.flatnonzero(first)[pd.Index(stacked[first]).get_indexer(names)]
+    return pd.DataFrame({c: v.take(rows) for c, v in values.items()}, index=_str_index(names), columns=columns)
+
+
+def _str_index(index) -> pd.Index:
+    """Names as a plain ``object`` index of ``str`` (pandas 3 would infer its string dtype, which anndata 0.12 will not write)."""
+    return pd.Index(np.asarray(pd.Index(index).astype(str), dtype=object), dtype=object)
 
 
 def _harmonise_obs(
-    inputs: list[_Input], obs_columns: Sequence[str] | None, source_key: str | None
+    inputs: list[InputFile], obs_join: ObsJoin, obs_columns: Sequence[str] | None, source_key: str | None
 ) -> tuple[pd.DataFrame, dict[str, dict]]:
-    """Concatenate every input's obs with one dtype per column.
-
-    Categoricals (and strings, which anndata stores as categoricals anyway)
-    get the union of categories in first-seen order; codes are remapped.
-    """
-    if obs_columns is None:
-        columns: list[str] = []
-        for inp in inputs:
-            columns += [c for c in inp.obs.columns if c not in columns]
-    else:
-        columns = list(obs_columns)
-    for inp in inputs:
-        missing = [c for c in columns if c not in inp.obs.columns]
-        if missing:
-            raise InputFileError(
-                f"{inp.path}: obs has no column(s) {missing}; pass obs_columns=[...] to keep only "
-                "columns every input has"
-            )
+    """Every input's obs concatenated, one dtype per column (``columns.py``), and the schema for the manifest."""
+    frames, labels = [inp.obs for inp in inputs], [str(inp.path) for inp in inputs]
+    columns = join_columns(frames, labels, obs_join, obs_columns)
     if source_key is not None and source_key in columns:
         raise InputFileError(
             f"obs column {source_key!r} exists in the inputs and would be overwritten by the source "
             "file column; pass another source_key= (or source_key=None)"
         )
-    schema: dict[str, dict] = {}
-    parts = {c: [inp.obs[c] for inp in inputs] for c in columns}
-    out = {}
-    for c, series in parts.items():
-        if any(isinstance(s.dtype, pd.CategoricalDtype) or not _is_plain_numeric(s) for s in series):
-            categories: list = []
-            seen: set = set()
-            for s in series:
-                cats = s.cat.categories if isinstance(s.dtype, pd.CategoricalDtype) else pd.unique(s.dropna())
-                for v in cats:
-                    if v not in seen:
-                        seen.add(v)
-                        categories.append(v)
-            dtype = pd.CategoricalDtype(categories)
-            out[c] = pd.Categorical(np.concatenate([s.astype(object).to_numpy() for s in series]), dtype=dtype)
-            schema[c] = {"kind": "categorical", "categories": [_json_scalar(v) for v in categories]}
-        else:
-            dtype = np.result_type(*[s.dtype for s in series])
-            out[c] = np.concatenate([s.to_numpy().astype(dtype) for s in series])
-            schema[c] = {"kind": "numeric", "dtype": str(dtype)}
+    values, schema = harmonise_frames(frames, labels, columns)
     if source_key is not None:
-        labels = [inp.label for inp in inputs]
         codes = np.repeat(np.arange(len(inputs)), [inp.n_obs for inp in inputs])
-        out[source_key] = pd.Categorical.from_codes(codes, categories=pd.Index(labels).unique())
-        schema[source_key] = {"kind": "categorical", "categories": list(pd.Index(labels).unique())}
-    index = pd.Index(np.concatenate([inp.obs.index.astype(str).to_numpy(dtype=object) for inp in inputs]))
-    obs = pd.DataFrame(out, index=index, columns=list(out))
-    return obs, schema
-
-
-def _is_plain_numeric(s: pd.Series) -> bool:
-    return s.dtype.kind in "biuf"
-
-
-def _json_scalar(v):
-    return v.item() if isinstance(v, np.generic) else v
+        values[source_key] = pd.Categorical.from_codes(codes, categories=pd.Index(labels, dtype=object))
+        schema[source_key] = ColumnSchema("categorical", "category", tuple(labels))
+    index = _str_index(np.concatenate([inp.obs.index.to_numpy(dtype=object) for inp in inputs]))
+    obs = pd.DataFrame(values, index=index, columns=list(values))
+    return obs, {c: s.to_json() for c, s in schema.items()}
 
 
 # --------------------------------------------------------------------------- plan
@@ -244,84 +278,6 @@ def parse_bytes(value: int | str) -> int:
     return int(number * base ** " KMGT".index(unit or " "))
 
 
-# --------------------------------------------------------------------------- buckets
-
-
-class _Bucket:
-    """Temporary on-disk rows of one output file, in increasing global cell order."""
-
-    def __init__(self, directory: Path, dense: bool):
-        directory.mkdir(parents=True)
-        self.dir = directory
-        self.dense = dense
-        self.n_rows = 0
-        names = ("rows",) if dense else ("data", "indices", "nnz")
-        self._files = {n: open(directory / f"{n}.bin", "wb") for n in names}
-
-    def append_csr(self, data: np.ndarray, indices: np.ndarray, nnz: np.ndarray) -> None:
-        self._files["data"].write(memoryview(np.ascontiguousarray(data)).cast("B"))
-        self._files["indices"].write(memoryview(np.ascontiguousarray(indices)).cast("B"))
-        self._files["nnz"].write(memoryview(nnz.astype(np.int64)).cast("B"))
-        self.n_rows += nnz.size
-
-    def append_dense(self, rows: np.ndarray) -> None:
-        self._files["rows"].write(memoryview(np.ascontiguousarray(rows)).cast("B"))
-        self.n_rows += rows.shape[0]
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-
-    def path(self, name: str) -> Path:
-        return self.dir / f"{name}.bin"
-
-
-def csr_row_positions(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Positions in ``data``/``indices`` of the given rows' entries, concatenated in order."""
-    starts, lens = indptr[rows], indptr[rows + 1] - indptr[rows]
-    total = int(lens.sum())
-    if total == 0:
-        return np.empty(0, dtype=np.int64)
-    # Each row's run starts where the previous run ended in the output; shift
-    # arange(total) by the per-row offset difference.
-    shift = starts - (np.cumsum(lens) - lens)
-    return np.arange(total, dtype=np.int64) + np.repeat(shift, lens)
-
-
-class _AlignedAppender:
-    """Appends to a pre-sized 1-D (or row-major 2-D) zarr array in shard-aligned writes.
-
-    Writing whole shards means zarr never reads back and re-encodes a
-    partially written shard.
-    """
-
-    def __init__(self, array: zarr.Array, align: int):
-        self.array, self.align, self.pos = array, align, 0
-        self._pending: list[np.ndarray] = []
-        self._pending_len = 0
-
-    def append(self, values: np.ndarray) -> None:
-        self._pending.append(values)
-        self._pending_len += values.shape[0]
-        if self._pending_len >= self.align:
-            self._flush(final=False)
-
-    def _flush(self, final: bool) -> None:
-        if not self._pending_len:
-            return
-        buf = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
-        n = buf.shape[0] if final else (buf.shape[0] // self.align) * self.align
-        self.array[self.pos : self.pos + n] = buf[:n]
-        self.pos += n
-        rest = buf[n:]
-        self._pending, self._pending_len = ([rest] if rest.shape[0] else []), rest.shape[0]
-
-    def close(self) -> None:
-        self._flush(final=True)
-        if self.pos != self.array.shape[0]:
-            raise RuntimeError(f"internal error: wrote {self.pos} of {self.array.shape[0]} elements")
-
-
 # --------------------------------------------------------------------------- the conversion
 
 
@@ -333,6 +289,7 @@ def create_store_from_h5ads(
     seed: int = 0,
     n_obs_per_file: int = 2**20,
     var_join: VarJoin = "same",
+    obs_join: ObsJoin = "outer",
     obs_columns: Sequence[str] | None = None,
     source_key: str | None = "source_file",
     memory_budget: int | str | None = None,
@@ -343,13 +300,44 @@ def create_store_from_h5ads(
 ) -> Path:
     """Convert ``.h5ad`` files into one shuffled arrayloaders store.
 
+    The store is built in a hidden sibling directory of ``output_path`` and
+    moved into place only when complete, so ``output_path`` is always either
+    absent, the complete old store, or the complete new one; a failed or
+    killed conversion leaves nothing behind (a killed one's directory is
+    removed by the next conversion to the same output).
+
+    **obs (and var) columns get one dtype each**, whatever each input holds:
+
+    - A column that is text in any input (categorical, with any categories,
+      or strings: ``object`` or a pandas string dtype) becomes a categorical
+      of strings. Values are rendered with ``str`` (so ``3`` and ``"3"`` are
+      one category), categories come in first-seen order, missing values
+      stay missing (code -1).
+    - Otherwise it stays numeric: bool if bool everywhere; ints (and bools,
+      as 0/1) widen to the narrowest int holding all; any float gives the
+      float numpy promotes to (ints must be exactly representable), missing
+      values as NaN.
+    - A bool or int column with a missing value in some input (pandas'
+      nullable ``Int64``/``boolean``), or that some input lacks (outer
+      join), becomes nullable (``boolean``, ``Int64`` or the nullable int of
+      its width), so values stay exact.
+    - Other dtypes (dates, complex numbers) are refused with an
+      :class:`~arrayloaders.errors.InputFileError` naming file and column.
+
+    Each column's result is recorded in the manifest's ``obs_schema`` (kind,
+    dtype, categories, whether it has missing values). Every file opens with
+    ``anndata.read_zarr`` on anndata 0.12 and 0.13 without changing anndata
+    settings (names and categories are written as plain strings).
+
     Parameters
     ----------
     adata_paths
-        Input ``.h5ad`` files, X stored as CSR or dense (CSC is refused).
+        A list of input ``.h5ad`` files, X stored as CSR or dense (CSC is
+        refused); each file once.
     output_path
         The store directory to create: ``chunk_{i}.zarr`` AnnData (zarr v3)
-        files plus ``arrayloaders.json``.
+        files plus ``arrayloaders.json``. It must not be, or contain, an
+        input (symlinks and ``..`` are resolved).
     shuffle
         Shuffle cells globally across all inputs; ``False`` keeps input order.
     seed
@@ -359,9 +347,17 @@ def create_store_from_h5ads(
     var_join
         ``"same"`` (default) requires identical var_names in every input;
         ``"inner"`` keeps genes present in all inputs; ``"outer"`` keeps every
-        gene (first-seen order), missing genes are zeros.
+        gene (first-seen order), missing genes are zeros. var columns are
+        kept from all inputs (harmonised as obs columns are); a gene's values
+        come from the first input that has it.
+    obs_join
+        ``"outer"`` (default, as ``anndata.concat``): keep every obs column
+        of any input, missing values for the cells of inputs without it;
+        ``"inner"``: keep only the columns every input has.
     obs_columns
-        obs columns to keep (default: all; every input must have them).
+        obs columns to keep (default: as ``obs_join`` says). Under
+        ``obs_join="outer"`` a column some inputs lack is filled with missing
+        values; under ``"inner"`` every input must have it.
     source_key
         Name of an added categorical obs column holding each cell's input
         path; ``None`` to leave it out.
@@ -372,12 +368,14 @@ def create_store_from_h5ads(
     layout
         Chunking and compression of X (:class:`~arrayloaders.store.XLayout`).
     overwrite
-        Replace an existing store at ``output_path``; otherwise refuse.
+        Replace an existing store at ``output_path`` (swapped atomically, the
+        old one deleted afterwards); otherwise refuse. Only an arrayloaders
+        store that holds nothing but its own files is ever replaced.
     progress
         Show progress bars with cells/s.
     tmp_dir
-        Where temporary buckets go (about the size of the input X);
-        default: inside ``output_path``.
+        Where temporary buckets go (about the size of the input X), outside
+        ``output_path``; default: inside the new store's hidden directory.
 
     Returns
     -------
@@ -386,23 +384,28 @@ def create_store_from_h5ads(
     Raises
     ------
     InputFileError
-        An input is missing, not an ``.h5ad``, empty, CSC, or inconsistent
+        An input is missing, not an ``.h5ad``, empty, CSC, damaged, given
+        twice, has an obs column the rule cannot store, or is inconsistent
         with the others; the message names the file.
     StoreError
-        ``output_path`` exists and ``overwrite`` is false.
+        ``output_path`` is or contains an input, is a file, or is a non-empty
+        directory and ``overwrite`` is false or it is not an arrayloaders
+        store (or holds files the store does not account for).
     """
     use_zarrs()
     layout = layout or XLayout()
     budget = parse_bytes(memory_budget) if memory_budget is not None else _default_budget()
     if n_obs_per_file <= 0:
         raise ValueError(f"n_obs_per_file must be positive, got {n_obs_per_file}")
-    paths = [Path(p) for p in adata_paths]
-    if not paths:
-        raise InputFileError("no input files given")
-    out = Path(output_path)
-    _prepare_output(out, overwrite)
+    paths = _input_paths(adata_paths)
+    out = check_output(output_path, paths, overwrite)
+    if tmp_dir is not None:
+        scratch_parent = Path(os.path.realpath(tmp_dir))
+        if scratch_parent == out or out in scratch_parent.parents:
+            raise StoreError(f"tmp_dir={tmp_dir} is inside the output {output_path}; choose a directory outside it")
 
     inputs = [_scan_input(p, str(p)) for p in paths]
+    _warn_not_carried(inputs)
     x_formats = {inp.x_format for inp in inputs}
     if len(x_formats) > 1:
         by = {f: [str(i.path) for i in inputs if i.x_format == f] for f in x_formats}
@@ -419,244 +422,50 @@ def create_store_from_h5ads(
             f"least {_RESERVE + 8 * shard_bytes}; raise memory_budget or pass a layout with smaller shards"
         )
     working = budget - _RESERVE
-    obs, obs_schema = _harmonise_obs(inputs, obs_columns, source_key)
+    obs, obs_schema = _harmonise_obs(inputs, obs_join, obs_columns, source_key)
     n_obs = len(obs)
     order, bounds = plan_output_files(n_obs, n_obs_per_file, shuffle, seed)
 
-    work = Path(tmp_dir) if tmp_dir is not None else out
-    work.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".arrayloaders-tmp-", dir=work))
-    try:
-        buckets = _scatter(inputs, order, bounds, len(var), dtype, x_format == "dense", working, progress, scratch)
-        files = []
-        for j, bucket in enumerate(buckets):
-            name = chunk_file_name(j)
-            lo, hi = bounds[j], bounds[j + 1]
-            _write_output_file(
-                out / name, bucket, order[lo:hi], obs.iloc[order[lo:hi]], var, dtype, layout, working, progress, j
-            )
-            files.append({"name": name, "n_obs": int(hi - lo)})
-            shutil.rmtree(bucket.dir)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-    write_manifest(
-        out,
-        StoreManifest(
-            n_obs=n_obs,
-            n_vars=len(var),
-            x_format=x_format,
-            dtype=str(dtype),
-            files=files,
-            inputs=[{"path": str(inp.path), "n_obs": inp.n_obs} for inp in inputs],
-            var_names=[str(v) for v in var.index],
-            obs_schema=obs_schema,
-            layout={"x": asdict(layout), "zarr_format": 3},
-            shuffle=shuffle,
-            seed=seed,
-            var_join=var_join,
-            source_key=source_key,
-        ),
-    )
-    return out
+    # Everything is built in a hidden sibling of the output and moved into
+    # place once complete; an error or Ctrl-C anywhere below removes it.
+    with StagedOutput(out) as staged:
+        scratch = scratch_directory(Path(tmp_dir) if tmp_dir is not None else staged.path)
+        try:
+            buckets = scatter(inputs, order, bounds, len(var), dtype, x_format == "dense", working, progress, scratch)
+            files = []
+            for j, bucket in enumerate(buckets):
+                name = chunk_file_name(j)
+                lo, hi = bounds[j], bounds[j + 1]
+                write_output_file(
+                    staged.path / name, bucket, order[lo:hi], obs.iloc[order[lo:hi]], var, dtype, layout, working,
+                    progress, j,
+                )  # fmt: skip
+                files.append({"name": name, "n_obs": int(hi - lo)})
+                shutil.rmtree(bucket.dir)
+        finally:
+            remove_tree(scratch)
+        write_manifest(
+            staged.path,
+            StoreManifest(
+                n_obs=n_obs,
+                n_vars=len(var),
+                x_format=x_format,
+                dtype=str(dtype),
+                files=files,
+                inputs=[{"path": str(inp.path), "n_obs": inp.n_obs} for inp in inputs],
+                var_names=[str(v) for v in var.index],
+                obs_schema=obs_schema,
+                layout={"x": asdict(layout), "zarr_format": 3},
+                shuffle=shuffle,
+                seed=seed,
+                var_join=var_join,
+                obs_join=obs_join,
+                source_key=source_key,
+            ),
+        )
+        staged.commit()
+    return Path(output_path)
 
 
 def _default_budget() -> int:
     return int(min(2 * 2**30, psutil.virtual_memory().available / 4))
-
-
-def _prepare_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise StoreError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise StoreError(f"{out}: already exists and is not empty; pass overwrite=True to replace it")
-        # Drop the manifest first: if we are killed while deleting, what is
-        # left no longer opens as a store.
-        (out / MANIFEST_NAME).unlink(missing_ok=True)
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _read_block(inp: _Input, f: h5py.File, r0: int, r1: int, n_vars: int, dtype: np.dtype):
-    """Rows ``r0:r1`` of one input, genes mapped onto the output var."""
-    if inp.x_format == "dense":
-        block = f["X"][r0:r1].astype(dtype, copy=False)
-        if np.array_equal(inp.gene_map, np.arange(n_vars)):
-            return block
-        out = np.zeros((r1 - r0, n_vars), dtype=dtype)
-        keep = inp.gene_map >= 0
-        out[:, inp.gene_map[keep]] = block[:, keep]
-        return out
-    a, b = inp.indptr[r0], inp.indptr[r1]
-    data = f["X/data"][a:b].astype(dtype, copy=False)
-    indices = f["X/indices"][a:b]
-    indptr = inp.indptr[r0 : r1 + 1] - a
-    if not np.array_equal(inp.gene_map, np.arange(n_vars)):
-        mapped = inp.gene_map[indices]
-        keep = mapped >= 0
-        row_of = np.repeat(np.arange(r1 - r0), np.diff(indptr))[keep]
-        mapped, data = mapped[keep], data[keep]
-        # Genes of a row must stay sorted after re-indexing onto the new var.
-        order = np.lexsort((mapped, row_of))
-        data, indices = data[order], mapped[order]
-        indptr = np.zeros(r1 - r0 + 1, dtype=np.int64)
-        np.cumsum(np.bincount(row_of, minlength=r1 - r0), out=indptr[1:])
-    return data, indices.astype(np.int32, copy=False), indptr
-
-
-def _row_bytes(inp: _Input, n_vars: int, itemsize: int) -> np.ndarray:
-    """Bytes each row of an input takes in memory (for budget-sized blocks)."""
-    if inp.x_format == "dense":
-        return np.full(inp.n_obs, max(n_vars, len(inp.var)) * itemsize, dtype=np.int64)
-    return np.diff(inp.indptr) * (itemsize + 4) + 8
-
-
-def _blocks(row_bytes: np.ndarray, block_bytes: int) -> list[tuple[int, int]]:
-    """Cut rows into consecutive blocks of about ``block_bytes`` (at least one row each)."""
-    ends = np.searchsorted(np.cumsum(row_bytes), np.arange(block_bytes, row_bytes.sum() + block_bytes, block_bytes), "right")
-    out, start = [], 0
-    for e in ends:
-        e = max(int(e), start + 1)
-        if start >= row_bytes.size:
-            break
-        e = min(e, row_bytes.size)
-        out.append((start, e))
-        start = e
-    return out
-
-
-def _scatter(inputs, order, bounds, n_vars, dtype, dense, budget, progress, scratch) -> list[_Bucket]:
-    """Pass 1: stream inputs once, appending each row to its output file's bucket."""
-    position = np.empty_like(order)
-    position[order] = np.arange(order.size)
-    dest_file = np.searchsorted(bounds, position, side="right") - 1
-    del position
-    buckets = [_Bucket(scratch / f"bucket_{j}", dense) for j in range(len(bounds) - 1)]
-    # A block is held about four times over (read, re-indexed, gathered per
-    # destination, written) and allocator slack doubles that: a sixteenth.
-    block_bytes = max(1, budget // 16)
-    offset = 0
-    with tqdm(total=order.size, unit="cells", unit_scale=True, desc="shuffle", disable=not progress) as bar:
-        for inp in inputs:
-            with h5py.File(inp.path, "r") as f:
-                for r0, r1 in _blocks(_row_bytes(inp, n_vars, dtype.itemsize), block_bytes):
-                    block = _read_block(inp, f, r0, r1, n_vars, dtype)
-                    dest = dest_file[offset + r0 : offset + r1]
-                    rows_by_dest = np.argsort(dest, kind="stable")
-                    cuts = np.searchsorted(dest[rows_by_dest], np.arange(len(buckets) + 1))
-                    for j in np.flatnonzero(np.diff(cuts)):
-                        rows = rows_by_dest[cuts[j] : cuts[j + 1]]
-                        if dense:
-                            buckets[j].append_dense(block[rows])
-                        else:
-                            data, indices, indptr = block
-                            pos = csr_row_positions(indptr, rows)
-                            buckets[j].append_csr(data[pos], indices[pos], np.diff(indptr)[rows])
-                    del block
-                    bar.update(r1 - r0)
-            offset += inp.n_obs
-    for b in buckets:
-        b.close()
-    return buckets
-
-
-@contextmanager
-def _mapped(path: Path, dtype: np.dtype, shape: tuple[int, ...]):
-    """Map a bucket file for one block only.
-
-    Pages touched through a mapping count as resident memory until it is
-    unmapped; re-mapping per block keeps the whole bucket out of RSS.
-    """
-    m = np.memmap(path, dtype=dtype, mode="r", shape=shape)
-    try:
-        yield m
-    finally:
-        m._mmap.close()  # noqa: SLF001 - numpy exposes no public unmap
-        del m
-
-
-def _write_output_file(path, bucket, ids, obs, var, dtype, layout, budget, progress, j) -> None:
-    """Pass 2: write one ``chunk_{j}.zarr`` from its bucket, rows in ``ids`` order."""
-    # The bucket holds this file's cells in increasing global id: the bucket
-    # row of cell ids[p] is its rank among the sorted ids.
-    bucket_row = np.searchsorted(np.sort(ids), ids)
-    n_vars = len(var)
-    obs = obs.copy()
-    obs.index = pd.Index(obs.index.astype(str), dtype=object)
-    # Write the AnnData skeleton (obs, var, empty mappings) with anndata
-    # itself; X is added below with our chunking and sharding.
-    with _quiet_consolidation(), ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
-        ad.AnnData(obs=obs, var=var).write_zarr(path)
-    root = zarr.open_group(path, mode="r+", use_consolidated=False)
-    _write_x(root, bucket, bucket_row, n_vars, dtype, layout, budget, progress, path.name)
-    # anndata consolidated the skeleton's metadata; X must be in it, or
-    # read_zarr would not see X.
-    with _quiet_consolidation():
-        zarr.consolidate_metadata(path)
-
-
-@contextmanager
-def _quiet_consolidation():
-    with warnings.catch_warnings():
-        # Consolidated metadata is not in the zarr v3 spec yet; anndata uses it anyway.
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        yield
-
-
-def _write_x(root, bucket, bucket_row, n_vars, dtype, layout, budget, progress, name) -> None:
-    n_rows = bucket_row.size
-    block_bytes = max(1, budget // 16)
-    if bucket.dense:
-        rows_per_chunk, rows_per_shard = layout.dense_rows(n_vars, dtype.itemsize)
-        x = root.create_array(
-            "X", shape=(n_rows, n_vars), dtype=dtype, chunks=(rows_per_chunk, n_vars),
-            shards=(rows_per_shard, n_vars), compressors=layout.compressors(),
-        )  # fmt: skip
-        x.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-        writer = _AlignedAppender(x, rows_per_shard)
-        step = max(1, block_bytes // max(1, n_vars * dtype.itemsize))
-        with tqdm(total=n_rows, unit="cells", unit_scale=True, desc=f"write {name}", disable=not progress) as bar:
-            for p0 in range(0, n_rows, step):
-                with _mapped(bucket.path("rows"), dtype, (bucket.n_rows, n_vars)) as src:
-                    writer.append(np.array(src[bucket_row[p0 : p0 + step]]))
-                bar.update(min(step, n_rows - p0))
-        writer.close()
-        return
-    nnz_in_bucket = np.fromfile(bucket.path("nnz"), dtype=np.int64)
-    bucket_indptr = np.zeros(nnz_in_bucket.size + 1, dtype=np.int64)
-    np.cumsum(nnz_in_bucket, out=bucket_indptr[1:])
-    row_nnz = nnz_in_bucket[bucket_row]
-    indptr = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(row_nnz, out=indptr[1:])
-    total = int(indptr[-1])
-    group = root.create_group(
-        "X", attributes={"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_rows, n_vars]}
-    )
-    arrays = {}
-    indices_dtype = layout.indices_dtype(n_vars)
-    for name, dt, role in (("data", dtype, "values"), ("indices", indices_dtype, "indices")):
-        arrays[name] = group.create_array(
-            name, shape=(total,), dtype=dt, chunks=(layout.chunk_elements,),
-            shards=(layout.shard_elements,), compressors=layout.compressors(role),
-        )  # fmt: skip
-    indptr_array = group.create_array(
-        "indptr", shape=(n_rows + 1,), dtype=np.int64, chunks=(min(2**16, n_rows + 1),),
-        compressors=layout.compressors("indices"),
-    )  # fmt: skip
-    indptr_array[:] = indptr
-    # Buckets hold int32 indices; the output may be narrower.
-    dtypes = {"data": dtype, "indices": np.dtype(np.int32)}
-    writers = {name: _AlignedAppender(arrays[name], layout.shard_elements) for name in arrays}
-    # Each block gathers about block_bytes of entries (positions: 8 B each).
-    row_bytes = row_nnz * (dtype.itemsize + 4 + 8)
-    with tqdm(total=n_rows, unit="cells", unit_scale=True, desc=f"write {name}", disable=not progress) as bar:
-        for p0, p1 in _blocks(row_bytes, block_bytes) if n_rows else []:
-            pos = csr_row_positions(bucket_indptr, bucket_row[p0:p1])
-            for name in writers:
-                with _mapped(bucket.path(name), dtypes[name], (total,)) as src:
-                    writers[name].append(np.asarray(src[pos], dtype=arrays[name].dtype))
-            del pos
-            bar.update(p1 - p0)
-    for w in writers.values():
-        w.close()

@@ -20,3 +20,7 @@ class StoreError(ArrayloadersError):
 
 class WorkerError(RuntimeError):
     """A loader worker process failed or died."""
+
+
+class ConversionWarning(UserWarning):
+    """Something of the inputs is not carried into the store (layers, raw, obsm), or cleanup was incomplete."""

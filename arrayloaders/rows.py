@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import zarr
 import zarr.api.asynchronous
 
-from .shards import DirectArray
+from .errors import StoreError
+from .shards import COMPLETE_ATTRIBUTE, DirectArray, unwritten_chunks
 from .store import XSource
 
 __all__ = ["CsrRows", "DenseRows", "open_rows", "read_indptr"]
@@ -48,12 +50,6 @@ class _ZarrArrays:
         self._loop.close()
 
 
-def read_indptr(source: XSource) -> np.ndarray:
-    """The row pointer of a CSR X, as int64 (8 bytes per row, needed for every run: read once)."""
-    group = zarr.open_group(store=source.store, path=source.path, mode="r")
-    return np.asarray(group["indptr"][:], dtype=np.int64)
-
-
 class CsrRows:
     """Runs of rows of a CSR X: ``indptr`` in memory, ``data``/``indices`` read per run.
 
@@ -63,7 +59,9 @@ class CsrRows:
     def __init__(self, source: XSource, indptr: np.ndarray | None = None):
         self.source = source
         group = zarr.open_group(store=source.store, path=source.path, mode="r")
-        self.indptr = read_indptr(source) if indptr is None else indptr
+        # 8 bytes per row, needed for every run: read once (or given, shared by the readers of
+        # one process), and checked, since a damaged indptr would send every run to the wrong entries.
+        self.indptr = read_indptr(source, group) if indptr is None else indptr
         self._direct = (DirectArray.open(group["data"]), DirectArray.open(group["indices"]))
         self._zarr = None
         if None in self._direct:
@@ -105,6 +103,56 @@ class CsrRows:
                 d.close()
         if self._zarr is not None:
             self._zarr.close()
+
+
+def _where(source: XSource, name: str) -> str:
+    """The path of an array of ``source`` for messages: its directory for a local store."""
+    root = getattr(source.store, "root", None)
+    return str(Path(root) / source.path / name) if root is not None else f"{source.label}/{name}"
+
+
+def read_indptr(source: XSource, group: zarr.Group | None = None) -> np.ndarray:
+    """A CSR X's ``indptr`` (int64), checked against ``data``; raise naming the file if it is damaged.
+
+    ``group`` is the X group, if already open.
+
+    Raises
+    ------
+    OSError
+        A chunk file is missing (in a store that wrote every chunk) or
+        fails its checksum.
+    StoreError
+        The values are not a row pointer over ``data``: wrong length, not
+        starting at 0, decreasing, or not ending at the length of ``data``.
+    """
+    if group is None:
+        group = zarr.open_group(store=source.store, path=source.path, mode="r")
+    where = _where(source, "indptr")
+    array = group["indptr"]
+    if array.attrs.get(COMPLETE_ATTRIBUTE) is True:
+        missing = unwritten_chunks(array)
+        if missing:
+            raise OSError(
+                f"{missing[0]}: chunk file of indptr is missing (every chunk of this store was written: damaged store)"
+            )
+    try:
+        indptr = np.asarray(array[:], dtype=np.int64)
+    except Exception as e:  # noqa: BLE001 - zarr and zarrs raise ValueError or RuntimeError for a bad checksum
+        raise OSError(f"{where}: cannot be read ({type(e).__name__}: {e}); damaged file") from e
+    nnz = group["data"].shape[0]
+    problem = None
+    if indptr.shape != (source.n_obs + 1,):
+        problem = f"has {indptr.size} entries, expected n_obs + 1 = {source.n_obs + 1}"
+    elif indptr[0] != 0:
+        problem = f"starts at {indptr[0]}, not 0"
+    elif (np.diff(indptr) < 0).any():
+        row = int(np.flatnonzero(np.diff(indptr) < 0)[0])
+        problem = f"decreases at row {row} ({indptr[row]} -> {indptr[row + 1]})"
+    elif indptr[-1] != nnz:
+        problem = f"ends at {indptr[-1]}, but data holds {nnz} entries"
+    if problem:
+        raise StoreError(f"{where}: {problem} (damaged store)")
+    return indptr
 
 
 class DenseRows:

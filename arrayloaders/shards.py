@@ -9,8 +9,9 @@ numcodecs decode per inner chunk, straight into the caller's buffer:
 
 - the array lies in a :class:`zarr.storage.LocalStore`;
 - its codecs are ``bytes`` (little endian) optionally followed by ``blosc``
-  or ``zstd``, either directly or inside ``sharding_indexed`` (whose index
-  is ``bytes`` + optional ``crc32c``, at the start or end of the shard);
+  or ``zstd`` and then optionally by ``crc32c``, either directly or inside
+  ``sharding_indexed`` (whose index is ``bytes`` + optional ``crc32c``, at
+  the start or end of the shard);
 - it is 1-d, or 2-d with chunks (and shards) that span whole rows, so that a
   run of rows is one run of elements in C order.
 
@@ -18,11 +19,21 @@ numcodecs decode per inner chunk, straight into the caller's buffer:
 reads through zarr. Only the public zarr metadata API is used to learn the
 layout (``Array.metadata``, the codec classes, ``encode_chunk_key``); the
 byte layout read here is the one the zarr v3 sharding specification fixes.
+
+**Damage is never read as data.** A chunk with a ``crc32c`` checksum is
+verified (over its stored bytes) before it is decoded; a checksum mismatch,
+a chunk that does not decode, or a truncated shard raises an ``OSError``
+naming the file and the chunk. Our stores write every chunk (zarr's
+``write_empty_chunks``) and mark their arrays with :data:`COMPLETE_ATTRIBUTE`;
+there a missing shard file or inner chunk is damage too, not fill values.
+Arrays without the mark (older stores, other writers) read a missing chunk
+as the fill value, as zarr does.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -34,9 +45,13 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
-__all__ = ["DirectArray"]
+__all__ = ["COMPLETE_ATTRIBUTE", "DirectArray", "unwritten_chunks"]
+
+#: zarr attribute (value ``True``) of an array whose every chunk was written.
+COMPLETE_ATTRIBUTE = "arrayloaders:every_chunk_written"
 
 _MISSING = 2**64 - 1  # shard index entry of a chunk that was never written
+_U32 = struct.Struct("<I")  # a stored crc32c
 _MAX_OPEN_FILES = 64  # per array; shard files are reopened when evicted
 _MAX_TABLES = 16384  # shard indexes kept per array (4 KiB each for 2^22 / 2^14 shards)
 
@@ -46,23 +61,34 @@ def _setting(value) -> str | None:
     return getattr(value, "value", value)
 
 
-def _decoder(codecs) -> Callable[[memoryview, np.ndarray], None] | None:
-    """A function decoding one stored chunk into a buffer, or None if the codecs are not ours to read."""
+def _decoder(codecs) -> tuple[Callable[[memoryview, np.ndarray], None] | None, bool]:
+    """(a function decoding one stored chunk into a buffer, whether chunks end in a crc32c).
+
+    The function is None if the codecs are not ours to read. The checksum
+    (zarr v3's ``crc32c`` codec: 4 bytes, little endian, of the bytes before
+    it) is checked by the reader, not here: it has the chunk's bytes as a
+    numpy view already, which saves a conversion per chunk.
+    """
     codecs = list(codecs)
-    if not codecs or not isinstance(codecs[0], BytesCodec):
-        return None
+    checked = bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
+    if checked:
+        codecs = codecs[:-1]
+    if any(isinstance(c, Crc32cCodec) for c in codecs) or not codecs or not isinstance(codecs[0], BytesCodec):
+        return None, checked
     endian = _setting(codecs[0].endian)
     if not np.little_endian or endian not in (None, "little"):
-        return None
+        return None, checked
     rest = codecs[1:]
     if not rest:
 
         def copy(src: memoryview, out: np.ndarray) -> None:
+            if len(src) != out.nbytes:
+                raise ValueError(f"the chunk holds {len(src)} bytes, expected {out.nbytes}")
             out.view(np.uint8)[:] = np.frombuffer(src, dtype=np.uint8)
 
-        return copy
+        return copy, checked
     if len(rest) != 1:
-        return None
+        return None, checked
     if isinstance(rest[0], BloscCodec):
 
         def blosc(src: memoryview, out: np.ndarray) -> None:
@@ -73,11 +99,11 @@ def _decoder(codecs) -> Callable[[memoryview, np.ndarray], None] | None:
                 raise ValueError(f"a blosc chunk holds {held} bytes, expected {out.nbytes}")
             numcodecs.blosc.decompress(src, out)
 
-        return blosc
+        return blosc, checked
     if isinstance(rest[0], ZstdCodec):
         zstd = numcodecs.zstd.Zstd()
-        return lambda src, out: zstd.decode(src, out=out)
-    return None
+        return (lambda src, out: zstd.decode(src, out=out)), checked
+    return None, checked
 
 
 class DirectArray:
@@ -98,17 +124,22 @@ class DirectArray:
         chunk_elements: int,
         decode: Callable[[memoryview, np.ndarray], None],
         index: tuple[str, int] | None,
+        complete: bool = False,
+        checked: bool = False,
     ):
         self.path, self._encode_key, self._ndim = path, encode_key, ndim
         self.dtype, self.fill_value, self.n_elements = dtype, fill_value, n_elements
         self.file_elements, self.chunk_elements = file_elements, chunk_elements
         self._decode = decode
         self._index_at = index  # (where, bytes per entry) of a shard index, None if unsharded
+        self.complete = complete  # every chunk was written: a missing one is damage
+        self.checked = checked  # every stored chunk ends in its crc32c
         self._per_file = file_elements // chunk_elements
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._tables: dict[int, np.ndarray | None] = {}
         self._scratch = np.empty(chunk_elements, dtype)
         self._compressed = bytearray(chunk_elements * dtype.itemsize + 1024)
+        self._compressed_view = np.frombuffer(self._compressed, dtype=np.uint8)  # for google_crc32c
 
     @classmethod
     def open(cls, array: zarr.Array) -> DirectArray | None:
@@ -134,7 +165,7 @@ class DirectArray:
             codecs = list(sharding.codecs)
         if any(isinstance(c, ShardingCodec) for c in codecs):
             return None
-        decode = _decoder(codecs)
+        decode, checked = _decoder(codecs)
         if decode is None:
             return None
         if array.ndim == 2 and (outer[1] != array.shape[1] or inner[1] != array.shape[1]):
@@ -151,6 +182,8 @@ class DirectArray:
             inner[0] * row,
             decode,
             index,
+            complete=array.attrs.get(COMPLETE_ATTRIBUTE) is True,
+            checked=checked,
         )
 
     # ------------------------------------------------------------------ files
@@ -172,6 +205,12 @@ class DirectArray:
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
+                if self.complete:
+                    lo, hi = f * self.file_elements, min((f + 1) * self.file_elements, self.n_elements)
+                    raise OSError(
+                        f"{path}: the file is missing, but the array holds elements [{lo}, {hi}) there "
+                        "(every chunk of this store was written: damaged store)"
+                    ) from None
                 self._tables[f] = None  # never written: all fill value
                 return None
             self._fds[f] = fd
@@ -269,13 +308,19 @@ class DirectArray:
     def _read_chunks(self, fd, path, first, offsets, sizes, start, stop, out) -> None:
         ce = self.chunk_elements
         if sizes[0] == _MISSING:
+            if self.complete:
+                raise OSError(
+                    f"{path}: inner chunk {first % self._per_file} (elements [{first * ce}, {(first + 1) * ce}) of "
+                    "the array) is missing from the shard (every chunk of this store was written: damaged store)"
+                )
             lo, hi = max(start, first * ce), min(stop, (first + 1) * ce)
             out[lo - start : hi - start] = self.fill_value
             return
         total = offsets[-1] + sizes[-1] - offsets[0]
         if len(self._compressed) < total:
             self._compressed = bytearray(total)
-        buf = memoryview(self._compressed)
+            self._compressed_view = np.frombuffer(self._compressed, dtype=np.uint8)
+        buf, view = memoryview(self._compressed), self._compressed_view
         got = os.preadv(fd, [buf[:total]], offsets[0])
         if got != total:
             raise OSError(f"{path}: short read ({got} of {total} bytes) at offset {offsets[0]}")
@@ -284,10 +329,93 @@ class DirectArray:
             c = first + i
             lo, hi = c * ce, (c + 1) * ce
             a, b = max(start, lo), min(stop, hi)
-            src = buf[pos : pos + nbytes]
+            end = pos + nbytes
+            if self.checked:  # verify before decoding: damage is never decoded as data
+                end -= 4
+                if end < pos or google_crc32c.value(view[pos:end]) != _U32.unpack_from(self._compressed, end)[0]:
+                    self._damaged(path, c, "checksum mismatch")
+            src = buf[pos:end]
             pos += nbytes
-            if a == lo and b == hi:  # the whole chunk is wanted: decode in place
-                self._decode(src, out[a - start : b - start])
-            else:  # chunks are stored whole (the last one padded): decode aside, keep a part
-                self._decode(src, self._scratch)
+            whole = a == lo and b == hi  # the whole chunk is wanted: decode in place
+            try:
+                # chunks are stored whole (the last one padded): else decode aside, keep a part
+                self._decode(src, out[a - start : b - start] if whole else self._scratch)
+            except Exception as e:  # noqa: BLE001 - blosc and zstd raise different types
+                self._damaged(path, c, f"cannot be decoded ({type(e).__name__}: {e})", e)
+            if not whole:
                 out[a - start : b - start] = self._scratch[a - lo : b - lo]
+
+    def _damaged(self, path: Path, c: int, problem: str, cause: BaseException | None = None):
+        ce = self.chunk_elements
+        where = f"inner chunk {c % self._per_file} of the shard" if self._index_at else "the chunk"
+        raise OSError(
+            f"{path}: {where} (elements [{c * ce}, {(c + 1) * ce}) of the array): {problem} (damaged file)"
+        ) from cause
+
+    # ------------------------------------------------------------------ completeness
+
+    def unwritten(self, start: int = 0, stop: int | None = None) -> list[str]:
+        """Chunks holding elements of ``[start, stop)`` that are not stored: missing files, empty index entries.
+
+        Each is described by its file (and inner chunk). Reads shard indexes
+        afresh, so it sees what was written since the reader was opened.
+        """
+        stop = self.n_elements if stop is None else stop
+        if stop <= start:
+            return []
+        ce, per = self.chunk_elements, self._per_file
+        first, last = start // ce, (stop - 1) // ce
+        found = []
+        for f in range(first // per, last // per + 1):
+            coords = (f,) if self._ndim == 1 else (f, 0)
+            path = self.path / self._encode_key(coords)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                found.append(str(path))
+                continue
+            try:
+                if self._index_at is None:
+                    continue
+                table = self._chunk_table(fd, path)
+            finally:
+                os.close(fd)
+            lo, hi = max(first - f * per, 0), min(last - f * per, per - 1)
+            found += [f"{path} (inner chunk {k})" for k in range(lo, hi + 1) if table[k, 1] == _MISSING]
+        return found
+
+
+def unwritten_chunks(array: zarr.Array, start: int = 0, stop: int | None = None) -> list[str] | None:
+    """:meth:`DirectArray.unwritten` of a zarr array; ``None`` for layouts :class:`DirectArray` does not read."""
+    reader = DirectArray.open(array)
+    if reader is None:
+        return None
+    try:
+        return reader.unwritten(start, stop)
+    finally:
+        reader.close()
+
+
+def missing_chunk_files(array: zarr.Array) -> list[str]:
+    """Chunk (or shard) files of a local zarr v3 array that are not on disk, for any codecs.
+
+    Lists the array's directory once and compares it with the keys its
+    chunk grid implies. Inner chunks of shards are :func:`unwritten_chunks`'s.
+    """
+    meta = array.metadata
+    if meta.zarr_format != 3 or not isinstance(array.store, zarr.storage.LocalStore):
+        return []
+    root = Path(array.store.root) / array.path
+    grid = tuple(meta.chunk_grid.chunk_shape)
+    counts = [-(-size // chunk) for size, chunk in zip(array.shape, grid)]
+    if any(c == 0 for c in counts):
+        return []
+    present = set()
+    for directory, _, files in os.walk(root):
+        rel = os.path.relpath(directory, root)
+        present.update(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in files)
+    return [
+        str(root / key)
+        for coords in np.ndindex(*counts)
+        if (key := meta.encode_chunk_key(tuple(int(c) for c in coords))) not in present
+    ]

@@ -4,6 +4,12 @@
 Example::
 
     python scripts/convert.py data/*.h5ad -o store/ --seed 0 --memory-budget 2GiB
+
+Every error ends the program with exactly one line on stderr
+(``convert.py: error: ...``) and a non-zero exit status: 1 for a failed
+conversion, 2 for bad arguments, 130 for Ctrl-C. ``--debug`` shows the
+traceback instead. Warnings of the conversion (what it drops) are one line
+each, ``convert.py: warning: ...``.
 """
 
 from __future__ import annotations
@@ -11,14 +17,27 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
+import warnings
+from pathlib import Path
 
+import arrayloaders
 from arrayloaders import ArrayloadersError, XLayout, create_store_from_h5ads, read_manifest
+from arrayloaders.errors import ConversionWarning
+
+PROG = "convert.py"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # argparse prints the usage too: two lines. One is the promise.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     default = XLayout()
-    p = argparse.ArgumentParser(
-        prog="convert.py",
+    p = _Parser(
+        prog=PROG,
         description="Convert .h5ad files into one globally shuffled arrayloaders store "
         "(a directory of chunk_{i}.zarr AnnData files plus arrayloaders.json).",
     )
@@ -36,7 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="same: inputs must have identical var_names; inner: genes in all inputs; outer: all genes, "
         "missing ones are zeros (default: %(default)s)",
     )
-    p.add_argument("--obs-columns", nargs="+", metavar="COL", help="obs columns to keep (default: all)")
+    p.add_argument(
+        "--obs-join",
+        choices=["outer", "inner"],
+        default="outer",
+        help="outer: keep every obs column of any input, missing values for the cells of inputs without it; "
+        "inner: only the columns every input has (default: %(default)s)",
+    )
+    p.add_argument(
+        "--obs-columns", nargs="+", metavar="COL", help="obs columns to keep (default: those --obs-join keeps)"
+    )
     p.add_argument(
         "--source-key",
         default="source_file",
@@ -62,37 +90,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tmp-dir", help="where temporary files go (about the size of the input X; default: inside the output)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --output")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback (and every warning)")
     return p
+
+
+def describe(error: BaseException) -> str:
+    """One line saying what went wrong: the message of an error we raise on purpose, else 'internal error'."""
+    message = " ".join(str(error).split())
+    if isinstance(error, (ArrayloadersError, OSError)) or (isinstance(error, (ValueError, TypeError)) and _ours(error)):
+        return message
+    return f"internal error: {type(error).__name__}: {message} (run with --debug to see the traceback)"
+
+
+def _ours(error: BaseException) -> bool:
+    """Whether the error was raised by arrayloaders itself (a checked argument), not deep inside a library."""
+    frames = traceback.extract_tb(error.__traceback__)
+    package = Path(arrayloaders.__file__).parent
+    return bool(frames) and Path(frames[-1].filename).parent == package
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        if not args.debug:
+            # Libraries' own deprecation chatter is not for the user of this script.
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("always", ConversionWarning)
+        warnings.showwarning = _show_warning
+        try:
+            return convert(args)
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:
+            if args.debug:
+                raise
+            print(f"{PROG}: error: {describe(e)}", file=sys.stderr)
+            return 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def convert(args: argparse.Namespace) -> int:
+    """Run the conversion the arguments describe; errors propagate to :func:`main`."""
     start = time.perf_counter()
-    try:
-        layout = XLayout(
-            compressor=args.compressor,
-            level=args.level,
-            chunk_elements=args.chunk_elements,
-            shard_elements=args.shard_elements,
-        )
-        store = create_store_from_h5ads(
-            args.inputs,
-            args.output,
-            shuffle=not args.no_shuffle,
-            seed=args.seed,
-            n_obs_per_file=args.n_obs_per_file,
-            var_join=args.var_join,
-            obs_columns=args.obs_columns,
-            source_key=args.source_key or None,
-            memory_budget=args.memory_budget,
-            layout=layout,
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-            tmp_dir=args.tmp_dir,
-        )
-    except (ArrayloadersError, OSError) as e:
-        print(f"convert.py: error: {e}", file=sys.stderr)
-        return 1
+    layout = XLayout(
+        compressor=args.compressor, level=args.level, chunk_elements=args.chunk_elements,
+        shard_elements=args.shard_elements,
+    )  # fmt: skip
+    store = create_store_from_h5ads(
+        args.inputs,
+        args.output,
+        shuffle=not args.no_shuffle,
+        seed=args.seed,
+        n_obs_per_file=args.n_obs_per_file,
+        var_join=args.var_join,
+        obs_join=args.obs_join,
+        obs_columns=args.obs_columns,
+        source_key=args.source_key or None,
+        memory_budget=args.memory_budget,
+        layout=layout,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        tmp_dir=args.tmp_dir,
+    )
     manifest = read_manifest(store)
     if not args.quiet:
         print(

@@ -29,7 +29,7 @@ from zarr.codecs import (
 )
 
 from arrayloaders.rows import CsrRows, DenseRows, open_rows
-from arrayloaders.shards import DirectArray
+from arrayloaders.shards import COMPLETE_ATTRIBUTE, DirectArray, missing_chunk_files, unwritten_chunks
 from arrayloaders.store import XSource
 
 PIPELINES = {
@@ -57,6 +57,10 @@ LAYOUTS: dict[str, dict] = {
     "shard-zstd": dict(chunks=(CHUNK,), shards=(SHARD,), compressors=ZstdCodec(level=3)),
     "shard-zstd-checksum": dict(chunks=(CHUNK,), shards=(SHARD,), compressors=ZstdCodec(level=1, checksum=True)),
     "shard-raw": dict(chunks=(CHUNK,), shards=(SHARD,), compressors=None),
+    # what this package writes: the compressor, then a crc32c of the compressed bytes
+    "shard-blosc-lz4-crc32c": dict(chunks=(CHUNK,), shards=(SHARD,), compressors=[lz4("bitshuffle"), Crc32cCodec()]),
+    "shard-zstd-crc32c": dict(chunks=(CHUNK,), shards=(SHARD,), compressors=[ZstdCodec(level=3), Crc32cCodec()]),
+    "shard-raw-crc32c": dict(chunks=(CHUNK,), shards=(SHARD,), compressors=Crc32cCodec()),
     "shard-index-start": dict(
         chunks=(CHUNK,), shards={"shape": (SHARD,), "index_location": "start"}, compressors=lz4("shuffle")
     ),
@@ -78,6 +82,8 @@ LAYOUTS: dict[str, dict] = {
     "unsharded-blosc": dict(chunks=(CHUNK,), compressors=lz4("shuffle")),
     "unsharded-zstd": dict(chunks=(CHUNK,), compressors=ZstdCodec(level=3)),
     "unsharded-raw": dict(chunks=(CHUNK,), compressors=None),
+    "unsharded-blosc-crc32c": dict(chunks=(CHUNK,), compressors=[lz4("shuffle"), Crc32cCodec()]),
+    "unsharded-raw-crc32c": dict(chunks=(CHUNK,), compressors=Crc32cCodec()),
     "unsharded-one-chunk-larger-than-array": dict(chunks=(2048,), compressors=lz4("bitshuffle")),
 }
 
@@ -419,7 +425,10 @@ UNSUPPORTED = {
     "blosc-then-zstd": lambda root: create(
         root, "a", (N,), "float32", chunks=(CHUNK,), compressors=[lz4("shuffle"), ZstdCodec()]
     ),
-    "crc32c-compressor": lambda root: create(root, "a", (N,), "float32", chunks=(CHUNK,), compressors=Crc32cCodec()),
+    "crc32c-before-compressor": lambda root: create(
+        root, "a", (N,), "float32", chunks=(CHUNK,), compressors=[Crc32cCodec(), lz4("shuffle")]
+    ),
+    "crc32c-twice": lambda root: create(root, "a", (N,), "float32", chunks=(CHUNK,), compressors=[Crc32cCodec(), Crc32cCodec()]),
     "big-endian-bytes": lambda root: create(
         root, "a", (N,), "float32", chunks=(CHUNK,), serializer=BytesCodec(endian="big")
     ),
@@ -545,7 +554,140 @@ def test_corrupt_shard_index_is_not_read_silently(tmp_path):
     assert_bits_equal(got, data[:SHARD])  # otherwise the bits must at least be right
 
 
-# --------------------------------------------------------------------------- 5. CsrRows / DenseRows
+# --------------------------------------------------------------------------- 5. checksums and missing chunks
+
+CHUNKS_PER_SHARD = SHARD // CHUNK
+
+
+def checked_array(root: Path, complete: bool = True, **kwargs) -> tuple[zarr.Array, np.ndarray]:
+    """A float32 array as this package writes X: sharded, blosc then crc32c, every chunk stored and marked so."""
+    data = make_values("float32", N, seed=21)
+    kwargs = {"chunks": (CHUNK,), "shards": (SHARD,), "compressors": [lz4("bitshuffle"), Crc32cCodec()], **kwargs}
+    array = write_array(root, "a", data, **kwargs)
+    if complete:
+        array.attrs[COMPLETE_ATTRIBUTE] = True
+    return reopen(root, "a"), data
+
+
+def flip(path: Path, offset: int, bit: int = 0x10) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= bit
+    path.write_bytes(bytes(raw))
+
+
+# id -> offset in shard file 1 of a byte to flip, from its chunk index (offset, nbytes per chunk) and size
+FLIPS = {
+    "blosc-header": lambda index, size: int(index[2, 0]) + 1,
+    "blosc-payload-start": lambda index, size: int(index[2, 0]) + 17,
+    "blosc-payload-middle": lambda index, size: int(index[2, 0] + index[2, 1] // 2),
+    "blosc-payload-end": lambda index, size: int(index[2, 0] + index[2, 1]) - 5,
+    "chunk-crc32c": lambda index, size: int(index[2, 0] + index[2, 1]) - 2,
+    "shard-index-offset": lambda index, size: size - 4 - 16 * CHUNKS_PER_SHARD + 16 * 2,
+    "shard-index-nbytes": lambda index, size: size - 4 - 16 * CHUNKS_PER_SHARD + 16 * 2 + 8,
+    "shard-index-crc32c": lambda index, size: size - 1,
+}
+
+
+@pytest.mark.parametrize("where", list(FLIPS))
+def test_a_flipped_byte_is_detected_naming_file_and_chunk(tmp_path, where):
+    array, data = checked_array(tmp_path)
+    shard = tmp_path / "a" / "c" / "1"
+    size = shard.stat().st_size
+    flip(shard, FLIPS[where](shard_index(shard, CHUNKS_PER_SHARD), size))
+    with pytest.raises((ValueError, RuntimeError)):
+        back_door(tmp_path, "a")  # zarr notices too: the damage is real
+    reader = DirectArray.open(array)
+    assert_bits_equal(read(reader, 0, SHARD), data[:SHARD])  # shard 0 is intact
+    with pytest.raises(OSError, match=str(shard)) as info:
+        read(reader, SHARD, 2 * SHARD)
+    message = str(info.value)
+    assert ("inner chunk 2" in message and "checksum mismatch" in message) or "shard index" in message, message
+    assert_bits_equal(read(reader, 3 * SHARD, N), data[3 * SHARD :])  # the reader still works elsewhere
+    reader.close()
+
+
+def test_a_flipped_byte_in_an_unsharded_chunk_is_detected(tmp_path):
+    array, data = checked_array(tmp_path, shards=None)
+    chunk = tmp_path / "a" / "c" / "3"
+    for offset in (1, 20, chunk.stat().st_size - 1):
+        flip(chunk, offset)
+        reader = DirectArray.open(reopen(tmp_path, "a"))
+        with pytest.raises(OSError, match=f"{chunk}: the chunk .* checksum mismatch"):
+            read(reader, 3 * CHUNK + 5, 3 * CHUNK + 6)
+        assert_bits_equal(read(reader, 0, 3 * CHUNK), data[: 3 * CHUNK])
+        reader.close()
+        flip(chunk, offset)  # repaired: reads again
+        assert_bits_equal(read(DirectArray.open(reopen(tmp_path, "a")), 0, N), data)
+
+
+def test_a_chunk_that_does_not_decode_is_named_without_a_checksum(tmp_path):
+    array, data = checked_array(tmp_path, complete=False, compressors=lz4("shuffle"))
+    shard = tmp_path / "a" / "c" / "0"
+    index = shard_index(shard, CHUNKS_PER_SHARD)
+    raw = bytearray(shard.read_bytes())
+    raw[int(index[1, 0]) + 4 : int(index[1, 0]) + 8] = (12345).to_bytes(4, "little")  # blosc's "bytes held"
+    shard.write_bytes(bytes(raw))
+    reader = DirectArray.open(reopen(tmp_path, "a"))
+    with pytest.raises(OSError, match=f"{shard}: inner chunk 1 .*cannot be decoded"):
+        read(reader, CHUNK, CHUNK + 1)
+    reader.close()
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "unsharded"])
+def test_a_missing_file_of_a_complete_array_is_an_error(tmp_path, sharded):
+    array, data = checked_array(tmp_path, **({} if sharded else {"shards": None}))
+    gone = tmp_path / "a" / "c" / ("1" if sharded else "5")
+    gone.unlink()
+    assert unwritten_chunks(reopen(tmp_path, "a")) == [str(gone)]
+    assert missing_chunk_files(reopen(tmp_path, "a")) == [str(gone)]
+    reader = DirectArray.open(reopen(tmp_path, "a"))
+    assert reader.complete
+    with pytest.raises(OSError, match=f"{gone}: the file is missing"):
+        read(reader, 0, N)
+    reader.close()
+    # The same array without the mark (an older store): the missing file reads as fill values.
+    del zarr.open_array(zarr.storage.LocalStore(tmp_path), path="a", mode="r+").attrs[COMPLETE_ATTRIBUTE]
+    reader = DirectArray.open(reopen(tmp_path, "a"))
+    assert not reader.complete
+    got = read(reader, 0, N)
+    lo, hi = (SHARD, 2 * SHARD) if sharded else (5 * CHUNK, 6 * CHUNK)
+    assert (got[lo:hi] == 0).all()
+    assert_bits_equal(got[:lo], data[:lo])
+    reader.close()
+
+
+def test_a_missing_inner_chunk_of_a_complete_array_is_an_error(tmp_path):
+    data = make_values("float32", N, seed=22)
+    data[SHARD + CHUNK : SHARD + 2 * CHUNK] = 0  # zarr-python leaves this chunk out (fill value, by default)
+    write_array(tmp_path, "a", data, chunks=(CHUNK,), shards=(SHARD,), compressors=[lz4("shuffle"), Crc32cCodec()])
+    shard = tmp_path / "a" / "c" / "1"
+    assert (shard_index(shard, CHUNKS_PER_SHARD)[1] == MISSING).all()
+    assert unwritten_chunks(reopen(tmp_path, "a")) == [f"{shard} (inner chunk 1)"]
+    assert_bits_equal(read(DirectArray.open(reopen(tmp_path, "a")), 0, N), data)  # unmarked: fill values
+    zarr.open_array(zarr.storage.LocalStore(tmp_path), path="a", mode="r+").attrs[COMPLETE_ATTRIBUTE] = True
+    reader = DirectArray.open(reopen(tmp_path, "a"))
+    assert_bits_equal(read(reader, SHARD, SHARD + CHUNK), data[SHARD : SHARD + CHUNK])
+    with pytest.raises(OSError, match=f"{shard}: inner chunk 1 .*is missing"):
+        read(reader, SHARD + CHUNK + 3, SHARD + CHUNK + 4)
+    reader.close()
+
+
+def test_unwritten_chunks_of_a_partly_written_array(tmp_path):
+    array = create(tmp_path, "a", (N,), "float32", chunks=(CHUNK,), shards=(SHARD,), compressors=Crc32cCodec())
+    array[SHARD + 10 : SHARD + 20] = 1.0  # shard 1, inner chunk 0 only
+    shard = tmp_path / "a" / "c" / "1"
+    got = unwritten_chunks(reopen(tmp_path, "a"))
+    assert got == [
+        str(tmp_path / "a" / "c" / "0"),
+        *(f"{shard} (inner chunk {k})" for k in (1, 2, 3)),
+        str(tmp_path / "a" / "c" / "2"),
+        str(tmp_path / "a" / "c" / "3"),
+    ]
+    assert unwritten_chunks(reopen(tmp_path, "a"), SHARD, SHARD + CHUNK) == []
+    assert missing_chunk_files(reopen(tmp_path, "a")) == [str(tmp_path / "a" / "c" / c) for c in ("0", "2", "3")]
+
+
+# --------------------------------------------------------------------------- 6. CsrRows / DenseRows
 
 
 N_OBS, N_VARS = 300, 40

@@ -1,0 +1,379 @@
+"""The two out-of-core passes of the conversion, each bounded by the memory budget.
+
+1. *scatter* (:func:`scatter`): stream every input once, in row blocks, and
+   append each row to the temporary bucket of the output file the global
+   permutation sends it to;
+2. *write* (:func:`write_output_file`): for each output file, gather its
+   bucket's rows in the permuted order (block by block) and write them,
+   shard-aligned, into ``chunk_{i}.zarr``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import zarr
+from tqdm.auto import tqdm
+
+from .errors import InputFileError
+from .shards import COMPLETE_ATTRIBUTE, missing_chunk_files, unwritten_chunks
+from .store import XLayout
+
+__all__ = ["InputFile", "csr_row_positions", "scatter", "write_output_file"]
+
+
+@dataclass
+class InputFile:
+    """One scanned input file: what the passes need to read its X, and its obs/var."""
+
+    path: Path
+    label: str
+    n_obs: int
+    x_format: Literal["csr", "dense"]
+    dtype: np.dtype
+    var: pd.DataFrame
+    obs: pd.DataFrame
+    indptr: np.ndarray | None  # CSR only; O(n_obs) bookkeeping
+    gene_map: np.ndarray | None = None  # input column -> output column, -1 = dropped
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # elements not carried: {"layers": ["counts"], ...}
+
+class _Bucket:
+    """Temporary on-disk rows of one output file, in increasing global cell order."""
+
+    def __init__(self, directory: Path, dense: bool):
+        directory.mkdir(parents=True)
+        self.dir = directory
+        self.dense = dense
+        self.n_rows = 0
+        names = ("rows",) if dense else ("data", "indices", "nnz")
+        self._files = {n: open(directory / f"{n}.bin", "wb") for n in names}
+
+    def append_csr(self, data: np.ndarray, indices: np.ndarray, nnz: np.ndarray) -> None:
+        self._files["data"].write(memoryview(np.ascontiguousarray(data)).cast("B"))
+        self._files["indices"].write(memoryview(np.ascontiguousarray(indices)).cast("B"))
+        self._files["nnz"].write(memoryview(nnz.astype(np.int64)).cast("B"))
+        self.n_rows += nnz.size
+
+    def append_dense(self, rows: np.ndarray) -> None:
+        self._files["rows"].write(memoryview(np.ascontiguousarray(rows)).cast("B"))
+        self.n_rows += rows.shape[0]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.bin"
+
+
+def csr_row_positions(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Positions in ``data``/``indices`` of the given rows' entries, concatenated in order."""
+    starts, lens = indptr[rows], indptr[rows + 1] - indptr[rows]
+    total = int(lens.sum())
+    if total == 0:
+        return np.empty(0, dtype=np.int64)
+    # Each row's run starts where the previous run ended in the output; shift
+    # arange(total) by the per-row offset difference.
+    shift = starts - (np.cumsum(lens) - lens)
+    return np.arange(total, dtype=np.int64) + np.repeat(shift, lens)
+
+
+class _AlignedAppender:
+    """Appends to a pre-sized 1-D (or row-major 2-D) zarr array in shard-aligned writes.
+
+    Writing whole shards means zarr never reads back and re-encodes a
+    partially written shard.
+    """
+
+    def __init__(self, array: zarr.Array, align: int):
+        self.array, self.align, self.pos = array, align, 0
+        self._pending: list[np.ndarray] = []
+        self._pending_len = 0
+
+    def append(self, values: np.ndarray) -> None:
+        self._pending.append(values)
+        self._pending_len += values.shape[0]
+        if self._pending_len >= self.align:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if not self._pending_len:
+            return
+        buf = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        n = buf.shape[0] if final else (buf.shape[0] // self.align) * self.align
+        if n:
+            write_complete(self.array, self.pos, self.pos + n, buf[:n])
+        self.pos += n
+        rest = buf[n:]
+        self._pending, self._pending_len = ([rest] if rest.shape[0] else []), rest.shape[0]
+
+    def close(self) -> None:
+        self._flush(final=True)
+        if self.pos != self.array.shape[0]:
+            raise RuntimeError(f"internal error: wrote {self.pos} of {self.array.shape[0]} elements")
+
+
+
+def _read_block(inp: InputFile, f: h5py.File, r0: int, r1: int, n_vars: int, dtype: np.dtype):
+    """Rows ``r0:r1`` of one input, genes mapped onto the output var."""
+    if inp.x_format == "dense":
+        block = f["X"][r0:r1].astype(dtype, copy=False)
+        if np.array_equal(inp.gene_map, np.arange(n_vars)):
+            return block
+        out = np.zeros((r1 - r0, n_vars), dtype=dtype)
+        keep = inp.gene_map >= 0
+        out[:, inp.gene_map[keep]] = block[:, keep]
+        return out
+    a, b = inp.indptr[r0], inp.indptr[r1]
+    data = f["X/data"][a:b].astype(dtype, copy=False)
+    indices = f["X/indices"][a:b]
+    if indices.size and (indices.min() < 0 or indices.max() >= len(inp.var)):
+        bad = int(indices.max() if indices.max() >= len(inp.var) else indices.min())
+        raise InputFileError(
+            f"{inp.path}: X/indices holds column {bad} in rows {r0}-{r1 - 1}, outside the {len(inp.var)} genes "
+            "(damaged file)"
+        )
+    indptr = inp.indptr[r0 : r1 + 1] - a
+    if not np.array_equal(inp.gene_map, np.arange(n_vars)):
+        mapped = inp.gene_map[indices]
+        keep = mapped >= 0
+        row_of = np.repeat(np.arange(r1 - r0), np.diff(indptr))[keep]
+        mapped, data = mapped[keep], data[keep]
+        # Genes of a row must stay sorted after re-indexing onto the new var.
+        order = np.lexsort((mapped, row_of))
+        data, indices = data[order], mapped[order]
+        indptr = np.zeros(r1 - r0 + 1, dtype=np.int64)
+        np.cumsum(np.bincount(row_of, minlength=r1 - r0), out=indptr[1:])
+    return data, indices.astype(np.int32, copy=False), indptr
+
+
+def _row_bytes(inp: InputFile, n_vars: int, itemsize: int) -> np.ndarray:
+    """Bytes each row of an input takes in memory (for budget-sized blocks)."""
+    if inp.x_format == "dense":
+        return np.full(inp.n_obs, max(n_vars, len(inp.var)) * itemsize, dtype=np.int64)
+    return np.diff(inp.indptr) * (itemsize + 4) + 8
+
+
+def _blocks(row_bytes: np.ndarray, block_bytes: int) -> list[tuple[int, int]]:
+    """Cut rows into consecutive blocks of about ``block_bytes`` (at least one row each)."""
+    ends = np.searchsorted(np.cumsum(row_bytes), np.arange(block_bytes, row_bytes.sum() + block_bytes, block_bytes), "right")
+    out, start = [], 0
+    for e in ends:
+        e = max(int(e), start + 1)
+        if start >= row_bytes.size:
+            break
+        e = min(e, row_bytes.size)
+        out.append((start, e))
+        start = e
+    return out
+
+
+def scatter(inputs, order, bounds, n_vars, dtype, dense, budget, progress, scratch) -> list[_Bucket]:
+    """Pass 1: stream inputs once, appending each row to its output file's bucket."""
+    position = np.empty_like(order)
+    position[order] = np.arange(order.size)
+    dest_file = np.searchsorted(bounds, position, side="right") - 1
+    del position
+    buckets = [_Bucket(scratch / f"bucket_{j}", dense) for j in range(len(bounds) - 1)]
+    # A block is held about four times over (read, re-indexed, gathered per
+    # destination, written) and allocator slack doubles that: a sixteenth.
+    block_bytes = max(1, budget // 16)
+    offset = 0
+    with tqdm(total=order.size, unit="cells", unit_scale=True, desc="shuffle", disable=not progress) as bar:
+        for inp in inputs:
+            with h5py.File(inp.path, "r") as f:
+                for r0, r1 in _blocks(_row_bytes(inp, n_vars, dtype.itemsize), block_bytes):
+                    try:
+                        block = _read_block(inp, f, r0, r1, n_vars, dtype)
+                    except OSError as e:  # HDF5's messages do not name the file
+                        raise InputFileError(f"{inp.path}: cannot read X rows {r0}-{r1 - 1} ({e})") from e
+                    dest = dest_file[offset + r0 : offset + r1]
+                    rows_by_dest = np.argsort(dest, kind="stable")
+                    cuts = np.searchsorted(dest[rows_by_dest], np.arange(len(buckets) + 1))
+                    for j in np.flatnonzero(np.diff(cuts)):
+                        rows = rows_by_dest[cuts[j] : cuts[j + 1]]
+                        if dense:
+                            buckets[j].append_dense(block[rows])
+                        else:
+                            data, indices, indptr = block
+                            pos = csr_row_positions(indptr, rows)
+                            buckets[j].append_csr(data[pos], indices[pos], np.diff(indptr)[rows])
+                    del block
+                    bar.update(r1 - r0)
+            offset += inp.n_obs
+    for b in buckets:
+        b.close()
+    return buckets
+
+
+@contextmanager
+def _mapped(path: Path, dtype: np.dtype, shape: tuple[int, ...]):
+    """Map a bucket file for one block only.
+
+    Pages touched through a mapping count as resident memory until it is
+    unmapped; re-mapping per block keeps the whole bucket out of RSS.
+    """
+    m = np.memmap(path, dtype=dtype, mode="r", shape=shape)
+    try:
+        yield m
+    finally:
+        m._mmap.close()  # noqa: SLF001 - numpy exposes no public unmap
+        del m
+
+
+def write_output_file(
+    path: Path,
+    bucket: _Bucket,
+    ids: np.ndarray,
+    obs: pd.DataFrame,
+    var: pd.DataFrame,
+    dtype: np.dtype,
+    layout: XLayout,
+    budget: int,
+    progress: bool,
+    j: int,
+) -> None:
+    """Pass 2: write one ``chunk_{j}.zarr`` from its bucket, rows in ``ids`` order (global cell ids).
+
+    Every chunk of every array is stored (a missing one is damage, never
+    fill values) and carries a crc32c checksum when ``layout.checksum``.
+    """
+    # The bucket holds this file's cells in increasing global id: the bucket
+    # row of cell ids[p] is its rank among the sorted ids.
+    bucket_row = np.searchsorted(np.sort(ids), ids)
+    n_vars = len(var)
+    root = zarr.open_group(path, mode="w", zarr_format=3)
+    write_obs_and_var(root, obs, var, layout)
+    _write_x(root, bucket, bucket_row, n_vars, dtype, layout, budget, progress, path.name)
+    # X must be in the consolidated metadata, or read_zarr would not see it.
+    with _quiet_consolidation():
+        zarr.consolidate_metadata(path)
+
+
+@contextmanager
+def _every_chunk_written():
+    """zarr-python's own codec pipeline with ``write_empty_chunks``.
+
+    zarr skips chunks that hold only the fill value unless told otherwise,
+    and the zarrs pipeline (0.2) skips them even when told: without them, a
+    deleted chunk file could not be told from an empty chunk.
+    """
+    with zarr.config.set(
+        {"codec_pipeline.path": "zarr.core.codec_pipeline.BatchedCodecPipeline", "array.write_empty_chunks": True}
+    ):
+        yield
+
+
+def write_obs_and_var(root: zarr.Group, obs: pd.DataFrame, var: pd.DataFrame, layout: XLayout) -> None:
+    """The AnnData skeleton (obs, var, empty mappings), written by anndata with our codecs, every chunk stored.
+
+    ``anndata.io.write_elem`` is public on anndata 0.12 and 0.13 alike and
+    passes ``dataset_kwargs`` to every array it creates. ``write_zarr`` is not
+    used: anndata 0.13 switches it to the zarrs pipeline, which drops chunks
+    of fill values.
+    """
+    with _every_chunk_written(), warnings.catch_warnings(), ad.settings.override(auto_shard_zarr_v3=False):
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        ad.io.write_elem(root, "/", ad.AnnData(obs=obs, var=var), dataset_kwargs={"compressors": layout.compressors("obs")})
+    for name, node in root.members(max_depth=None):
+        # anndata stores a missing element (raw=None) as a 0-d "null" array with no chunk at all
+        if isinstance(node, zarr.Array) and node.attrs.get("encoding-type") != "null":
+            missing = missing_chunk_files(node)
+            if missing:
+                raise RuntimeError(f"internal error: {len(missing)} chunk(s) of {name} were not written: {missing[:3]}")
+            node.attrs[COMPLETE_ATTRIBUTE] = True
+
+
+@contextmanager
+def _quiet_consolidation():
+    with warnings.catch_warnings():
+        # Consolidated metadata is not in the zarr v3 spec yet; anndata uses it anyway.
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        yield
+
+
+def write_complete(array: zarr.Array, start: int, stop: int, values: np.ndarray) -> None:
+    """``array[start:stop] = values`` (along the first axis), every chunk of the region stored.
+
+    Written with the fast zarrs pipeline first; where it left a chunk out
+    (all fill values), the region is written again with zarr-python's
+    pipeline, which honours ``write_empty_chunks``. The check reads shard
+    indexes (a few KiB per shard).
+    """
+    array[start:stop] = values
+    row = int(np.prod(array.shape[1:]))
+    if not unwritten_chunks(array, start * row, stop * row):
+        return
+    with _every_chunk_written():
+        careful = zarr.open_array(store=array.store, path=array.path, mode="r+")
+        careful[start:stop] = values
+    still = unwritten_chunks(array, start * row, stop * row)
+    if still:
+        raise RuntimeError(f"internal error: {len(still)} chunk(s) were not written: {still[:3]}")
+
+
+def _write_x(root, bucket, bucket_row, n_vars, dtype, layout, budget, progress, file_name) -> None:
+    n_rows = bucket_row.size
+    block_bytes = max(1, budget // 16)
+    complete = {COMPLETE_ATTRIBUTE: True}
+    if bucket.dense:
+        rows_per_chunk, rows_per_shard = layout.dense_rows(n_vars, dtype.itemsize)
+        x = root.create_array(
+            "X", shape=(n_rows, n_vars), dtype=dtype, chunks=(rows_per_chunk, n_vars),
+            shards=(rows_per_shard, n_vars), compressors=layout.compressors(),
+            attributes={"encoding-type": "array", "encoding-version": "0.2.0", **complete},
+        )  # fmt: skip
+        writer = _AlignedAppender(x, rows_per_shard)
+        step = max(1, block_bytes // max(1, n_vars * dtype.itemsize))
+        with tqdm(total=n_rows, unit="cells", unit_scale=True, desc=f"write {file_name}", disable=not progress) as bar:
+            for p0 in range(0, n_rows, step):
+                with _mapped(bucket.path("rows"), dtype, (bucket.n_rows, n_vars)) as src:
+                    writer.append(np.array(src[bucket_row[p0 : p0 + step]]))
+                bar.update(min(step, n_rows - p0))
+        writer.close()
+        return
+    nnz_in_bucket = np.fromfile(bucket.path("nnz"), dtype=np.int64)
+    bucket_indptr = np.zeros(nnz_in_bucket.size + 1, dtype=np.int64)
+    np.cumsum(nnz_in_bucket, out=bucket_indptr[1:])
+    row_nnz = nnz_in_bucket[bucket_row]
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(row_nnz, out=indptr[1:])
+    total = int(indptr[-1])
+    group = root.create_group(
+        "X", attributes={"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_rows, n_vars]}
+    )
+    arrays = {}
+    indices_dtype = layout.indices_dtype(n_vars)
+    for name, dt, role in (("data", dtype, "values"), ("indices", indices_dtype, "indices")):
+        arrays[name] = group.create_array(
+            name, shape=(total,), dtype=dt, chunks=(layout.chunk_elements,),
+            shards=(layout.shard_elements,), compressors=layout.compressors(role), attributes=complete,
+        )  # fmt: skip
+    indptr_array = group.create_array(
+        "indptr", shape=(n_rows + 1,), dtype=np.int64, chunks=(min(2**16, n_rows + 1),),
+        compressors=layout.compressors("indices"), attributes=complete,
+    )  # fmt: skip
+    write_complete(indptr_array, 0, n_rows + 1, indptr)
+    # Buckets hold int32 indices; the output may be narrower.
+    dtypes = {"data": dtype, "indices": np.dtype(np.int32)}
+    writers = {name: _AlignedAppender(arrays[name], layout.shard_elements) for name in arrays}
+    # Each block gathers about block_bytes of entries (positions: 8 B each).
+    row_bytes = row_nnz * (dtype.itemsize + 4 + 8)
+    with tqdm(total=n_rows, unit="cells", unit_scale=True, desc=f"write {file_name}", disable=not progress) as bar:
+        for p0, p1 in _blocks(row_bytes, block_bytes) if n_rows else []:
+            pos = csr_row_positions(bucket_indptr, bucket_row[p0:p1])
+            for name in writers:
+                with _mapped(bucket.path(name), dtypes[name], (total,)) as src:
+                    writers[name].append(np.asarray(src[pos], dtype=arrays[name].dtype))
+            del pos
+            bar.update(p1 - p0)
+    for w in writers.values():
+        w.close()
