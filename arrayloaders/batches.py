@@ -38,9 +38,14 @@ def keep(view: np.ndarray) -> np.ndarray:
 class ObsColumns:
     """The requested obs columns of all added AnnData objects, concatenated.
 
-    Categoricals (and strings) become int64 codes over the union of
-    categories in first-seen order, so the same label has one code across
-    files; a missing label is code -1.
+    - Categoricals and strings become int64 codes over the union of
+      categories (first-seen order), so one label has one code across
+      files; a missing label is code ``-1``.
+    - Numbers keep their dtype (bool, ints, floats).
+    - Nullable numbers (pandas ``Int64``, ``boolean``, ``Float64``... : the
+      converter writes a column so when it has missing values) become
+      float64 with NaN for the missing values; integers beyond 2**53, which
+      float64 cannot hold exactly, are refused.
     """
 
     def __init__(self, keys: list[str]):
@@ -72,12 +77,26 @@ class ObsColumns:
                 cats = pd.Index(pd.unique(np.concatenate([_categories(p) for p in parts])))
                 self.categories[k] = list(cats)
                 self.values[k] = np.concatenate([cats.get_indexer(p.astype(object)) for p in parts]).astype(np.int64)
+            elif any(isinstance(p.dtype, pd.api.extensions.ExtensionDtype) for p in parts):
+                self.values[k] = np.concatenate([_nullable_as_float(p, k) for p in parts])
             else:
                 self.values[k] = np.concatenate([p.to_numpy() for p in parts])
 
     def gather(self, rows: np.ndarray, single: bool):
         out = {k: torch.from_numpy(self.values[k][rows]) for k in self.keys}
         return out[self.keys[0]] if single else out
+
+
+def _nullable_as_float(s: pd.Series, key: str) -> np.ndarray:
+    """A (maybe nullable) numeric column as float64, missing values NaN; integers must fit float64 exactly."""
+    if s.dtype.kind in "iu":
+        present = s.dropna()
+        if len(present) and max(abs(int(present.min())), abs(int(present.max()))) > 2**53:
+            raise ValueError(
+                f"obs column {key!r} holds integers beyond 2**53 and missing values: they cannot be yielded exactly "
+                "(as float64 with NaN); fill the missing values or convert the column to strings"
+            )
+    return s.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
 def _categories(s: pd.Series) -> np.ndarray:

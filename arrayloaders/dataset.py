@@ -49,7 +49,7 @@ from .errors import StoreError
 from .load import LoadedRows, read_load
 from .plan import EpochPlan, PlanConfig, batch_rows, plan_epoch
 from .rows import CsrRows, DenseRows, open_rows, read_indptr
-from .store import MANIFEST_NAME, XSource, read_manifest, use_zarrs
+from .store import MANIFEST_NAME, XSource, read_manifest, read_obs, use_zarrs
 
 __all__ = ["EpochIterator", "ZarrDenseDataset", "ZarrSparseDataset"]
 
@@ -437,17 +437,16 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         The store is checked against its manifest; a directory without one
         (not a store, or an unfinished conversion) is refused.
         """
-        manifest = read_manifest(path)
+        manifest = read_manifest(path)  # checks the files against it: shapes, dtypes, every chunk there
+        keys = [] if obs_keys is None else [obs_keys] if isinstance(obs_keys, str) else list(obs_keys)
+        missing = [k for k in keys if k not in manifest.obs_schema]
+        if missing:
+            raise ValueError(f"{path}: obs has no column(s) {missing}; available: {list(manifest.obs_schema)}")
         adatas = []
         for f in manifest.files:
             group = zarr.open_group(os.path.join(path, f["name"]), mode="r")
             X = ad.io.sparse_dataset(group["X"]) if manifest.x_format == "csr" else group["X"]
-            obs = ad.io.read_elem(group["obs"])
-            if X.shape[0] != f["n_obs"] or X.shape[1] != manifest.n_vars or len(obs) != f["n_obs"]:
-                raise StoreError(
-                    f"{path}/{f['name']}: shape {X.shape} does not match the manifest "
-                    f"({f['n_obs']} x {manifest.n_vars})"
-                )
+            obs = read_obs(path, f["name"], columns=keys)  # only the columns asked for; names a damaged array
             adatas.append(ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=manifest.var_names)))
         return self.add_anndatas(adatas, obs_keys)
 

@@ -214,3 +214,59 @@ def test_quickstart_converts_and_loads_an_epoch(tmp_path):
     assert "converted 1200 cells x 500 genes" in res.stdout
     assert "epoch 0 (starting the workers included): 1200 cells" in res.stdout
     assert "epoch 1 (workers up): 1200 cells" in res.stdout and "cells/s" in res.stdout
+
+
+# ------------------------------------------------------------------ obs of every dtype, through conversion to batches
+
+
+@pytest.fixture(scope="module")
+def mixed_obs_store(tmp_path_factory):
+    """Two inputs whose obs columns cover what anndata writes, some present in one input only."""
+    import pandas as pd
+
+    from arrayloaders.example_data import make_example_adata
+
+    d = tmp_path_factory.mktemp("mixed_obs")
+    a = make_example_adata(60, 50, nnz_per_cell=5, seed=1, name_prefix="a")
+    b = make_example_adata(40, 50, nnz_per_cell=5, seed=2, name_prefix="b")
+    rng = np.random.default_rng(0)
+    for x in (a, b):
+        n = x.n_obs
+        x.obs["label"] = pd.Categorical(rng.choice(["T", "B", None], n))  # a missing label
+        x.obs["donor"] = rng.choice(["d1", "d2"], n).astype(object)  # plain strings
+        x.obs["count"] = pd.array(rng.integers(0, 9, n), dtype="Int64")
+        x.obs.loc[x.obs.index[::7], "count"] = pd.NA
+        x.obs["flag"] = rng.random(n) < 0.5
+        x.obs["score"] = rng.random(n).astype(np.float32)
+    a.obs["only_a"] = np.arange(60)  # missing for b's cells: nullable Int64 after the outer join
+    paths = [d / "a.h5ad", d / "b.h5ad"]
+    a.write_h5ad(paths[0]), b.write_h5ad(paths[1])
+    source = ad.concat([a, b], join="outer")
+    return create_store_from_h5ads(paths, d / "store", n_obs_per_file=64, progress=False), source
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_obs_of_every_dtype_reaches_the_batches(mixed_obs_store, num_workers):
+    store, source = mixed_obs_store
+    keys = ["label", "donor", "count", "flag", "score", "only_a"]
+    names = read_store(store).obs_names
+    with ZarrSparseDataset(16, 4, 4, return_index=True, num_workers=num_workers).add_store(store, obs_keys=keys) as ds:
+        got = {k: [] for k in keys}
+        rows = []
+        for _, obs, idx in ds:
+            rows.append(idx.numpy())
+            for k in keys:
+                got[k].append(obs[k].numpy())
+    src = source.obs.loc[names[np.concatenate(rows)]]
+    got = {k: np.concatenate(v) for k, v in got.items()}
+    for k in ("label", "donor"):  # codes into ds.categories, -1 where the label is missing
+        cats = np.array(ds.categories[k] + [None], dtype=object)
+        assert got[k].dtype == np.int64
+        expected = src[k].astype(object).where(src[k].notna(), None).to_numpy()
+        assert (cats[got[k]] == expected).all() and (got[k] == -1).sum() == src[k].isna().sum()
+    for k in ("count", "only_a"):  # nullable ints: float64, NaN where missing
+        assert got[k].dtype == np.float64
+        np.testing.assert_array_equal(got[k], src[k].to_numpy(dtype=np.float64, na_value=np.nan))
+    assert got["flag"].dtype == np.bool_ and (got["flag"] == src["flag"].to_numpy(dtype=bool)).all()
+    assert got["score"].dtype == np.float32
+    np.testing.assert_array_equal(got["score"].view(np.uint32), src["score"].to_numpy().view(np.uint32))
