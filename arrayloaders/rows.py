@@ -79,9 +79,12 @@ class CsrRows:
         The arrays are valid until the next step of the iterator.
         """
         starts, stops = self.indptr[runs[:, 0]].tolist(), self.indptr[runs[:, 1]].tolist()
-        if self._zarr is not None:
+        if self._zarr is not None:  # zarr verifies checksums, if the store has them; bounds are checked here
             ranges = list(zip(starts, stops))
-            yield from zip(self._zarr.read("data", ranges), self._zarr.read("indices", ranges))
+            for (a, b), data, indices in zip(ranges, self._zarr.read("data", ranges), self._zarr.read("indices", ranges)):
+                if indices.size and int(indices.max()) >= self.source.n_vars:
+                    raise OSError(f"{_where(self.source, 'indices')}: a column index in entries [{a}, {b}) is past the genes")
+                yield data, indices
             return
         longest = max((b - a for a, b in zip(starts, stops)), default=0)
         data_reader, indices_reader = self._direct
@@ -91,10 +94,19 @@ class CsrRows:
         if longest > self._data.size:
             self._data = np.empty(longest, self._data.dtype)
             self._indices = np.empty(longest, self._indices.dtype)
+        # Without checksums (stores written before them), a damaged column index is the one silent
+        # error a decode lets through (values past n_vars): bound-check those, one pass per run.
+        check_bounds = not indices_reader.checked
+        n_vars = self.source.n_vars
         for a, b in zip(starts, stops):
             data, indices = self._data[: b - a], self._indices[: b - a]
             data_reader.read_into(a, b, data)
             indices_reader.read_into(a, b, indices)
+            if check_bounds and indices.size and int(indices.max()) >= n_vars:
+                raise OSError(
+                    f"{_where(self.source, 'indices')}: a column index of {int(indices.max())} in entries [{a}, {b}) "
+                    f"is past the {n_vars} genes (damaged store; it has no checksums to say where)"
+                )
             yield data, indices
 
     def close(self) -> None:

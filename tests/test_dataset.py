@@ -270,3 +270,20 @@ def test_obs_of_every_dtype_reaches_the_batches(mixed_obs_store, num_workers):
     assert got["flag"].dtype == np.bool_ and (got["flag"] == src["flag"].to_numpy(dtype=bool)).all()
     assert got["score"].dtype == np.float32
     np.testing.assert_array_equal(got["score"].view(np.uint32), src["score"].to_numpy().view(np.uint32))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_damaged_column_indices_of_a_store_without_checksums_are_caught(h5ads, tmp_path, num_workers):
+    # Stores written before checksums: a damaged index that still decodes must not reach a batch.
+    from arrayloaders import WorkerError, XLayout
+
+    out = create_store_from_h5ads(h5ads, tmp_path / "s", layout=XLayout(compressor="none", checksum=False), progress=False)
+    shard = sorted((out / "chunk_0.zarr" / "X" / "indices" / "c").iterdir())[0]
+    raw = bytearray(shard.read_bytes())
+    raw[100:140] = b"\xff" * 40  # uint16 indices of 65,535: past the 400 genes
+    shard.write_bytes(bytes(raw))
+    ds = ZarrSparseDataset(64, 8, 4, num_workers=num_workers).add_store(out)
+    with pytest.raises((OSError, WorkerError), match=r"indices: a column index of 65535 .* past the 400 genes"):
+        for _ in ds:
+            pass
+    ds.close()
