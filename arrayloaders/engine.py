@@ -123,7 +123,8 @@ class _Slot:
 
 @dataclass(frozen=True)
 class _Flight:
-    run: EpochRun
+    run: weakref.ref  # to the EpochRun (weak: a loop dropped mid-epoch must not be kept by its tasks)
+    epoch: int
     load: int
     worker: int
     slot: int
@@ -200,7 +201,7 @@ class Engine:
         self.lock = threading.RLock()
         self.ring: Ring | None = None
         self.pool: WorkerPool | None = None
-        self.run: EpochRun | None = None
+        self._run: weakref.ref | None = None  # the run using the workers (weak: see run)
         self._slots: list[_Slot] = []
         self._flight: dict[int, _Flight] = {}  # ticket -> where it went
         self._tickets = 0
@@ -235,14 +236,25 @@ class Engine:
         with self.lock:
             self._closed = True
             self.pool = self.ring = None
-            if self.run is not None:
-                self.run.ended = True
-                self.run = None
+            run = self.run
+            if run is not None:
+                run.ended = True
+            self.run = None
             self._flight.clear()
             self._slots = []
             # Called directly (the finalizer runs once only): if a second Ctrl-C cuts this short,
             # the exit hook or the finalizer finishes what is left in _parts.
             Engine._shutdown(self._parts, self.owner)
+
+    @property
+    def run(self) -> EpochRun | None:
+        """The run using the workers. Held weakly: runs hold the engine, and a cycle would keep
+        the workers of a dropped dataset up until the garbage collector ran."""
+        return self._run() if self._run is not None else None
+
+    @run.setter
+    def run(self, run: EpochRun | None) -> None:
+        self._run = weakref.ref(run) if run is not None else None
 
     @property
     def closed(self) -> bool:
@@ -278,9 +290,14 @@ class Engine:
                     return None
             if current is not None:
                 self._forget(current)
+            else:  # the last run was garbage collected with its loop: what it had decoded is nobody's
+                for slot in self._slots:
+                    if slot.state == "ready":
+                        slot.state = "free"
             self._prepare(layout())
-            self.run = EpochRun(self, plan, loads, seq)
-            return self.run
+            run = EpochRun(self, plan, loads, seq)
+            self.run = run
+            return run
         except BaseException:
             self.close()
             raise
@@ -381,7 +398,7 @@ class Engine:
             if not any(f.worker == worker for f in self._flight.values()):
                 self._busy_since[worker] = time.monotonic()
             self._slots[free] = _Slot("filling", ticket)
-            self._flight[ticket] = _Flight(run, load, worker, free)
+            self._flight[ticket] = _Flight(weakref.ref(run), run.plan.epoch, load, worker, free)
             run.submitted += 1
 
     def _replace_oldest_lent(self) -> None:
@@ -400,7 +417,8 @@ class Engine:
                 raise WorkerError(f"worker {worker} answered a task it was never given ({message})")
             self._busy_since[worker] = now
             slot = self._slots[flight.slot]
-            if flight.run.ended:  # a stale task: nobody reads what it wrote
+            run = flight.run()
+            if run is None or run.ended:  # a stale task: nobody reads what it wrote
                 slot.state = "free"
                 continue
             if isinstance(message, Failed):
@@ -409,7 +427,7 @@ class Engine:
                 )
             self._slowest = max(self._slowest, message.seconds)
             slot.state = "ready"
-            flight.run.ready[flight.load] = message
+            run.ready[flight.load] = message
 
     def _limit(self) -> float:
         return self.timeout if self.timeout is not None else DEFAULT_TIMEOUT_MARGIN_S + self._slowest
@@ -432,5 +450,5 @@ class Engine:
         mine = [f for f in self._flight.values() if f.worker == worker]
         if not mine:
             return "idle"
-        epochs = sorted({f.run.plan.epoch for f in mine})
+        epochs = sorted({f.epoch for f in mine})
         return f"decoding load(s) {sorted(f.load for f in mine)} of epoch {', '.join(map(str, epochs))}"

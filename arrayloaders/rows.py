@@ -88,7 +88,7 @@ class CsrRows:
             return
         longest = max((b - a for a, b in zip(starts, stops)), default=0)
         data_reader, indices_reader = self._direct
-        for a, b in zip(starts, stops):
+        for a, b in _coalesced(starts, stops, data_reader.chunk_elements):
             data_reader.prefetch(a, b)
             indices_reader.prefetch(a, b)
         if longest > self._data.size:
@@ -115,6 +115,23 @@ class CsrRows:
                 d.close()
         if self._zarr is not None:
             self._zarr.close()
+
+
+def _coalesced(starts: list[int], stops: list[int], gap: int) -> list[tuple[int, int]]:
+    """Element ranges merged where they overlap or lie within ``gap`` of each other (one prefetch each).
+
+    A load of single rows (a sampler's, sorted) becomes a few ranges instead
+    of thousands of system calls; a chunked load's runs are far apart and stay as they are.
+    """
+    merged: list[list[int]] = []
+    for a, b in sorted(zip(starts, stops)):
+        if b <= a:
+            continue
+        if merged and a - merged[-1][1] <= gap:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(a, b) for a, b in merged]
 
 
 def _where(source: XSource, name: str) -> str:

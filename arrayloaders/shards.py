@@ -140,6 +140,10 @@ class DirectArray:
         self._scratch = np.empty(chunk_elements, dtype)
         self._compressed = bytearray(chunk_elements * dtype.itemsize + 1024)
         self._compressed_view = np.frombuffer(self._compressed, dtype=np.uint8)  # for google_crc32c
+        self._paths: dict[int, Path] = {}  # of the files with an open descriptor
+        # The inner chunk whose decoded elements ``_scratch`` holds: rows read one at a time in
+        # store order (a sampler's) often share one, and it is then decoded once, not per row.
+        self._scratch_chunk = -1
 
     @classmethod
     def open(cls, array: zarr.Array) -> DirectArray | None:
@@ -194,14 +198,15 @@ class DirectArray:
         Tables are kept (16 bytes per inner chunk); descriptors are kept for
         the most recently used files only.
         """
-        coords = (f,) if self._ndim == 1 else (f, 0)
-        path = self.path / self._encode_key(coords)
         fd = self._fds.get(f)
         if fd is not None:
             self._fds.move_to_end(f)
+            path = self._paths[f]
         else:
             if f in self._tables and self._tables[f] is None:
                 return None
+            coords = (f,) if self._ndim == 1 else (f, 0)
+            path = self._paths[f] = self.path / self._encode_key(coords)
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
@@ -215,7 +220,9 @@ class DirectArray:
                 return None
             self._fds[f] = fd
             if len(self._fds) > _MAX_OPEN_FILES:
-                os.close(self._fds.popitem(last=False)[1])
+                evicted, old_fd = self._fds.popitem(last=False)
+                os.close(old_fd)
+                self._paths.pop(evicted, None)
         table = self._tables.get(f)
         if table is None:
             try:
@@ -282,6 +289,12 @@ class DirectArray:
         ce = self.chunk_elements
         c = start // ce
         while c * ce < stop:
+            if c == self._scratch_chunk:
+                lo = c * ce
+                a, b = max(start, lo), min(stop, lo + ce)
+                out[a - start : b - start] = self._scratch[a - lo : b - lo]
+                c += 1
+                continue
             f, k = divmod(c, self._per_file)
             entry = self._file(f)
             # Inner chunks stored back to back are read with one call.
@@ -337,12 +350,15 @@ class DirectArray:
             src = buf[pos:end]
             pos += nbytes
             whole = a == lo and b == hi  # the whole chunk is wanted: decode in place
+            if not whole:
+                self._scratch_chunk = -1  # overwritten below; set again once decoded
             try:
                 # chunks are stored whole (the last one padded): else decode aside, keep a part
                 self._decode(src, out[a - start : b - start] if whole else self._scratch)
             except Exception as e:  # noqa: BLE001 - blosc and zstd raise different types
                 self._damaged(path, c, f"cannot be decoded ({type(e).__name__}: {e})", e)
             if not whole:
+                self._scratch_chunk = c
                 out[a - start : b - start] = self._scratch[a - lo : b - lo]
 
     def _damaged(self, path: Path, c: int, problem: str, cause: BaseException | None = None):

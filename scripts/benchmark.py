@@ -8,6 +8,10 @@ memory of that subprocess's whole tree (workers included):
 - ``arrayloaders-wN``: ZarrSparseDataset with ``num_workers=N`` (sparse CSR
   tensors + cell_type labels); ``arrayloaders-wN-dense``: ZarrDenseDataset on
   the same store (densified batches), N the largest ``--workers``;
+- ``arrayloaders-wN-cells50`` / ``-balanced`` / ``-permutation``: the same
+  loader over a random half of the cells (``cells=``), with a class-balancing
+  ``WeightedRandomSampler`` (``sampler=``, as many cells as the store) and
+  with a random permutation as the sampler (full control over the order);
 - ``annbatch-<setting>``: annbatch 0.3.1 on its own store of the same input,
   run by ``scripts/annbatch_runner.py`` in its own Python 3.12 venv;
 - ``scdataset``: scDataset 0.3 (block shuffling with our chunk size, fetches
@@ -89,13 +93,27 @@ def epochs_of(make_batches, n_epochs: int, n_cells_of) -> dict:
     return {**out[-1], "epochs": out}
 
 
+SELECTIONS = ("cells50", "balanced", "permutation")
+
+
 def run_arrayloaders(store: Path, args) -> dict:
+    import numpy as np
+    import torch
+
     from arrayloaders import ZarrDenseDataset, ZarrSparseDataset
 
     kind = ZarrDenseDataset if args.dense else ZarrSparseDataset
     cuda = args.to == "cuda"
     ds = kind(args.batch_size, args.chunk_size, args.preload_nchunks, num_workers=args.workers[0], pin_memory=cuda)
-    with ds.add_store(store, obs_keys="cell_type"):
+    ds.add_store(store, obs_keys="cell_type")
+    n = ds.n_obs
+    if args.selection == "cells50":
+        ds = ds.subset(cells=np.random.default_rng(0).random(n) < 0.5)
+    elif args.selection == "balanced":
+        ds = ds.subset(sampler=torch.utils.data.WeightedRandomSampler(ds.class_weights("cell_type"), num_samples=n))
+    elif args.selection == "permutation":
+        ds = ds.subset(sampler=torch.utils.data.RandomSampler(range(n)))
+    with ds:
         return epochs_of(lambda: on_cuda(ds) if cuda else ds, args.epochs, lambda b: b[0].shape[0])
 
 
@@ -362,6 +380,8 @@ def loader_names(args) -> list[str]:
             names += [f"arrayloaders-w{w}" for w in args.workers]
         elif loader == "arrayloaders-dense":
             names.append(f"arrayloaders-w{max(args.workers)}-dense")
+        elif loader == "arrayloaders-selection":
+            names += [f"arrayloaders-w{max(args.workers)}-{s}" for s in SELECTIONS]
         elif loader == "annbatch":
             names += [f"annbatch-{s}" for s in ANNBATCH_SETTINGS]
         else:
@@ -378,11 +398,12 @@ def command(name: str, source: Path, args, epochs: int) -> list[str]:
         gpu = ["--gpu"] if args.to == "cuda" else []
         return [str(ANNBATCH_PYTHON), runner, "load", "--store", str(source), *sizes, "--obs-key", "cell_type",
                 "--setting", setting, *gpu]  # fmt: skip
-    child, workers, dense = name, "0", []
+    child, workers, extra = name, "0", []
     if name.startswith("arrayloaders-w"):
-        child, workers = "arrayloaders", name.removeprefix("arrayloaders-w").removesuffix("-dense")
-        dense = ["--dense"] if name.endswith("-dense") else []
-    return [sys.executable, __file__, "--child", child, "--store", str(source), *sizes, "--workers", workers, *dense,
+        child, _, variant = name.removeprefix("arrayloaders-").partition("-")
+        workers, child = child.removeprefix("w"), "arrayloaders"
+        extra = ["--dense"] if variant == "dense" else ["--selection", variant] if variant else []
+    return [sys.executable, __file__, "--child", child, "--store", str(source), *sizes, "--workers", workers, *extra,
             "--to", args.to]  # fmt: skip
 
 
@@ -407,18 +428,22 @@ def table(results: dict[str, dict], cache: str) -> str:
     base = max(annbatch, default=None)
     gather = results.get("scipy-gather", {}).get("cells_per_s")
     lines = [
-        f"| loader ({cache}) | cells/s | x best annbatch | x scipy gather | first batch (s) | peak memory, PSS (GiB) |",
-        "|---|---|---|---|---|---|",
+        f"| loader ({cache}) | cells/s | x best annbatch | x scipy gather | x chunked access | first batch (s) | "
+        "peak memory, PSS (GiB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         if "skipped" in r:
-            lines.append(f"| {name} | skipped: {r['skipped']} | | | | |")
+            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | |")
             continue
         cps = r["cells_per_s"]
         ratio = lambda b: f"{cps / b:.2f}" if b else "n/a"  # noqa: E731
+        # A selection row against chunked access over every cell with the same workers, in this run.
+        variant = name.rpartition("-")[2]
+        chunked = results.get(name.removesuffix(f"-{variant}"), {}).get("cells_per_s") if variant in SELECTIONS else None
         lines.append(
-            f"| {name} | {cps:,.0f} | {ratio(base)} | {ratio(gather)} | {r['first_batch_s']:.2f} | "
-            f"{r['peak_pss_bytes'] / 2**30:.2f} |"
+            f"| {name} | {cps:,.0f} | {ratio(base)} | {ratio(gather)} | {ratio(chunked) if chunked else ''} | "
+            f"{r['first_batch_s']:.2f} | {r['peak_pss_bytes'] / 2**30:.2f} |"
         )
     return "\n".join(lines)
 
@@ -467,8 +492,8 @@ def plot(results: dict[str, dict[str, dict]], path: Path, title: str) -> bool:
     return True
 
 
-LOADERS = ("arrayloaders", "arrayloaders-dense", "annbatch", "scdataset", "anndata-backed", "sequential-decode",
-           "scipy-gather")  # fmt: skip
+LOADERS = ("arrayloaders", "arrayloaders-dense", "arrayloaders-selection", "annbatch", "scdataset", "anndata-backed",
+           "sequential-decode", "scipy-gather")  # fmt: skip
 QUICK = {"n_files": 2, "cells_per_file": 5_000, "n_vars": 2_000, "nnz": 200, "batch_size": 1024,
          "preload_nchunks": 64, "repeats": 1, "workers": [0, 2], "memory_interval": 0.05}  # fmt: skip
 
@@ -511,6 +536,7 @@ def main() -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--selection", choices=SELECTIONS, help=argparse.SUPPRESS)
     args = parse_args(p, QUICK, Path("/tmp/arrayloaders-bench-quick"))
     if args.child:
         print(json.dumps(RUNNERS[args.child](args.store, args)))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
-MEASURED = ("arrayloaders-w0", "arrayloaders-w2", "arrayloaders-w2-dense", "scdataset", "anndata-backed",
+import numpy as np
+
+MEASURED = ("arrayloaders-w0", "arrayloaders-w2", "arrayloaders-w2-dense", "arrayloaders-w2-cells50",
+            "arrayloaders-w2-balanced", "arrayloaders-w2-permutation", "scdataset", "anndata-backed",
             "sequential-decode")  # fmt: skip
 
 
@@ -17,7 +20,8 @@ def test_quick_benchmark_measures_and_reports(run_quick):
         for name in MEASURED:
             r = loaders[name]
             assert r["cells_per_s"] > 0 and r["peak_pss_bytes"] > 0, (cache, name, r)
-            assert all(run["cells"] == 10_000 for run in r["runs"])  # a whole epoch each time
+            cells = int((np.random.default_rng(0).random(10_000) < 0.5).sum()) if name.endswith("cells50") else 10_000
+            assert all(run["cells"] == cells for run in r["runs"])  # a whole epoch (of the subset) each time
         for name in ("annbatch-zarrs", "annbatch-zarr-python"):
             assert "no annbatch venv" in loaders[name]["skipped"]  # reported, never faked
     assert [len(run["epochs"]) for run in report["warm"]["arrayloaders-w2"]["runs"]] == [2]  # warm: the 2nd epoch
@@ -27,6 +31,7 @@ def test_quick_benchmark_measures_and_reports(run_quick):
     assert conversion["command_wall_s"] > 0 and conversion["peak_pss_bytes"] > 0 and conversion["store_bytes"] > 0
     table = (out / "results.md").read_text()
     assert "| arrayloaders-w2-dense |" in table and "| scdataset |" in table
+    assert "| arrayloaders-w2-permutation |" in table and "x chunked access" in table
     assert "skipped: no annbatch venv" in table
     assert "| arrayloaders store | arrayloaders, sequential decode, scipy gather |" in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -276,3 +276,24 @@ def test_adding_a_store_after_iterating_gives_the_combined_dataset(store, tmp_pa
         both.add_store(more, obs_keys="cell_type")
         both.set_epoch(ds.epoch)
         assert ds.n_obs == 1120 and loop(ds) == loop(both)
+
+
+def test_a_dropped_dataset_stops_its_workers_without_the_garbage_collector(store):
+    # Nothing may hold a dataset's workers in a reference cycle: dropping the last reference to a
+    # dataset and its suspended loop stops them at once, as in CPython's usual refcounting.
+    import gc
+    import time
+
+    gc.disable()
+    try:
+        ds = make(store, 2)
+        it = iter(ds)
+        next(it)
+        assert len(worker_pids()) == 2
+        del ds, it
+        deadline = time.monotonic() + 10
+        while worker_pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker_pids() == []
+    finally:
+        gc.enable()
