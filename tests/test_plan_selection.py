@@ -48,14 +48,19 @@ def rank_plans(config: PlanConfig, epoch: int, **selection) -> list[EpochPlan]:
     return [plan_epoch(dataclasses.replace(config, rank=r), epoch, **selection) for r in range(config.world_size)]
 
 
+def rows_per_rank(config: PlanConfig, n: int) -> tuple[int, int]:
+    """Rows each rank takes of ``n`` (``equalize``), and keeps (whole batches with ``drop_last``)."""
+    per_rank = n // config.world_size if config.equalize == "drop" else -(-n // config.world_size)
+    return per_rank, per_rank // config.batch_size * config.batch_size if config.drop_last else per_rank
+
+
 @PROPS
 @given(subset=subsets(), epoch=epochs)
 def test_a_subset_is_yielded_once_split_between_ranks_with_equal_batches(subset, epoch):
     config, cells = subset
     plans = rank_plans(config, epoch, cells=cells)
     m, world, bs = cells.size, config.world_size, config.batch_size
-    per_rank = m // world if config.equalize == "drop" else -(-m // world)
-    kept = per_rank // bs * bs if config.drop_last else per_rank
+    _, kept = rows_per_rank(config, m)
     assert {p.n_batches for p in plans} == {-(-kept // bs)}
     rows = [epoch_rows(p) for p in plans]
     for plan, r in zip(plans, rows):
@@ -108,9 +113,8 @@ def sequences(draw):
 def test_a_sequence_is_yielded_in_its_order_repeats_included_in_equal_rank_shares(sampled, epoch):
     config, seq = sampled
     plans = rank_plans(config, epoch, sequence=seq)
-    n, world, bs = seq.size, config.world_size, config.batch_size
-    per_rank = n // world if config.equalize == "drop" else -(-n // world)
-    kept = per_rank // bs * bs if config.drop_last else per_rank
+    n, world = seq.size, config.world_size
+    per_rank, kept = rows_per_rank(config, n)
     for r, plan in enumerate(plans):
         check_loads(plan)
         share = seq[r * n // world : (r + 1) * n // world]
