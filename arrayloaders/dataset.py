@@ -45,8 +45,8 @@ from .batches import Batch, BatchMaker, MixedWindow, ObsColumns, keep
 from .convert import parse_bytes
 from .distributed import check_same_on_every_rank, rank_and_world_size
 from .engine import Engine, EpochRun, slot_layout
-from .errors import StoreError
-from .load import LoadedRows, read_load
+from .genes import choose_genes
+from .load import LoadedRows, RowFormat, read_load
 from .plan import EpochPlan, PlanConfig, batch_rows, plan_epoch
 from .rows import CsrRows, DenseRows, open_rows, read_indptr
 from .store import MANIFEST_NAME, XSource, read_manifest, read_obs, use_zarrs
@@ -54,10 +54,62 @@ from .store import MANIFEST_NAME, XSource, read_manifest, read_obs, use_zarrs
 __all__ = ["EpochIterator", "ZarrDenseDataset", "ZarrSparseDataset"]
 
 
-def _x_source(adata: ad.AnnData, i: int) -> XSource:
-    """Describe an AnnData's zarr-backed X, or explain why the loader cannot serve it."""
-    X = adata.X
+def _x_source(adata: ad.AnnData, i: int, layer: str | None = None) -> XSource:
+    """Describe an AnnData's zarr-backed X (or ``layers[layer]``), or explain why the loader cannot serve it."""
     where = f"AnnData #{i}"
+    if layer is None:
+        return _element_source(adata.X, where)
+    if layer not in adata.layers:
+        raise ValueError(f"{where} has no layer {layer!r}; its layers: {list(adata.layers)}")
+    return _element_source(adata.layers[layer], f"{where} layers[{layer!r}]")
+
+
+def _store_source(path: str | os.PathLike, file_name: str, layer: str | None) -> XSource:
+    """The X (or ``layers[layer]``) of one file of a store, opened without building an AnnData."""
+    group = zarr.open_group(os.path.join(path, file_name), mode="r")
+    where = os.path.join(path, file_name)
+    if layer is None:
+        element = group["X"]
+    else:
+        layers = group.get("layers")
+        if layers is None or layer not in layers:
+            names = sorted(layers.keys()) if layers is not None else []
+            raise ValueError(f"{where}: has no layer {layer!r}; its layers: {names}")
+        element, where = layers[layer], f"{where}/layers/{layer}"
+    return _element_source(ad.io.sparse_dataset(element) if isinstance(element, zarr.Group) else element, where)
+
+
+def _key_list(keys: str | Sequence[str] | None) -> list[str]:
+    return [] if keys is None else [keys] if isinstance(keys, str) else list(keys)
+
+
+def _obsm_source(adata: ad.AnnData, i: int, key: str) -> XSource:
+    """An AnnData's zarr-backed ``obsm[key]``, or why the loader cannot read it."""
+    if key not in adata.obsm:
+        raise ValueError(f"AnnData #{i} has no obsm {key!r}; its obsm: {list(adata.obsm)}")
+    return _array_source(adata.obsm[key], f"AnnData #{i} obsm[{key!r}]")
+
+
+def _store_obsm_source(path: str | os.PathLike, file_name: str, key: str) -> XSource:
+    group = zarr.open_group(os.path.join(path, file_name), mode="r")
+    obsm = group.get("obsm")
+    where = os.path.join(path, file_name)
+    if obsm is None or key not in obsm:
+        names = sorted(obsm.keys()) if obsm is not None else []
+        raise ValueError(f"{where}: has no obsm {key!r}; its obsm: {names}")
+    return _array_source(obsm[key], f"{where}/obsm/{key}")
+
+
+def _array_source(array, where: str) -> XSource:
+    if not isinstance(array, zarr.Array) or array.ndim != 2:
+        raise ValueError(f"{where}: is {type(array).__name__}, not a 2-d zarr array (n_obs x k)")
+    if np.dtype(array.dtype).kind not in "biuf":
+        raise ValueError(f"{where}: holds {array.dtype}, not numbers")
+    return XSource(array.store, array.path, "dense", array.shape[0], array.shape[1], str(array.dtype))
+
+
+def _element_source(X, where: str) -> XSource:
+    """Describe a zarr-backed matrix (X or a layer), or explain why the loader cannot serve it."""
     if X is None:
         raise ValueError(f"{where} has no X")
     if isinstance(X, ad.abc.CSRDataset | ad.abc.CSCDataset):
@@ -68,7 +120,7 @@ def _x_source(adata: ad.AnnData, i: int) -> XSource:
                 "reads zarr stores only. Convert with arrayloaders.create_store_from_h5ads"
             )
         if X.format != "csr":
-            raise ValueError(f"{where}: X is stored as CSC at {group.store}/{group.path}; the loader needs CSR rows")
+            raise ValueError(f"{where}: stored as CSC at {group.store}/{group.path}; the loader needs CSR rows")
         return XSource(group.store, group.path, "csr", X.shape[0], X.shape[1], str(X.dtype))
     if isinstance(X, zarr.Array):
         if X.ndim != 2:
@@ -79,6 +131,16 @@ def _x_source(adata: ad.AnnData, i: int) -> XSource:
         "X=ad.io.sparse_dataset(zarr.open(path)['X']) (CSR) or X=zarr.open(path)['X'] (dense), "
         "or use add_store(path)"
     )
+
+
+def _label(source: XSource) -> str:
+    """Where the data of ``source`` is, for messages: its store's directory."""
+    root = getattr(source.store, "root", None)
+    return str(Path(root).parent) if root is not None else "the added AnnData objects"
+
+
+def _row_format(var: pd.Index, genes_given: np.ndarray | None, dense: bool, where: str) -> RowFormat:
+    return RowFormat(None if genes_given is None else choose_genes(var, genes_given, where), dense)
 
 
 DEFAULT_WINDOW = 8  # loads a batch mixes when the store is not known to be shuffled (see plan.py)
@@ -124,16 +186,16 @@ class _Readers:
     """
 
     def __init__(self):
-        self._idle: deque[list[CsrRows] | list[DenseRows]] = deque()
+        self._idle: deque[_ReaderSet] = deque()
         self._finalizer = weakref.finalize(self, _Readers._close_all, self._idle)
 
-    def take(self, open_set: Callable[[], list[CsrRows] | list[DenseRows]]) -> list[CsrRows] | list[DenseRows]:
+    def take(self, open_set: Callable[[], _ReaderSet]) -> _ReaderSet:
         try:
             return self._idle.pop()
         except IndexError:
             return open_set()
 
-    def give_back(self, readers: list[CsrRows] | list[DenseRows]) -> None:
+    def give_back(self, readers: _ReaderSet) -> None:
         self._idle.append(readers)
 
     def close(self) -> None:
@@ -142,8 +204,19 @@ class _Readers:
     @staticmethod
     def _close_all(idle: deque) -> None:
         while idle:
-            for reader in idle.pop():
-                reader.close()
+            idle.pop().close()
+
+
+@dataclass
+class _ReaderSet:
+    """Readers of every added X (``x``), and of every file's array of each obsm key."""
+
+    x: list[CsrRows] | list[DenseRows]
+    obsm: dict[str, list[DenseRows]]
+
+    def close(self) -> None:
+        for reader in [*self.x, *(r for readers in self.obsm.values() for r in readers)]:
+            reader.close()
 
 
 @dataclass
@@ -306,7 +379,8 @@ class EpochIterator(Iterator[Batch]):
                 state.pool = ds._rt().readers
                 state.readers = state.pool.take(ds._open_readers)
             spec = plan.loads[load]
-            got = read_load(state.readers, spec, plan.take(spec)), keep
+            readers = state.readers
+            got = read_load(readers.x, spec, plan.take(spec), fmt=ds._row_format(), obsm=readers.obsm), keep
         got[0].rows = plan.rows_of_load(plan.loads[load])
         return got
 
@@ -315,8 +389,7 @@ class EpochIterator(Iterator[Batch]):
         self._loaded = self._mixed = None
         state.complete = complete
         if failed and state.readers is not None:  # a read was cut short: do not reuse these readers
-            for reader in state.readers:
-                reader.close()
+            state.readers.close()
             state.readers = None
         self._finalizer()
         if complete:
@@ -346,6 +419,8 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         cells: np.ndarray | Sequence[int] | Sequence[bool] | None = None,
         sampler: Iterable[int] | None = None,
         window: int | None = None,
+        var_names: Sequence[str] | np.ndarray | pd.Index | None = None,
+        layer: str | None = None,
     ):
         # Validate now, not at the first iteration.
         if cells is not None and sampler is not None:
@@ -373,6 +448,13 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         if window is not None and (not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be a positive integer or None, got {window!r}")
         self.window = window
+        if layer is not None and not isinstance(layer, str):
+            raise ValueError(f"layer must be the name of a layer or None (X), got {layer!r}")
+        self.layer = layer
+        if var_names is not None and isinstance(var_names, str):
+            raise ValueError(f"var_names must be a list of gene names or a boolean mask, not the string {var_names!r}")
+        self._genes_given = None if var_names is None else np.asarray(var_names)
+        self._fmt: RowFormat | None = None  # what workers make of rows, once the genes are known
         self._cells_given = None if cells is None else np.asarray(cells)
         self._cells_checked: np.ndarray | None = None  # sorted distinct rows, once checked against n_obs
         self.sampler = sampler
@@ -380,6 +462,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         self._shuffled: list[bool] = []  # per source: known to be shuffled at conversion
         self._var_names: pd.Index | None = None
         self._obs: ObsColumns | None = None
+        self._obsm: dict[str, list[XSource]] | None = None  # key -> its array in every added file
         self._single_key = True
         # The current epoch: where the next loop starts (epoch, first batch).
         self._epoch, self._start = 0, 0
@@ -388,7 +471,12 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
 
     # ------------------------------------------------------------------ filling
 
-    def add_anndatas(self, adatas: Sequence[ad.AnnData], obs_keys: str | Sequence[str] | None = None):
+    def add_anndatas(
+        self,
+        adatas: Sequence[ad.AnnData],
+        obs_keys: str | Sequence[str] | None = None,
+        obsm_keys: str | Sequence[str] | None = None,
+    ):
         """Add AnnData objects whose X is zarr-backed; returns the dataset.
 
         Parameters
@@ -400,30 +488,61 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
             obs column(s) yielded with each batch: one name gives a tensor,
             a list gives a dict of tensors, ``None`` gives ``None``.
             Categoricals are yielded as int64 codes into :attr:`categories`.
+        obsm_keys
+            obsm array(s) (zarr-backed, n_obs x k) yielded with each batch in
+            the obs dict, as (batch, k) tensors (float32 unless stored as a
+            float). The workers read their rows along with X, so they need
+            not fit in memory. Given any, obs is always a dict.
         """
         adatas = list(adatas)
         if not adatas:
             raise ValueError("add_anndatas needs at least one AnnData")
         self._obs_keys(obs_keys)  # validates and fixes the keys on first use
-        sources = [_x_source(a, len(self._sources) + i) for i, a in enumerate(adatas)]
+        var = adatas[0].var_names
+        for i, a in enumerate(adatas):
+            if not a.var_names.equals(var):
+                raise ValueError(
+                    f"AnnData #{len(self._sources) + i} has different var ({a.n_vars} genes) from the first "
+                    f"({len(var)} genes); every AnnData of a dataset must share var_names"
+                )
+        sources = [_x_source(a, len(self._sources) + i, self.layer) for i, a in enumerate(adatas)]
+        obsm = {
+            key: [_obsm_source(a, len(self._sources) + i, key) for i, a in enumerate(adatas)]
+            for key in _key_list(obsm_keys)
+        }
+        return self._add(sources, [a.obs for a in adatas], var, obs_keys, obsm)
+
+    def _add(
+        self, sources: list[XSource], frames: list[pd.DataFrame], var: pd.Index, obs_keys, obsm: dict[str, list[XSource]]
+    ) -> _ZarrDataset:
+        """Add matrices with their obs frames and obsm arrays; ``var``: their (shared) var_names."""
+        self._obs_keys(obs_keys)
+        if self._obsm is not None and list(obsm) != list(self._obsm):
+            raise ValueError(f"obsm_keys {list(obsm)} differ from those given before ({list(self._obsm)})")
+        for key, key_sources in obsm.items():
+            known = (self._obsm or {}).get(key, []) + key_sources
+            shapes = {(s.n_vars, s.dtype) for s in known}
+            if len(shapes) > 1:
+                raise ValueError(f"obsm {key!r} has different widths or dtypes across the added data: {sorted(shapes)}")
+            for s, x in zip(key_sources, sources):
+                if s.n_obs != x.n_obs:
+                    raise ValueError(f"{s.label}: obsm {key!r} has {s.n_obs} rows, but X has {x.n_obs}")
         kinds = {s.kind for s in self._sources + sources}
         if len(kinds) > 1:
             raise ValueError("the AnnData objects mix sparse (CSR) and dense X; add one kind per dataset")
         if kinds == {"dense"} and not self._dense_output:
             raise ValueError("X is dense; use ZarrDenseDataset for dense stores")
-        var = self._var_names
-        for i, a in enumerate(adatas):
-            if var is None:
-                var = a.var_names
-            elif not a.var_names.equals(var):
-                raise ValueError(
-                    f"AnnData #{len(self._sources) + i} has different var ({a.n_vars} genes) from the first "
-                    f"({len(var)} genes); every AnnData of a dataset must share var_names"
-                )
-        for i, a in enumerate(adatas):
-            self._obs.check(a.obs, f"AnnData #{len(self._sources) + i}")
-        self._obs.add([a.obs for a in adatas])
-        self._var_names = var
+        if self._var_names is not None and not var.equals(self._var_names):
+            raise ValueError(
+                f"AnnData #{len(self._sources)} has different var ({len(var)} genes) from the first "
+                f"({len(self._var_names)} genes); every AnnData of a dataset must share var_names"
+            )
+        for i, obs in enumerate(frames):
+            self._obs.check(obs, f"AnnData #{len(self._sources) + i}")
+        fmt = _row_format(var, self._genes_given, self._dense_output, _label((self._sources + sources)[0]))
+        self._obs.add(frames)
+        self._var_names, self._fmt = var, fmt
+        self._obsm = {key: (self._obsm or {}).get(key, []) + key_sources for key, key_sources in obsm.items()}
         self._sources = self._sources + sources
         self._shuffled = self._shuffled + [_shuffled_at_conversion(s) for s in sources]
         self._cells_checked = None
@@ -431,24 +550,28 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         self._runtime = _Runtime()
         return self
 
-    def add_store(self, path: str | os.PathLike, obs_keys: str | Sequence[str] | None = None):
+    def add_store(
+        self,
+        path: str | os.PathLike,
+        obs_keys: str | Sequence[str] | None = None,
+        obsm_keys: str | Sequence[str] | None = None,
+    ):
         """Add every file of a store made by ``create_store_from_h5ads``, in file order.
 
         The store is checked against its manifest; a directory without one
-        (not a store, or an unfinished conversion) is refused.
+        (not a store, or an unfinished conversion) is refused. ``obs_keys``
+        and ``obsm_keys`` as for :meth:`add_anndatas`.
         """
         manifest = read_manifest(path)  # checks the files against it: shapes, dtypes, every chunk there
         keys = [] if obs_keys is None else [obs_keys] if isinstance(obs_keys, str) else list(obs_keys)
         missing = [k for k in keys if k not in manifest.obs_schema]
         if missing:
             raise ValueError(f"{path}: obs has no column(s) {missing}; available: {list(manifest.obs_schema)}")
-        adatas = []
-        for f in manifest.files:
-            group = zarr.open_group(os.path.join(path, f["name"]), mode="r")
-            X = ad.io.sparse_dataset(group["X"]) if manifest.x_format == "csr" else group["X"]
-            obs = read_obs(path, f["name"], columns=keys)  # only the columns asked for; names a damaged array
-            adatas.append(ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=manifest.var_names)))
-        return self.add_anndatas(adatas, obs_keys)
+        sources = [_store_source(path, f["name"], self.layer) for f in manifest.files]
+        # only the columns asked for; names a damaged array
+        frames = [read_obs(path, f["name"], columns=keys) for f in manifest.files]
+        obsm = {key: [_store_obsm_source(path, f["name"], key) for f in manifest.files] for key in _key_list(obsm_keys)}
+        return self._add(sources, frames, pd.Index(manifest.var_names), obs_keys, obsm)
 
     def _obs_keys(self, obs_keys) -> list[str]:
         keys = [] if obs_keys is None else [obs_keys] if isinstance(obs_keys, str) else list(obs_keys)
@@ -474,7 +597,15 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
     @property
     def n_vars(self) -> int:
         """Genes: the width of every X batch (0 while the dataset is empty)."""
-        return self._sources[0].n_vars if self._sources else 0
+        return self._row_format().n_vars(self._sources[0].n_vars) if self._sources else 0
+
+    @property
+    def var_names(self) -> pd.Index:
+        """The genes of X's columns, in order: those chosen with ``var_names=``, else all of the data's."""
+        if self._var_names is None:
+            return pd.Index([])
+        genes = self._row_format().genes
+        return self._var_names if genes is None else self._var_names[genes.columns]
 
     @property
     def epoch(self) -> int:
@@ -716,27 +847,39 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
             rt.indptrs = [read_indptr(s) if s.kind == "csr" else None for s in self._sources]
         return rt.indptrs
 
-    def _open_readers(self) -> list[CsrRows] | list[DenseRows]:
-        return [open_rows(s, indptr) for s, indptr in zip(self._sources, self._indptrs())]
+    def _open_readers(self) -> _ReaderSet:
+        x = [open_rows(s, indptr) for s, indptr in zip(self._sources, self._indptrs())]
+        return _ReaderSet(x, {key: [open_rows(s) for s in sources] for key, sources in (self._obsm or {}).items()})
+
+    def _obsm_sources(self) -> tuple[tuple[str, tuple[XSource, ...]], ...]:
+        return tuple((key, tuple(sources)) for key, sources in (self._obsm or {}).items())
 
     def _batch_maker(self) -> BatchMaker:
         return BatchMaker(
-            self.n_vars, self._dense_output, self._obs, self._single_key, self.return_index, self.pin_memory
+            self.n_vars, self._obs, self._single_key, self.return_index, self.pin_memory, tuple(self._obsm or ())
         )
+
+    def _row_format(self) -> RowFormat:
+        """What the rows become (genes kept, dense or CSR): made once per set of sources, shared by subsets."""
+        if self._fmt is None:
+            self._fmt = _row_format(self._var_names, self._genes_given, self._dense_output, _label(self._sources[0]))
+        return self._fmt
 
     def _start_run(self, plan: EpochPlan, loads: list[int], seq: int) -> EpochRun | None:
         """The workers for ``loads`` of ``plan``, or ``None`` while they serve another loop."""
-        rt, sources = self._rt(), tuple(self._sources)
+        rt, sources, fmt, obsm = self._rt(), tuple(self._sources), self._row_format(), self._obsm_sources()
         with rt.lock:
             engine = rt.engine
-            if engine is None or engine.closed or not engine.matches(sources):
+            if engine is None or engine.closed or not engine.matches(sources, fmt, obsm):
                 if engine is not None and engine.in_use:
                     return None  # the sources or settings changed under a running loop: let it finish
                 if engine is not None:
                     engine.close()
-                engine = rt.engine = Engine(sources, self.num_workers, self.memory_budget, self.timeout, plan.window)
+                engine = rt.engine = Engine(
+                    sources, self.num_workers, self.memory_budget, self.timeout, plan.window, fmt, obsm
+                )
         source = self._sources[0]
-        return engine.start(plan, loads, seq, lambda: slot_layout(source, self._indptrs(), plan))
+        return engine.start(plan, loads, seq, lambda: slot_layout(source, self._indptrs(), plan, fmt, obsm))
 
     def close(self) -> None:
         """Stop the worker processes and free the shared memory (idempotent).
@@ -843,6 +986,25 @@ class ZarrSparseDataset(_ZarrDataset):
         How ranks get equal batch counts: ``"drop"`` (every rank yields
         ``n // world_size`` cells) or ``"pad"`` (``ceil(n / world_size)``,
         repeating a rank's first cell).
+    cells
+        Chunked access over a subset only: a boolean mask or row indices
+        (numbered as ``return_index`` numbers them). Rows outside it are
+        read with their chunk and skipped.
+    sampler
+        Your own sampling strategy instead of chunked access: any
+        ``torch.utils.data.Sampler`` or re-iterable of row indices with a
+        length. Batch ``b`` holds its ``b``-th run of ``batch_size``
+        indices, in its order, repeats included. Not with ``cells``.
+    window
+        Loads a batch mixes (``None``: 1 for stores shuffled at conversion,
+        8 for others, whose neighbouring cells are alike).
+    var_names
+        Genes to yield, chosen at load time: gene names, in the order X's
+        columns should have them, or a boolean mask over var. Workers drop
+        the other genes' entries while decoding. ``None``: every gene.
+    layer
+        Read ``layers[layer]`` of every added AnnData (or store file)
+        instead of X; ``None``: X.
 
     Iterating yields ``(X, obs)`` (``(X, obs, index)`` with ``return_index``).
     Each loop (``iter(ds)``, an :class:`EpochIterator`) runs the current
@@ -863,7 +1025,10 @@ class ZarrSparseDataset(_ZarrDataset):
 class ZarrDenseDataset(_ZarrDataset):
     """Like :class:`ZarrSparseDataset`, yielding dense X tensors.
 
-    Serves dense zarr X, and densifies CSR stores batch by batch.
+    Serves dense zarr X, and CSR stores densified by the worker processes
+    (so densifying scales with ``num_workers``); X is then a view of the
+    slot, as sparse X is. A load's slot holds ``rows x n_vars`` values:
+    with ``var_names=`` choosing a few thousand genes, far less memory.
     """
 
     _dense_output = True

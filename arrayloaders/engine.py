@@ -40,9 +40,9 @@ process that created an engine closes it: a forked child leaves it alone.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import signal
-import sys
 import threading
 import time
 import weakref
@@ -54,7 +54,7 @@ from typing import Literal
 import numpy as np
 
 from .errors import WorkerError
-from .load import LoadedRows, load_nnz
+from .load import ALL_GENES, LoadedRows, RowFormat, load_nnz
 from .plan import EpochPlan
 from .ring import Ring, SlotLayout
 from .store import XSource
@@ -66,19 +66,29 @@ _HEADROOM = 1.1  # slots are sized 10 % above the epoch's largest load, so later
 DEFAULT_TIMEOUT_MARGIN_S = 60.0  # default timeout: the slowest load seen so far plus this
 
 
-def slot_layout(source: XSource, indptrs: list[np.ndarray] | None, plan: EpochPlan) -> SlotLayout:
-    """The smallest slot that holds every load of ``plan`` (``indptrs``: each CSR file's, ``None`` if dense)."""
+def slot_layout(
+    source: XSource,
+    indptrs: list[np.ndarray] | None,
+    plan: EpochPlan,
+    fmt: RowFormat = ALL_GENES,
+    obsm: tuple[tuple[str, tuple[XSource, ...]], ...] = (),
+) -> SlotLayout:
+    """The smallest slot that holds every load of ``plan`` (``indptrs``: each CSR file's, ``None`` if dense).
+
+    A CSR slot holds a load's entries of all genes: workers decode them
+    there and then keep those of ``fmt.genes`` in place. Each obsm key
+    (its arrays, one per file) adds rows of its width.
+    """
     max_rows = max((load.n_rows for load in plan.loads), default=1)
-    if source.kind == "dense":
-        return SlotLayout("dense", source.dtype, max_rows, n_vars=source.n_vars)
+    widths = tuple((key, sources[0].n_vars, sources[0].dtype) for key, sources in obsm)
+    if source.kind == "dense" or fmt.dense:
+        return SlotLayout("dense", source.dtype, max_rows, n_vars=fmt.n_vars(source.n_vars), obsm=widths)
     max_nnz = max((load_nnz(indptrs, load.runs, plan.selected_take(load)) for load in plan.loads), default=1)
-    return SlotLayout("csr", source.dtype, max_rows, max_nnz=max_nnz)
+    return SlotLayout("csr", source.dtype, max_rows, max_nnz=max_nnz, obsm=widths)
 
 
 def _grown(layout: SlotLayout) -> SlotLayout:
-    return SlotLayout(
-        layout.kind, layout.dtype, layout.max_rows, int(layout.max_nnz * _HEADROOM) + 1, layout.n_vars
-    )
+    return dataclasses.replace(layout, max_nnz=int(layout.max_nnz * _HEADROOM) + 1)
 
 
 @contextmanager
@@ -185,6 +195,11 @@ class Engine:
     window
         Loads a loop holds at once (batches mixing a window of loads): the
         ring gets that many slots on top of ``2 * num_workers + 1``.
+    fmt
+        What the workers make of the rows: the genes kept, dense or CSR.
+    obsm
+        (key, its array in every file) of each obsm array the workers read
+        along with X.
     """
 
     def __init__(
@@ -194,8 +209,10 @@ class Engine:
         memory_budget: int,
         timeout: float | None = None,
         window: int = 1,
+        fmt: RowFormat = ALL_GENES,
+        obsm: tuple[tuple[str, tuple[XSource, ...]], ...] = (),
     ):
-        self.sources = sources
+        self.sources, self.fmt, self.obsm = sources, fmt, obsm
         self.num_workers, self.memory_budget, self.timeout, self.window = num_workers, memory_budget, timeout, window
         self.owner = os.getpid()
         self.lock = threading.RLock()
@@ -260,8 +277,8 @@ class Engine:
     def closed(self) -> bool:
         return self._closed
 
-    def matches(self, sources: tuple[XSource, ...]) -> bool:
-        return self.sources == sources
+    def matches(self, sources: tuple[XSource, ...], fmt: RowFormat = ALL_GENES, obsm: tuple = ()) -> bool:
+        return self.sources == sources and self.fmt == fmt and self.obsm == obsm
 
     @property
     def in_use(self) -> bool:
@@ -338,7 +355,7 @@ class Engine:
                 if slot.state == "lent":
                     slot.state = "free"
         if self.pool is None:
-            configs = [WorkerConfig(k, self.sources) for k in range(self.num_workers)]
+            configs = [WorkerConfig(k, self.sources, self.fmt, self.obsm) for k in range(self.num_workers)]
             self.pool = self._parts[0] = WorkerPool(configs)
 
     # ------------------------------------------------------------------ the loop's next load
@@ -375,6 +392,7 @@ class Engine:
                 data=lend(arrays.data[:nnz]),
                 indices=lend(arrays.indices[:nnz]),
             )
+        loaded.obsm = {key: lend(rows[:n]) for key, rows in arrays.obsm.items()}
         return loaded, lend
 
     def _reclaim(self) -> None:

@@ -9,21 +9,37 @@ load costs one decode of what it reads and one copy of what it yields.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from .genes import GeneSubset, densify, keep_genes
 from .plan import Load
 from .rows import CsrRows, DenseRows
 
-__all__ = ["LoadedRows", "load_nnz", "read_load"]
+__all__ = ["LoadedRows", "RowFormat", "load_nnz", "read_load"]
 
 INDEX_DTYPE = np.dtype(np.int32)  # column indices as torch's sparse CSR tensors take them
 
 
+@dataclass(frozen=True, eq=False)
+class RowFormat:
+    """What a load's rows become: all genes or a :class:`~arrayloaders.genes.GeneSubset`; CSR or dense."""
+
+    genes: GeneSubset | None = None
+    dense: bool = False
+
+    def n_vars(self, source_n_vars: int) -> int:
+        """Columns of the yielded rows."""
+        return source_n_vars if self.genes is None else self.genes.n_vars
+
+
+ALL_GENES = RowFormat()
+
+
 @dataclass
 class LoadedRows:
-    """A load's rows in yield order: CSR parts (``indptr``, ``data``, ``indices``) or ``dense``."""
+    """A load's rows in yield order: CSR parts (``indptr``, ``data``, ``indices``) or ``dense``; obsm rows per key."""
 
     load: Load
     indptr: np.ndarray | None = None  # int64, n_rows + 1
@@ -31,16 +47,20 @@ class LoadedRows:
     indices: np.ndarray | None = None  # int32
     dense: np.ndarray | None = None
     rows: np.ndarray | None = None  # global row index of each row (set by the loop)
+    obsm: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _row_lengths(indptrs: list[np.ndarray], runs: np.ndarray) -> np.ndarray:
-    """Stored entries of each read row of ``runs``, in read order (``indptrs``: each file's)."""
+def _read_rows(runs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(file, row in that file) of every read row of ``runs``, in read order, without a Python loop over runs."""
     lengths = runs[:, 2] - runs[:, 1]
-    # The file row of every read row, without a Python loop over runs (a sampler's load has thousands).
     rows = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(runs[:, 1] - np.cumsum(lengths) + lengths, lengths)
-    files = np.repeat(runs[:, 0], lengths)
+    return np.repeat(runs[:, 0], lengths), rows
+
+
+def _row_lengths(indptrs: list[np.ndarray], files: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Stored entries of each of ``rows`` (rows of ``files``; ``indptrs``: each file's)."""
     out = np.empty(rows.size, dtype=np.int64)
-    for f in np.unique(runs[:, 0]).tolist():
+    for f in np.unique(files).tolist():
         mine = files == f
         out[mine] = indptrs[f][rows[mine] + 1] - indptrs[f][rows[mine]]
     return out
@@ -50,7 +70,7 @@ def load_nnz(indptrs: list[np.ndarray], runs: np.ndarray, take: np.ndarray | Non
     """Stored entries a load yields: of every read row once (``take=None``), or of the rows ``take`` picks."""
     if take is None:
         return int(sum(indptrs[f][b] - indptrs[f][a] for f, a, b in runs.tolist()))
-    return int(_row_lengths(indptrs, runs)[take].sum())
+    return int(_row_lengths(indptrs, *_read_rows(runs))[take].sum())
 
 
 def read_load(
@@ -58,30 +78,76 @@ def read_load(
     load: Load,
     take: np.ndarray,
     out: LoadedRows | None = None,
+    fmt: RowFormat = ALL_GENES,
+    obsm: dict[str, list[DenseRows]] | None = None,
 ) -> LoadedRows:
     """Decode ``load``'s runs and yield the rows ``take`` picks, in its order, into ``out`` or new arrays.
 
     ``take[p]`` is the read row (position in the runs' concatenation) that
     output row ``p`` comes from: read rows may be skipped or repeated. Runs
-    are read file by file, in order. Returns the filled parts, sized exactly
-    (views of ``out``'s arrays).
+    are read file by file, in order. Rows keep the genes of ``fmt`` and are
+    densified if it says so; the same rows of each obsm array (``obsm``:
+    its readers, one per file) come with them. Returns the filled parts,
+    sized exactly (views of ``out``'s arrays).
     """
-    runs, n = load.runs, take.size
-    first_row = np.concatenate([[0], np.cumsum(runs[:, 2] - runs[:, 1])])
-    # The output rows each read row feeds: outputs[bounds[r]:bounds[r + 1]] for read row r.
-    outputs = np.argsort(take, kind="stable")
-    bounds = np.searchsorted(take[outputs], first_row)  # per run: where its outputs start
-    if isinstance(readers[0], DenseRows):
-        source = readers[0].source
-        dense = out.dense[:n] if out is not None else np.empty((n, source.n_vars), source.dtype)
-        for f in np.unique(runs[:, 0]).tolist():
-            mine = np.flatnonzero(runs[:, 0] == f)
-            for i, rows in zip(mine.tolist(), readers[f].runs(runs[mine, 1:])):
-                fed = outputs[bounds[i] : bounds[i + 1]]
-                dense[fed] = rows[take[fed] - first_row[i]]
-        return LoadedRows(load, dense=dense)
+    loaded = _read_x(readers, load, take, out, fmt)
+    for key, key_readers in (obsm or {}).items():
+        into = LoadedRows(load, dense=out.obsm[key]) if out is not None else None
+        loaded.obsm[key] = _read_dense(key_readers, load, take, into, None).dense
+    return loaded
 
-    lengths = _row_lengths([r.indptr for r in readers], runs)
+
+def _read_x(readers, load: Load, take: np.ndarray, out: LoadedRows | None, fmt: RowFormat) -> LoadedRows:
+    n = take.size
+    if isinstance(readers[0], CsrRows) and fmt.dense:
+        # Decode as CSR into arrays of our own, then densify straight into the slot.
+        csr = _read_csr(readers, load, take, None, fmt.genes)
+        source = readers[0].source
+        shape = (n, fmt.n_vars(source.n_vars))
+        dense = out.dense[:n] if out is not None else np.empty(shape, source.dtype)
+        densify(csr.indptr, csr.data, csr.indices, dense)
+        return LoadedRows(load, dense=dense)
+    if isinstance(readers[0], CsrRows):
+        return _read_csr(readers, load, take, out, fmt.genes)
+    return _read_dense(readers, load, take, out, fmt.genes)
+
+
+def _outputs(load: Load, take: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first read row of each run, output rows sorted by read row, where each run's outputs start in them)."""
+    runs = load.runs
+    first_row = np.concatenate([[0], np.cumsum(runs[:, 2] - runs[:, 1])])
+    outputs = np.argsort(take, kind="stable")
+    return first_row, outputs, np.searchsorted(take[outputs], first_row)
+
+
+def _read_dense(readers: list[DenseRows], load: Load, take: np.ndarray, out: LoadedRows | None, genes) -> LoadedRows:
+    runs, n = load.runs, take.size
+    first_row, outputs, bounds = _outputs(load, take)
+    source = readers[0].source
+    width = source.n_vars if genes is None else genes.n_vars
+    dense = out.dense[:n] if out is not None else np.empty((n, width), source.dtype)
+    for f in np.unique(runs[:, 0]).tolist():
+        mine = np.flatnonzero(runs[:, 0] == f)
+        for i, rows in zip(mine.tolist(), readers[f].runs(runs[mine, 1:])):
+            fed = outputs[bounds[i] : bounds[i + 1]]
+            picked = rows[take[fed] - first_row[i]]
+            dense[fed] = picked if genes is None else picked[:, genes.columns]
+    return LoadedRows(load, dense=dense)
+
+
+def _read_csr(readers: list[CsrRows], load: Load, take: np.ndarray, out: LoadedRows | None, genes) -> LoadedRows:
+    """CSR rows of ``load`` (all genes decoded; those of ``genes`` kept, in place, one pass)."""
+    rows_read = _read_all_genes(readers, load, take, out)
+    if genes is None:
+        return rows_read
+    nnz = keep_genes(rows_read.indptr, rows_read.data, rows_read.indices, genes)
+    return LoadedRows(load, indptr=rows_read.indptr, data=rows_read.data[:nnz], indices=rows_read.indices[:nnz])
+
+
+def _read_all_genes(readers: list[CsrRows], load: Load, take: np.ndarray, out: LoadedRows | None) -> LoadedRows:
+    runs, n = load.runs, take.size
+    files, rows = _read_rows(runs)
+    lengths = _row_lengths([r.indptr for r in readers], files, rows)
     indptr = out.indptr[: n + 1] if out is not None else np.empty(n + 1, dtype=np.int64)
     indptr[0] = 0
     np.cumsum(lengths[take], out=indptr[1:])
@@ -90,6 +156,17 @@ def read_load(
         data, indices = out.data[:nnz], out.indices[:nnz]
     else:
         data, indices = np.empty(nnz, readers[0].source.dtype), np.empty(nnz, INDEX_DTYPE)
+    if all(r.direct for r in readers) and 4 * runs.shape[0] > rows.size:
+        # Runs of a few rows (a sampler's): each inner chunk is decoded once for all the rows it
+        # holds, and each row's entries go straight to their place. Long runs (chunked access)
+        # decode run by run, whole chunks in place.
+        taken_files = files[take]
+        for f in np.unique(taken_files).tolist():
+            mine = np.flatnonzero(taken_files == f)
+            readers[f].gather(rows[take[mine]], indptr[mine], data, indices)
+        return LoadedRows(load, indptr=indptr, data=data, indices=indices)
+    # The output rows each read row feeds: outputs[bounds[i]:bounds[i + 1]] for run i.
+    first_row, outputs, bounds = _outputs(load, take)
     destination = indptr[:-1].tolist()  # where each output row's entries go
     take_list, outputs_list = take.tolist(), outputs.tolist()
     for f in np.unique(runs[:, 0]).tolist():

@@ -31,7 +31,7 @@ import os
 import secrets
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Literal
@@ -47,13 +47,14 @@ _ALIGN = 64
 
 @dataclass(frozen=True)
 class SlotArrays:
-    """numpy views of one slot. ``header`` is (ticket, load index, rows, stored entries)."""
+    """numpy views of one slot. ``header`` is (ticket, load index, rows, stored entries); ``obsm``: rows per key."""
 
     header: np.ndarray
     indptr: np.ndarray | None = None
     data: np.ndarray | None = None
     indices: np.ndarray | None = None
     dense: np.ndarray | None = None
+    obsm: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class SlotLayout:
     max_rows: int
     max_nnz: int = 0  # CSR only
     n_vars: int = 0  # dense only
+    obsm: tuple[tuple[str, int, str], ...] = ()  # (key, columns, dtype) of each obsm array yielded
 
     def _parts(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
         parts = [("header", np.dtype(np.int64), (4,))]
@@ -76,6 +78,7 @@ class SlotLayout:
             ]
         else:
             parts += [("dense", np.dtype(self.dtype), (self.max_rows, self.n_vars))]
+        parts += [(f"obsm/{key}", np.dtype(dtype), (self.max_rows, width)) for key, width, dtype in self.obsm]
         return parts
 
     @property
@@ -88,12 +91,13 @@ class SlotLayout:
             count = int(np.prod(shape))
             views[name] = np.frombuffer(buffer, dtype=dt, count=count, offset=offset).reshape(shape)
             offset += -(-dt.itemsize * count // _ALIGN) * _ALIGN
-        return SlotArrays(**views)
+        obsm = {name.removeprefix("obsm/"): views.pop(name) for name in list(views) if name.startswith("obsm/")}
+        return SlotArrays(**views, obsm=obsm)
 
     def holds(self, other: SlotLayout) -> bool:
         """Whether a slot of this layout has room for a load that needs ``other``."""
         return (
-            (self.kind, self.dtype, self.n_vars) == (other.kind, other.dtype, other.n_vars)
+            (self.kind, self.dtype, self.n_vars, self.obsm) == (other.kind, other.dtype, other.n_vars, other.obsm)
             and self.max_rows >= other.max_rows
             and self.max_nnz >= other.max_nnz
         )

@@ -103,11 +103,23 @@ class CsrRows:
             data_reader.read_into(a, b, data)
             indices_reader.read_into(a, b, indices)
             if check_bounds and indices.size and int(indices.max()) >= n_vars:
-                raise OSError(
-                    f"{_where(self.source, 'indices')}: a column index of {int(indices.max())} in entries [{a}, {b}) "
-                    f"is past the {n_vars} genes (damaged store; it has no checksums to say where)"
-                )
+                raise _index_past(self.source, int(indices.max()), a, b)
             yield data, indices
+
+    def gather(self, rows: np.ndarray, dests: np.ndarray, data: np.ndarray, indices: np.ndarray) -> None:
+        """The entries of ``rows`` (any order, repeats allowed) into ``data``/``indices`` at offsets ``dests``.
+
+        Direct readers only (:attr:`direct`): each inner chunk is decoded once for all the rows it holds.
+        """
+        starts, stops = self.indptr[rows], self.indptr[rows + 1]
+        data_reader, indices_reader = self._direct
+        data_reader.gather(starts, stops, dests, data)
+        indices_reader.gather(starts, stops, dests, indices)
+        if not indices_reader.checked:  # see runs(): no checksums, so bound-check the column indices
+            n_vars = self.source.n_vars
+            for a, b, d in zip(starts.tolist(), stops.tolist(), dests.tolist()):
+                if b > a and int(indices[d : d + b - a].max()) >= n_vars:
+                    raise _index_past(self.source, int(indices[d : d + b - a].max()), a, b)
 
     def close(self) -> None:
         for d in self._direct:
@@ -132,6 +144,13 @@ def _coalesced(starts: list[int], stops: list[int], gap: int) -> list[tuple[int,
         else:
             merged.append([a, b])
     return [(a, b) for a, b in merged]
+
+
+def _index_past(source: XSource, value: int, a: int, b: int) -> OSError:
+    return OSError(
+        f"{_where(source, 'indices')}: a column index of {value} in entries [{a}, {b}) is past the "
+        f"{source.n_vars} genes (damaged store; it has no checksums to say where)"
+    )
 
 
 def _where(source: XSource, name: str) -> str:

@@ -54,6 +54,7 @@ _MISSING = 2**64 - 1  # shard index entry of a chunk that was never written
 _U32 = struct.Struct("<I")  # a stored crc32c
 _MAX_OPEN_FILES = 64  # per array; shard files are reopened when evicted
 _MAX_TABLES = 16384  # shard indexes kept per array (4 KiB each for 2^22 / 2^14 shards)
+_PREFETCH_GAP = 1 << 18  # bytes between wanted chunks still read ahead in one request
 
 
 def _setting(value) -> str | None:
@@ -322,32 +323,17 @@ class DirectArray:
         ce = self.chunk_elements
         if sizes[0] == _MISSING:
             if self.complete:
-                raise OSError(
-                    f"{path}: inner chunk {first % self._per_file} (elements [{first * ce}, {(first + 1) * ce}) of "
-                    "the array) is missing from the shard (every chunk of this store was written: damaged store)"
-                )
+                self._missing(path, first)
             lo, hi = max(start, first * ce), min(stop, (first + 1) * ce)
             out[lo - start : hi - start] = self.fill_value
             return
-        total = offsets[-1] + sizes[-1] - offsets[0]
-        if len(self._compressed) < total:
-            self._compressed = bytearray(total)
-            self._compressed_view = np.frombuffer(self._compressed, dtype=np.uint8)
-        buf, view = memoryview(self._compressed), self._compressed_view
-        got = os.preadv(fd, [buf[:total]], offsets[0])
-        if got != total:
-            raise OSError(f"{path}: short read ({got} of {total} bytes) at offset {offsets[0]}")
+        buf = self._read_stored(fd, path, offsets[0], offsets[-1] + sizes[-1] - offsets[0])
         pos = 0
         for i, nbytes in enumerate(sizes):
             c = first + i
             lo, hi = c * ce, (c + 1) * ce
             a, b = max(start, lo), min(stop, hi)
-            end = pos + nbytes
-            if self.checked:  # verify before decoding: damage is never decoded as data
-                end -= 4
-                if end < pos or google_crc32c.value(view[pos:end]) != _U32.unpack_from(self._compressed, end)[0]:
-                    self._damaged(path, c, "checksum mismatch")
-            src = buf[pos:end]
+            src = self._verified(buf, pos, nbytes, path, c)  # damage is never decoded as data
             pos += nbytes
             whole = a == lo and b == hi  # the whole chunk is wanted: decode in place
             if not whole:
@@ -360,6 +346,139 @@ class DirectArray:
             if not whole:
                 self._scratch_chunk = c
                 out[a - start : b - start] = self._scratch[a - lo : b - lo]
+
+    def gather(self, starts: np.ndarray, stops: np.ndarray, dests: np.ndarray, out: np.ndarray) -> None:
+        """Copy elements ``[starts[i], stops[i])`` to ``out[dests[i]:]`` for every ``i``, decoding each inner chunk once.
+
+        For loads of many short ranges (rows a sampler picked): ranges may
+        come in any order, repeat and overlap. Work is per inner chunk, not
+        per range: the chunks are read in store order (stored neighbours
+        with one system call), and each is decoded once, straight into
+        ``out`` when one range wants all of it.
+        """
+        keep = stops > starts
+        starts, stops, dests = starts[keep], stops[keep], dests[keep]
+        if starts.size == 0:
+            return
+        if starts.min() < 0 or stops.max() > self.n_elements:
+            raise IndexError(f"{self.path}: elements out of range [0, {self.n_elements})")
+        ce, per = self.chunk_elements, self._per_file
+        first = starts // ce
+        span = (stops - 1) // ce - first + 1
+        # One piece per (range, chunk it touches), in chunk order.
+        owner = np.repeat(np.arange(starts.size), span)
+        chunk = first[owner] + np.arange(owner.size) - np.repeat(np.cumsum(span) - span, span)
+        order = np.argsort(chunk, kind="stable")
+        owner, chunk = owner[order], chunk[order]
+        lo = np.maximum(starts[owner], chunk * ce)
+        sizes = np.minimum(stops[owner], (chunk + 1) * ce) - lo
+        src = (lo - chunk * ce).tolist()
+        dst = (dests[owner] + lo - starts[owner]).tolist()
+        sizes = sizes.tolist()
+        chunks, at = np.unique(chunk, return_index=True)
+        self._prefetch_chunks(chunks)
+        at, chunk_ids = at.tolist() + [len(src)], chunks.tolist()
+        self._scratch_chunk = -1  # the scratch buffer is reused below
+        in_place = out.dtype == self.dtype  # a whole wanted chunk decodes straight into out
+
+        def fill(u: int, v: int) -> None:  # pieces of chunks u..v-1 that were never written
+            for p in range(at[u], at[v]):
+                out[dst[p] : dst[p] + sizes[p]] = self.fill_value
+
+        files = chunks // per
+        file_list, file_at = np.unique(files, return_index=True)
+        file_at = file_at.tolist() + [chunks.size]
+        for n, f in enumerate(file_list.tolist()):
+            u, v = file_at[n], file_at[n + 1]
+            entry = self._file(f)  # per file, not held across files: descriptors are evicted
+            if entry is None:
+                fill(u, v)
+                continue
+            fd, table, path = entry
+            stored = table[chunks[u:v] - f * per]
+            missing = stored[:, 1] == _MISSING
+            if missing.any() and self.complete:
+                self._missing(path, chunk_ids[u + int(np.argmax(missing))])
+            offsets = np.where(missing, 0, stored[:, 0]).astype(np.int64)
+            nbytes = np.where(missing, 0, stored[:, 1]).astype(np.int64)
+            # Chunks next to each other in the file, all wanted: one read.
+            joined = (np.diff(chunks[u:v]) == 1) & (offsets[1:] == offsets[:-1] + nbytes[:-1]) & ~missing[1:] & ~missing[:-1]
+            groups = np.flatnonzero(~joined) + 1
+            offsets, nbytes, missing = offsets.tolist(), nbytes.tolist(), missing.tolist()
+            for g0, g1 in zip([0, *groups.tolist()], [*groups.tolist(), v - u]):
+                if missing[g0]:
+                    fill(u + g0, u + g1)
+                    continue
+                buf = self._read_stored(fd, path, offsets[g0], offsets[g1 - 1] + nbytes[g1 - 1] - offsets[g0])
+                pos = 0
+                for m in range(g0, g1):
+                    src_bytes = self._verified(buf, pos, nbytes[m], path, chunk_ids[u + m])
+                    pos += nbytes[m]
+                    a, b = at[u + m], at[u + m + 1]
+                    whole = in_place and b == a + 1 and sizes[a] == ce
+                    target = out[dst[a] : dst[a] + ce] if whole else self._scratch
+                    try:
+                        self._decode(src_bytes, target)
+                    except Exception as e:  # noqa: BLE001 - blosc and zstd raise different types
+                        self._damaged(path, chunk_ids[u + m], f"cannot be decoded ({type(e).__name__}: {e})", e)
+                    if not whole:
+                        scratch = self._scratch
+                        for p in range(a, b):
+                            out[dst[p] : dst[p] + sizes[p]] = scratch[src[p] : src[p] + sizes[p]]
+
+    def _read_stored(self, fd: int, path: Path, offset: int, nbytes: int) -> memoryview:
+        """``nbytes`` stored bytes at ``offset`` of a file, in a buffer reused by the next read."""
+        if len(self._compressed) < nbytes:
+            self._compressed = bytearray(nbytes)
+            self._compressed_view = np.frombuffer(self._compressed, dtype=np.uint8)
+        buf = memoryview(self._compressed)[:nbytes]
+        got = os.preadv(fd, [buf], offset)
+        if got != nbytes:
+            raise OSError(f"{path}: short read ({got} of {nbytes} bytes) at offset {offset}")
+        return buf
+
+    def _verified(self, buf: memoryview, pos: int, nbytes: int, path: Path, c: int) -> memoryview:
+        """The encoded bytes of chunk ``c`` stored at ``buf[pos:pos + nbytes]``, its checksum verified and removed."""
+        end = pos + nbytes
+        if self.checked:
+            end -= 4
+            if end < pos or google_crc32c.value(self._compressed_view[pos:end]) != _U32.unpack_from(self._compressed, end)[0]:
+                self._damaged(path, c, "checksum mismatch")
+        return buf[pos:end]
+
+    def _prefetch_chunks(self, chunks: np.ndarray) -> None:
+        """:meth:`prefetch` for sorted inner ``chunks``: one request per stretch of the file they cover.
+
+        Wanted chunks less than :data:`_PREFETCH_GAP` bytes apart share a
+        request (the kernel reads the gap too, but a few system calls replace
+        thousands: rows picked at random touch chunks a few apart).
+        """
+        if chunks.size == 0 or not hasattr(os, "posix_fadvise"):
+            return
+        per = self._per_file
+        files = chunks // per
+        for f in np.unique(files).tolist():
+            entry = self._file(f)
+            if entry is None:
+                continue
+            fd, table, _ = entry
+            rows = table[chunks[files == f] - f * per]
+            rows = rows[rows[:, 1] != _MISSING].astype(np.int64)
+            if rows.size == 0:
+                continue
+            begin, end = rows[:, 0], rows[:, 0] + rows[:, 1]
+            order = np.argsort(begin)
+            begin, end = begin[order], np.maximum.accumulate(end[order])
+            breaks = np.flatnonzero(begin[1:] - end[:-1] > _PREFETCH_GAP) + 1
+            for a, b in zip(begin[np.r_[0, breaks]].tolist(), end[np.r_[breaks - 1, end.size - 1]].tolist()):
+                os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_WILLNEED)
+
+    def _missing(self, path: Path, c: int):
+        ce = self.chunk_elements
+        raise OSError(
+            f"{path}: inner chunk {c % self._per_file} (elements [{c * ce}, {(c + 1) * ce}) of "
+            "the array) is missing from the shard (every chunk of this store was written: damaged store)"
+        )
 
     def _damaged(self, path: Path, c: int, problem: str, cause: BaseException | None = None):
         ce = self.chunk_elements

@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import WorkerError
+from .load import RowFormat
 from .plan import Load
 from .ring import SlotLayout, map_segment
 from .store import XSource
@@ -66,6 +67,8 @@ STOP_TIMEOUT_S = 2.0  # how long close() waits for a worker to exit before killi
 class WorkerConfig:
     worker: int
     sources: tuple[XSource, ...]
+    fmt: RowFormat  # the genes to keep, dense or CSR
+    obsm: tuple[tuple[str, tuple[XSource, ...]], ...] = ()  # (key, its array in every file) of each obsm yielded
 
 
 @dataclass(frozen=True, eq=False)
@@ -269,6 +272,7 @@ class _Decoder:
 
         self.config = config
         self.readers = [open_rows(s) for s in config.sources]
+        self.obsm = {key: [open_rows(s) for s in sources] for key, sources in config.obsm}
         self._slots: dict[int, tuple[str, object, object]] = {}  # slot -> (segment, mapping, arrays)
 
     def slot(self, task: Task):
@@ -284,8 +288,8 @@ class _Decoder:
         start = time.monotonic()
         load = Load(task.load, task.runs, 0, task.take.size, task.take)
         arrays = self.slot(task)
-        out = LoadedRows(load, indptr=arrays.indptr, data=arrays.data, indices=arrays.indices, dense=arrays.dense)
-        rows = read_load(self.readers, load, task.take, out)
+        out = LoadedRows(load, arrays.indptr, arrays.data, arrays.indices, arrays.dense, obsm=arrays.obsm)
+        rows = read_load(self.readers, load, task.take, out, self.config.fmt, self.obsm)
         nnz = int(rows.indptr[-1]) if rows.indptr is not None else 0
         arrays.header[:] = (task.ticket, task.load, load.n_rows, nnz)
         return Filled(self.config.worker, task.ticket, task.load, task.slot, load.n_rows, nnz, time.monotonic() - start)

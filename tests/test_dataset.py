@@ -272,9 +272,11 @@ def test_obs_of_every_dtype_reaches_the_batches(mixed_obs_store, num_workers):
     np.testing.assert_array_equal(got["score"].view(np.uint32), src["score"].to_numpy().view(np.uint32))
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["chunked", "sampler"])
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_damaged_column_indices_of_a_store_without_checksums_are_caught(h5ads, tmp_path, num_workers):
-    # Stores written before checksums: a damaged index that still decodes must not reach a batch.
+def test_damaged_column_indices_of_a_store_without_checksums_are_caught(h5ads, tmp_path, num_workers, sampled):
+    # Stores written before checksums: a damaged index that still decodes must not reach a batch,
+    # whether rows are read in runs (chunked access) or one by one (a sampler's).
     from arrayloaders import WorkerError, XLayout
 
     out = create_store_from_h5ads(h5ads, tmp_path / "s", layout=XLayout(compressor="none", checksum=False), progress=False)
@@ -282,7 +284,8 @@ def test_damaged_column_indices_of_a_store_without_checksums_are_caught(h5ads, t
     raw = bytearray(shard.read_bytes())
     raw[100:140] = b"\xff" * 40  # uint16 indices of 65,535: past the 400 genes
     shard.write_bytes(bytes(raw))
-    ds = ZarrSparseDataset(64, 8, 4, num_workers=num_workers).add_store(out)
+    sampler = np.random.default_rng(0).permutation(ad.read_h5ad(h5ads[0]).n_obs) if sampled else None
+    ds = ZarrSparseDataset(64, 8, 4, num_workers=num_workers, sampler=sampler).add_store(out)
     with pytest.raises((OSError, WorkerError), match=r"indices: a column index of 65535 .* past the 400 genes"):
         for _ in ds:
             pass

@@ -247,7 +247,7 @@ def batch_label_tv(rows_per_batch: list[np.ndarray], labels: np.ndarray) -> floa
 def test_batches_of_a_sorted_store_mix_as_well_as_random_ones_at_the_defaults():
     # 200,000 cells from 8 samples stored one after the other, the default sizes: the labels of a batch
     # (its sample) must mix within 1.5x of random batches' (one load per batch: ~3.9x).
-    from arrayloaders.plan import PlanConfig, batch_rows, plan_epoch
+    from arrayloaders.plan import PlanConfig, plan_epoch
 
     labels = np.repeat(np.arange(8), 25_000)
     tv = {}

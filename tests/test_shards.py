@@ -160,6 +160,24 @@ def read(reader: DirectArray, start: int, stop: int) -> np.ndarray:
     return out.copy()
 
 
+def gathered(reader: DirectArray, ranges: list[tuple[int, int]], dtype=None) -> np.ndarray:
+    """``reader.gather`` of ``ranges`` (any order) placed back to back, in a guarded buffer of ``dtype``."""
+    dtype = np.dtype(dtype or reader.dtype)
+    sizes = np.array([b - a for a, b in ranges], dtype=np.int64)
+    total = int(sizes.sum())
+    buf = np.full(total * dtype.itemsize + 2 * GUARD, SENTINEL, np.uint8)
+    out = buf[GUARD : GUARD + total * dtype.itemsize].view(dtype)
+    starts = np.array([a for a, _ in ranges], dtype=np.int64)
+    reader.gather(starts, starts + sizes, np.cumsum(sizes) - sizes, out)
+    assert (buf[:GUARD] == SENTINEL).all() and (buf[-GUARD:] == SENTINEL).all(), "wrote outside out"
+    return out.copy()
+
+
+def wanted(expected: np.ndarray, ranges: list[tuple[int, int]], dtype=None) -> np.ndarray:
+    parts = [expected[a:b] for a, b in ranges]
+    return (np.concatenate(parts) if parts else expected[:0]).astype(dtype or expected.dtype)
+
+
 def assert_bits_equal(got: np.ndarray, want: np.ndarray) -> None:
     assert got.dtype == want.dtype, (got.dtype, want.dtype)
     assert got.shape == want.shape, (got.shape, want.shape)
@@ -280,6 +298,35 @@ def test_more_shard_files_than_kept_open(tmp_path):
     assert open_fds() == fds  # close() closes every file
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    key=st.sampled_from([(layout, dtype, writer) for layout in LAYOUTS for dtype in DTYPES for writer in PIPELINES]),
+    ranges=st.lists(st.tuples(st.integers(0, N), st.integers(0, N)).map(sorted).map(tuple), max_size=40),
+)
+def test_gather_bit_identical(layout_arrays, key, ranges):
+    """gather: ranges in any order, repeated and overlapping, each inner chunk decoded once."""
+    array, _, expected = layout_arrays[key]
+    reader = DirectArray.open(array)
+    try:
+        assert_bits_equal(gathered(reader, ranges), wanted(expected, ranges))
+        if key[1] == "uint16":  # stored uint16 column indices are gathered into int32
+            assert_bits_equal(gathered(reader, ranges, "int32"), wanted(expected, ranges, "int32"))
+        assert_bits_equal(read(reader, 0, N), expected)  # read_into after gather: no stale scratch
+    finally:
+        reader.close()
+
+
+def test_gather_of_single_elements_from_every_chunk(layout_arrays):
+    """Many one-element ranges, shuffled: the shape of a sampler's load; whole chunks decode in place."""
+    array, _, expected = layout_arrays["shard-blosc-lz4-bitshuffle", "float32", "zarrs"]
+    rng = np.random.default_rng(3)
+    ranges = [(int(i), int(i) + 1) for i in rng.integers(0, N, 500)] + [(CHUNK, 2 * CHUNK), (0, N)]
+    ranges = [ranges[i] for i in rng.permutation(len(ranges))]
+    reader = DirectArray.open(array)
+    assert_bits_equal(gathered(reader, ranges), wanted(expected, ranges))
+    reader.close()
+
+
 # --------------------------------------------------------------------------- 2. missing data
 
 
@@ -314,8 +361,10 @@ def test_unwritten_regions_read_as_fill_value(tmp_path, dtype, sharded):
     reader = DirectArray.open(reopen(tmp_path, "a"))
     assert reader is not None
     assert_bits_equal(np.array([reader.fill_value], dtype), np.array([fill], dtype))
-    for start, stop in RANGES + [(290, 430), (420, 512), (448, 512), (250, 310), (419, 421)]:
+    ranges = RANGES + [(290, 430), (420, 512), (448, 512), (250, 310), (419, 421)]
+    for start, stop in ranges:
         assert_bits_equal(read(reader, start, stop), expected[start:stop])
+    assert_bits_equal(gathered(reader, ranges[::-1]), wanted(expected, ranges[::-1]))
     reader.close()
 
 
@@ -602,6 +651,8 @@ def test_a_flipped_byte_is_detected_naming_file_and_chunk(tmp_path, where):
         read(reader, SHARD, 2 * SHARD)
     message = str(info.value)
     assert ("inner chunk 2" in message and "checksum mismatch" in message) or "shard index" in message, message
+    with pytest.raises(OSError, match=str(shard)):
+        gathered(reader, [(3 * SHARD, 3 * SHARD + 1), (SHARD + 2 * CHUNK + 1, SHARD + 2 * CHUNK + 2)])
     assert_bits_equal(read(reader, 3 * SHARD, N), data[3 * SHARD :])  # the reader still works elsewhere
     reader.close()
 
@@ -644,6 +695,8 @@ def test_a_missing_file_of_a_complete_array_is_an_error(tmp_path, sharded):
     assert reader.complete
     with pytest.raises(OSError, match=f"{gone}: the file is missing"):
         read(reader, 0, N)
+    with pytest.raises(OSError, match=f"{gone}: the file is missing"):
+        gathered(reader, [(N - 1, N), (SHARD + 7, SHARD + 9) if sharded else (5 * CHUNK, 5 * CHUNK + 1)])
     reader.close()
     # The same array without the mark (an older store): the missing file reads as fill values.
     del zarr.open_array(zarr.storage.LocalStore(tmp_path), path="a", mode="r+").attrs[COMPLETE_ATTRIBUTE]
@@ -669,6 +722,8 @@ def test_a_missing_inner_chunk_of_a_complete_array_is_an_error(tmp_path):
     assert_bits_equal(read(reader, SHARD, SHARD + CHUNK), data[SHARD : SHARD + CHUNK])
     with pytest.raises(OSError, match=f"{shard}: inner chunk 1 .*is missing"):
         read(reader, SHARD + CHUNK + 3, SHARD + CHUNK + 4)
+    with pytest.raises(OSError, match=f"{shard}: inner chunk 1 .*is missing"):
+        gathered(reader, [(SHARD + 5, SHARD + 6), (SHARD + CHUNK + 3, SHARD + CHUNK + 4)])
     reader.close()
 
 

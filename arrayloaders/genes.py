@@ -1,0 +1,114 @@
+"""Genes chosen at load time: which columns of X a dataset yields, in which order.
+
+The worker side of ``var_names=`` (DESIGN.md, step 4, filling a slot): a
+load's CSR rows are decoded whole, then :func:`keep_genes` drops the entries
+of other genes and renumbers the rest, one vectorised pass per load, so the
+main process still only slices. :func:`densify` writes rows as dense arrays
+(``ZarrDenseDataset``), also in the worker. Both are pure functions of
+arrays; :func:`choose_genes` turns what the user gave into a
+:class:`GeneSubset`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # workers import this module and need no pandas
+    import pandas as pd
+
+__all__ = ["GeneSubset", "choose_genes", "densify", "keep_genes"]
+
+
+@dataclass(frozen=True, eq=False)
+class GeneSubset:
+    """Columns of X to yield: ``columns[j]`` is the store column that output column ``j`` holds.
+
+    ``position`` maps every store column to its output column, or -1 if
+    not yielded. ``ordered``: the columns are increasing, so a row's kept
+    entries are already in order and need no sort.
+    """
+
+    columns: np.ndarray  # int64, distinct
+    position: np.ndarray  # int32, one per store column
+
+    @property
+    def ordered(self) -> bool:
+        return bool((np.diff(self.columns) > 0).all())
+
+    @property
+    def n_vars(self) -> int:
+        return int(self.columns.size)
+
+
+def choose_genes(var_names: pd.Index, chosen: Sequence[str] | np.ndarray | pd.Index, where: str) -> GeneSubset:
+    """The :class:`GeneSubset` of ``chosen``: gene names (in the order to yield them) or a boolean mask over var.
+
+    Raises
+    ------
+    ValueError
+        Unknown or repeated names, a mask of the wrong length, an empty
+        choice, or ``var_names`` that are not unique; the message names
+        ``where`` (the store or AnnData) and the first few offenders.
+    """
+    import pandas as pd
+
+    values = np.asarray(chosen)
+    if values.dtype == bool:
+        if values.shape != (len(var_names),):
+            raise ValueError(f"{where}: var_names mask has {values.size} entries, but var has {len(var_names)} genes")
+        columns = np.flatnonzero(values)
+    else:
+        names = pd.Index([str(v) for v in values.ravel()])
+        if not var_names.is_unique:
+            dup = var_names[var_names.duplicated()][:5].tolist()
+            raise ValueError(f"{where}: var_names are not unique ({dup} ...), so genes cannot be chosen by name")
+        if names.has_duplicates:
+            raise ValueError(f"var_names lists genes twice: {names[names.duplicated()][:5].tolist()}")
+        columns = var_names.get_indexer(names)
+        if (columns < 0).any():
+            unknown = names[columns < 0]
+            raise ValueError(
+                f"{where}: {len(unknown)} of the {len(names)} genes in var_names are not in var, e.g. "
+                f"{unknown[:5].tolist()}"
+            )
+    if columns.size == 0:
+        raise ValueError(f"{where}: var_names chooses no gene")
+    position = np.full(len(var_names), -1, dtype=np.int32)
+    position[columns] = np.arange(columns.size, dtype=np.int32)
+    return GeneSubset(columns.astype(np.int64), position)
+
+
+def keep_genes(indptr: np.ndarray, data: np.ndarray, indices: np.ndarray, genes: GeneSubset) -> int:
+    """Keep, in place, only the entries of ``genes`` in CSR rows, renumbered; return the entries left.
+
+    ``indptr`` (n_rows + 1) is rewritten; ``data[:nnz]``/``indices[:nnz]``
+    hold the kept entries, each row's in increasing output column.
+    """
+    nnz = int(indptr[-1])
+    new = genes.position[indices[:nnz]]
+    kept = new >= 0
+    counts = np.concatenate([[0], np.cumsum(kept)])
+    indptr[:] = counts[indptr]
+    n = int(indptr[-1])
+    values, columns = data[:nnz][kept], new[kept]
+    if not genes.ordered and n:
+        # Output order differs from store order: sort each row's entries by output column.
+        rows = np.repeat(np.arange(indptr.size - 1, dtype=np.int64), np.diff(indptr))
+        order = np.argsort(rows * genes.n_vars + columns, kind="stable")
+        values, columns = values[order], columns[order]
+    data[:n] = values
+    indices[:n] = columns
+    return n
+
+
+def densify(indptr: np.ndarray, data: np.ndarray, indices: np.ndarray, out: np.ndarray) -> None:
+    """Write CSR rows (``indptr`` over ``data``/``indices``, column numbers of ``out``) into the 2-d ``out``."""
+    out[...] = 0
+    n_rows = indptr.size - 1
+    nnz = int(indptr[-1])
+    rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr))
+    out.reshape(-1)[rows * out.shape[1] + indices[:nnz]] = data[:nnz]

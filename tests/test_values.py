@@ -1,0 +1,291 @@
+"""Values chosen at load time: ``var_names=`` (genes, in the order given), ``layer=``, dense output from workers.
+
+Batches are compared bit for bit with plain anndata's reading of the same
+rows (``return_index``) and columns.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+import zarr
+from conftest import assert_bit_identical, read_store
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from arrayloaders import ZarrDenseDataset, ZarrSparseDataset, create_store_from_h5ads
+from arrayloaders.genes import choose_genes, densify, keep_genes
+
+
+def csr_of(X: torch.Tensor) -> sp.csr_matrix:
+    return sp.csr_matrix((X.values().numpy(), X.col_indices().numpy(), X.crow_indices().numpy()), shape=tuple(X.shape))
+
+
+def assert_rows_sorted(m: sp.csr_matrix) -> None:
+    """Each row's column indices strictly increase (what torch and scipy expect of CSR)."""
+    for r in range(m.shape[0]):
+        cols = m.indices[m.indptr[r] : m.indptr[r + 1]]
+        assert (np.diff(cols) > 0).all(), f"row {r}: columns {cols} not increasing"
+
+
+def chosen_genes(var_names: pd.Index, how: str) -> tuple[object, np.ndarray]:
+    """(what the user passes as var_names, the store columns it means, in yield order)."""
+    rng = np.random.default_rng(5)
+    if how == "mask":
+        mask = rng.random(len(var_names)) < 0.3
+        return mask, np.flatnonzero(mask)
+    cols = rng.choice(len(var_names), 57, replace=False)
+    if how == "sorted":
+        cols = np.sort(cols)
+    return list(var_names[cols]), cols
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n_rows=st.integers(0, 30),
+    n_vars=st.integers(1, 40),
+    density=st.floats(0, 1),
+    seed=st.integers(0, 2**32 - 1),
+    data=st.data(),
+)
+def test_keep_genes_and_densify_match_scipy(n_rows, n_vars, density, seed, data):
+    rng = np.random.default_rng(seed)
+    m = sp.random(n_rows, n_vars, density=density, format="csr", dtype=np.float32, random_state=rng)
+    m.data = rng.integers(1, 100, m.data.size).astype(np.float32)
+    cols = np.array(data.draw(st.permutations(range(n_vars)))[: data.draw(st.integers(1, n_vars))], dtype=np.int64)
+    genes = choose_genes(pd.Index([f"g{i}" for i in range(n_vars)]), [f"g{i}" for i in cols], "test")
+    indptr, values, indices = m.indptr.astype(np.int64), m.data.copy(), m.indices.astype(np.int32)
+    nnz = keep_genes(indptr, values, indices, genes)
+    got = sp.csr_matrix((values[:nnz], indices[:nnz], indptr), shape=(n_rows, cols.size))
+    want = m[:, cols].tocsr()
+    assert_bit_identical(got, want)
+    assert_rows_sorted(got)
+    dense = np.full((n_rows, cols.size), np.nan, np.float32)  # densify must write every element
+    densify(indptr, values, indices, dense)
+    assert_bit_identical(dense, want.toarray())
+
+
+def test_choose_genes_errors():
+    var = pd.Index(["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match=r"/s: 2 of the 3 genes in var_names are not in var, e.g. \['x', 'y'\]"):
+        choose_genes(var, ["a", "x", "y"], "/s")
+    with pytest.raises(ValueError, match="lists genes twice: \\['b'\\]"):
+        choose_genes(var, ["b", "a", "b"], "/s")
+    with pytest.raises(ValueError, match="mask has 3 entries, but var has 4 genes"):
+        choose_genes(var, [True, False, True], "/s")
+    with pytest.raises(ValueError, match="chooses no gene"):
+        choose_genes(var, [False] * 4, "/s")
+    with pytest.raises(ValueError, match="not unique"):
+        choose_genes(pd.Index(["a", "a", "b"]), ["b"], "/s")
+    genes = choose_genes(var, ["d", "b"], "/s")
+    assert genes.columns.tolist() == [3, 1] and genes.position.tolist() == [-1, 1, -1, 0] and not genes.ordered
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@pytest.mark.parametrize("how", ["shuffled", "sorted", "mask"])
+@pytest.mark.parametrize("mode", ["chunked", "sampler"])
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_var_names_batches_equal_source_columns(store, num_workers, dense, mode, how):
+    full = read_store(store)
+    given, cols = chosen_genes(full.var_names, how)
+    rng = np.random.default_rng(1)
+    sampler = rng.integers(0, full.n_obs, 700).tolist() if mode == "sampler" else None  # repeats included
+    cls = ZarrDenseDataset if dense else ZarrSparseDataset
+    ds = cls(64, 8, 4, num_workers=num_workers, return_index=True, var_names=given, sampler=sampler).add_store(store)
+    assert ds.n_vars == cols.size and list(ds.var_names) == list(full.var_names[cols])
+    rows = []
+    for X, _, index in ds:
+        assert X.shape == (index.numel(), cols.size)
+        want = full.X[index.numpy()][:, cols]
+        if dense:
+            assert X.layout == torch.strided
+            assert_bit_identical(X.numpy(), want.toarray())
+        else:
+            got = csr_of(X)
+            assert_rows_sorted(got)
+            assert_bit_identical(got, want)
+        rows.append(index.numpy())
+    rows = np.concatenate(rows)
+    if sampler is None:
+        assert np.array_equal(np.sort(rows), np.arange(full.n_obs))  # exactly once
+    else:
+        assert rows.tolist() == sampler  # the sampler's order, repeats kept
+    ds.close()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_var_names_of_a_dense_store(dense_h5ads, tmp_path, num_workers):
+    out = create_store_from_h5ads(dense_h5ads, tmp_path / "s", n_obs_per_file=100, progress=False)
+    full = read_store(out)
+    given, cols = chosen_genes(full.var_names, "shuffled")
+    ds = ZarrDenseDataset(32, 4, 4, num_workers=num_workers, return_index=True, var_names=given).add_store(out)
+    seen = 0
+    for X, _, index in ds:
+        assert_bit_identical(X.numpy(), np.ascontiguousarray(np.asarray(full.X)[index.numpy()][:, cols]))
+        seen += index.numel()
+    assert seen == full.n_obs
+    ds.close()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_dense_output_of_all_genes_is_built_by_the_workers(store, num_workers):
+    full = read_store(store)
+    ds = ZarrDenseDataset(100, 8, 4, num_workers=num_workers, return_index=True).add_store(store)
+    for X, _, index in ds:
+        assert X.layout == torch.strided and X.shape == (index.numel(), full.n_vars)
+        assert_bit_identical(X.numpy(), full.X[index.numpy()].toarray())
+    ds.close()
+
+
+def test_held_dense_batches_keep_their_values_across_epochs(store):
+    # Dense batches are views of worker-filled slots now: the slot must not be refilled while one is held.
+    ds = ZarrDenseDataset(100, 8, 4, num_workers=2, return_index=True).add_store(store)
+    held = [(X, X.clone(), index) for X, _, index in ds]
+    for _ in range(2):
+        for _ in ds:
+            pass
+    for X, copy, _ in held:
+        assert torch.equal(X, copy)
+    ds.close()
+
+
+def test_var_names_errors_name_the_store(store):
+    with pytest.raises(ValueError, match=rf"{store}: 1 of the 2 genes in var_names are not in var, e.g. \['no_such_gene'\]"):
+        ZarrSparseDataset(64, var_names=["gene_0", "no_such_gene"]).add_store(store)
+    with pytest.raises(ValueError, match="mask has 3 entries"):
+        ZarrSparseDataset(64, var_names=[True, False, True]).add_store(store)
+    with pytest.raises(ValueError, match="not the string"):
+        ZarrSparseDataset(64, var_names="gene_0")
+
+
+def test_subset_and_split_keep_the_genes(store):
+    full = read_store(store)
+    given, cols = chosen_genes(full.var_names, "shuffled")
+    ds = ZarrSparseDataset(64, 8, 4, num_workers=0, return_index=True, var_names=given).add_store(store)
+    train, val = ds.split(0.8, seed=0)
+    for part in (train, val):
+        assert list(part.var_names) == list(full.var_names[cols])
+        X, _, index = next(iter(part))
+        assert_bit_identical(csr_of(X), full.X[index.numpy()][:, cols])
+
+
+# --------------------------------------------------------------------------- layer=
+
+
+@pytest.fixture(scope="module")
+def layered(tmp_path_factory):
+    """A zarr AnnData (written by anndata) whose X is normalised and layers["counts"] the raw counts."""
+    rng = np.random.default_rng(2)
+    counts = sp.random(300, 50, density=0.2, format="csr", dtype=np.float32, random_state=rng)
+    counts.data = rng.integers(1, 30, counts.data.size).astype(np.float32)
+    X = counts.multiply(1 / np.maximum(counts.sum(axis=1), 1)).tocsr().astype(np.float32)
+    path = tmp_path_factory.mktemp("layered") / "a.zarr"
+    with ad.settings.override(zarr_write_format=3):
+        ad.AnnData(X=X, layers={"counts": counts}, var=pd.DataFrame(index=[f"g{i}" for i in range(50)])).write_zarr(path)
+    return path, counts
+
+
+def _backed(path) -> ad.AnnData:
+    g = zarr.open_group(path, mode="r")
+    return ad.AnnData(
+        X=ad.io.sparse_dataset(g["X"]),
+        layers={"counts": ad.io.sparse_dataset(g["layers/counts"])},
+        var=pd.DataFrame(index=[f"g{i}" for i in range(50)]),
+    )
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_layer_is_read_instead_of_x(layered, num_workers):
+    path, counts = layered
+    genes = ["g7", "g3", "g40"]
+    ds = ZarrSparseDataset(32, 4, 4, num_workers=num_workers, return_index=True, layer="counts", var_names=genes)
+    ds.add_anndatas([_backed(path)])
+    seen = 0
+    for X, _, index in ds:
+        assert_bit_identical(csr_of(X), counts[index.numpy()][:, [7, 3, 40]])
+        seen += index.numel()
+    assert seen == 300
+    ds.close()
+
+
+def test_missing_layer_is_named(layered, store):
+    path, _ = layered
+    with pytest.raises(ValueError, match=r"AnnData #0 has no layer 'spliced'; its layers: \['counts'\]"):
+        ZarrSparseDataset(32, layer="spliced").add_anndatas([_backed(path)])
+    with pytest.raises(ValueError, match=rf"{store}/chunk_0.zarr: has no layer 'counts'; its layers: \[\]"):
+        ZarrSparseDataset(32, layer="counts").add_store(store)
+
+
+# --------------------------------------------------------------------------- obsm_keys=
+
+
+@pytest.fixture(scope="module")
+def with_obsm(tmp_path_factory):
+    """A zarr AnnData with a float32 embedding and an int32 obsm (written by anndata)."""
+    rng = np.random.default_rng(4)
+    X = sp.random(300, 30, density=0.3, format="csr", dtype=np.float32, random_state=rng)
+    obsm = {"X_pca": rng.standard_normal((300, 8)).astype(np.float32), "codes": rng.integers(-5, 5, (300, 3), np.int32)}
+    path = tmp_path_factory.mktemp("obsm") / "a.zarr"
+    with ad.settings.override(zarr_write_format=3):
+        ad.AnnData(X=X, obsm=obsm, obs=pd.DataFrame({"label": rng.integers(0, 4, 300)}, index=[str(i) for i in range(300)])).write_zarr(path)
+    return path, X, obsm
+
+
+def _backed_obsm(path) -> ad.AnnData:
+    g = zarr.open_group(path, mode="r")
+    obs = ad.io.read_elem(g["obs"])
+    return ad.AnnData(X=ad.io.sparse_dataset(g["X"]), obs=obs, obsm={k: g["obsm"][k] for k in ("X_pca", "codes")})
+
+
+@pytest.mark.parametrize("window", [1, 3], ids=["one-load", "mixed-window"])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_obsm_rows_are_aligned_with_x(with_obsm, num_workers, window):
+    path, X, obsm = with_obsm
+    ds = ZarrSparseDataset(32, 4, 4, num_workers=num_workers, return_index=True, window=window)
+    ds.add_anndatas([_backed_obsm(path), _backed_obsm(path)], obs_keys="label", obsm_keys=["X_pca", "codes"])
+    seen = []
+    for batch_x, obs, index in ds:
+        rows = index.numpy() % 300  # the same file added twice
+        assert set(obs) == {"label", "X_pca", "codes"}
+        assert_bit_identical(csr_of(batch_x), X[rows])
+        assert obs["X_pca"].dtype == torch.float32 and obs["X_pca"].shape == (rows.size, 8)
+        assert_bit_identical(obs["X_pca"].numpy(), obsm["X_pca"][rows])
+        assert obs["codes"].dtype == torch.float32  # non-float obsm arrays are yielded as float32
+        np.testing.assert_array_equal(obs["codes"].numpy(), obsm["codes"][rows].astype(np.float32))
+        seen.append(index.numpy())
+    assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(600))
+    ds.close()
+
+
+def test_held_obsm_rows_keep_their_values(with_obsm):
+    path, _, obsm = with_obsm
+    ds = ZarrSparseDataset(32, 4, 4, num_workers=2, return_index=True).add_anndatas([_backed_obsm(path)], obsm_keys="X_pca")
+    held = [(obs["X_pca"], index) for _, obs, index in ds]
+    for _ in range(2):
+        for _ in ds:
+            pass
+    for pca, index in held:
+        assert_bit_identical(pca.numpy(), obsm["X_pca"][index.numpy()])
+    ds.close()
+
+
+def test_missing_obsm_is_named(with_obsm, store):
+    path, _, _ = with_obsm
+    with pytest.raises(ValueError, match=r"AnnData #0 has no obsm 'X_umap'; its obsm: \['X_pca', 'codes'\]"):
+        ZarrSparseDataset(32).add_anndatas([_backed_obsm(path)], obsm_keys="X_umap")
+    with pytest.raises(ValueError, match=rf"{store}/chunk_0.zarr: has no obsm 'X_pca'; its obsm: \[\]"):
+        ZarrSparseDataset(32).add_store(store, obsm_keys="X_pca")
+    a = _backed_obsm(path)
+    a.obsm["X_pca"] = np.asarray(a.obsm["X_pca"])
+    with pytest.raises(ValueError, match=r"AnnData #0 obsm\['X_pca'\]: is ndarray, not a 2-d zarr array"):
+        ZarrSparseDataset(32).add_anndatas([a], obsm_keys="X_pca")
