@@ -495,8 +495,27 @@ def create_store_from_h5ads(
     progress
         Show progress bars with cells/s.
     tmp_dir
-        Where temporary buckets go (about the size of the input X), outside
-        ``output_path``; default: inside the new store's hidden directory.
+        Where temporary buckets go (about the size of the inputs' X, layers
+        and obsm together), outside ``output_path``; default: inside the new
+        store's hidden directory.
+    layers
+        Layers to carry (a list of names; one name may be a str). Each is
+        written into every file at ``layers/<name>`` with X's layout: CSR or
+        dense as in the inputs (a layer CSR in one input and dense in another
+        is refused), the same codecs and checksums, the same shuffled rows
+        and the same var columns after ``var_join``; its dtype is promoted
+        over the inputs as X's is. Default ``None``: every layer that all
+        inputs have (CSR or dense); layers only some inputs have, and CSC
+        layers, are dropped and named in one :class:`ConversionWarning`.
+        A requested layer that an input lacks (or holds as CSC) raises an
+        :class:`InputFileError` naming the file; ``[]`` carries none.
+    obsm_keys
+        obsm arrays to carry, as ``layers`` chooses layers. Each is a dense
+        ``(n_obs, k)`` array in every input, with one ``k`` and one dtype
+        (otherwise refused, naming the files), written at ``obsm/<key>`` with
+        the rows shuffled with X. Sparse and DataFrame obsm entries are not
+        carried: dropped with the warning by default, an error if requested.
+        ``raw`` and ``obsp`` are never carried (named in the warning).
 
     Returns
     -------
