@@ -463,15 +463,15 @@ def _write_matrix(root, name, bucket, bucket_row, n_vars, dtype, layout, budget,
     write_complete(indptr_array, 0, n_rows + 1, indptr)
     # Buckets hold int32 indices; the output may be narrower.
     dtypes = {"data": dtype, "indices": np.dtype(np.int32)}
-    writers = {name: _AlignedAppender(arrays[name], layout.shard_elements) for name in arrays}
+    writers = {part: _AlignedAppender(arrays[part], layout.shard_elements) for part in arrays}
     # Each block gathers about block_bytes of entries (positions: 8 B each).
     row_bytes = row_nnz * (dtype.itemsize + 4 + 8)
     with tqdm(total=n_rows, unit="cells", unit_scale=True, desc=f"write {label}", disable=not progress) as bar:
         for p0, p1 in _blocks(row_bytes, block_bytes) if n_rows else []:
             pos = csr_row_positions(bucket_indptr, bucket_row[p0:p1])
-            for name in writers:
-                with _mapped(bucket.path(name), dtypes[name], (total,)) as src:
-                    writers[name].append(np.asarray(src[pos], dtype=arrays[name].dtype))
+            for part, writer in writers.items():
+                with _mapped(bucket.path(part), dtypes[part], (total,)) as src:
+                    writer.append(np.asarray(src[pos], dtype=arrays[part].dtype))
             del pos
             bar.update(p1 - p0)
     for w in writers.values():
