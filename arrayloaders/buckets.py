@@ -6,6 +6,10 @@
 2. *write* (:func:`write_output_file`): for each output file, gather its
    bucket's rows in the permuted order (block by block) and write them,
    shard-aligned, into ``chunk_{i}.zarr``.
+
+Both passes run once per *element*: X, each kept layer (same layout as X,
+CSR or dense) and each kept obsm array (dense, n_obs x k), one element at
+a time, so the working memory is that of one element whatever their number.
 """
 
 from __future__ import annotations
@@ -27,12 +31,38 @@ from .errors import InputFileError
 from .shards import COMPLETE_ATTRIBUTE, missing_chunk_files, unwritten_chunks
 from .store import XLayout
 
-__all__ = ["InputFile", "csr_row_positions", "scatter", "write_output_file"]
+__all__ = ["InputFile", "Matrix", "Part", "check_indptr", "csr_row_positions", "scatter", "write_output_file"]
+
+
+@dataclass
+class Matrix:
+    """One row-aligned 2-d element of an input file: X, a layer or an obsm array."""
+
+    path: str  # inside the .h5ad: "X", "layers/counts", "obsm/X_pca"
+    format: Literal["csr", "dense"]
+    dtype: np.dtype
+    n_cols: int
+    indptr: np.ndarray | None = None  # CSR: kept for X; read by each pass for layers (one input at a time)
+
+    @property
+    def genes(self) -> bool:
+        """Whether its columns are the input's var (X, layers), mapped onto the output var."""
+        return not self.path.startswith("obsm/")
+
+
+@dataclass
+class Part:
+    """One element of every output file: where it goes and its buckets (one per output file)."""
+
+    path: str  # inside each chunk_{i}.zarr: "X", "layers/counts", "obsm/X_pca"
+    buckets: list
+    n_cols: int
+    dtype: np.dtype
 
 
 @dataclass
 class InputFile:
-    """One scanned input file: what the passes need to read its X, and its obs/var."""
+    """One scanned input file: what the passes need to read its X, layers and obsm, and its obs/var."""
 
     path: Path
     label: str
@@ -43,7 +73,18 @@ class InputFile:
     obs: pd.DataFrame
     indptr: np.ndarray | None  # CSR only; O(n_obs) bookkeeping
     gene_map: np.ndarray | None = None  # input column -> output column, -1 = dropped
-    dropped: dict[str, list[str]] = field(default_factory=dict)  # elements not carried: {"layers": ["counts"], ...}
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # never carried: {"raw": [], "obsp": ["distances"]}
+    # Each layer / obsm key: the element, or why it cannot be carried (a sparse obsm, a CSC layer).
+    layers: dict[str, Matrix | str] = field(default_factory=dict)
+    obsm: dict[str, Matrix | str] = field(default_factory=dict)
+
+    def matrix(self, path: str) -> Matrix:
+        """The element at ``path``: ``"X"``, ``"layers/<name>"`` or ``"obsm/<key>"``."""
+        if path == "X":
+            return Matrix("X", self.x_format, self.dtype, len(self.var), self.indptr)
+        kind, _, key = path.partition("/")
+        return getattr(self, kind)[key]
+
 
 class _Bucket:
     """Temporary on-disk rows of one output file, in increasing global cell order."""
@@ -122,28 +163,67 @@ class _AlignedAppender:
 
 
 
-def _read_block(inp: InputFile, f: h5py.File, r0: int, r1: int, n_vars: int, dtype: np.dtype):
-    """Rows ``r0:r1`` of one input, genes mapped onto the output var."""
-    if inp.x_format == "dense":
-        block = f["X"][r0:r1].astype(dtype, copy=False)
-        if np.array_equal(inp.gene_map, np.arange(n_vars)):
-            return block
-        out = np.zeros((r1 - r0, n_vars), dtype=dtype)
-        keep = inp.gene_map >= 0
-        out[:, inp.gene_map[keep]] = block[:, keep]
-        return out
-    a, b = inp.indptr[r0], inp.indptr[r1]
-    data = f["X/data"][a:b].astype(dtype, copy=False)
-    indices = f["X/indices"][a:b]
-    if indices.size and (indices.min() < 0 or indices.max() >= len(inp.var)):
-        bad = int(indices.max() if indices.max() >= len(inp.var) else indices.min())
+def check_indptr(path: Path, name: str, indptr: np.ndarray, n_obs: int, nnz: int) -> None:
+    """Raise naming the file unless ``indptr`` of CSR element ``name`` is a valid row pointer over ``nnz`` entries."""
+    if indptr.shape != (n_obs + 1,):
+        raise InputFileError(f"{path}: {name}/indptr has {indptr.size} entries, expected n_obs + 1 = {n_obs + 1}")
+    if indptr[0] != 0:
+        raise InputFileError(f"{path}: {name}/indptr starts at {indptr[0]}, not 0 (damaged file)")
+    steps = np.diff(indptr)
+    if (steps < 0).any():
+        row = int(np.flatnonzero(steps < 0)[0])
         raise InputFileError(
-            f"{inp.path}: X/indices holds column {bad} in rows {r0}-{r1 - 1}, outside the {len(inp.var)} genes "
+            f"{path}: {name}/indptr decreases at row {row} ({indptr[row]} -> {indptr[row + 1]}); damaged file"
+        )
+    if indptr[-1] != nnz:
+        raise InputFileError(
+            f"{path}: {name}/indptr ends at {indptr[-1]} but {name}/data holds {nnz} entries (damaged or truncated file)"
+        )
+
+
+def read_indptr(inp: InputFile, f: h5py.File, m: Matrix) -> np.ndarray:
+    """A CSR element's row pointer as int64, checked (the file is open as ``f``)."""
+    if m.indptr is not None:
+        return m.indptr
+    node = f[m.path]
+    try:
+        indptr = node["indptr"][:].astype(np.int64)
+        nnz = node["data"].shape[0]
+        n_indices = node["indices"].shape[0]
+    except (KeyError, OSError) as e:
+        raise InputFileError(f"{inp.path}: cannot read {m.path} ({e}; damaged file)") from e
+    if n_indices != nnz:
+        raise InputFileError(
+            f"{inp.path}: {m.path}/indices has {n_indices} entries but {m.path}/data {nnz} (damaged file)"
+        )
+    check_indptr(inp.path, m.path, indptr, inp.n_obs, nnz)
+    return indptr
+
+
+def _read_block(inp: InputFile, m: Matrix, indptr, f: h5py.File, r0: int, r1: int, n_cols: int, dtype: np.dtype):
+    """Rows ``r0:r1`` of one element of an input, genes mapped onto the output var (X and layers)."""
+    gene_map = inp.gene_map if m.genes else None
+    identity = gene_map is None or np.array_equal(gene_map, np.arange(n_cols))
+    if m.format == "dense":
+        block = f[m.path][r0:r1].astype(dtype, copy=False)
+        if identity:
+            return block
+        out = np.zeros((r1 - r0, n_cols), dtype=dtype)
+        keep = gene_map >= 0
+        out[:, gene_map[keep]] = block[:, keep]
+        return out
+    a, b = indptr[r0], indptr[r1]
+    data = f[f"{m.path}/data"][a:b].astype(dtype, copy=False)
+    indices = f[f"{m.path}/indices"][a:b]
+    if indices.size and (indices.min() < 0 or indices.max() >= m.n_cols):
+        bad = int(indices.max() if indices.max() >= m.n_cols else indices.min())
+        raise InputFileError(
+            f"{inp.path}: {m.path}/indices holds column {bad} in rows {r0}-{r1 - 1}, outside the {m.n_cols} genes "
             "(damaged file)"
         )
-    indptr = inp.indptr[r0 : r1 + 1] - a
-    if not np.array_equal(inp.gene_map, np.arange(n_vars)):
-        mapped = inp.gene_map[indices]
+    indptr = indptr[r0 : r1 + 1] - a
+    if not identity:
+        mapped = gene_map[indices]
         keep = mapped >= 0
         row_of = np.repeat(np.arange(r1 - r0), np.diff(indptr))[keep]
         mapped, data = mapped[keep], data[keep]
@@ -155,11 +235,11 @@ def _read_block(inp: InputFile, f: h5py.File, r0: int, r1: int, n_vars: int, dty
     return data, indices.astype(np.int32, copy=False), indptr
 
 
-def _row_bytes(inp: InputFile, n_vars: int, itemsize: int) -> np.ndarray:
-    """Bytes each row of an input takes in memory (for budget-sized blocks)."""
-    if inp.x_format == "dense":
-        return np.full(inp.n_obs, max(n_vars, len(inp.var)) * itemsize, dtype=np.int64)
-    return np.diff(inp.indptr) * (itemsize + 4) + 8
+def _row_bytes(inp: InputFile, m: Matrix, indptr, n_cols: int, itemsize: int) -> np.ndarray:
+    """Bytes each row of an element takes in memory (for budget-sized blocks)."""
+    if m.format == "dense":
+        return np.full(inp.n_obs, max(n_cols, m.n_cols) * itemsize, dtype=np.int64)
+    return np.diff(indptr) * (itemsize + 4) + 8
 
 
 def _blocks(row_bytes: np.ndarray, block_bytes: int) -> list[tuple[int, int]]:
@@ -176,8 +256,9 @@ def _blocks(row_bytes: np.ndarray, block_bytes: int) -> list[tuple[int, int]]:
     return out
 
 
-def scatter(inputs, order, bounds, n_vars, dtype, dense, budget, progress, scratch) -> list[_Bucket]:
-    """Pass 1: stream inputs once, appending each row to its output file's bucket."""
+def scatter(inputs, element, order, bounds, n_cols, dtype, dense, budget, progress, scratch) -> list[_Bucket]:
+    """Pass 1 of one element (``"X"``, ``"layers/<name>"``, ``"obsm/<key>"``): stream inputs once,
+    appending each row to its output file's bucket in ``scratch``."""
     position = np.empty_like(order)
     position[order] = np.arange(order.size)
     dest_file = np.searchsorted(bounds, position, side="right") - 1
@@ -187,14 +268,17 @@ def scatter(inputs, order, bounds, n_vars, dtype, dense, budget, progress, scrat
     # destination, written) and allocator slack doubles that: a sixteenth.
     block_bytes = max(1, budget // 16)
     offset = 0
-    with tqdm(total=order.size, unit="cells", unit_scale=True, desc="shuffle", disable=not progress) as bar:
+    desc = "shuffle" if element == "X" else f"shuffle {element}"
+    with tqdm(total=order.size, unit="cells", unit_scale=True, desc=desc, disable=not progress) as bar:
         for inp in inputs:
+            m = inp.matrix(element)
             with h5py.File(inp.path, "r") as f:
-                for r0, r1 in _blocks(_row_bytes(inp, n_vars, dtype.itemsize), block_bytes):
+                indptr = read_indptr(inp, f, m) if m.format == "csr" else None
+                for r0, r1 in _blocks(_row_bytes(inp, m, indptr, n_cols, dtype.itemsize), block_bytes):
                     try:
-                        block = _read_block(inp, f, r0, r1, n_vars, dtype)
+                        block = _read_block(inp, m, indptr, f, r0, r1, n_cols, dtype)
                     except OSError as e:  # HDF5's messages do not name the file
-                        raise InputFileError(f"{inp.path}: cannot read X rows {r0}-{r1 - 1} ({e})") from e
+                        raise InputFileError(f"{inp.path}: cannot read {element} rows {r0}-{r1 - 1} ({e})") from e
                     dest = dest_file[offset + r0 : offset + r1]
                     rows_by_dest = np.argsort(dest, kind="stable")
                     cuts = np.searchsorted(dest[rows_by_dest], np.arange(len(buckets) + 1))
@@ -203,11 +287,12 @@ def scatter(inputs, order, bounds, n_vars, dtype, dense, budget, progress, scrat
                         if dense:
                             buckets[j].append_dense(block[rows])
                         else:
-                            data, indices, indptr = block
-                            pos = csr_row_positions(indptr, rows)
-                            buckets[j].append_csr(data[pos], indices[pos], np.diff(indptr)[rows])
+                            data, indices, block_indptr = block
+                            pos = csr_row_positions(block_indptr, rows)
+                            buckets[j].append_csr(data[pos], indices[pos], np.diff(block_indptr)[rows])
                     del block
                     bar.update(r1 - r0)
+            del indptr
             offset += inp.n_obs
     for b in buckets:
         b.close()
@@ -231,31 +316,39 @@ def _mapped(path: Path, dtype: np.dtype, shape: tuple[int, ...]):
 
 def write_output_file(
     path: Path,
-    bucket: _Bucket,
+    parts: list[Part],
     ids: np.ndarray,
     obs: pd.DataFrame,
     var: pd.DataFrame,
-    dtype: np.dtype,
     layout: XLayout,
     budget: int,
     progress: bool,
     j: int,
 ) -> None:
-    """Pass 2: write one ``chunk_{j}.zarr`` from its bucket, rows in ``ids`` order (global cell ids).
+    """Pass 2: write one ``chunk_{j}.zarr`` from its buckets, rows in ``ids`` order (global cell ids).
 
-    Every chunk of every array is stored (a missing one is damage, never
-    fill values) and carries a crc32c checksum when ``layout.checksum``.
+    ``parts`` are X first, then the layers and obsm arrays, each with its
+    bucket ``j``. Every chunk of every array is stored (a missing one is
+    damage, never fill values) and carries a crc32c checksum when
+    ``layout.checksum``.
     """
-    # The bucket holds this file's cells in increasing global id: the bucket
+    # A bucket holds this file's cells in increasing global id: the bucket
     # row of cell ids[p] is its rank among the sorted ids.
     bucket_row = np.searchsorted(np.sort(ids), ids)
-    n_vars = len(var)
     root = zarr.open_group(path, mode="w", zarr_format=3)
     write_obs_and_var(root, obs, var, layout)
-    _write_x(root, bucket, bucket_row, n_vars, dtype, layout, budget, progress, path.name)
-    # X must be in the consolidated metadata, or read_zarr would not see it.
+    for part in parts:
+        parent, _, name = part.path.rpartition("/")
+        group = root if not parent else root[parent] if parent in root else root.create_group(parent, attributes=_DICT)
+        label = path.name if part.path == "X" else f"{path.name} {part.path}"
+        bucket = part.buckets[j]
+        _write_matrix(group, name, bucket, bucket_row, part.n_cols, part.dtype, layout, budget, progress, label)
+    # Every element must be in the consolidated metadata, or read_zarr would not see it.
     with _quiet_consolidation():
         zarr.consolidate_metadata(path)
+
+
+_DICT = {"encoding-type": "dict", "encoding-version": "0.1.0"}  # anndata's mapping (layers, obsm)
 
 
 @contextmanager
@@ -320,20 +413,26 @@ def write_complete(array: zarr.Array, start: int, stop: int, values: np.ndarray)
         raise RuntimeError(f"internal error: {len(still)} chunk(s) were not written: {still[:3]}")
 
 
-def _write_x(root, bucket, bucket_row, n_vars, dtype, layout, budget, progress, file_name) -> None:
+def _write_matrix(root, name, bucket, bucket_row, n_vars, dtype, layout, budget, progress, label) -> None:
+    """One element (X, a layer, an obsm array) of one output file at ``root[name]``, as X is laid out.
+
+    Dense: a 2-d array whose inner chunks and shards span whole rows (rows
+    per chunk from ``layout.dense_rows``). CSR: a group of ``data``,
+    ``indices`` (the narrowest dtype) and ``indptr`` arrays.
+    """
     n_rows = bucket_row.size
     block_bytes = max(1, budget // 16)
     complete = {COMPLETE_ATTRIBUTE: True}
     if bucket.dense:
         rows_per_chunk, rows_per_shard = layout.dense_rows(n_vars, dtype.itemsize)
         x = root.create_array(
-            "X", shape=(n_rows, n_vars), dtype=dtype, chunks=(rows_per_chunk, n_vars),
+            name, shape=(n_rows, n_vars), dtype=dtype, chunks=(rows_per_chunk, n_vars),
             shards=(rows_per_shard, n_vars), compressors=layout.compressors(),
             attributes={"encoding-type": "array", "encoding-version": "0.2.0", **complete},
         )  # fmt: skip
         writer = _AlignedAppender(x, rows_per_shard)
         step = max(1, block_bytes // max(1, n_vars * dtype.itemsize))
-        with tqdm(total=n_rows, unit="cells", unit_scale=True, desc=f"write {file_name}", disable=not progress) as bar:
+        with tqdm(total=n_rows, unit="cells", unit_scale=True, desc=f"write {label}", disable=not progress) as bar:
             for p0 in range(0, n_rows, step):
                 with _mapped(bucket.path("rows"), dtype, (bucket.n_rows, n_vars)) as src:
                     writer.append(np.array(src[bucket_row[p0 : p0 + step]]))
@@ -348,13 +447,13 @@ def _write_x(root, bucket, bucket_row, n_vars, dtype, layout, budget, progress, 
     np.cumsum(row_nnz, out=indptr[1:])
     total = int(indptr[-1])
     group = root.create_group(
-        "X", attributes={"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_rows, n_vars]}
+        name, attributes={"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_rows, n_vars]}
     )
     arrays = {}
     indices_dtype = layout.indices_dtype(n_vars)
-    for name, dt, role in (("data", dtype, "values"), ("indices", indices_dtype, "indices")):
-        arrays[name] = group.create_array(
-            name, shape=(total,), dtype=dt, chunks=(layout.chunk_elements,),
+    for part, dt, role in (("data", dtype, "values"), ("indices", indices_dtype, "indices")):
+        arrays[part] = group.create_array(
+            part, shape=(total,), dtype=dt, chunks=(layout.chunk_elements,),
             shards=(layout.shard_elements,), compressors=layout.compressors(role), attributes=complete,
         )  # fmt: skip
     indptr_array = group.create_array(
@@ -364,15 +463,15 @@ def _write_x(root, bucket, bucket_row, n_vars, dtype, layout, budget, progress, 
     write_complete(indptr_array, 0, n_rows + 1, indptr)
     # Buckets hold int32 indices; the output may be narrower.
     dtypes = {"data": dtype, "indices": np.dtype(np.int32)}
-    writers = {name: _AlignedAppender(arrays[name], layout.shard_elements) for name in arrays}
+    writers = {part: _AlignedAppender(arrays[part], layout.shard_elements) for part in arrays}
     # Each block gathers about block_bytes of entries (positions: 8 B each).
     row_bytes = row_nnz * (dtype.itemsize + 4 + 8)
-    with tqdm(total=n_rows, unit="cells", unit_scale=True, desc=f"write {file_name}", disable=not progress) as bar:
+    with tqdm(total=n_rows, unit="cells", unit_scale=True, desc=f"write {label}", disable=not progress) as bar:
         for p0, p1 in _blocks(row_bytes, block_bytes) if n_rows else []:
             pos = csr_row_positions(bucket_indptr, bucket_row[p0:p1])
-            for name in writers:
-                with _mapped(bucket.path(name), dtypes[name], (total,)) as src:
-                    writers[name].append(np.asarray(src[pos], dtype=arrays[name].dtype))
+            for part, writer in writers.items():
+                with _mapped(bucket.path(part), dtypes[part], (total,)) as src:
+                    writer.append(np.asarray(src[pos], dtype=arrays[part].dtype))
             del pos
             bar.update(p1 - p0)
     for w in writers.values():

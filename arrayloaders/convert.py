@@ -1,8 +1,9 @@
 """``create_store_from_h5ads``: many ``.h5ad`` files in, one shuffled store out.
 
 This module checks and scans the inputs, joins their var and obs (one dtype
-per column: ``columns.py``) and plans the output. The two out-of-core passes
-that move X are in ``buckets.py``; building the store beside its output and
+per column: ``columns.py``), chooses the layers and obsm arrays to carry and
+plans the output. The two out-of-core passes that move X, layers and obsm
+are in ``buckets.py``; building the store beside its output and
 swapping it in is ``output.py``'s. Only per-cell bookkeeping (the
 permutation, obs) is held for all cells at once: tens of bytes per cell
 against kilobytes of X.
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from .buckets import InputFile, scatter, write_output_file
+from .buckets import InputFile, Matrix, Part, check_indptr, read_indptr, scatter, write_output_file
 from .columns import ColumnSchema, harmonise_frames, join_columns
 from .errors import ConversionWarning, InputFileError, StoreError
 from .output import StagedOutput, check_output, remove_tree, scratch_directory
@@ -71,24 +72,6 @@ def _input_paths(adata_paths) -> list[Path]:
     return paths
 
 
-def _check_indptr(path: Path, indptr: np.ndarray, n_obs: int, nnz: int) -> None:
-    """Raise naming the file unless ``indptr`` is a valid CSR row pointer over ``nnz`` entries."""
-    if indptr.shape != (n_obs + 1,):
-        raise InputFileError(f"{path}: X/indptr has {indptr.size} entries, expected n_obs + 1 = {n_obs + 1}")
-    if indptr[0] != 0:
-        raise InputFileError(f"{path}: X/indptr starts at {indptr[0]}, not 0 (damaged file)")
-    steps = np.diff(indptr)
-    if (steps < 0).any():
-        row = int(np.flatnonzero(steps < 0)[0])
-        raise InputFileError(
-            f"{path}: X/indptr decreases at row {row} ({indptr[row]} -> {indptr[row + 1]}); damaged file"
-        )
-    if indptr[-1] != nnz:
-        raise InputFileError(
-            f"{path}: X/indptr ends at {indptr[-1]} but X/data holds {nnz} entries (damaged or truncated file)"
-        )
-
-
 def _scan_input(path: Path, label: str) -> InputFile:
     """Open one ``.h5ad`` and check it can be converted; raise naming the file if not."""
     if not path.exists():
@@ -128,31 +111,84 @@ def _scan_input(path: Path, label: str) -> InputFile:
                 raise InputFileError(
                     f"{path}: X/indices has {node['indices'].shape[0]} entries but X/data {nnz} (damaged file)"
                 )
-            _check_indptr(path, indptr, shape[0], nnz)
+            check_indptr(path, "X", indptr, shape[0], nnz)
         elif encoding == "array" and isinstance(node, h5py.Dataset) and node.ndim == 2:
             x_format, dtype, indptr, shape = "dense", np.dtype(node.dtype), None, node.shape
         else:
             raise InputFileError(f"{path}: X has unsupported encoding {encoding!r} (expected CSR or a dense array)")
-    if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
-        raise InputFileError(f"{path}: X has non-numeric dtype {dtype}")
-    if shape != (len(obs), len(var)):
-        raise InputFileError(f"{path}: X shape {shape} does not match obs x var ({len(obs)} x {len(var)})")
-    if shape[0] == 0:
-        raise InputFileError(f"{path}: has no cells (n_obs == 0)")
-    if shape[1] == 0:
-        raise InputFileError(f"{path}: has no genes (n_vars == 0)")
+        if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+            raise InputFileError(f"{path}: X has non-numeric dtype {dtype}")
+        if shape != (len(obs), len(var)):
+            raise InputFileError(f"{path}: X shape {shape} does not match obs x var ({len(obs)} x {len(var)})")
+        if shape[0] == 0:
+            raise InputFileError(f"{path}: has no cells (n_obs == 0)")
+        if shape[1] == 0:
+            raise InputFileError(f"{path}: has no genes (n_vars == 0)")
+        elements = {kind: _scan_elements(path, f, kind, *shape) for kind in ("layers", "obsm")}
     # Names as plain str: files of pandas 3 hold its string dtype, which never
     # equals an object index of the same names.
     obs.index, var.index = _str_index(obs.index), _str_index(var.index)
-    return InputFile(path, label, shape[0], x_format, dtype, var, obs, indptr, dropped=dropped)
+    return InputFile(path, label, shape[0], x_format, dtype, var, obs, indptr, dropped=dropped, **elements)
 
 
-# Elements of an AnnData that the store does not hold (yet): the conversion says so.
-_NOT_CARRIED = ("layers", "obsm", "obsp", "raw")
+def _numeric(dtype: np.dtype) -> bool:
+    return bool(np.issubdtype(dtype, np.number) or dtype == np.bool_)
+
+
+def _scan_elements(path: Path, f: h5py.File, kind: str, n_obs: int, n_vars: int) -> dict[str, Matrix | str]:
+    """Each ``layers``/``obsm`` entry of an open ``.h5ad``: what the passes need to read it, or why it cannot be carried.
+
+    Carried: a layer stored as CSR or as a dense 2-d array (n_obs x n_vars),
+    an obsm array stored dense (n_obs x k, k > 0); of a number or bool dtype.
+    Anything else (a CSC layer, a sparse or DataFrame obsm) gets the reason
+    it is not carried. An entry whose shape does not fit the file is damage:
+    raised, naming the file.
+    """
+    group = f.get(kind)
+    if not isinstance(group, h5py.Group):
+        return {}
+    out: dict[str, Matrix | str] = {}
+    for key in group:
+        node, where = group[key], f"{kind}/{key}"
+        encoding = node.attrs.get("encoding-type", "array" if isinstance(node, h5py.Dataset) else None)
+        try:
+            if encoding == "csr_matrix" and kind == "layers":
+                fmt, dtype = "csr", np.dtype(node["data"].dtype)
+                shape = tuple(int(s) for s in node.attrs["shape"])
+            elif encoding == "array" and isinstance(node, h5py.Dataset) and node.ndim == 2:
+                fmt, dtype, shape = "dense", np.dtype(node.dtype), tuple(node.shape)
+            elif encoding == "csc_matrix" and kind == "layers":
+                out[key] = "stored as CSC (column-compressed): rows cannot be streamed from it"
+                continue
+            elif kind == "obsm" and encoding in ("csr_matrix", "csc_matrix"):
+                out[key] = f"sparse ({encoding}): only dense obsm arrays are carried"
+                continue
+            else:
+                what = "a dense 2-d array" if kind == "obsm" else "CSR or a dense 2-d array"
+                out[key] = f"has encoding {encoding!r}; only {what} is carried"
+                continue
+        except (KeyError, OSError) as e:
+            raise InputFileError(f"{path}: {where} cannot be read ({e}; damaged file)") from e
+        expected = (n_obs, n_vars) if kind == "layers" else (n_obs, shape[1])
+        if shape != expected:
+            raise InputFileError(f"{path}: {where} has shape {shape}, X has {n_obs} x {n_vars} (damaged file)")
+        if not _numeric(dtype):
+            out[key] = f"has dtype {dtype}; only numbers and bools are carried"
+        elif shape[1] == 0:
+            out[key] = "has no columns"
+        else:
+            out[key] = Matrix(where, fmt, dtype, shape[1])
+    return out
+
+
+# Elements of an AnnData that the store never holds: the conversion says so.
+_NOT_CARRIED = ("obsp", "raw")
+
+Kind = Literal["layers", "obsm"]
 
 
 def _not_carried(f: h5py.File) -> dict[str, list[str]]:
-    """What of an open ``.h5ad`` the store will not hold: {"layers": ["counts"], "raw": [], ...}."""
+    """What of an open ``.h5ad`` the store never holds: {"obsp": ["distances"], "raw": []}."""
     out = {}
     for name in _NOT_CARRIED:
         node = f.get(name)
@@ -164,18 +200,101 @@ def _not_carried(f: h5py.File) -> dict[str, list[str]]:
     return out
 
 
-def _warn_not_carried(inputs: list[InputFile]) -> None:
-    """One warning for the whole conversion, naming each dropped element and the files that have it."""
+def _requested(value, argument: str) -> list[str] | None:
+    """``layers=``/``obsm_keys=`` as a list of names (one name may be given as a str), or None for the default."""
+    if value is None:
+        return None
+    names = [value] if isinstance(value, str) else list(value)
+    for name in names:
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"{argument} must be a list of names (non-empty, without '/'), got {name!r} in it")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{argument} names {', '.join(map(repr, twice))} more than once")
+    return names
+
+
+def _choose(inputs: list[InputFile], kind: Kind, requested: list[str] | None) -> list[str]:
+    """The layers (or obsm keys) to carry: those requested, or by default those every input can give.
+
+    A requested key that an input lacks or cannot give raises naming the
+    file. Kept keys must agree across inputs: a layer has one format (CSR or
+    dense) everywhere (its dtype is promoted, as X's is); an obsm array has
+    one width and one dtype everywhere.
+    """
+    if requested is None:
+        first = inputs[0]
+        keep = [k for k in getattr(first, kind) if all(isinstance(getattr(i, kind).get(k), Matrix) for i in inputs)]
+    else:
+        keep = requested
+        for key in requested:
+            for inp in inputs:
+                found = getattr(inp, kind)
+                if key not in found:
+                    has = ", ".join(map(repr, found)) or "none"
+                    raise InputFileError(f"{inp.path}: has no {kind} {key!r} (it has {has})")
+                if not isinstance(found[key], Matrix):
+                    raise InputFileError(f"{inp.path}: {kind} {key!r} cannot be carried: {found[key]}")
+    for key in keep:
+        matrices = [(inp, getattr(inp, kind)[key]) for inp in inputs]
+        agree = (("format", "format"),) if kind == "layers" else (("n_cols", "width"), ("dtype", "dtype"))
+        for attribute, what in agree:
+            values = {getattr(m, attribute) for _, m in matrices}
+            if len(values) > 1:
+                by = {}
+                for inp, m in matrices:
+                    by.setdefault(getattr(m, attribute), []).append(str(inp.path))
+                shown = "; ".join(f"{_shown(v)} in {', '.join(paths)}" for v, paths in by.items())
+                leave_out = f"{'layers' if kind == 'layers' else 'obsm_keys'}=[...]"
+                raise InputFileError(
+                    f"{kind} {key!r} differs in {what} across the inputs ({shown}); make it agree or leave it out "
+                    f"with {leave_out}"
+                )
+    return keep
+
+
+def _shown(value) -> str:
+    """A format, width or dtype as an error message shows it."""
+    if isinstance(value, str):
+        return "CSR" if value == "csr" else "dense"
+    return f"{value} columns" if isinstance(value, int) else str(value)
+
+
+def _warn_not_carried(inputs: list[InputFile], kept: dict[str, list[str]], defaults: dict[str, bool]) -> None:
+    """One warning for the whole conversion, naming each dropped element, why, and the files that have it.
+
+    Dropped: layers and obsm keys the default leaves out (not in every input,
+    or not of a kind the store holds), ``obsp`` and ``raw``. Keys left out
+    of an explicit ``layers=``/``obsm_keys=`` list were the caller's choice:
+    not named.
+    """
     files: dict[str, list[str]] = {}
     for inp in inputs:
+        for kind in ("layers", "obsm"):
+            if not defaults[kind]:
+                continue
+            for key, m in getattr(inp, kind).items():
+                if key not in kept[kind]:
+                    why = "not in every input" if isinstance(m, Matrix) else m
+                    files.setdefault(f"{kind} {key!r} ({why})", []).append(str(inp.path))
         for name, keys in inp.dropped.items():
             what = f"{name} {', '.join(repr(k) for k in keys)}" if keys else name
-            files.setdefault(what, []).append(str(inp.path))
+            files.setdefault(f"{what} (not carried)", []).append(str(inp.path))
     if files:
         listed = "; ".join(f"{what} from {', '.join(paths)}" for what, paths in files.items())
-        warnings.warn(
-            f"the store does not carry layers, obsm, obsp or raw yet; dropped: {listed}", ConversionWarning, stacklevel=3
-        )
+        message = f"the store does not hold these elements of the inputs: {listed}"
+        warnings.warn(message, ConversionWarning, stacklevel=3)
+
+
+def _check_layers(inputs: list[InputFile], layers: list[str]) -> None:
+    """Read and check the row pointer of every kept CSR layer now, before any output is written."""
+    for inp in inputs:
+        csr = [inp.layers[name] for name in layers if inp.layers[name].format == "csr"]
+        if not csr:
+            continue
+        with h5py.File(inp.path, "r") as f:
+            for m in csr:
+                read_indptr(inp, f, m)
 
 
 def _join_var(inputs: list[InputFile], var_join: VarJoin) -> pd.DataFrame:
@@ -297,6 +416,8 @@ def create_store_from_h5ads(
     overwrite: bool = False,
     progress: bool = True,
     tmp_dir: str | os.PathLike | None = None,
+    layers: Sequence[str] | None = None,
+    obsm_keys: Sequence[str] | None = None,
 ) -> Path:
     """Convert ``.h5ad`` files into one shuffled arrayloaders store.
 
@@ -374,8 +495,27 @@ def create_store_from_h5ads(
     progress
         Show progress bars with cells/s.
     tmp_dir
-        Where temporary buckets go (about the size of the input X), outside
-        ``output_path``; default: inside the new store's hidden directory.
+        Where temporary buckets go (about the size of the inputs' X, layers
+        and obsm together), outside ``output_path``; default: inside the new
+        store's hidden directory.
+    layers
+        Layers to carry (a list of names; one name may be a str). Each is
+        written into every file at ``layers/<name>`` with X's layout: CSR or
+        dense as in the inputs (a layer CSR in one input and dense in another
+        is refused), the same codecs and checksums, the same shuffled rows
+        and the same var columns after ``var_join``; its dtype is promoted
+        over the inputs as X's is. Default ``None``: every layer that all
+        inputs have (CSR or dense); layers only some inputs have, and CSC
+        layers, are dropped and named in one :class:`ConversionWarning`.
+        A requested layer that an input lacks (or holds as CSC) raises an
+        :class:`InputFileError` naming the file; ``[]`` carries none.
+    obsm_keys
+        obsm arrays to carry, as ``layers`` chooses layers. Each is a dense
+        ``(n_obs, k)`` array in every input, with one ``k`` and one dtype
+        (otherwise refused, naming the files), written at ``obsm/<key>`` with
+        the rows shuffled with X. Sparse and DataFrame obsm entries are not
+        carried: dropped with the warning by default, an error if requested.
+        ``raw`` and ``obsp`` are never carried (named in the warning).
 
     Returns
     -------
@@ -397,6 +537,7 @@ def create_store_from_h5ads(
     budget = parse_bytes(memory_budget) if memory_budget is not None else _default_budget()
     if n_obs_per_file <= 0:
         raise ValueError(f"n_obs_per_file must be positive, got {n_obs_per_file}")
+    requested = {"layers": _requested(layers, "layers"), "obsm": _requested(obsm_keys, "obsm_keys")}
     paths = _input_paths(adata_paths)
     out = check_output(output_path, paths, overwrite)
     if tmp_dir is not None:
@@ -405,7 +546,8 @@ def create_store_from_h5ads(
             raise StoreError(f"tmp_dir={tmp_dir} is inside the output {output_path}; choose a directory outside it")
 
     inputs = [_scan_input(p, str(p)) for p in paths]
-    _warn_not_carried(inputs)
+    kept = {kind: _choose(inputs, kind, requested[kind]) for kind in ("layers", "obsm")}
+    _warn_not_carried(inputs, kept, {kind: requested[kind] is None for kind in kept})
     x_formats = {inp.x_format for inp in inputs}
     if len(x_formats) > 1:
         by = {f: [str(i.path) for i in inputs if i.x_format == f] for f in x_formats}
@@ -413,14 +555,26 @@ def create_store_from_h5ads(
     x_format = x_formats.pop()
     dtype = np.result_type(*[inp.dtype for inp in inputs])
     var = _join_var(inputs, var_join)
-    shard_bytes = layout.shard_bytes(x_format, len(var), dtype.itemsize)
+    # X, then each layer (its format, its dtype promoted over the inputs as X's is), then each obsm array.
+    layer_parts = {
+        name: Part(f"layers/{name}", [], len(var), np.result_type(*[i.layers[name].dtype for i in inputs]))
+        for name in kept["layers"]
+    }
+    obsm_parts = {
+        key: Part(f"obsm/{key}", [], inputs[0].obsm[key].n_cols, inputs[0].obsm[key].dtype) for key in kept["obsm"]
+    }
+    parts = [Part("X", [], len(var), dtype), *layer_parts.values(), *obsm_parts.values()]
+    formats = {"X": x_format, **{p.path: inputs[0].layers[n].format for n, p in layer_parts.items()}}
+    formats.update({p.path: "dense" for p in obsm_parts.values()})
     # A shard is buffered, concatenated and encoded whole (~4 copies): keep
     # that within half of the working memory, the row blocks take the other half.
+    shard_bytes, largest = max((layout.shard_bytes(formats[p.path], p.n_cols, p.dtype.itemsize), p.path) for p in parts)
     if _RESERVE + 8 * shard_bytes > budget:
         raise ValueError(
-            f"memory_budget={budget} bytes is too small for X shards of {shard_bytes} bytes: it must be at "
+            f"memory_budget={budget} bytes is too small for {largest} shards of {shard_bytes} bytes: it must be at "
             f"least {_RESERVE + 8 * shard_bytes}; raise memory_budget or pass a layout with smaller shards"
         )
+    _check_layers(inputs, kept["layers"])
     working = budget - _RESERVE
     obs, obs_schema = _harmonise_obs(inputs, obs_join, obs_columns, source_key)
     n_obs = len(obs)
@@ -431,17 +585,24 @@ def create_store_from_h5ads(
     with StagedOutput(out) as staged:
         scratch = scratch_directory(Path(tmp_dir) if tmp_dir is not None else staged.path)
         try:
-            buckets = scatter(inputs, order, bounds, len(var), dtype, x_format == "dense", working, progress, scratch)
+            # Pass 1 element by element (scratch holds them all: about the size of the inputs' X,
+            # layers and obsm), then pass 2 file by file.
+            for i, part in enumerate(parts):
+                dense = formats[part.path] == "dense"
+                part.buckets = scatter(
+                    inputs, part.path, order, bounds, part.n_cols, part.dtype, dense, working, progress,
+                    scratch / f"element_{i}",
+                )  # fmt: skip
             files = []
-            for j, bucket in enumerate(buckets):
+            for j in range(len(bounds) - 1):
                 name = chunk_file_name(j)
                 lo, hi = bounds[j], bounds[j + 1]
                 write_output_file(
-                    staged.path / name, bucket, order[lo:hi], obs.iloc[order[lo:hi]], var, dtype, layout, working,
-                    progress, j,
-                )  # fmt: skip
+                    staged.path / name, parts, order[lo:hi], obs.iloc[order[lo:hi]], var, layout, working, progress, j
+                )
                 files.append({"name": name, "n_obs": int(hi - lo)})
-                shutil.rmtree(bucket.dir)
+                for part in parts:
+                    shutil.rmtree(part.buckets[j].dir)
         finally:
             remove_tree(scratch)
         write_manifest(
@@ -461,6 +622,8 @@ def create_store_from_h5ads(
                 var_join=var_join,
                 obs_join=obs_join,
                 source_key=source_key,
+                layers={n: {"format": formats[p.path], "dtype": str(p.dtype)} for n, p in layer_parts.items()},
+                obsm={k: {"k": p.n_cols, "dtype": str(p.dtype)} for k, p in obsm_parts.items()},
             ),
         )
         staged.commit()

@@ -23,4 +23,4 @@ class WorkerError(RuntimeError):
 
 
 class ConversionWarning(UserWarning):
-    """Something of the inputs is not carried into the store (layers, raw, obsm), or cleanup was incomplete."""
+    """Something of the inputs is not carried into the store (raw, obsp, layers or obsm not every input has), or cleanup was incomplete."""

@@ -33,9 +33,12 @@ __all__ = [
 
 MANIFEST_NAME = "arrayloaders.json"
 # 2: obs columns may be nullable or hold missing values (obs_schema records
-#    "missing"), every chunk is written and checksummed (crc32c). 1 is read too.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#    "missing"), every chunk is written and checksummed (crc32c).
+# 3: files may hold layers (layers/<name>, laid out as X) and obsm arrays
+#    (obsm/<key>, dense n_obs x k), recorded in "layers" and "obsm".
+# 1 and 2 are read too (no layers, no obsm).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
 def use_zarrs(threads: int | None = None) -> None:
@@ -158,6 +161,10 @@ class StoreManifest:
     var_join: str
     source_key: str | None
     obs_join: str | None = None  # None: written before obs joins (version 1), all inputs had every column
+    # Version 3. Each file holds layers/<name> with X's shape and layout: {name: {"format": "csr"|"dense", "dtype": ...}}
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # ... and obsm/<key>, a dense (n_obs, k) array: {key: {"k": k, "dtype": ...}}
+    obsm: dict[str, dict[str, Any]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     format: str = "arrayloaders-store"
     created_by: str = field(default_factory=lambda: f"arrayloaders {_version()}")
@@ -238,7 +245,7 @@ def check_files(store: Path, manifest: StoreManifest) -> None:
     """Check the manifest against the files it lists, reading zarr metadata only (no chunk data).
 
     The totals add up, names are unique, every file exists with the shape and
-    dtype of X, obs and var the manifest says, and every chunk file of an
+    dtype of X, obs, var, layers and obsm arrays the manifest says, and every chunk file of an
     array written with all its chunks (:data:`~arrayloaders.shards.COMPLETE_ATTRIBUTE`)
     is on disk.
 
@@ -281,6 +288,7 @@ def check_files(store: Path, manifest: StoreManifest) -> None:
             )
         if x_dtype != np.dtype(manifest.dtype):
             raise edited("'dtype'", f"({manifest.dtype}) differs from X of {entry['name']} ({x_dtype})")
+        _check_layers_and_obsm(group, arrays, manifest, n_obs, where)
         # a column is an array, or a group (categorical: codes; nullable: values) of arrays of one length
         lengths = {name.split("/")[1]: a.shape[0] for name, a in arrays.items()
                    if name.startswith("obs/") and name.rsplit("/", 1)[-1] not in ("categories", "mask")}  # fmt: skip
@@ -344,22 +352,52 @@ def _damaged_array(group: zarr.Group) -> str | None:
     return None
 
 
-def _x_shape_and_dtype(group, arrays: dict, x_format: str, where: Path) -> tuple[tuple[int, int], np.dtype]:
-    """(shape, dtype) of a file's X from its metadata, checking the parts of a CSR X agree."""
+def _x_shape_and_dtype(
+    group, arrays: dict, x_format: str, where: Path, path: str = "X"
+) -> tuple[tuple[int, int], np.dtype]:
+    """(shape, dtype) of a file's X (or a layer at ``path``) from its metadata, checking the parts of a CSR one agree."""
     try:
         if x_format == "csr":
-            shape = tuple(int(s) for s in group["X"].attrs["shape"])
-            data, indices, indptr = arrays["X/data"], arrays["X/indices"], arrays["X/indptr"]
+            shape = tuple(int(s) for s in group[path].attrs["shape"])
+            data, indices, indptr = arrays[f"{path}/data"], arrays[f"{path}/indices"], arrays[f"{path}/indptr"]
             if data.shape != indices.shape or indptr.shape != (shape[0] + 1,):
                 raise StoreError(
-                    f"{where}/X: data {data.shape}, indices {indices.shape} and indptr {indptr.shape} do not fit "
+                    f"{where}/{path}: data {data.shape}, indices {indices.shape} and indptr {indptr.shape} do not fit "
                     f"a CSR matrix of {shape[0]} rows (damaged store)"
                 )
             return shape, np.dtype(data.dtype)
-        x = arrays["X"]
+        x = arrays[path]
         return tuple(x.shape), np.dtype(x.dtype)
     except KeyError as e:
-        raise StoreError(f"{where}/X: {e} is missing (damaged store, or X is not {x_format})") from e
+        raise StoreError(f"{where}/{path}: {e} is missing (damaged store, or {path} is not {x_format})") from e
+
+
+def _check_layers_and_obsm(group, arrays: dict, manifest: StoreManifest, n_obs: int, where: Path) -> None:
+    """Every layer and obsm array the manifest records is in the file, with its shape and dtype."""
+    for name, spec in manifest.layers.items():
+        path = f"layers/{name}"
+        if not isinstance(spec, dict) or spec.get("format") not in ("csr", "dense"):
+            raise StoreError(f"{where.parent}: the manifest's 'layers' entry {name!r} is not valid ({spec!r})")
+        shape, dtype = _x_shape_and_dtype(group, arrays, spec["format"], where, path)
+        if shape != (n_obs, manifest.n_vars):
+            raise StoreError(
+                f"{where}/{path}: is {shape[0]} x {shape[1]}, the manifest says {n_obs} x {manifest.n_vars} (damaged store)"
+            )
+        if dtype != np.dtype(spec.get("dtype")):
+            raise StoreError(f"{where}/{path}: holds {dtype}, the manifest says {spec.get('dtype')} (damaged store)")
+    for key, spec in manifest.obsm.items():
+        path = f"obsm/{key}"
+        if not isinstance(spec, dict) or not isinstance(spec.get("k"), int):
+            raise StoreError(f"{where.parent}: the manifest's 'obsm' entry {key!r} is not valid ({spec!r})")
+        array = arrays.get(path)
+        if array is None:
+            raise StoreError(f"{where}/{path}: is missing (damaged store)")
+        if array.shape != (n_obs, spec["k"]):
+            raise StoreError(
+                f"{where}/{path}: has shape {array.shape}, the manifest says ({n_obs}, {spec['k']}) (damaged store)"
+            )
+        if np.dtype(array.dtype) != np.dtype(spec.get("dtype")):
+            raise StoreError(f"{where}/{path}: holds {array.dtype}, the manifest says {spec['dtype']} (damaged store)")
 
 
 def foreign_entries(store: Path, manifest: StoreManifest) -> list[str]:

@@ -66,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--obs-columns", nargs="+", metavar="COL", help="obs columns to keep (default: those --obs-join keeps)"
     )
     p.add_argument(
+        "--layers",
+        nargs="*",
+        metavar="NAME",
+        help="layers to carry, each laid out as X (default: every layer all inputs have; --layers alone: none)",
+    )
+    p.add_argument(
+        "--obsm-keys",
+        nargs="*",
+        metavar="KEY",
+        help="obsm arrays to carry, dense n_obs x k (default: every dense obsm array all inputs have; "
+        "--obsm-keys alone: none)",
+    )
+    p.add_argument(
         "--source-key",
         default="source_file",
         help="name of the obs column recording each cell's input file; '' to leave it out (default: %(default)s)",
@@ -155,11 +168,16 @@ def convert(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         tmp_dir=args.tmp_dir,
+        layers=args.layers,
+        obsm_keys=args.obsm_keys,
     )
     manifest = read_manifest(store)
     if not args.quiet:
+        extra = "".join(
+            f", {kind} {', '.join(names)}" for kind, names in (("layers", manifest.layers), ("obsm", manifest.obsm)) if names
+        )
         print(
-            f"wrote {store}: {manifest.n_obs} cells x {manifest.n_vars} genes in {len(manifest.files)} file(s), "
+            f"wrote {store}: {manifest.n_obs} cells x {manifest.n_vars} genes{extra} in {len(manifest.files)} file(s), "
             f"{time.perf_counter() - start:.1f} s"
         )
     return 0

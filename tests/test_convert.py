@@ -458,7 +458,10 @@ def test_dropped_elements_are_named_in_one_warning(tmp_path):
     assert len(ours) == 1, [str(w.message) for w in caught]
     message = str(ours[0].message)
     a, b = map(str, FIXTURES)
-    assert f"layers 'counts' from {a}; obsm 'X_pca' from {a}; raw from {b}" in message
+    assert (
+        f"layers 'counts' (not in every input) from {a}; obsm 'X_pca' (not in every input) from {a}; "
+        f"raw (not carried) from {b}"
+    ) in message
     assert "\n" not in message
 
 
@@ -1113,7 +1116,7 @@ def test_cli_help_documents_every_option():
     res = run_cli("--help")
     assert res.returncode == 0
     for option in (
-        "--output", "--no-shuffle", "--seed", "--n-obs-per-file", "--var-join", "--obs-join", "--obs-columns", "--source-key",
+        "--output", "--no-shuffle", "--seed", "--n-obs-per-file", "--var-join", "--obs-join", "--obs-columns", "--layers", "--obsm-keys", "--source-key",
         "--memory-budget", "--compressor", "--level", "--chunk-elements", "--shard-elements", "--tmp-dir",
         "--overwrite", "--quiet", "--debug",
     ):  # fmt: skip
@@ -1195,7 +1198,7 @@ def test_cli_reports_each_error_in_one_line(cli_main, h5ads, tmp_path, capsys, c
 def test_cli_prints_the_warning_in_one_line(cli_main, tmp_path, capsys):
     assert cli_main.main([*map(str, FIXTURES), "-o", str(tmp_path / "s"), "-q"]) == 0
     line = _one_line(capsys.readouterr().err)
-    assert line.startswith("convert.py: warning: the store does not carry layers") and "raw from" in line
+    assert line.startswith("convert.py: warning: the store does not hold these elements") and "raw (not carried) from" in line
 
 
 def test_cli_reports_an_unexpected_error_as_internal(cli_main, h5ads, tmp_path, capsys, monkeypatch):
