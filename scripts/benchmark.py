@@ -12,6 +12,12 @@ memory of that subprocess's whole tree (workers included):
   loader over a random half of the cells (``cells=``), with a class-balancing
   ``WeightedRandomSampler`` (``sampler=``, as many cells as the store) and
   with a random permutation as the sampler (full control over the order);
+- ``arrayloaders-wN-genes2000`` / ``-genes2000-dense`` / ``-counts`` /
+  ``-obsm50``: values chosen at load time: 2,000 genes (``var_names=``, in
+  a random order) as sparse and as dense batches, ``layer="counts"``, and
+  one 50-column obsm array (``obsm_keys=``). The last two read a second
+  store converted from the same inputs with ``layers["counts"]`` (equal to
+  X) and ``obsm["X_pca"]`` added; each row's ratio is to ``arrayloaders-wN``;
 - ``annbatch-<setting>``: annbatch 0.3.1 on its own store of the same input,
   run by ``scripts/annbatch_runner.py`` in its own Python 3.12 venv;
 - ``scdataset``: scDataset 0.3 (block shuffling with our chunk size, fetches
@@ -94,6 +100,7 @@ def epochs_of(make_batches, n_epochs: int, n_cells_of) -> dict:
 
 
 SELECTIONS = ("cells50", "balanced", "permutation")
+VALUES = ("genes2000", "genes2000-dense", "counts", "obsm50")
 
 
 def run_arrayloaders(store: Path, args) -> dict:
@@ -102,10 +109,19 @@ def run_arrayloaders(store: Path, args) -> dict:
 
     from arrayloaders import ZarrDenseDataset, ZarrSparseDataset
 
-    kind = ZarrDenseDataset if args.dense else ZarrSparseDataset
+    from arrayloaders import read_manifest
+
+    kind = ZarrDenseDataset if args.dense or args.values == "genes2000-dense" else ZarrSparseDataset
     cuda = args.to == "cuda"
-    ds = kind(args.batch_size, args.chunk_size, args.preload_nchunks, num_workers=args.workers[0], pin_memory=cuda)
-    ds.add_store(store, obs_keys="cell_type")
+    values = {}
+    if args.values in ("genes2000", "genes2000-dense"):  # a fixed random choice, in random order (an HVG list)
+        names = read_manifest(store).var_names
+        values["var_names"] = [names[i] for i in np.random.default_rng(0).choice(len(names), 2000, replace=False)]
+    elif args.values == "counts":
+        values["layer"] = "counts"
+    ds = kind(args.batch_size, args.chunk_size, args.preload_nchunks, num_workers=args.workers[0], pin_memory=cuda,
+              **values)  # fmt: skip
+    ds.add_store(store, obs_keys="cell_type", obsm_keys="X_pca" if args.values == "obsm50" else None)
     n = ds.n_obs
     if args.selection == "cells50":
         ds = ds.subset(cells=np.random.default_rng(0).random(n) < 0.5)
@@ -361,6 +377,26 @@ def prepare(args) -> tuple[list[Path], Path, dict]:
     return paths, store, build_store(store, cmd, args.reconvert, json_line=False)
 
 
+def prepare_values(paths: list[Path], args) -> tuple[Path, dict]:
+    """A store of the same inputs with ``layers["counts"]`` (= X) and a 50-column ``obsm["X_pca"]`` added."""
+    import anndata as ad
+    import numpy as np
+
+    h5ad_dir, store = args.data / "h5ad-values", args.data / "store-values"
+    if args.reconvert or not (store / "arrayloaders.json").exists():
+        h5ad_dir.mkdir(parents=True, exist_ok=True)
+        for i, path in enumerate(paths):
+            adata = ad.read_h5ad(path)
+            adata.layers["counts"] = adata.X
+            adata.obsm["X_pca"] = np.random.default_rng(i).standard_normal((adata.n_obs, 50)).astype(np.float32)
+            adata.write_h5ad(h5ad_dir / path.name)
+        args.reconvert_values = True
+    values_paths = [h5ad_dir / p.name for p in paths]
+    cmd = [sys.executable, str(REPO / "scripts" / "convert.py"), *map(str, values_paths), "-o", str(store), "-q",
+           "--overwrite"]  # fmt: skip
+    return store, build_store(store, cmd, getattr(args, "reconvert_values", False), json_line=False)
+
+
 def prepare_annbatch(paths: list[Path], args) -> tuple[Path | None, dict]:
     if not ANNBATCH_PYTHON.exists():
         return None, {"skipped": f"no annbatch venv at {ANNBATCH_PYTHON} (see scripts/annbatch_runner.py)"}
@@ -382,6 +418,8 @@ def loader_names(args) -> list[str]:
             names.append(f"arrayloaders-w{max(args.workers)}-dense")
         elif loader == "arrayloaders-selection":
             names += [f"arrayloaders-w{max(args.workers)}-{s}" for s in SELECTIONS]
+        elif loader == "arrayloaders-values":
+            names += [f"arrayloaders-w{max(args.workers)}-{v}" for v in VALUES]
         elif loader == "annbatch":
             names += [f"annbatch-{s}" for s in ANNBATCH_SETTINGS]
         else:
@@ -402,7 +440,10 @@ def command(name: str, source: Path, args, epochs: int) -> list[str]:
     if name.startswith("arrayloaders-w"):
         child, _, variant = name.removeprefix("arrayloaders-").partition("-")
         workers, child = child.removeprefix("w"), "arrayloaders"
-        extra = ["--dense"] if variant == "dense" else ["--selection", variant] if variant else []
+        if variant in VALUES:
+            extra = ["--values", variant]
+        else:
+            extra = ["--dense"] if variant == "dense" else ["--selection", variant] if variant else []
     return [sys.executable, __file__, "--child", child, "--store", str(source), *sizes, "--workers", workers, *extra,
             "--to", args.to]  # fmt: skip
 
@@ -438,9 +479,10 @@ def table(results: dict[str, dict], cache: str) -> str:
             continue
         cps = r["cells_per_s"]
         ratio = lambda b: f"{cps / b:.2f}" if b else "n/a"  # noqa: E731
-        # A selection row against chunked access over every cell with the same workers, in this run.
-        variant = name.rpartition("-")[2]
-        chunked = results.get(name.removesuffix(f"-{variant}"), {}).get("cells_per_s") if variant in SELECTIONS else None
+        # A selection or values row against chunked access over every cell and gene, same workers, this run.
+        head, _, variant = name.partition("-w")[2].partition("-")
+        known = variant in SELECTIONS + VALUES
+        chunked = results.get(f"arrayloaders-w{head}", {}).get("cells_per_s") if known else None
         lines.append(
             f"| {name} | {cps:,.0f} | {ratio(base)} | {ratio(gather)} | {ratio(chunked) if chunked else ''} | "
             f"{r['first_batch_s']:.2f} | {r['peak_pss_bytes'] / 2**30:.2f} |"
@@ -492,8 +534,8 @@ def plot(results: dict[str, dict[str, dict]], path: Path, title: str) -> bool:
     return True
 
 
-LOADERS = ("arrayloaders", "arrayloaders-dense", "arrayloaders-selection", "annbatch", "scdataset", "anndata-backed",
-           "sequential-decode", "scipy-gather")  # fmt: skip
+LOADERS = ("arrayloaders", "arrayloaders-dense", "arrayloaders-selection", "arrayloaders-values", "annbatch",
+           "scdataset", "anndata-backed", "sequential-decode", "scipy-gather")  # fmt: skip
 QUICK = {"n_files": 2, "cells_per_file": 5_000, "n_vars": 2_000, "nnz": 200, "batch_size": 1024,
          "preload_nchunks": 64, "repeats": 1, "workers": [0, 2], "memory_interval": 0.05}  # fmt: skip
 
@@ -537,6 +579,7 @@ def main() -> None:
     p.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--selection", choices=SELECTIONS, help=argparse.SUPPRESS)
+    p.add_argument("--values", choices=VALUES, help=argparse.SUPPRESS)
     args = parse_args(p, QUICK, Path("/tmp/arrayloaders-bench-quick"))
     if args.child:
         print(json.dumps(RUNNERS[args.child](args.store, args)))
@@ -544,6 +587,9 @@ def main() -> None:
 
     paths, store, conversion = prepare(args)
     annbatch_store, annbatch_conversion = prepare_annbatch(paths, args) if "annbatch" in args.loaders else (None, {})
+    values_store, values_conversion = (
+        prepare_values(paths, args) if "arrayloaders-values" in args.loaders else (None, {})
+    )
     h5ad_dir = args.data / "h5ad"
     missing_scdataset = {"skipped": "scdataset is not installed (pip install 'arrayloaders[bench]')"}
 
@@ -552,6 +598,8 @@ def main() -> None:
             return annbatch_store or annbatch_conversion
         if name == "scdataset" and importlib.util.find_spec("scdataset") is None:
             return missing_scdataset
+        if name.endswith(("-counts", "-obsm50")):
+            return values_store
         return h5ad_dir if name in ("scdataset", "anndata-backed") else store
 
     results: dict[str, dict[str, dict]] = {}
@@ -569,6 +617,9 @@ def main() -> None:
               ("the .h5ad files", "scDataset, anndata backed", h5ad_dir, {})]  # fmt: skip
     if "annbatch" in args.loaders:
         stores.insert(1, ("annbatch store", "annbatch", annbatch_store, annbatch_conversion))
+    if values_store is not None:
+        stores.insert(1, ("arrayloaders store + layer + obsm", "the counts and obsm50 rows", values_store,
+                          values_conversion))  # fmt: skip
     report = [f"Data: {args.n_files} x {args.cells_per_file} cells x {args.n_vars} genes, ~{args.nnz} non-zeros per cell; "
               f"batch {args.batch_size}, chunk {args.chunk_size}, preload {args.preload_nchunks}; "
               f"median of {args.repeats}; {os.cpu_count()} cores; batches delivered to {args.to}.", "",

@@ -7,8 +7,9 @@ import json
 import numpy as np
 
 MEASURED = ("arrayloaders-w0", "arrayloaders-w2", "arrayloaders-w2-dense", "arrayloaders-w2-cells50",
-            "arrayloaders-w2-balanced", "arrayloaders-w2-permutation", "scdataset", "anndata-backed",
-            "sequential-decode")  # fmt: skip
+            "arrayloaders-w2-balanced", "arrayloaders-w2-permutation", "arrayloaders-w2-genes2000",
+            "arrayloaders-w2-genes2000-dense", "arrayloaders-w2-counts", "arrayloaders-w2-obsm50", "scdataset",
+            "anndata-backed", "sequential-decode")  # fmt: skip
 
 
 def test_quick_benchmark_measures_and_reports(run_quick):
@@ -34,4 +35,5 @@ def test_quick_benchmark_measures_and_reports(run_quick):
     assert "| arrayloaders-w2-permutation |" in table and "x chunked access" in table
     assert "skipped: no annbatch venv" in table
     assert "| arrayloaders store | arrayloaders, sequential decode, scipy gather |" in table
+    assert "| arrayloaders store + layer + obsm | the counts and obsm50 rows |" in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

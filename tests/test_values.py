@@ -289,3 +289,52 @@ def test_missing_obsm_is_named(with_obsm, store):
     a.obsm["X_pca"] = np.asarray(a.obsm["X_pca"])
     with pytest.raises(ValueError, match=r"AnnData #0 obsm\['X_pca'\]: is ndarray, not a 2-d zarr array"):
         ZarrSparseDataset(32).add_anndatas([a], obsm_keys="X_pca")
+
+
+# --------------------------------------------------------------------------- from .h5ad to batches
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """.h5ad inputs with layers and obsm (see test_convert_values), their store, and the sources concatenated."""
+    from test_convert_values import make_adata, write
+
+    d = tmp_path_factory.mktemp("values_e2e")
+    adatas = [make_adata(n, i) for i, n in enumerate((90, 70, 60))]
+    paths = [write(a, d / f"{i}.h5ad") for i, a in enumerate(adatas)]
+    store = create_store_from_h5ads(paths, d / "s", n_obs_per_file=100, progress=False)
+    return store, ad.concat([ad.read_h5ad(p) for p in paths])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("layer", [None, "counts", "scaled"])
+def test_layer_genes_and_obsm_from_h5ad_to_batches(converted, layer, num_workers):
+    store, source = converted
+    names = read_store(store).obs_names
+    genes = ["g17", "g2", "g29", "g5", "g11"]
+    dense = layer == "scaled"  # a dense layer of a CSR store: ZarrDenseDataset
+    cls = ZarrDenseDataset if dense else ZarrSparseDataset
+    ds = cls(16, 4, 4, num_workers=num_workers, return_index=True, layer=layer, var_names=genes, sampler=None)
+    ds.add_store(store, obsm_keys=["X_pca", "id"])
+    assert list(ds.var_names) == genes
+    cols = source.var_names.get_indexer(genes)
+    matrix = source.X if layer is None else source.layers[layer]
+    seen = 0
+    for X, obs, index in ds:
+        rows = source.obs_names.get_indexer(names[index.numpy()])  # each store row's .h5ad row
+        want = matrix[rows][:, cols]
+        if dense:
+            assert_bit_identical(X.numpy(), np.ascontiguousarray(want))
+        else:
+            assert_bit_identical(csr_of(X), sp.csr_matrix(want))
+        assert_bit_identical(obs["X_pca"].numpy(), source.obsm["X_pca"][rows])
+        np.testing.assert_array_equal(obs["id"].numpy(), source.obsm["id"][rows].astype(np.float32))
+        seen += index.numel()
+    assert seen == source.n_obs
+    ds.close()
+
+
+def test_sparse_dataset_refuses_a_dense_layer(converted):
+    store, _ = converted
+    with pytest.raises(ValueError, match="X is dense; use ZarrDenseDataset"):
+        ZarrSparseDataset(16, layer="scaled").add_store(store)
