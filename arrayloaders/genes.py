@@ -27,17 +27,16 @@ __all__ = ["GeneSubset", "choose_genes", "densify", "keep_genes"]
 class GeneSubset:
     """Columns of X to yield: ``columns[j]`` is the store column that output column ``j`` holds.
 
-    ``position`` maps every store column to its output column, or -1 if
-    not yielded. ``ordered``: the columns are increasing, so a row's kept
-    entries are already in order and need no sort.
+    ``position`` maps every store column to its output column (-1 if not
+    yielded); ``wanted`` says whether it is yielded (one byte per column,
+    the cheapest table to look every entry of a load up in). ``ordered``:
+    the columns increase, so a row's kept entries are already in order.
     """
 
     columns: np.ndarray  # int64, distinct
     position: np.ndarray  # int32, one per store column
-
-    @property
-    def ordered(self) -> bool:
-        return bool((np.diff(self.columns) > 0).all())
+    wanted: np.ndarray  # bool, one per store column
+    ordered: bool
 
     @property
     def n_vars(self) -> int:
@@ -79,7 +78,8 @@ def choose_genes(var_names: pd.Index, chosen: Sequence[str] | np.ndarray | pd.In
         raise ValueError(f"{where}: var_names chooses no gene")
     position = np.full(len(var_names), -1, dtype=np.int32)
     position[columns] = np.arange(columns.size, dtype=np.int32)
-    return GeneSubset(columns.astype(np.int64), position)
+    ordered = bool((np.diff(columns) > 0).all())
+    return GeneSubset(columns.astype(np.int64), position, position >= 0, ordered)
 
 
 def keep_genes(indptr: np.ndarray, data: np.ndarray, indices: np.ndarray, genes: GeneSubset) -> int:
@@ -89,14 +89,15 @@ def keep_genes(indptr: np.ndarray, data: np.ndarray, indices: np.ndarray, genes:
     hold the kept entries, each row's in increasing output column.
     """
     nnz = int(indptr[-1])
-    new = genes.position[indices[:nnz]]
-    kept = new >= 0
-    counts = np.concatenate([[0], np.cumsum(kept)])
-    indptr[:] = counts[indptr]
-    n = int(indptr[-1])
-    values, columns = data[:nnz][kept], new[kept]
+    # One byte-table lookup per entry, then work on the kept entries only (a few % for an HVG list).
+    # (np.take: 2-3x faster than fancy indexing for these gathers.)
+    kept = np.flatnonzero(np.take(genes.wanted, indices[:nnz]))
+    indptr[:] = np.searchsorted(kept, indptr)  # kept entries before each row's first
+    n = kept.size
+    values, columns = np.take(data, kept), np.take(genes.position, np.take(indices, kept))
     if not genes.ordered and n:
-        # Output order differs from store order: sort each row's entries by output column.
+        # Output order differs from store order: sort each row's entries by output column
+        # (rows are already in order: numpy's stable sort finds those runs).
         rows = np.repeat(np.arange(indptr.size - 1, dtype=np.int64), np.diff(indptr))
         order = np.argsort(rows * genes.n_vars + columns, kind="stable")
         values, columns = values[order], columns[order]
