@@ -136,21 +136,19 @@ def _read_dense(readers: list[DenseRows], load: Load, take: np.ndarray, out: Loa
 
 
 def _read_csr(readers: list[CsrRows], load: Load, take: np.ndarray, out: LoadedRows | None, genes) -> LoadedRows:
-    """CSR rows of ``load`` (all genes decoded; those of ``genes`` kept, in place, one pass)."""
-    rows_read = _read_all_genes(readers, load, take, out)
-    if genes is None:
-        return rows_read
-    nnz = keep_genes(rows_read.indptr, rows_read.data, rows_read.indices, genes)
-    return LoadedRows(load, indptr=rows_read.indptr, data=rows_read.data[:nnz], indices=rows_read.indices[:nnz])
+    """CSR rows of ``load``: all genes, or only the entries of ``genes``, renumbered.
 
-
-def _read_all_genes(readers: list[CsrRows], load: Load, take: np.ndarray, out: LoadedRows | None) -> LoadedRows:
+    Every entry is decoded either way (rows are stored whole). Run by run
+    (chunked access), the chosen genes' entries are picked from each decoded
+    run before anything is copied, so only they are written; a sampler's
+    rows are gathered whole and then thinned in one pass (:func:`keep_genes`).
+    """
     runs, n = load.runs, take.size
     files, rows = _read_rows(runs)
     lengths = _row_lengths([r.indptr for r in readers], files, rows)
     indptr = out.indptr[: n + 1] if out is not None else np.empty(n + 1, dtype=np.int64)
     indptr[0] = 0
-    np.cumsum(lengths[take], out=indptr[1:])
+    np.cumsum(lengths[take], out=indptr[1:])  # all genes' entries: the room each row may need
     nnz = int(indptr[-1])
     if out is not None:
         data, indices = out.data[:nnz], out.indices[:nnz]
@@ -164,17 +162,23 @@ def _read_all_genes(readers: list[CsrRows], load: Load, take: np.ndarray, out: L
         for f in np.unique(taken_files).tolist():
             mine = np.flatnonzero(taken_files == f)
             readers[f].gather(rows[take[mine]], indptr[mine], data, indices)
-        return LoadedRows(load, indptr=indptr, data=data, indices=indices)
+        if genes is not None:
+            nnz = keep_genes(indptr, data, indices, genes)
+        return LoadedRows(load, indptr=indptr, data=data[:nnz], indices=indices[:nnz])
     # The output rows each read row feeds: outputs[bounds[i]:bounds[i + 1]] for run i.
     first_row, outputs, bounds = _outputs(load, take)
     destination = indptr[:-1].tolist()  # where each output row's entries go
+    kept = [0] * n  # entries written per output row (all of them without genes)
     take_list, outputs_list = take.tolist(), outputs.tolist()
     for f in np.unique(runs[:, 0]).tolist():
         mine = np.flatnonzero(runs[:, 0] == f)
         indptr_f = readers[f].indptr
         for i, (run_data, run_indices) in zip(mine.tolist(), readers[f].runs(runs[mine, 1:])):
             _, a, b = runs[i].tolist()
-            starts = (indptr_f[a : b + 1] - indptr_f[a]).tolist()
+            starts = indptr_f[a : b + 1] - indptr_f[a]
+            if genes is not None:
+                starts, run_data, run_indices = _run_genes(starts, run_data, run_indices, genes)
+            starts = starts.tolist()
             r0 = int(first_row[i])
             # One slice copy per output row: rows are kilobytes, so this beats building
             # a per-entry index (8 bytes per entry, then a fancy-index pass).
@@ -183,4 +187,28 @@ def _read_all_genes(readers: list[CsrRows], load: Load, take: np.ndarray, out: L
                 x, y, o = starts[q], starts[q + 1], destination[p]
                 data[o : o + y - x] = run_data[x:y]
                 indices[o : o + y - x] = run_indices[x:y]
-    return LoadedRows(load, indptr=indptr, data=data, indices=indices)
+                kept[p] = y - x
+    if genes is not None:  # close the gaps the dropped entries left: one gather of what was kept
+        counts = np.array(kept, dtype=np.int64)
+        packed = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(counts, out=packed[1:])
+        nnz = int(packed[-1])
+        source = np.repeat(indptr[:-1] - packed[:-1], counts) + np.arange(nnz)
+        data[:nnz], indices[:nnz] = np.take(data, source), np.take(indices, source)
+        indptr[:] = packed
+    return LoadedRows(load, indptr=indptr, data=data[:nnz], indices=indices[:nnz])
+
+
+def _run_genes(starts: np.ndarray, data: np.ndarray, indices: np.ndarray, genes: GeneSubset):
+    """A decoded run's entries of ``genes`` only, renumbered and in output-column order: (starts, data, indices)."""
+    keep = np.flatnonzero(np.take(genes.wanted, indices))
+    starts = np.searchsorted(keep, starts)
+    data, indices = np.take(data, keep), np.take(genes.position, np.take(indices, keep))
+    if not genes.ordered and keep.size:
+        rows = np.repeat(np.arange(starts.size - 1, dtype=np.int64), np.diff(starts))
+        key = rows * genes.n_vars + indices
+        if (starts.size - 1) * genes.n_vars <= 2**16:
+            key = key.astype(np.uint16)  # numpy sorts 16-bit keys by radix: 4x faster for a 32-cell run
+        order = np.argsort(key, kind="stable")
+        data, indices = data[order], indices[order]
+    return starts, data, indices

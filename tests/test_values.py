@@ -126,13 +126,15 @@ def test_var_names_batches_equal_source_columns(store, num_workers, dense, mode,
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data(), dense=st.booleans())
-def test_any_gene_subset_in_any_order(store, data, dense):
-    # Hypothesis over subsets and orders (num_workers=0: the same read_load the workers run).
+@given(data=st.data(), dense=st.booleans(), chunk_size=st.sampled_from([8, 256]))
+def test_any_gene_subset_in_any_order(store, data, dense, chunk_size):
+    # Hypothesis over subsets and orders (num_workers=0: the same read_load the workers run); runs
+    # of 256 cells with more than 256 genes sort their entries with wide keys, shorter ones with 16-bit keys.
     full = read_store(store)
     cols = np.array(data.draw(st.permutations(range(full.n_vars)))[: data.draw(st.integers(1, full.n_vars))])
     cls = ZarrDenseDataset if dense else ZarrSparseDataset
-    ds = cls(250, 8, 4, num_workers=0, return_index=True, var_names=list(full.var_names[cols])).add_store(store)
+    genes = list(full.var_names[cols])
+    ds = cls(250, chunk_size, 4, num_workers=0, return_index=True, var_names=genes).add_store(store)
     X, _, index = next(iter(ds))
     want = full.X[index.numpy()][:, cols]
     assert_bit_identical(X.numpy() if dense else csr_of(X), want.toarray() if dense else want)
