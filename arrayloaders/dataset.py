@@ -497,7 +497,6 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         adatas = list(adatas)
         if not adatas:
             raise ValueError("add_anndatas needs at least one AnnData")
-        self._obs_keys(obs_keys)  # validates and fixes the keys on first use
         var = adatas[0].var_names
         for i, a in enumerate(adatas):
             if not a.var_names.equals(var):
@@ -516,7 +515,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         self, sources: list[XSource], frames: list[pd.DataFrame], var: pd.Index, obs_keys, obsm: dict[str, list[XSource]]
     ) -> _ZarrDataset:
         """Add matrices with their obs frames and obsm arrays; ``var``: their (shared) var_names."""
-        self._obs_keys(obs_keys)
+        self._obs_keys(obs_keys)  # validates and fixes the keys on first use
         if self._obsm is not None and list(obsm) != list(self._obsm):
             raise ValueError(f"obsm_keys {list(obsm)} differ from those given before ({list(self._obsm)})")
         for key, key_sources in obsm.items():
@@ -563,7 +562,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         and ``obsm_keys`` as for :meth:`add_anndatas`.
         """
         manifest = read_manifest(path)  # checks the files against it: shapes, dtypes, every chunk there
-        keys = [] if obs_keys is None else [obs_keys] if isinstance(obs_keys, str) else list(obs_keys)
+        keys = _key_list(obs_keys)
         missing = [k for k in keys if k not in manifest.obs_schema]
         if missing:
             raise ValueError(f"{path}: obs has no column(s) {missing}; available: {list(manifest.obs_schema)}")
@@ -574,7 +573,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         return self._add(sources, frames, pd.Index(manifest.var_names), obs_keys, obsm)
 
     def _obs_keys(self, obs_keys) -> list[str]:
-        keys = [] if obs_keys is None else [obs_keys] if isinstance(obs_keys, str) else list(obs_keys)
+        keys = _key_list(obs_keys)
         if self._obs is None:
             self._obs = ObsColumns(keys)
             self._single_key = isinstance(obs_keys, str)

@@ -16,6 +16,7 @@ import zarr
 from conftest import assert_bit_identical
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_convert import damaged_copy, flip_byte
 
 from arrayloaders import ConversionWarning, InputFileError, StoreError, XLayout, create_store_from_h5ads, read_manifest
 from arrayloaders.rows import open_rows
@@ -392,18 +393,6 @@ def test_cli_layers_and_obsm_keys(inputs, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ damage and the manifest
-
-
-def damaged_copy(store: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "copy"
-    shutil.copytree(store, copy)
-    return copy
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    raw = bytearray(path.read_bytes())
-    raw[offset] ^= 0x04
-    path.write_bytes(bytes(raw))
 
 
 # element -> its first shard file inside chunk_0.zarr
