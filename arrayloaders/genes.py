@@ -1,9 +1,11 @@
 """Genes chosen at load time: which columns of X a dataset yields, in which order.
 
-The worker side of ``var_names=`` (DESIGN.md, step 4, filling a slot): a
-load's CSR rows are decoded whole, then :func:`keep_genes` drops the entries
-of other genes and renumbers the rest, one vectorised pass per load, so the
-main process still only slices. :func:`densify` writes rows as dense arrays
+The worker side of ``var_names=`` (DESIGN.md, step 4, filling a slot): CSR
+rows are decoded whole (they are stored whole), then :func:`keep_genes`
+drops the entries of other genes and renumbers the rest in one vectorised
+pass: per decoded run of rows for chunked access, before anything is copied
+into the slot; per load for a sampler's gathered rows. The main process
+still only slices. :func:`densify` writes rows as dense arrays
 (``ZarrDenseDataset``), also in the worker. Both are pure functions of
 arrays; :func:`choose_genes` turns what the user gave into a
 :class:`GeneSubset`.
@@ -87,6 +89,8 @@ def keep_genes(indptr: np.ndarray, data: np.ndarray, indices: np.ndarray, genes:
 
     ``indptr`` (n_rows + 1) is rewritten; ``data[:nnz]``/``indices[:nnz]``
     hold the kept entries, each row's in increasing output column.
+    ``indices`` may be the stored uint16 (output columns are fewer than the
+    store's, so they fit).
     """
     nnz = int(indptr[-1])
     # One byte-table lookup per entry, then work on the kept entries only (a few % for an HVG list).
@@ -99,7 +103,10 @@ def keep_genes(indptr: np.ndarray, data: np.ndarray, indices: np.ndarray, genes:
         # Output order differs from store order: sort each row's entries by output column
         # (rows are already in order: numpy's stable sort finds those runs).
         rows = np.repeat(np.arange(indptr.size - 1, dtype=np.int64), np.diff(indptr))
-        order = np.argsort(rows * genes.n_vars + columns, kind="stable")
+        key = rows * genes.n_vars + columns
+        if (indptr.size - 1) * genes.n_vars <= 2**16:
+            key = key.astype(np.uint16)  # numpy sorts 16-bit keys by radix: 4x faster (a 32-cell run)
+        order = np.argsort(key, kind="stable")
         values, columns = values[order], columns[order]
     data[:n] = values
     indices[:n] = columns
