@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 
@@ -20,16 +21,16 @@ def test_quick_benchmark_measures_and_reports(run_quick):
     for cache, loaders in report.items():
         for name in MEASURED:
             r = loaders[name]
-            assert r["cells_per_s"] > 0 and r["peak_pss_bytes"] > 0, (cache, name, r)
+            assert math.isfinite(r["cells_per_s"]) and r["peak_pss_bytes"] > 0, (cache, name, r)
             cells = int((np.random.default_rng(0).random(10_000) < 0.5).sum()) if name.endswith("cells50") else 10_000
             assert all(run["cells"] == cells for run in r["runs"])  # a whole epoch (of the subset) each time
         for name in ("annbatch-zarrs", "annbatch-zarr-python"):
             assert "no annbatch venv" in loaders[name]["skipped"]  # reported, never faked
     assert [len(run["epochs"]) for run in report["warm"]["arrayloaders-w2"]["runs"]] == [2]  # warm: the 2nd epoch
     assert [len(run["epochs"]) for run in report["cold"]["arrayloaders-w2"]["runs"]] == [1]  # cold: the 1st
-    assert report["warm"]["scipy-gather"]["cells_per_s"] > 0 and "scipy-gather" not in report["cold"]
+    assert math.isfinite(report["warm"]["scipy-gather"]["cells_per_s"]) and "scipy-gather" not in report["cold"]
     conversion = saved["conversion"]
-    assert conversion["command_wall_s"] > 0 and conversion["peak_pss_bytes"] > 0 and conversion["store_bytes"] > 0
+    assert math.isfinite(conversion["command_wall_s"]) and conversion["peak_pss_bytes"] > 0 and conversion["store_bytes"] > 0
     table = (out / "results.md").read_text()
     assert "| arrayloaders-w2-dense |" in table and "| scdataset |" in table
     assert "| arrayloaders-w2-permutation |" in table and "x chunked access" in table
