@@ -1,14 +1,13 @@
 """Genes chosen at load time: which columns of X a dataset yields, in which order.
 
 The worker side of ``var_names=`` (DESIGN.md, step 4, filling a slot): CSR
-rows are decoded whole (they are stored whole), then :func:`keep_genes`
-drops the entries of other genes and renumbers the rest in one vectorised
-pass: per decoded run of rows for chunked access, before anything is copied
-into the slot; per load for a sampler's gathered rows. The main process
-still only slices. :func:`densify` writes rows as dense arrays
-(``ZarrDenseDataset``), also in the worker. Both are pure functions of
-arrays; :func:`choose_genes` turns what the user gave into a
-:class:`GeneSubset`.
+rows are decoded whole (they are stored whole), a load's rows back to back
+in a scratch buffer; then :func:`pick_genes` keeps the entries of the
+chosen genes, renumbered, writing rows in yield order straight into the
+slot (one compiled pass over the load, :mod:`arrayloaders.kernels`); the
+main process still only slices. :func:`densify` writes the rows as dense
+arrays instead (``ZarrDenseDataset``), also in the worker. :func:`choose_genes`
+turns what the user gave into a :class:`GeneSubset`.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import numpy as np
 if TYPE_CHECKING:  # workers import this module and need no pandas
     import pandas as pd
 
-__all__ = ["GeneSubset", "choose_genes", "densify", "keep_genes"]
+__all__ = ["GeneSubset", "choose_genes", "densify", "pick_genes"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,14 +29,12 @@ class GeneSubset:
     """Columns of X to yield: ``columns[j]`` is the store column that output column ``j`` holds.
 
     ``position`` maps every store column to its output column (-1 if not
-    yielded); ``wanted`` says whether it is yielded (one byte per column,
-    the cheapest table to look every entry of a load up in). ``ordered``:
-    the columns increase, so a row's kept entries are already in order.
+    yielded). ``ordered``: the columns increase, so a row's kept entries
+    are already in order.
     """
 
     columns: np.ndarray  # int64, distinct
     position: np.ndarray  # int32, one per store column
-    wanted: np.ndarray  # bool, one per store column
     ordered: bool
 
     @property
@@ -81,42 +78,39 @@ def choose_genes(var_names: pd.Index, chosen: Sequence[str] | np.ndarray | pd.In
     position = np.full(len(var_names), -1, dtype=np.int32)
     position[columns] = np.arange(columns.size, dtype=np.int32)
     ordered = bool((np.diff(columns) > 0).all())
-    return GeneSubset(columns.astype(np.int64), position, position >= 0, ordered)
+    return GeneSubset(columns.astype(np.int64), position, ordered)
 
 
-def keep_genes(indptr: np.ndarray, data: np.ndarray, indices: np.ndarray, genes: GeneSubset) -> int:
-    """Keep, in place, only the entries of ``genes`` in CSR rows, renumbered; return the entries left.
+def pick_genes(
+    bounds: np.ndarray,
+    data: np.ndarray,
+    indices: np.ndarray,
+    take: np.ndarray,
+    genes: GeneSubset,
+    indptr: np.ndarray,
+    data_out: np.ndarray,
+    indices_out: np.ndarray,
+) -> int:
+    """CSR rows of the entries of ``genes`` in the rows ``take`` picks; return the entries written.
 
-    ``indptr`` (n_rows + 1) is rewritten; ``data[:nnz]``/``indices[:nnz]``
-    hold the kept entries, each row's in increasing output column.
-    ``indices`` may be the stored uint16 (output columns are fewer than the
-    store's, so they fit).
+    Read row ``r`` holds ``data``/``indices[bounds[r]:bounds[r + 1]]`` (a
+    stored CSR row: columns increasing); output row ``p`` is read row
+    ``take[p]`` (read rows may be skipped or repeated) and goes to
+    ``indptr[p]:indptr[p + 1]`` of ``data_out``/``indices_out`` (room for
+    all of the picked rows' entries), its columns renumbered and increasing.
     """
-    nnz = int(indptr[-1])
-    # One byte-table lookup per entry, then work on the kept entries only (a few % for an HVG list).
-    # (np.take: 2-3x faster than fancy indexing for these gathers.)
-    kept = np.flatnonzero(np.take(genes.wanted, indices[:nnz]))
-    indptr[:] = np.searchsorted(kept, indptr)  # kept entries before each row's first
-    n = kept.size
-    values, columns = np.take(data, kept), np.take(genes.position, np.take(indices, kept))
-    if not genes.ordered and n:
-        # Output order differs from store order: sort each row's entries by output column
-        # (rows are already in order: numpy's stable sort finds those runs).
-        rows = np.repeat(np.arange(indptr.size - 1, dtype=np.int64), np.diff(indptr))
-        key = rows * genes.n_vars + columns
-        if (indptr.size - 1) * genes.n_vars <= 2**16:
-            key = key.astype(np.uint16)  # numpy sorts 16-bit keys by radix: 4x faster (a 32-cell run)
-        order = np.argsort(key, kind="stable")
-        values, columns = values[order], columns[order]
-    data[:n] = values
-    indices[:n] = columns
-    return n
+    from .kernels import pick_rows  # numba: imported where genes are chosen only
+
+    return int(
+        pick_rows(bounds, data, indices, take, genes.position, genes.n_vars, genes.ordered, indptr, data_out, indices_out)
+    )
 
 
-def densify(indptr: np.ndarray, data: np.ndarray, indices: np.ndarray, out: np.ndarray) -> None:
-    """Write CSR rows (``indptr`` over ``data``/``indices``, column numbers of ``out``) into the 2-d ``out``."""
-    out[...] = 0
-    n_rows = indptr.size - 1
-    nnz = int(indptr[-1])
-    rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr))
-    out.reshape(-1)[rows * out.shape[1] + indices[:nnz]] = data[:nnz]
+def densify(
+    bounds: np.ndarray, data: np.ndarray, indices: np.ndarray, take: np.ndarray, out: np.ndarray, genes: GeneSubset | None
+) -> None:
+    """The rows ``take`` picks (as for :func:`pick_genes`) as dense rows of ``out``: all genes or those of ``genes``."""
+    from .kernels import densify_rows
+
+    position = np.arange(out.shape[1], dtype=np.int32) if genes is None else genes.position
+    densify_rows(bounds, data, indices, take, position, out)

@@ -9,11 +9,12 @@ load costs one decode of what it reads and one copy of what it yields.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .genes import GeneSubset, densify, keep_genes
+from .genes import GeneSubset, densify, pick_genes
 from .plan import Load
 from .rows import CsrRows, DenseRows
 
@@ -98,18 +99,11 @@ def read_load(
 
 
 def _read_x(readers, load: Load, take: np.ndarray, out: LoadedRows | None, fmt: RowFormat) -> LoadedRows:
-    n = take.size
-    if isinstance(readers[0], CsrRows) and fmt.dense:
-        # Decode as CSR into arrays of our own, then densify straight into the slot.
-        csr = _read_csr(readers, load, take, None, fmt.genes)
-        source = readers[0].source
-        shape = (n, fmt.n_vars(source.n_vars))
-        dense = out.dense[:n] if out is not None else np.empty(shape, source.dtype)
-        densify(csr.indptr, csr.data, csr.indices, dense)
-        return LoadedRows(load, dense=dense)
-    if isinstance(readers[0], CsrRows):
-        return _read_csr(readers, load, take, out, fmt.genes)
-    return _read_dense(readers, load, take, out, fmt.genes)
+    if not isinstance(readers[0], CsrRows):
+        return _read_dense(readers, load, take, out, fmt.genes)
+    if fmt.genes is None and not fmt.dense:
+        return _read_csr(readers, load, take, out)
+    return _read_picked(readers, load, take, out, fmt)
 
 
 def _outputs(load: Load, take: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -135,53 +129,42 @@ def _read_dense(readers: list[DenseRows], load: Load, take: np.ndarray, out: Loa
     return LoadedRows(load, dense=dense)
 
 
-def _read_csr(readers: list[CsrRows], load: Load, take: np.ndarray, out: LoadedRows | None, genes) -> LoadedRows:
-    """CSR rows of ``load``: all genes, or only the entries of ``genes``, renumbered.
+def _sampled(readers: list[CsrRows], load: Load, n_read: int) -> bool:
+    """Whether to gather ``load``'s rows inner chunk by inner chunk (runs of a few rows: a sampler's).
 
-    Every entry is decoded either way (rows are stored whole). Run by run
-    (chunked access), the chosen genes' entries are picked from each decoded
-    run before anything is copied, so only they are written; a sampler's
-    rows are gathered whole and then thinned in one pass (:func:`keep_genes`).
+    Each inner chunk is then decoded once for all the rows it holds, and
+    each row's entries go straight to their place. Long runs (chunked
+    access) decode run by run, whole chunks in place.
     """
+    return all(r.direct for r in readers) and 4 * load.runs.shape[0] > n_read
+
+
+def _read_csr(readers: list[CsrRows], load: Load, take: np.ndarray, out: LoadedRows | None) -> LoadedRows:
+    """CSR rows of ``load``, all genes: each output row's entries copied once from its decoded run."""
     runs, n = load.runs, take.size
     files, rows = _read_rows(runs)
     lengths = _row_lengths([r.indptr for r in readers], files, rows)
     indptr = out.indptr[: n + 1] if out is not None else np.empty(n + 1, dtype=np.int64)
     indptr[0] = 0
-    np.cumsum(lengths[take], out=indptr[1:])  # all genes' entries: the room each row may need
+    np.cumsum(lengths[take], out=indptr[1:])
     nnz = int(indptr[-1])
     if out is not None:
         data, indices = out.data[:nnz], out.indices[:nnz]
     else:
         data, indices = np.empty(nnz, readers[0].source.dtype), np.empty(nnz, INDEX_DTYPE)
-    if all(r.direct for r in readers) and 4 * runs.shape[0] > rows.size:
-        # Runs of a few rows (a sampler's): each inner chunk is decoded once for all the rows it
-        # holds, and each row's entries go straight to their place. Long runs (chunked access)
-        # decode run by run, whole chunks in place.
-        taken_files = files[take]
-        for f in np.unique(taken_files).tolist():
-            mine = np.flatnonzero(taken_files == f)
-            readers[f].gather(rows[take[mine]], indptr[mine], data, indices)
-        if genes is not None:
-            nnz = keep_genes(indptr, data, indices, genes)
-        return LoadedRows(load, indptr=indptr, data=data[:nnz], indices=indices[:nnz])
+    if _sampled(readers, load, rows.size):
+        _gather(readers, files[take], rows[take], indptr[:-1], data, indices)
+        return LoadedRows(load, indptr=indptr, data=data, indices=indices)
     # The output rows each read row feeds: outputs[bounds[i]:bounds[i + 1]] for run i.
     first_row, outputs, bounds = _outputs(load, take)
     destination = indptr[:-1].tolist()  # where each output row's entries go
-    kept = [0] * n  # entries written per output row (all of them without genes)
     take_list, outputs_list = take.tolist(), outputs.tolist()
     for f in np.unique(runs[:, 0]).tolist():
         mine = np.flatnonzero(runs[:, 0] == f)
         indptr_f = readers[f].indptr
         for i, (run_data, run_indices) in zip(mine.tolist(), readers[f].runs(runs[mine, 1:])):
             _, a, b = runs[i].tolist()
-            starts = indptr_f[a : b + 1] - indptr_f[a]
-            if genes is not None:  # in the run's own buffers, before anything is copied
-                if not (run_data.flags.writeable and run_indices.flags.writeable):
-                    run_data, run_indices = run_data.copy(), run_indices.copy()
-                kept_entries = keep_genes(starts, run_data, run_indices, genes)
-                run_data, run_indices = run_data[:kept_entries], run_indices[:kept_entries]
-            starts = starts.tolist()
+            starts = (indptr_f[a : b + 1] - indptr_f[a]).tolist()
             r0 = int(first_row[i])
             # One slice copy per output row: rows are kilobytes, so this beats building
             # a per-entry index (8 bytes per entry, then a fancy-index pass).
@@ -190,14 +173,66 @@ def _read_csr(readers: list[CsrRows], load: Load, take: np.ndarray, out: LoadedR
                 x, y, o = starts[q], starts[q + 1], destination[p]
                 data[o : o + y - x] = run_data[x:y]
                 indices[o : o + y - x] = run_indices[x:y]
-                kept[p] = y - x
-    if genes is not None:  # close the gaps the dropped entries left: one gather of what was kept
-        counts = np.array(kept, dtype=np.int64)
-        packed = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(counts, out=packed[1:])
-        nnz = int(packed[-1])
-        source = np.repeat(indptr[:-1] - packed[:-1], counts) + np.arange(nnz)
-        data[:nnz], indices[:nnz] = np.take(data, source), np.take(indices, source)
-        indptr[:] = packed
-    return LoadedRows(load, indptr=indptr, data=data[:nnz], indices=indices[:nnz])
+    return LoadedRows(load, indptr=indptr, data=data, indices=indices)
 
+
+def _read_picked(readers: list[CsrRows], load: Load, take: np.ndarray, out: LoadedRows | None, fmt: RowFormat) -> LoadedRows:
+    """Rows of ``load`` with only the entries of ``fmt.genes`` (if any), renumbered; CSR or densified.
+
+    Every entry is decoded (rows are stored whole), back to back into a
+    scratch buffer: a sampler's rows in yield order, chunked access's runs
+    in read order. One compiled pass (:func:`pick_genes`, :func:`densify`)
+    then writes each output row's kept entries straight into place,
+    whatever the order of ``take``.
+    """
+    runs, n = load.runs, take.size
+    files, rows = _read_rows(runs)
+    lengths = _row_lengths([r.indptr for r in readers], files, rows)
+    sampled = _sampled(readers, load, rows.size)
+    sizes, picks = (lengths[take], np.arange(n)) if sampled else (lengths, take)
+    bounds = np.zeros(sizes.size + 1, dtype=np.int64)
+    np.cumsum(sizes, out=bounds[1:])
+    data, indices = _scratch(readers[0], int(bounds[-1]))
+    if sampled:
+        _gather(readers, files[take], rows[take], bounds[:-1], data, indices)
+    else:
+        first_entry = bounds[np.concatenate([[0], np.cumsum(runs[:, 2] - runs[:, 1])])[:-1]]
+        for f in np.unique(runs[:, 0]).tolist():
+            mine = np.flatnonzero(runs[:, 0] == f)
+            readers[f].read_runs(runs[mine, 1:], first_entry[mine], data, indices)
+    dtype = readers[0].source.dtype
+    if fmt.dense:
+        dense = out.dense[:n] if out is not None else np.empty((n, fmt.n_vars(readers[0].source.n_vars)), dtype)
+        densify(bounds, data, indices, picks, dense, fmt.genes)
+        return LoadedRows(load, dense=dense)
+    if out is not None:
+        indptr, data_out, indices_out = out.indptr[: n + 1], out.data, out.indices
+    else:
+        room = int(lengths[take].sum())
+        indptr, data_out, indices_out = np.empty(n + 1, np.int64), np.empty(room, dtype), np.empty(room, INDEX_DTYPE)
+    nnz = pick_genes(bounds, data, indices, picks, fmt.genes, indptr, data_out, indices_out)
+    return LoadedRows(load, indptr=indptr, data=data_out[:nnz], indices=indices_out[:nnz])
+
+
+def _gather(readers: list[CsrRows], files: np.ndarray, rows: np.ndarray, dests: np.ndarray, data, indices) -> None:
+    """Rows ``rows`` of ``files`` (any order, repeats allowed) into ``data``/``indices`` at offsets ``dests``."""
+    for f in np.unique(files).tolist():
+        mine = np.flatnonzero(files == f)
+        readers[f].gather(rows[mine], dests[mine], data, indices)
+
+
+_scratch_of_thread = threading.local()
+
+
+def _scratch(reader: CsrRows, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Buffers of at least ``size`` entries for decoded CSR rows, kept per thread (loops may read in threads).
+
+    Reused from load to load: a fresh buffer of a load's entries (~100 MB)
+    would cost its page faults every time.
+    """
+    dtypes = (np.dtype(reader.source.dtype), reader.indices_dtype)
+    held = getattr(_scratch_of_thread, "buffers", None)
+    if held is None or held[0].size < size or (held[0].dtype, held[1].dtype) != dtypes:
+        held = (np.empty(size, dtypes[0]), np.empty(size, dtypes[1]))
+        _scratch_of_thread.buffers = held
+    return held[0][:size], held[1][:size]

@@ -73,33 +73,56 @@ class CsrRows:
     def direct(self) -> bool:
         return self._zarr is None
 
+    @property
+    def indices_dtype(self) -> np.dtype:
+        """The stored dtype of the column indices."""
+        return self._indices.dtype
+
     def runs(self, runs: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(data, indices)`` of each run ``(start, stop)`` of rows, in order.
 
         The arrays are valid until the next step of the iterator.
         """
-        starts, stops = self.indptr[runs[:, 0]].tolist(), self.indptr[runs[:, 1]].tolist()
-        if self._zarr is not None:  # zarr verifies checksums, if the store has them; bounds are checked here
-            ranges = list(zip(starts, stops))
-            for (a, b), data, indices in zip(ranges, self._zarr.read("data", ranges), self._zarr.read("indices", ranges)):
-                if indices.size and int(indices.max()) >= self.source.n_vars:
-                    raise OSError(f"{_where(self.source, 'indices')}: a column index in entries [{a}, {b}) is past the genes")
-                yield data, indices
+        if self._zarr is not None:
+            yield from self._zarr_runs(runs)
             return
-        longest = max((b - a for a, b in zip(starts, stops)), default=0)
+        longest = int((self.indptr[runs[:, 1]] - self.indptr[runs[:, 0]]).max(initial=0))
+        if longest > self._data.size:
+            self._data = np.empty(longest, self._data.dtype)
+            self._indices = np.empty(longest, self._indices.dtype)
+        yield from self._direct_runs(runs, lambda i, n: (self._data[:n], self._indices[:n]))
+
+    def read_runs(self, runs: np.ndarray, dests: np.ndarray, data: np.ndarray, indices: np.ndarray) -> None:
+        """The entries of each run ``(start, stop)`` of rows into ``data``/``indices`` at its offset in ``dests``."""
+        starts = dests.tolist()
+        if self._zarr is not None:
+            for o, (d, i) in zip(starts, self._zarr_runs(runs)):
+                data[o : o + d.size], indices[o : o + d.size] = d, i
+            return
+        for _ in self._direct_runs(runs, lambda i, n: (data[starts[i] : starts[i] + n], indices[starts[i] : starts[i] + n])):
+            pass
+
+    def _zarr_runs(self, runs: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        # zarr verifies checksums, if the store has them; bounds are checked here.
+        ranges = list(zip(self.indptr[runs[:, 0]].tolist(), self.indptr[runs[:, 1]].tolist()))
+        for (a, b), data, indices in zip(ranges, self._zarr.read("data", ranges), self._zarr.read("indices", ranges)):
+            if indices.size and int(indices.max()) >= self.source.n_vars:
+                raise OSError(f"{_where(self.source, 'indices')}: a column index in entries [{a}, {b}) is past the genes")
+            yield data, indices
+
+    def _direct_runs(self, runs: np.ndarray, into) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Decode run ``i`` (``n`` entries) into the arrays ``into(i, n)`` gives; yield them."""
+        starts, stops = self.indptr[runs[:, 0]].tolist(), self.indptr[runs[:, 1]].tolist()
         data_reader, indices_reader = self._direct
         for a, b in _coalesced(starts, stops, data_reader.chunk_elements):
             data_reader.prefetch(a, b)
             indices_reader.prefetch(a, b)
-        if longest > self._data.size:
-            self._data = np.empty(longest, self._data.dtype)
-            self._indices = np.empty(longest, self._indices.dtype)
         # Without checksums (stores written before them), a damaged column index is the one silent
         # error a decode lets through (values past n_vars): bound-check those, one pass per run.
         check_bounds = not indices_reader.checked
         n_vars = self.source.n_vars
-        for a, b in zip(starts, stops):
-            data, indices = self._data[: b - a], self._indices[: b - a]
+        for i, (a, b) in enumerate(zip(starts, stops)):
+            data, indices = into(i, b - a)
             data_reader.read_into(a, b, data)
             indices_reader.read_into(a, b, indices)
             if check_bounds and indices.size and int(indices.max()) >= n_vars:
@@ -216,6 +239,11 @@ class DenseRows:
     @property
     def direct(self) -> bool:
         return self._zarr is None
+
+    @property
+    def indices_dtype(self) -> np.dtype:
+        """The stored dtype of the column indices."""
+        return self._indices.dtype
 
     def runs(self, runs: np.ndarray) -> Iterator[np.ndarray]:
         """The rows of each run ``(start, stop)``, as a 2-d array valid until the next step."""

@@ -868,6 +868,16 @@ def test_csr_rows_match_scipy(csr_groups, group):
             assert_bits_equal(gd, wd)
             assert_bits_equal(gi, wi)
         assert collect_csr(rows, np.zeros((0, 2), np.int64)) == []
+        # read_runs: the same entries at the offsets given, runs placed out of order in one buffer
+        sizes = [wd.size for wd, _ in want]
+        dests = np.zeros(len(RUNS), np.int64)
+        order = np.random.default_rng(0).permutation(len(RUNS))
+        dests[order] = np.cumsum([0, *np.array(sizes)[order]])[:-1]
+        data, indices = np.full(sum(sizes), np.nan, np.float32), np.zeros(sum(sizes), np.uint16)
+        rows.read_runs(runs, dests, data, indices)
+        for d, n, (wd, wi) in zip(dests.tolist(), sizes, want):
+            assert_bits_equal(data[d : d + n], wd)
+            assert_bits_equal(indices[d : d + n], wi)
     finally:
         rows.close()
 
