@@ -6,6 +6,7 @@ rows (``return_index``) and columns.
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import anndata as ad
@@ -150,8 +151,8 @@ def test_var_names_batches_equal_source_columns(store, num_workers, dense, mode,
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), dense=st.booleans(), chunk_size=st.sampled_from([8, 256]))
 def test_any_gene_subset_in_any_order(store, data, dense, chunk_size):
-    # Hypothesis over subsets and orders (num_workers=0: the same read_load the workers run); runs
-    # of 256 cells with more than 256 genes sort their entries with wide keys, shorter ones with 16-bit keys.
+    # Hypothesis over subsets and orders (num_workers=0: the same read_load the workers run), with
+    # loads of many short runs and of a few long ones.
     full = read_store(store)
     cols = np.array(data.draw(st.permutations(range(full.n_vars)))[: data.draw(st.integers(1, full.n_vars))])
     cls = ZarrDenseDataset if dense else ZarrSparseDataset
@@ -195,6 +196,36 @@ def test_held_dense_batches_keep_their_values_across_epochs(store):
             pass
     for X, copy, _ in held:
         assert torch.equal(X, copy)
+    ds.close()
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_two_threads_choosing_genes_at_once(store, dense):
+    # Loops read in their own threads (num_workers=0) through a decode buffer kept per thread:
+    # two at once must not see each other's rows.
+    full = read_store(store)
+    given, cols = chosen_genes(full.var_names, "shuffled")
+    cls = ZarrDenseDataset if dense else ZarrSparseDataset
+    ds = cls(50, 8, 4, num_workers=0, return_index=True, var_names=given).add_store(store)
+    errors, seen = [], []
+
+    def loop():
+        try:
+            for _ in range(3):
+                for X, _, index in ds:
+                    want = full.X[index.numpy()][:, cols]
+                    assert_bit_identical(X.numpy() if dense else csr_of(X), want.toarray() if dense else want)
+                    seen.append(index.numel())
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=loop) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sum(seen) == 6 * full.n_obs
     ds.close()
 
 
