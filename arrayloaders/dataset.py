@@ -43,7 +43,7 @@ import zarr
 
 from .batches import Batch, BatchMaker, MixedWindow, ObsColumns, keep
 from .convert import parse_bytes
-from .distributed import check_same_on_every_rank, rank_and_world_size
+from .distributed import check_same_on_every_rank, local_world_size, rank_and_world_size
 from .engine import Engine, EpochRun, slot_layout
 from .genes import choose_genes
 from .load import LoadedRows, RowFormat, read_load
@@ -911,23 +911,29 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         self._runtime = _Runtime()
 
 def default_num_workers() -> int:
-    """One worker per core this process may run on (the main process mostly waits)."""
+    """The cores this process may run on, shared with the other ranks of its node; at most 16.
+
+    The main process mostly waits, so it gets no core of its own. Under
+    DDP, ``LOCAL_WORLD_SIZE`` ranks share the node: 8 ranks on 64 cores
+    start 8 workers each, not 8 x 16.
+    """
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     # 16: measured to scale up to there (a 16-core machine: 8 workers 205k, 16 workers 451k cells/s).
-    return max(1, min(cores, 16)) if os.path.isdir("/dev/shm") else 0
+    return max(1, min(cores // local_world_size(), 16)) if os.path.isdir("/dev/shm") else 0
 
 
 def default_memory_budget() -> int:
-    """Ring memory: a quarter of the available RAM.
+    """Ring memory: a quarter of the available RAM, shared with the other ranks of the node.
 
     The ring takes only what its ``2 * num_workers + 2`` slots need; a fixed
     cap (1 GiB, five loads of 8,192 typical cells) starved workers beyond
-    four of free slots.
+    four of free slots. Under DDP each of the ``LOCAL_WORLD_SIZE`` ranks
+    gets its share, so 8 ranks do not reserve 8 quarters of the RAM.
     """
-    return int(psutil.virtual_memory().available // 4)
+    return int(psutil.virtual_memory().available // 4 // local_world_size())
 
 
 class ZarrSparseDataset(_ZarrDataset):
@@ -955,7 +961,8 @@ class ZarrSparseDataset(_ZarrDataset):
         added AnnData objects (in the order added).
     num_workers
         Worker processes that decode loads into shared memory (default: one
-        per core this process may use, at most 16; ``0`` reads in the main
+        per core this process may use, divided among the ``LOCAL_WORLD_SIZE``
+        ranks of the node under DDP, at most 16; ``0`` reads in the main
         process). The batches are the same for every value. Workers start
         at the first loop and stay up across loops and epochs, whether a
         loop is exhausted, stopped at ``len(ds)`` or left with ``break``;
@@ -965,7 +972,8 @@ class ZarrSparseDataset(_ZarrDataset):
         in its own thread, correct but slower.
     memory_budget
         Bytes (or a string such as ``"1GiB"``) of shared memory for the ring
-        of decoded loads (default: a quarter of the available RAM). It sets
+        of decoded loads (default: a quarter of the available RAM, divided
+        among the ``LOCAL_WORLD_SIZE`` ranks of the node). It sets
         how many loads are decoded ahead: up to ``2 * num_workers + 2``, at
         least 2; the ring takes no more than those slots need.
     pin_memory

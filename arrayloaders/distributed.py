@@ -7,9 +7,24 @@ who we are and checks that every rank plans with the same settings.
 
 from __future__ import annotations
 
+import os
+
 import torch.distributed as dist
 
-__all__ = ["check_same_on_every_rank", "rank_and_world_size"]
+__all__ = ["check_same_on_every_rank", "local_world_size", "rank_and_world_size"]
+
+
+def local_world_size() -> int:
+    """Ranks sharing this node: ``LOCAL_WORLD_SIZE`` (torchrun and Lightning set it), else 1.
+
+    Read from the environment, not the process group: datasets are often
+    built before the group is initialised, and the group does not say
+    which ranks share a node.
+    """
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -136,7 +136,8 @@ def main() -> None:
                 f"mean loss {mean_loss:.4f}"
             )
 
-        mine = {"rank": rank, "cells": cells_seen, "batches": batches_seen, "epoch_losses": epoch_losses}
+        mine = {"rank": rank, "cells": cells_seen, "batches": batches_seen, "epoch_losses": epoch_losses,
+                "num_workers": ds.num_workers}  # fmt: skip
         if distributed:
             everyone: list[dict | None] = [None] * world_size
             dist.all_gather_object(everyone, mine)
@@ -157,6 +158,7 @@ def main() -> None:
                 ],
                 "cells_per_rank": [r["cells"] for r in everyone],
                 "batches_per_rank": [r["batches"] for r in everyone],
+                "num_workers_per_rank": [r["num_workers"] for r in everyone],
             }
             say(json.dumps(summary))
     finally:

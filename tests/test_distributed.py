@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -288,11 +289,32 @@ def check_training(lines: list[tuple], summary: dict, world_size: int, epochs: i
 
 
 def test_train_script_under_torchrun_with_two_ranks(store):
+    # No --num-workers: the default divides this process's cores between the node's two ranks.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(TRAIN), "--store", str(store), "--epochs", "2", "--batch-size", "64", "--num-workers", "1",
-           "--lr", "0.05"]  # fmt: skip
+           str(TRAIN), "--store", str(store), "--epochs", "2", "--batch-size", "64", "--lr", "0.05"]  # fmt: skip
     lines, summary = run_train(cmd)
     check_training(lines, summary, 2, 2)
+    assert summary["num_workers_per_rank"] == [max(1, min(len(os.sched_getaffinity(0)) // 2, 16))] * 2
+
+
+@pytest.mark.parametrize(
+    "local_world_size, cores, workers",
+    [(None, 2, 2), ("1", 64, 16), ("8", 64, 8), ("4", 2, 1), ("3", 64, 16), ("", 4, 4), ("many", 4, 4)],
+)
+def test_defaults_are_shared_by_the_ranks_of_a_node(monkeypatch, local_world_size, cores, workers):
+    """Under torchrun, each of LOCAL_WORLD_SIZE ranks gets its share of the cores and of the ring memory."""
+    import psutil
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=96 * 2**30))
+    if local_world_size is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    ranks = int(local_world_size) if (local_world_size or "").isdigit() else 1
+    ds = ZarrSparseDataset(64)
+    assert ds.num_workers == workers
+    assert ds.memory_budget == 96 * 2**30 // 4 // ranks
 
 
 def test_train_script_in_one_process(store):
