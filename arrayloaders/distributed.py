@@ -15,7 +15,7 @@ __all__ = ["check_same_on_every_rank", "local_world_size", "rank_and_world_size"
 
 
 def local_world_size() -> int:
-    """Ranks sharing this node: ``LOCAL_WORLD_SIZE`` (torchrun and Lightning set it), else 1.
+    """Ranks sharing this node: ``LOCAL_WORLD_SIZE`` (torchrun sets it), else 1.
 
     Read from the environment, not the process group: datasets are often
     built before the group is initialised, and the group does not say
