@@ -18,8 +18,11 @@ memory of that subprocess's whole tree (workers included):
   one 50-column obsm array (``obsm_keys=``). The last two read a second
   store converted from the same inputs with ``layers["counts"]`` (equal to
   X) and ``obsm["X_pca"]`` added; each row's ratio is to ``arrayloaders-wN``;
-- ``annbatch-<setting>``: annbatch 0.3.1 on its own store of the same input,
-  run by ``scripts/annbatch_runner.py`` in its own Python 3.12 venv;
+- ``annbatch-512x32`` / ``annbatch-32x256``: annbatch 0.3.1 (zarrs
+  pipeline) on its own store of the same input, at its own defaults (chunk
+  512, preload 32) and at the seed README's settings (chunk 32, preload
+  256); the better of the two in each column is the baseline. Run by
+  ``scripts/annbatch_runner.py`` in its own Python 3.12 venv;
 - ``scdataset``: scDataset 0.3 (block shuffling with our chunk size, fetches
   the size of our loads) over the backed ``.h5ad`` files, in a torch
   DataLoader with one worker per core;
@@ -35,11 +38,15 @@ skipped with the reason. Conversion time and peak memory are measured when a
 store is built and kept beside it (``<store>.conversion.json``), so reusing a
 store still reports them; ``--reconvert`` rebuilds both stores.
 
-*Warm*: the store's files are read into the page cache first, the loader
-runs ``--epochs`` epochs in one process and the figures are the last epoch's
-(workers up, caches warm). *Cold*: the store's pages are evicted with
-``posix_fadvise(POSIX_FADV_DONTNEED)``, the loader runs one epoch and the
-figures are that epoch's, start-up included. Each figure is the median of ``--repeats`` runs.
+Three figures per loader: the *first epoch* (cells over the time from
+building the loader to the end of its first epoch: opening the store,
+starting workers, everything), the *steady state* (the last epoch, workers
+up) and the *first batch* (seconds from the first ``next()`` of the first
+epoch). *Warm*: the store's files are read into the page cache first and
+the loader runs ``--epochs`` epochs in one process. *Cold*: the store's
+pages are evicted with ``posix_fadvise(POSIX_FADV_DONTNEED)`` and the
+loader runs one epoch (so steady is that epoch without the set-up). Each
+figure is the median of ``--repeats`` runs.
 
 With ``--to cuda`` (on a machine with a GPU) each loader's batches end on
 the GPU: arrayloaders pins them and copies them (``non_blocking``), annbatch
@@ -78,14 +85,15 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 ANNBATCH_PYTHON = Path(os.environ.get("ANNBATCH_PYTHON", "/tmp/annbatch-venv/bin/python"))
-ANNBATCH_SETTINGS = ("zarrs", "zarr-python")
+# annbatch's own defaults (chunk 512, preload 32: its best on this machine) and the seed README's (32, 256).
+ANNBATCH_SETTINGS = {"512x32": (512, 32), "32x256": (32, 256)}
 
 
 # --------------------------------------------------------------------------- measurements (child processes)
 
 
-def epochs_of(make_batches, n_epochs: int, n_cells_of) -> dict:
-    """Iterate ``n_epochs`` epochs; per epoch: cells/s and time to first batch."""
+def epochs_of(make_batches, n_epochs: int, n_cells_of, setup_s: float = 0.0) -> dict:
+    """Iterate ``n_epochs`` epochs; per epoch: cells/s and time to first batch. ``setup_s``: building the loader."""
     out = []
     for _ in range(n_epochs):
         start = time.perf_counter()
@@ -96,7 +104,7 @@ def epochs_of(make_batches, n_epochs: int, n_cells_of) -> dict:
             cells += n_cells_of(b)
         wall = time.perf_counter() - start
         out.append({"cells": cells, "wall_s": wall, "cells_per_s": cells / wall, "first_batch_s": first})
-    return {**out[-1], "epochs": out}
+    return {**out[-1], "epochs": out, "setup_s": setup_s}
 
 
 SELECTIONS = ("cells50", "balanced", "permutation")
@@ -111,6 +119,7 @@ def run_arrayloaders(store: Path, args) -> dict:
 
     from arrayloaders import read_manifest
 
+    setup = time.perf_counter()  # from here (imports done) to the first next(): the loader's set-up
     kind = ZarrDenseDataset if args.dense or args.values == "genes2000-dense" else ZarrSparseDataset
     cuda = args.to == "cuda"
     values = {}
@@ -130,7 +139,8 @@ def run_arrayloaders(store: Path, args) -> dict:
     elif args.selection == "permutation":
         ds = ds.subset(sampler=torch.utils.data.RandomSampler(range(n)))
     with ds:
-        return epochs_of(lambda: on_cuda(ds) if cuda else ds, args.epochs, lambda b: b[0].shape[0])
+        return epochs_of(lambda: on_cuda(ds) if cuda else ds, args.epochs, lambda b: b[0].shape[0],
+                         time.perf_counter() - setup)  # fmt: skip
 
 
 def on_cuda(batches):
@@ -171,6 +181,7 @@ def run_scipy_gather(store: Path, args) -> dict:
 
     from arrayloaders import read_manifest
 
+    setup = time.perf_counter()  # reading the whole X into memory
     files = read_manifest(store).files
     X = sp.vstack([ad.read_zarr(store / f["name"]).X for f in files], format="csr")
     labels = np.concatenate([ad.read_zarr(store / f["name"]).obs["cell_type"].cat.codes.to_numpy() for f in files])
@@ -182,7 +193,7 @@ def run_scipy_gather(store: Path, args) -> dict:
             rows = order[i : i + args.batch_size]
             yield X[rows], labels[rows]
 
-    return epochs_of(batches, args.epochs, lambda b: b[0].shape[0])
+    return epochs_of(batches, args.epochs, lambda b: b[0].shape[0], time.perf_counter() - setup)
 
 
 class BackedH5ads:
@@ -226,10 +237,11 @@ def run_anndata_backed(h5ad_dir: Path, args) -> dict:
     """Random batches from backed h5ad: each batch's indices sorted and read; DataLoader workers, one per core."""
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
+    setup = time.perf_counter()
     collection = BackedH5ads(h5ad_paths(h5ad_dir))
     batches = BatchSampler(RandomSampler(range(len(collection))), args.batch_size, drop_last=False)
     loader = DataLoader(collection, sampler=batches, batch_size=None, **dataloader_workers())
-    return epochs_of(lambda: loader, args.epochs, lambda b: b[0].shape[0])
+    return epochs_of(lambda: loader, args.epochs, lambda b: b[0].shape[0], time.perf_counter() - setup)
 
 
 def run_scdataset(h5ad_dir: Path, args) -> dict:
@@ -237,13 +249,14 @@ def run_scdataset(h5ad_dir: Path, args) -> dict:
     from scdataset import BlockShuffling, scDataset
     from torch.utils.data import DataLoader
 
+    setup = time.perf_counter()
     fetch_factor = max(1, args.chunk_size * args.preload_nchunks // args.batch_size)
     ds = scDataset(
         BackedH5ads(h5ad_paths(h5ad_dir)), BlockShuffling(block_size=args.chunk_size), batch_size=args.batch_size,
         fetch_factor=fetch_factor, batch_callback=rows_of_pair, seed=0,
     )  # fmt: skip
     loader = DataLoader(ds, batch_size=None, **dataloader_workers())
-    return epochs_of(lambda: loader, args.epochs, lambda b: b[0].shape[0])
+    return epochs_of(lambda: loader, args.epochs, lambda b: b[0].shape[0], time.perf_counter() - setup)
 
 
 def rows_of_pair(fetched: tuple, rows):
@@ -432,10 +445,12 @@ def command(name: str, source: Path, args, epochs: int) -> list[str]:
              "--preload-nchunks", str(args.preload_nchunks), "--epochs", str(epochs)]  # fmt: skip
     if name.startswith("annbatch-"):
         runner = str(REPO / "scripts" / "annbatch_runner.py")
-        setting = name.removeprefix("annbatch-")
+        chunk, preload = ANNBATCH_SETTINGS[name.removeprefix("annbatch-")]
+        sizes = ["--batch-size", str(args.batch_size), "--chunk-size", str(chunk), "--preload-nchunks", str(preload),
+                 "--epochs", str(epochs)]  # fmt: skip
         gpu = ["--gpu"] if args.to == "cuda" else []
         return [str(ANNBATCH_PYTHON), runner, "load", "--store", str(source), *sizes, "--obs-key", "cell_type",
-                "--setting", setting, *gpu]  # fmt: skip
+                "--setting", "zarrs", *gpu]  # fmt: skip
     child, workers, extra = name, "0", []
     if name.startswith("arrayloaders-w"):
         child, _, variant = name.removeprefix("arrayloaders-").partition("-")
@@ -459,34 +474,47 @@ def measure(name: str, source: Path, cache: str, args) -> dict:
         run = run_measured(command(name, source, args, args.epochs if cache == "warm" else 1), interval=args.memory_interval)
         if "skipped" in run:
             return run
+        first = run["epochs"][0]
+        run["first_epoch_cells_per_s"] = first["cells"] / (run.get("setup_s", 0.0) + first["wall_s"])
+        run["first_batch_s"] = first["first_batch_s"]  # of the first epoch (the last one's is in "epochs")
         runs.append(run)
-    keys = ("cells_per_s", "first_batch_s", "wall_s", "peak_pss_bytes", "peak_rss_sum_bytes")
+    keys = ("cells_per_s", "first_epoch_cells_per_s", "first_batch_s", "wall_s", "peak_pss_bytes", "peak_rss_sum_bytes")
     return {**{k: statistics.median(r[k] for r in runs) for k in keys}, "runs": runs}
 
 
+def best_annbatch(results: dict[str, dict], key: str) -> tuple[str, float] | None:
+    """The annbatch setting with the highest ``key`` in ``results``, and that figure."""
+    measured = [(n, r[key]) for n, r in results.items() if n.startswith("annbatch-") and key in r]
+    return max(measured, key=lambda m: m[1], default=None)
+
+
 def table(results: dict[str, dict], cache: str) -> str:
-    annbatch = [r["cells_per_s"] for n, r in results.items() if n.startswith("annbatch-") and "cells_per_s" in r]
-    base = max(annbatch, default=None)
+    first_base, steady_base = best_annbatch(results, "first_epoch_cells_per_s"), best_annbatch(results, "cells_per_s")
     gather = results.get("scipy-gather", {}).get("cells_per_s")
     lines = [
-        f"| loader ({cache}) | cells/s | x best annbatch | x scipy gather | x chunked access | first batch (s) | "
-        "peak memory, PSS (GiB) |",
-        "|---|---|---|---|---|---|---|",
+        f"| loader ({cache}) | first epoch (cells/s) | x best annbatch | steady (cells/s) | x best annbatch | "
+        "x scipy gather | x chunked access | first batch (s) | peak memory, PSS (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         if "skipped" in r:
-            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | |")
+            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | | |")
             continue
-        cps = r["cells_per_s"]
-        ratio = lambda b: f"{cps / b:.2f}" if b else "n/a"  # noqa: E731
+        steady, first = r["cells_per_s"], r["first_epoch_cells_per_s"]
+        ratio = lambda v, b: f"{v / b:.2f}" if b else "n/a"  # noqa: E731
         # A selection or values row against chunked access over every cell and gene, same workers, this run.
         head, _, variant = name.partition("-w")[2].partition("-")
         known = variant in SELECTIONS + VALUES
         chunked = results.get(f"arrayloaders-w{head}", {}).get("cells_per_s") if known else None
         lines.append(
-            f"| {name} | {cps:,.0f} | {ratio(base)} | {ratio(gather)} | {ratio(chunked) if chunked else ''} | "
+            f"| {name} | {first:,.0f} | {ratio(first, first_base and first_base[1])} | {steady:,.0f} | "
+            f"{ratio(steady, steady_base and steady_base[1])} | "
+            f"{ratio(steady, gather)} | {ratio(steady, chunked) if chunked else ''} | "
             f"{r['first_batch_s']:.2f} | {r['peak_pss_bytes'] / 2**30:.2f} |"
         )
+    if first_base or steady_base:
+        lines += ["", "Best annbatch: " + "; ".join(f"{what} {b[0]} ({b[1]:,.0f} cells/s)" for what, b in
+                                                    (("first epoch", first_base), ("steady", steady_base)) if b)]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -525,7 +553,7 @@ def plot(results: dict[str, dict[str, dict]], path: Path, title: str) -> bool:
     labels = [f"{n} (skipped)" if n in skipped else n for n in names]
     ax.set_yticks([k + height * (len(results) - 1) / 2 for k in range(len(names))], labels)
     ax.invert_yaxis()
-    ax.set_xlabel("cells / s (higher is better)")
+    ax.set_xlabel("cells / s, steady state (higher is better)")
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()

@@ -22,9 +22,14 @@ def test_quick_benchmark_measures_and_reports(run_quick):
         for name in MEASURED:
             r = loaders[name]
             assert math.isfinite(r["cells_per_s"]) and r["peak_pss_bytes"] > 0, (cache, name, r)
+            assert math.isfinite(r["first_epoch_cells_per_s"]) and math.isfinite(r["first_batch_s"]), (cache, name, r)
+            for run in r["runs"]:  # the first epoch's figures, set-up included
+                first = run["epochs"][0]
+                assert run["first_batch_s"] == first["first_batch_s"]
+                assert run["first_epoch_cells_per_s"] == first["cells"] / (run["setup_s"] + first["wall_s"])
             cells = int((np.random.default_rng(0).random(10_000) < 0.5).sum()) if name.endswith("cells50") else 10_000
             assert all(run["cells"] == cells for run in r["runs"])  # a whole epoch (of the subset) each time
-        for name in ("annbatch-zarrs", "annbatch-zarr-python"):
+        for name in ("annbatch-512x32", "annbatch-32x256"):  # its defaults and the seed's settings
             assert "no annbatch venv" in loaders[name]["skipped"]  # reported, never faked
     assert [len(run["epochs"]) for run in report["warm"]["arrayloaders-w2"]["runs"]] == [2]  # warm: the 2nd epoch
     assert [len(run["epochs"]) for run in report["cold"]["arrayloaders-w2"]["runs"]] == [1]  # cold: the 1st
@@ -34,6 +39,7 @@ def test_quick_benchmark_measures_and_reports(run_quick):
     table = (out / "results.md").read_text()
     assert "| arrayloaders-w2-dense |" in table and "| scdataset |" in table
     assert "| arrayloaders-w2-permutation |" in table and "x chunked access" in table
+    assert "| first epoch (cells/s) | x best annbatch | steady (cells/s) | x best annbatch |" in table
     assert "skipped: no annbatch venv" in table
     assert "| arrayloaders store | arrayloaders, sequential decode, scipy gather |" in table
     assert "| arrayloaders store + layer + obsm | the counts and obsm50 rows |" in table
