@@ -98,19 +98,32 @@ def pick_genes(
     ``take[p]`` (read rows may be skipped or repeated) and goes to
     ``indptr[p]:indptr[p + 1]`` of ``data_out``/``indices_out`` (room for
     all of the picked rows' entries), its columns renumbered and increasing.
+
+    Raises
+    ------
+    IndexError
+        A column index is past the genes (a damaged store).
     """
     from .kernels import pick_rows  # numba: imported where genes are chosen only
 
-    return int(
-        pick_rows(bounds, data, indices, take, genes.position, genes.n_vars, genes.ordered, indptr, data_out, indices_out)
-    )
+    n = pick_rows(bounds, data, indices, take, genes.position, genes.n_vars, genes.ordered, indptr, data_out, indices_out)
+    if n < 0:
+        raise IndexError(f"a column index is past the {genes.position.size} genes")
+    return int(n)
 
 
 def densify(
     bounds: np.ndarray, data: np.ndarray, indices: np.ndarray, take: np.ndarray, out: np.ndarray, genes: GeneSubset | None
 ) -> None:
-    """The rows ``take`` picks (as for :func:`pick_genes`) as dense rows of ``out``: all genes or those of ``genes``."""
+    """The rows ``take`` picks (as for :func:`pick_genes`) as dense rows of ``out``: all genes or those of ``genes``.
+
+    Raises
+    ------
+    IndexError
+        A column index is past the genes (a damaged store).
+    """
     from .kernels import densify_rows
 
     position = np.arange(out.shape[1], dtype=np.int32) if genes is None else genes.position
-    densify_rows(bounds, data, indices, take, position, out)
+    if densify_rows(bounds, data, indices, take, position, out) < 0:
+        raise IndexError(f"a column index is past the {position.size} genes")

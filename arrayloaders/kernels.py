@@ -24,16 +24,22 @@ def densify_rows(bounds, data, indices, take, position, out):  # pragma: no cove
 
     Read row ``r`` holds ``data``/``indices[bounds[r]:bounds[r + 1]]``;
     entries whose ``position`` is negative (genes not chosen) are dropped.
-    Every element of ``out[:take.size]`` is written.
+    Every element of ``out[:take.size]`` is written. Returns 0, or -1 if a
+    column index is past ``position`` (nothing is written out of bounds).
     """
+    n_genes = position.size
     for p in range(take.size):
         r = take[p]
         row = out[p]
         row[:] = 0
         for e in range(bounds[r], bounds[r + 1]):
-            c = position[indices[e]]
+            j = indices[e]
+            if j < 0 or j >= n_genes:  # compiled code does not check bounds: a bad index would write anywhere
+                return -1
+            c = position[j]
             if c >= 0:
                 row[c] = data[e]
+    return 0
 
 
 @numba.njit(cache=True, nogil=True)
@@ -43,14 +49,19 @@ def pick_rows(bounds, data, indices, take, position, n_columns, ordered, indptr,
     As :func:`densify_rows`, but sparse: each row's kept entries in
     increasing output column (``n_columns`` of them). Unless ``ordered``
     (``position`` increases over the kept store columns, so store order is
-    output order) they are sorted. Returns the entries written.
+    output order) they are sorted. Returns the entries written, or -1 if a
+    column index is past ``position``.
     """
+    n_genes = position.size
     o = 0
     indptr[0] = 0
     for p in range(take.size):
         r = take[p]
         for e in range(bounds[r], bounds[r + 1]):
-            c = position[indices[e]]
+            j = indices[e]
+            if j < 0 or j >= n_genes:
+                return -1
+            c = position[j]
             if c >= 0:
                 data_out[o] = data[e]
                 indices_out[o] = c

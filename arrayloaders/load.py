@@ -201,16 +201,20 @@ def _read_picked(readers: list[CsrRows], load: Load, take: np.ndarray, out: Load
             mine = np.flatnonzero(runs[:, 0] == f)
             readers[f].read_runs(runs[mine, 1:], first_entry[mine], data, indices)
     dtype = readers[0].source.dtype
-    if fmt.dense:
-        dense = out.dense[:n] if out is not None else np.empty((n, fmt.n_vars(readers[0].source.n_vars)), dtype)
-        densify(bounds, data, indices, picks, dense, fmt.genes)
-        return LoadedRows(load, dense=dense)
-    if out is not None:
-        indptr, data_out, indices_out = out.indptr[: n + 1], out.data, out.indices
-    else:
-        room = int(lengths[take].sum())
-        indptr, data_out, indices_out = np.empty(n + 1, np.int64), np.empty(room, dtype), np.empty(room, INDEX_DTYPE)
-    nnz = pick_genes(bounds, data, indices, picks, fmt.genes, indptr, data_out, indices_out)
+    try:
+        if fmt.dense:
+            dense = out.dense[:n] if out is not None else np.empty((n, fmt.n_vars(readers[0].source.n_vars)), dtype)
+            densify(bounds, data, indices, picks, dense, fmt.genes)
+            return LoadedRows(load, dense=dense)
+        if out is not None:
+            indptr, data_out, indices_out = out.indptr[: n + 1], out.data, out.indices
+        else:
+            room = int(lengths[take].sum())
+            indptr, data_out, indices_out = np.empty(n + 1, np.int64), np.empty(room, dtype), np.empty(room, INDEX_DTYPE)
+        nnz = pick_genes(bounds, data, indices, picks, fmt.genes, indptr, data_out, indices_out)
+    except IndexError as e:  # the decode checks indices (checksums or bounds); this is the last guard
+        where = ", ".join(sorted({readers[f].where("indices") for f in np.unique(runs[:, 0]).tolist()}))
+        raise OSError(f"{where}: {e} (damaged store)") from e
     return LoadedRows(load, indptr=indptr, data=data_out[:nnz], indices=indices_out[:nnz])
 
 

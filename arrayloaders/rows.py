@@ -78,6 +78,10 @@ class CsrRows:
         """The stored dtype of the column indices."""
         return self._indices.dtype
 
+    def where(self, name: str) -> str:
+        """The path of this X's array ``name`` (``"data"``, ``"indices"``), for messages."""
+        return _where(self.source, name)
+
     def runs(self, runs: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(data, indices)`` of each run ``(start, stop)`` of rows, in order.
 
@@ -244,6 +248,10 @@ class DenseRows:
     def indices_dtype(self) -> np.dtype:
         """The stored dtype of the column indices."""
         return self._indices.dtype
+
+    def where(self, name: str) -> str:
+        """The path of this X's array ``name`` (``"data"``, ``"indices"``), for messages."""
+        return _where(self.source, name)
 
     def runs(self, runs: np.ndarray) -> Iterator[np.ndarray]:
         """The rows of each run ``(start, stop)``, as a 2-d array valid until the next step."""

@@ -97,6 +97,23 @@ def test_pick_genes_sorts_wide_rows(n_vars):
     assert_rows_sorted(got)
 
 
+@pytest.mark.parametrize("bad", [7, 2**16 - 1])
+def test_a_column_index_past_the_genes_is_refused_not_written(bad):
+    # The compiled loops do not check bounds themselves: an index past var must stop them before
+    # it is used to write (the decode's checksums or bound checks catch damage first; this is the last guard).
+    m = sp.csr_matrix(np.array([[1, 0, 2, 0], [0, 3, 0, 4]], np.float32))
+    genes = choose_genes(pd.Index(list("abcd")), ["d", "a"], "test")
+    indices = m.indices.astype(np.uint16)
+    indices[-1] = bad
+    bounds, take = m.indptr.astype(np.int64), np.arange(2)
+    with pytest.raises(IndexError, match="past the 4 genes"):
+        pick_genes(bounds, m.data, indices, take, genes, np.empty(3, np.int64), np.empty(4, np.float32), np.empty(4, np.int32))
+    for chosen in (genes, None):
+        out = np.zeros((2, 2 if chosen else 4), np.float32)
+        with pytest.raises(IndexError, match="past the 4 genes"):
+            densify(bounds, m.data, indices, take, out, chosen)
+
+
 def test_choose_genes_errors():
     var = pd.Index(["a", "b", "c", "d"])
     with pytest.raises(ValueError, match=r"/s: 2 of the 3 genes in var_names are not in var, e.g. \['x', 'y'\]"):
@@ -227,6 +244,23 @@ def test_two_threads_choosing_genes_at_once(store, dense):
     assert not errors, errors
     assert sum(seen) == 6 * full.n_obs
     ds.close()
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_a_damaged_column_index_names_the_file(store, monkeypatch, dense):
+    from arrayloaders.rows import CsrRows
+
+    read_runs = CsrRows.read_runs
+
+    def damaged(self, runs, dests, data, indices):
+        read_runs(self, runs, dests, data, indices)
+        indices[int(dests[0])] = self.source.n_vars  # as if the decode had let a bad index through
+
+    monkeypatch.setattr(CsrRows, "read_runs", damaged)
+    cls = ZarrDenseDataset if dense else ZarrSparseDataset
+    ds = cls(64, 8, 4, num_workers=0, var_names=["gene_3", "gene_1"]).add_store(store)
+    with pytest.raises(OSError, match=r"chunk_\d+\.zarr/X/indices.*: a column index is past the \d+ genes \(damaged store\)"):
+        next(iter(ds))
 
 
 def test_var_names_errors_name_the_store(store):
