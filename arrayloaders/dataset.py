@@ -875,7 +875,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
                 if engine is not None:
                     engine.close()
                 engine = rt.engine = Engine(
-                    sources, self.num_workers, self.memory_budget, self.timeout, plan.window, fmt, obsm
+                    sources, self.num_workers, self.memory_budget, self.timeout, plan.window, fmt, obsm, self._indptrs()
                 )
         source = self._sources[0]
         return engine.start(plan, loads, seq, lambda: slot_layout(source, self._indptrs(), plan, fmt, obsm))

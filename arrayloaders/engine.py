@@ -56,7 +56,7 @@ import numpy as np
 from .errors import WorkerError
 from .load import ALL_GENES, LoadedRows, RowFormat, load_nnz
 from .plan import EpochPlan
-from .ring import Ring, SlotLayout
+from .ring import Ring, SharedIndptrs, SlotLayout
 from .store import XSource
 from .worker import POLL_S, Failed, Filled, Task, WorkerConfig, WorkerPool
 
@@ -200,6 +200,10 @@ class Engine:
     obsm
         (key, its array in every file) of each obsm array the workers read
         along with X.
+    indptrs
+        Each file's row pointer (``None`` for dense files), as the main
+        process read and checked them: put in one shared segment that every
+        worker maps, instead of each reading its own copy.
     """
 
     def __init__(
@@ -211,8 +215,10 @@ class Engine:
         window: int = 1,
         fmt: RowFormat = ALL_GENES,
         obsm: tuple[tuple[str, tuple[XSource, ...]], ...] = (),
+        indptrs: list[np.ndarray | None] | None = None,
     ):
         self.sources, self.fmt, self.obsm = sources, fmt, obsm
+        self._indptrs = indptrs
         self.num_workers, self.memory_budget, self.timeout, self.window = num_workers, memory_budget, timeout, window
         self.owner = os.getpid()
         self.lock = threading.RLock()
@@ -225,7 +231,8 @@ class Engine:
         self._busy_since: dict[int, float] = {}  # worker -> its last reply, or when it was given work while idle
         self._slowest = 0.0  # seconds of the slowest load a worker reported
         self._closed = False
-        self._parts: list = [None, None]  # (pool, ring), shared with the finalizer, which must not hold self
+        # (pool, ring, shared row pointers), shared with the finalizer, which must not hold self
+        self._parts: list = [None, None, None]
         self._finalizer = weakref.finalize(self, Engine._shutdown, self._parts, self.owner)
         _live.add(self)
         global _exit_hook_registered
@@ -235,7 +242,7 @@ class Engine:
 
     @staticmethod
     def _shutdown(parts: list, owner: int) -> None:
-        """Unlink the ring, then stop the workers; what is done is dropped from ``parts``, so a retry finishes the rest."""
+        """Unlink the segments, then stop the workers; what is done is dropped from ``parts``, so a retry finishes the rest."""
         if os.getpid() != owner:
             return  # a forked child: the parent's workers and segments are not ours
         with _sigint_deferred():
@@ -243,6 +250,9 @@ class Engine:
                 if parts[1] is not None:
                     parts[1].close()  # unlinking first: it cannot hang, and views stay valid
                     parts[1] = None
+                if parts[2] is not None:
+                    parts[2].unlink()
+                    parts[2] = None
             finally:
                 if parts[0] is not None:
                     parts[0].close()
@@ -355,7 +365,13 @@ class Engine:
                 if slot.state == "lent":
                     slot.state = "free"
         if self.pool is None:
-            configs = [WorkerConfig(k, self.sources, self.fmt, self.obsm) for k in range(self.num_workers)]
+            table = None
+            if self._indptrs is not None and any(s.kind == "csr" for s in self.sources):
+                # One copy of the row pointers per node, mapped by every worker (8 bytes per cell each otherwise).
+                shared = self._parts[2] = SharedIndptrs(self._indptrs)
+                table = shared.table
+            self._indptrs = None  # the dataset's copy: not ours to keep
+            configs = [WorkerConfig(k, self.sources, self.fmt, self.obsm, table) for k in range(self.num_workers)]
             self.pool = self._parts[0] = WorkerPool(configs)
 
     # ------------------------------------------------------------------ the loop's next load

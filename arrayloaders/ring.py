@@ -38,7 +38,18 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["Ring", "Segment", "SlotLayout", "SlotArrays", "map_segment", "segment_names", "unlink_orphans"]
+__all__ = [
+    "IndptrTable",
+    "Ring",
+    "Segment",
+    "SlotArrays",
+    "SlotLayout",
+    "SharedIndptrs",
+    "map_indptrs",
+    "map_segment",
+    "segment_names",
+    "unlink_orphans",
+]
 
 PREFIX = "al"
 SHM_DIR = Path("/dev/shm")
@@ -251,3 +262,77 @@ class Ring:
     def close(self) -> None:
         """Unlink every segment (idempotent). Views the user holds stay valid."""
         Ring._unlink_all(self.segments)
+
+
+@dataclass(frozen=True)
+class IndptrTable:
+    """Where every CSR file's row pointer lies in one shared segment: what a worker needs to map them.
+
+    ``bounds[f]:bounds[f + 1]`` are file ``f``'s int64 entries (empty for a
+    dense file). One copy per node instead of one per process: 8 bytes per
+    cell, 0.8 GB for 100M cells, which 16 private copies would make 13 GB.
+    """
+
+    segment: str
+    bounds: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return max(8, 8 * self.bounds[-1])  # an empty segment cannot be mapped
+
+
+class SharedIndptrs:
+    """The row pointers of a dataset's files in one shared segment, created and unlinked by the main process.
+
+    Like a ring slot: the name carries the creator's pid (orphans are
+    unlinked by its workers), and :meth:`unlink` is idempotent and a no-op
+    in a forked child.
+    """
+
+    def __init__(self, indptrs: list[np.ndarray | None]):
+        if not SHM_DIR.is_dir():
+            raise RuntimeError(f"the worker engine needs POSIX shared memory in {SHM_DIR}; use num_workers=0")
+        sizes = [0 if p is None else p.size for p in indptrs]
+        bounds = tuple(int(b) for b in np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]))
+        self.table = IndptrTable(f"{PREFIX}_{os.getpid()}_{secrets.token_hex(3)}_indptr", bounds)
+        self.owner = os.getpid()
+        self._unlinked = False
+        self._shm = shared_memory.SharedMemory(name=self.table.segment, create=True, size=self.table.nbytes)
+        try:
+            mapping = map_segment(self.table.segment, self.table.nbytes)
+            whole = np.frombuffer(mapping, dtype=np.int64)
+            for p, a, b in zip(indptrs, bounds[:-1], bounds[1:]):
+                if p is not None:
+                    whole[a:b] = p
+            del whole
+            mapping.close()
+        except BaseException:
+            self.unlink()
+            raise
+        self._shm.close()
+        self._finalizer = weakref.finalize(self, SharedIndptrs._unlink, self._shm, self.owner)
+
+    @staticmethod
+    def _unlink(shm: shared_memory.SharedMemory, owner: int) -> None:
+        if os.getpid() == owner:
+            try:
+                shm.unlink()
+            except FileNotFoundError:
+                pass
+
+    def unlink(self) -> None:
+        """Remove the name (idempotent; a no-op in a forked child). Workers' mappings stay valid."""
+        if not self._unlinked and os.getpid() == self.owner:
+            SharedIndptrs._unlink(self._shm, self.owner)
+            self._unlinked = True
+
+
+def map_indptrs(table: IndptrTable) -> list[np.ndarray | None]:
+    """Worker side: read-only views of each file's row pointer (``None`` for a dense file), no private copy."""
+    fd = os.open(SHM_DIR / table.segment, os.O_RDONLY)
+    try:
+        mapping = mmap.mmap(fd, table.nbytes, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    whole = np.frombuffer(mapping, dtype=np.int64)
+    return [whole[a:b] if b > a else None for a, b in zip(table.bounds[:-1], table.bounds[1:])]

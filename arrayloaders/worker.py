@@ -53,7 +53,7 @@ import numpy as np
 from .errors import WorkerError
 from .load import RowFormat
 from .plan import Load
-from .ring import SlotLayout, map_segment
+from .ring import IndptrTable, SlotLayout, map_indptrs, map_segment
 from .store import XSource
 
 __all__ = ["Failed", "Filled", "Started", "Task", "WorkerConfig", "WorkerPool", "exit_description"]
@@ -69,6 +69,7 @@ class WorkerConfig:
     sources: tuple[XSource, ...]
     fmt: RowFormat  # the genes to keep, dense or CSR
     obsm: tuple[tuple[str, tuple[XSource, ...]], ...] = ()  # (key, its array in every file) of each obsm yielded
+    indptrs: IndptrTable | None = None  # the files' row pointers, shared: mapped, not read again
 
 
 @dataclass(frozen=True, eq=False)
@@ -271,7 +272,8 @@ class _Decoder:
         from .rows import open_rows
 
         self.config = config
-        self.readers = [open_rows(s) for s in config.sources]
+        shared = map_indptrs(config.indptrs) if config.indptrs is not None else [None] * len(config.sources)
+        self.readers = [open_rows(s, indptr) for s, indptr in zip(config.sources, shared)]
         self.obsm = {key: [open_rows(s) for s in sources] for key, sources in config.obsm}
         self._slots: dict[int, tuple[str, object, object]] = {}  # slot -> (segment, mapping, arrays)
 

@@ -114,6 +114,41 @@ def test_workers_do_not_import_torch(store):
     assert "libtorch" not in maps and "numpy" in maps
 
 
+def test_workers_map_one_shared_copy_of_the_row_pointers(store):
+    # 8 bytes per cell in every worker would be 13 GB for 100M cells and 16 workers: one copy per node instead.
+    ds = ZarrSparseDataset(50, 8, 12, num_workers=2).add_store(store)
+    with ds:
+        next(iter(ds))
+        (name,) = [n for n in segment_names(os.getpid()) if n.endswith("_indptr")]
+        for pid in worker_pids():
+            assert f"/dev/shm/{name}" in Path(f"/proc/{pid}/maps").read_text()
+    assert segment_names(os.getpid()) == []  # unlinked by close(), like the ring
+
+
+def test_shared_row_pointers_are_read_only_views_not_copies(store):
+    from arrayloaders.load import RowFormat
+    from arrayloaders.ring import SharedIndptrs, map_indptrs
+    from arrayloaders.worker import WorkerConfig, _Decoder
+
+    ds = ZarrSparseDataset(50, 8, 12, num_workers=0).add_store(store)
+    indptrs = ds._indptrs()
+    shared = SharedIndptrs([*indptrs, None])  # a dense file has none
+    try:
+        views = map_indptrs(shared.table)
+        assert views[-1] is None
+        for view, want in zip(views, indptrs):
+            np.testing.assert_array_equal(view, want)
+            assert not view.flags.writeable and not view.flags.owndata
+        decoder = _Decoder(WorkerConfig(0, tuple(ds._sources), RowFormat(), (), shared.table))
+        for reader, want in zip(decoder.readers, indptrs):
+            np.testing.assert_array_equal(reader.indptr, want)
+            assert not reader.indptr.flags.writeable and not reader.indptr.flags.owndata  # mapped, no private copy
+    finally:
+        shared.unlink()
+        shared.unlink()  # idempotent
+    assert segment_names(os.getpid()) == []
+
+
 def test_too_small_memory_budget_is_refused_with_numbers(store):
     ds = ZarrSparseDataset(50, 8, 12, num_workers=1, memory_budget="1KiB").add_store(store)
     with pytest.raises(ValueError, match=r"memory_budget=0.0 MiB holds fewer than 2 ring slots of 0.\d MiB"):
