@@ -37,9 +37,10 @@ def keep(view: np.ndarray) -> np.ndarray:
 class ObsColumns:
     """The requested obs columns of all added AnnData objects, concatenated.
 
-    - Categoricals and strings become int64 codes over the union of
-      categories (first-seen order), so one label has one code across
-      files; a missing label is code ``-1``.
+    - Categoricals and strings become codes over the union of categories
+      (first-seen order), so one label has one code across files; a
+      missing label is code ``-1``. They are held in the smallest int dtype
+      that fits (1 byte per cell for up to 127 labels) and yielded as int64.
     - Numbers keep their dtype (bool, ints, floats).
     - Nullable numbers (pandas ``Int64``, ``boolean``, ``Float64``... : the
       converter writes a column so when it has missing values) become
@@ -75,15 +76,19 @@ class ObsColumns:
             if any(isinstance(p.dtype, pd.CategoricalDtype) or p.dtype.kind not in "biuf" for p in parts):
                 cats = pd.Index(pd.unique(np.concatenate([_categories(p) for p in parts])))
                 self.categories[k] = list(cats)
-                self.values[k] = np.concatenate([cats.get_indexer(p.astype(object)) for p in parts]).astype(np.int64)
+                dtype = next(t for t in (np.int8, np.int16, np.int32, np.int64) if len(cats) <= np.iinfo(t).max)
+                self.values[k] = np.concatenate([_codes(p, cats, dtype) for p in parts])
             elif any(isinstance(p.dtype, pd.api.extensions.ExtensionDtype) for p in parts):
                 self.values[k] = np.concatenate([_nullable_as_float(p, k) for p in parts])
             else:
                 self.values[k] = np.concatenate([p.to_numpy() for p in parts])
 
     def gather(self, rows: np.ndarray, single: bool):
-        out = {k: torch.from_numpy(self.values[k][rows]) for k in self.keys}
+        out = {k: torch.from_numpy(self._yielded(k, self.values[k][rows])) for k in self.keys}
         return out[self.keys[0]] if single else out
+
+    def _yielded(self, key: str, values: np.ndarray) -> np.ndarray:
+        return values.astype(np.int64) if key in self.categories else values  # codes as torch's losses take them
 
 
 def _nullable_as_float(s: pd.Series, key: str) -> np.ndarray:
@@ -96,6 +101,17 @@ def _nullable_as_float(s: pd.Series, key: str) -> np.ndarray:
                 "(as float64 with NaN); fill the missing values or convert the column to strings"
             )
     return s.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _codes(s: pd.Series, categories: pd.Index, dtype) -> np.ndarray:
+    """Codes of ``s``'s values in ``categories`` (-1 where missing), via its own categories: no object array per cell."""
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        codes, labels = s.cat.codes.to_numpy(), s.cat.categories.to_numpy(dtype=object)
+    else:
+        codes, labels = pd.factorize(s, use_na_sentinel=True)
+        labels = np.asarray(labels, dtype=object)
+    remap = categories.get_indexer(labels).astype(dtype)
+    return np.where(codes >= 0, remap[codes] if remap.size else -1, -1).astype(dtype, copy=False)
 
 
 def _categories(s: pd.Series) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -270,6 +271,27 @@ def test_obs_of_every_dtype_reaches_the_batches(mixed_obs_store, num_workers):
     assert got["flag"].dtype == np.bool_ and (got["flag"] == src["flag"].to_numpy(dtype=bool)).all()
     assert got["score"].dtype == np.float32
     np.testing.assert_array_equal(got["score"].view(np.uint32), src["score"].to_numpy().view(np.uint32))
+
+
+@pytest.mark.parametrize("n_labels, held", [(5, np.int8), (127, np.int8), (128, np.int16), (40_000, np.int32)])
+def test_obs_codes_are_held_compact_and_yielded_as_int64(n_labels, held):
+    # The main process holds every cell's codes: 1 byte per cell for a few labels, not 8.
+    from arrayloaders.batches import ObsColumns
+
+    rng = np.random.default_rng(n_labels)
+    labels = np.array([f"t{i}" for i in range(n_labels)], dtype=object)
+    a = pd.Series(pd.Categorical(labels[rng.integers(0, n_labels, 500)], categories=labels[::-1]))
+    b = pd.Series(labels[rng.integers(0, n_labels, 300)], dtype=object)  # strings, not a categorical
+    b[::7] = None
+    obs = ObsColumns(["c"])
+    obs.add([pd.DataFrame({"c": a}), pd.DataFrame({"c": b})])
+    assert obs.values["c"].dtype == held
+    rows = rng.permutation(800)
+    got = obs.gather(rows, single=True)
+    assert got.dtype == torch.int64
+    cats = np.array(obs.categories["c"] + [None], dtype=object)
+    want = pd.concat([a.astype(object), b], ignore_index=True).to_numpy()[rows]
+    assert (cats[got.numpy()] == want).all()
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["chunked", "sampler"])
