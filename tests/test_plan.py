@@ -515,3 +515,33 @@ def test_load_permutation_is_a_deterministic_permutation(seed, epoch, load_index
         np.testing.assert_array_equal(perm, np.arange(n))
     elif n >= 20:  # another load of the same epoch is permuted independently (chance 1/20!)
         assert not np.array_equal(perm, load_permutation(config, epoch, load_index + 1, n))
+
+
+# ------------------------------------------------------------------ at scale
+
+
+@pytest.mark.parametrize("subset", [False, True])
+def test_planning_work_and_memory_grow_with_the_chunks_not_loads_times_chunks(monkeypatch, subset):
+    # Measured as work and bytes, not time: a cumulative sum over every chunk for every load made an
+    # epoch of 100M cells (3M chunks, 12k loads) take 148 s to plan.
+    import tracemalloc
+
+    from arrayloaders import plan as plan_module
+
+    config = PlanConfig(tuple([50_000] * 20), batch_size=256, chunk_size=32, preload_nchunks=8)  # 1M cells
+    n_chunks = 20 * -(-50_000 // 32)
+    cells = np.arange(0, 1_000_000, 3) if subset else None
+    if subset:
+        config = dataclasses.replace(config, n_selected=cells.size)
+    summed = []
+    cumsum = np.cumsum
+    monkeypatch.setattr(plan_module.np, "cumsum", lambda a, *args, **kw: summed.append(np.size(a)) or cumsum(a, *args, **kw))
+    tracemalloc.start()
+    try:
+        plan = plan_epoch(config, 0, cells)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(plan.loads) > 1000
+    assert sum(summed) <= 4 * n_chunks, f"{sum(summed)} elements summed for {n_chunks} chunks"
+    assert peak <= 200 * n_chunks + (8 * cells.size if subset else 0) + 2**20, f"peak {peak} B for {n_chunks} chunks"
