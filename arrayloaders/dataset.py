@@ -568,7 +568,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"{path}: obs has no column(s) {missing}; available: {list(manifest.obs_schema)}")
         sources = [_store_source(path, f["name"], self.layer) for f in manifest.files]
         # only the columns asked for; names a damaged array
-        frames = [read_obs(path, f["name"], columns=keys) for f in manifest.files]
+        frames = [read_obs(path, f["name"], columns=keys, index=False) for f in manifest.files]
         obsm = {key: [_store_obsm_source(path, f["name"], key) for f in manifest.files] for key in _key_list(obsm_keys)}
         return self._add(sources, frames, pd.Index(manifest.var_names), obs_keys, obsm)
 

@@ -311,11 +311,13 @@ def check_files(store: Path, manifest: StoreManifest) -> None:
                     )
 
 
-def read_obs(store: str | os.PathLike, name: str, columns: list[str] | None = None):
+def read_obs(store: str | os.PathLike, name: str, columns: list[str] | None = None, index: bool = True):
     """The obs of file ``name`` of a store as a ``pandas.DataFrame``, read by anndata.
 
     ``columns`` reads only those columns (and the index), e.g. the loader's
-    ``obs_keys``. zarr verifies each chunk's checksum as it decodes, but its
+    ``obs_keys``; with ``index=False`` (and ``columns``) the obs_names are
+    not read and the frame gets a ``RangeIndex``: the loader needs none of
+    them, and they are the largest part of obs (~70 bytes per cell). zarr verifies each chunk's checksum as it decodes, but its
     errors name no file: here a damaged obs raises a :class:`StoreError` that
     names the array. (Missing chunk files are found earlier, by
     :func:`read_manifest`.)
@@ -332,8 +334,9 @@ def read_obs(store: str | os.PathLike, name: str, columns: list[str] | None = No
         missing = [c for c in columns if c not in obs.attrs.get("column-order", [])]
         if missing:
             raise StoreError(f"{where}/obs: has no column(s) {missing}; it has {list(obs.attrs.get('column-order', []))}")
-        index = ad.io.read_elem(obs[obs.attrs.get("_index", "_index")])
-        return pd.DataFrame({c: ad.io.read_elem(obs[c]) for c in columns}, index=index, columns=list(columns))
+        names = obs[obs.attrs.get("_index", "_index")]
+        rows = ad.io.read_elem(names) if index else pd.RangeIndex(names.shape[0])
+        return pd.DataFrame({c: ad.io.read_elem(obs[c]) for c in columns}, index=rows, columns=list(columns))
     except StoreError:
         raise
     except Exception as e:  # noqa: BLE001 - zarr, zarrs and anndata raise many types

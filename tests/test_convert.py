@@ -965,6 +965,9 @@ def test_read_obs_reads_the_columns_asked_for(store):
     some = read_obs(store, "chunk_1.zarr", ["batch", "cell_type"])
     assert list(some.columns) == ["batch", "cell_type"]
     pd.testing.assert_frame_equal(some, full[["batch", "cell_type"]])
+    unnamed = read_obs(store, "chunk_1.zarr", ["batch"], index=False)  # what the loader reads: no obs_names
+    assert isinstance(unnamed.index, pd.RangeIndex)
+    pd.testing.assert_frame_equal(unnamed, full[["batch"]].reset_index(drop=True))
     with pytest.raises(StoreError, match="chunk_1.zarr/obs: has no column"):
         read_obs(store, "chunk_1.zarr", ["nope"])
 

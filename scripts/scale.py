@@ -1,0 +1,156 @@
+"""Memory per cell at scale: conversion, the loader's main process and each worker, extrapolated to 100M cells.
+
+Generates stores of two sizes with few genes (so the cell count dominates),
+and measures in fresh processes:
+
+- **conversion**: peak RSS of ``create_store_from_h5ads`` (sampled, this
+  process and its children) above the process's RSS before it;
+- **loader, main process**: private memory (USS) growth from before
+  ``add_store`` to the end of one epoch (2 workers, ``obs_keys="cell_type"``);
+- **loader, each worker**: its private memory at the end of the epoch (the
+  ring and the shared row pointers are shared memory, so not counted);
+- **planning**: seconds to plan one epoch of 100M cells (3M chunks of 32).
+
+Bytes per cell are the growth between the two sizes divided by the cells
+between them, so fixed costs (imports, buffers) cancel out; the
+extrapolation multiplies them by 100M.
+
+Examples::
+
+    python scripts/scale.py                          # 400k and 1.6M cells: a few minutes
+    python scripts/scale.py --sizes 20000 60000      # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+TARGET = 100_000_000
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def child_convert(args) -> dict:
+    from arrayloaders import create_store_from_h5ads
+
+    proc = psutil.Process()
+    before, peak, stop = _tree_rss(proc), [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _tree_rss(proc))
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    inputs = sorted(Path(args.h5ads).glob("part_*.h5ad"))
+    create_store_from_h5ads(inputs, args.store, overwrite=True, progress=False)
+    stop.set()
+    thread.join()
+    peak[0] = max(peak[0], _tree_rss(proc))
+    return {"growth_bytes": peak[0] - before}
+
+
+def child_load(args) -> dict:
+    import torch  # noqa: F401 - imported before the baseline, as a training script has it
+
+    from arrayloaders import ZarrSparseDataset
+
+    proc = psutil.Process()
+    before = proc.memory_full_info().uss
+    ds = ZarrSparseDataset(4096, num_workers=2).add_store(args.store, obs_keys="cell_type")
+    cells = 0
+    for X, _ in ds:
+        cells += X.shape[0]
+    main = proc.memory_full_info().uss - before
+    workers = []
+    for child in proc.children(recursive=True):
+        if "arrayloaders.worker" in " ".join(child.cmdline()):
+            workers.append(child.memory_full_info().uss)
+    ds.close()
+    return {"cells": cells, "main_growth_bytes": main, "worker_uss_bytes": workers}
+
+
+def child_plan(args) -> dict:
+    from arrayloaders.plan import PlanConfig, plan_epoch
+
+    config = PlanConfig(tuple([100_000] * (TARGET // 100_000)), 4096, 32, 256)
+    start = time.perf_counter()
+    plan = plan_epoch(config, 0)
+    return {"seconds": time.perf_counter() - start, "loads": len(plan.loads)}
+
+
+CHILDREN = {"convert": child_convert, "load": child_load, "plan": child_plan}
+
+
+def run_child(kind: str, **kw) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, *(f"--{k}={v}" for k, v in kw.items())]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(size: int, data: Path, n_files: int) -> dict:
+    from arrayloaders.example_data import write_example_h5ads
+
+    h5ads, store = data / f"h5ad_{size}", data / f"store_{size}"
+    if not h5ads.exists():
+        per = size // n_files
+        write_example_h5ads(h5ads, n_obs=[per] * (n_files - 1) + [size - per * (n_files - 1)], n_vars=100,
+                            nnz_per_cell=10)  # fmt: skip
+    conversion = run_child("convert", h5ads=h5ads, store=store)
+    load = run_child("load", store=store)
+    return {"cells": size, "conversion": conversion, "load": load}
+
+
+def per_cell(small: dict, large: dict, get) -> float:
+    return (get(large) - get(small)) / (large["cells"] - small["cells"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs=2, default=[400_000, 1_600_000], help="cells of the two stores")
+    p.add_argument("--files", type=int, default=4, help="input .h5ad files per store")
+    p.add_argument("--data", type=Path, default=Path("/tmp/arrayloaders-scale"), help="where data and stores go")
+    p.add_argument("--out", type=Path, help="write the report as JSON here too")
+    p.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
+    p.add_argument("--h5ads", help=argparse.SUPPRESS)
+    p.add_argument("--store", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(CHILDREN[args.child](args)))
+        return
+    small, large = (measure(n, args.data, args.files) for n in sorted(args.sizes))
+    figures = {
+        "conversion": per_cell(small, large, lambda m: m["conversion"]["growth_bytes"]),
+        "loader main process": per_cell(small, large, lambda m: m["load"]["main_growth_bytes"]),
+        "loader, each worker": per_cell(small, large, lambda m: max(m["load"]["worker_uss_bytes"])),
+    }
+    plan = run_child("plan")
+    report = {"sizes": sorted(args.sizes), "bytes_per_cell": figures, "plan_100M_seconds": plan["seconds"],
+              "runs": [small, large]}  # fmt: skip
+    print(f"{'what':<22} {'bytes per cell':>15} {'at 100M cells':>15}")
+    for what, b in figures.items():
+        print(f"{what:<22} {b:>15.1f} {b * TARGET / 2**30:>12.1f} GiB")
+    print(f"planning one epoch of 100M cells ({plan['loads']:,} loads): {plan['seconds']:.2f} s")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
