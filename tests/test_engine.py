@@ -404,7 +404,9 @@ def test_lending_and_counting_from_several_threads_loses_no_view():
 
         counter = threading.Thread(target=count)
         counter.start()
-        for _ in range(20_000):
+        # 2,000, not 20,000: a lend waiting for the lock can wait a whole switch interval while the
+        # counter holds the GIL, so 20,000 took from 0.1 s to 7 minutes, depending on scheduling.
+        for _ in range(2_000):
             kept.append(seg.lend(seg.arrays.data[:3]))
         stop.set()
         counter.join()
