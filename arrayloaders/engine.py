@@ -367,7 +367,7 @@ class Engine:
         if self.pool is None:
             table = None
             if self._indptrs is not None and any(s.kind == "csr" for s in self.sources):
-                # One copy of the row pointers per node, mapped by every worker (8 bytes per cell each otherwise).
+                # One copy of the row pointers for all the workers, mapped by each (8 bytes per cell each otherwise).
                 shared = self._parts[2] = SharedIndptrs(self._indptrs)
                 table = shared.table
             self._indptrs = None  # the dataset's copy: not ours to keep

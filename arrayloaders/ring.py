@@ -269,7 +269,7 @@ class IndptrTable:
     """Where every CSR file's row pointer lies in one shared segment: what a worker needs to map them.
 
     ``bounds[f]:bounds[f + 1]`` are file ``f``'s int64 entries (empty for a
-    dense file). One copy per node instead of one per process: 8 bytes per
+    dense file). One copy for a main process and its workers, not one per process: 8 bytes per
     cell, 0.8 GB for 100M cells, which 16 private copies would make 13 GB.
     """
 
