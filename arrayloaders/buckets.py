@@ -28,10 +28,11 @@ import zarr
 from tqdm.auto import tqdm
 
 from .errors import InputFileError
+from .obs_records import InputObs, ObsPlan
 from .shards import COMPLETE_ATTRIBUTE, missing_chunk_files, unwritten_chunks
 from .store import XLayout
 
-__all__ = ["InputFile", "Matrix", "Part", "check_indptr", "csr_row_positions", "scatter", "write_output_file"]
+__all__ = ["InputFile", "Matrix", "Part", "check_indptr", "csr_row_positions", "output_file_of", "scatter", "write_output_file"]
 
 
 @dataclass
@@ -70,8 +71,7 @@ class InputFile:
     x_format: Literal["csr", "dense"]
     dtype: np.dtype
     var: pd.DataFrame
-    obs: pd.DataFrame
-    indptr: np.ndarray | None  # CSR only; O(n_obs) bookkeeping
+    indptr: np.ndarray | None = None  # X's, if kept (read again by each pass otherwise: O(n_obs))
     gene_map: np.ndarray | None = None  # input column -> output column, -1 = dropped
     dropped: dict[str, list[str]] = field(default_factory=dict)  # never carried: {"raw": [], "obsp": ["distances"]}
     # Each layer / obsm key: the element, or why it cannot be carried (a sparse obsm, a CSC layer).
@@ -256,29 +256,51 @@ def _blocks(row_bytes: np.ndarray, block_bytes: int) -> list[tuple[int, int]]:
     return out
 
 
-def scatter(inputs, element, order, bounds, n_cols, dtype, dense, budget, progress, scratch) -> list[_Bucket]:
-    """Pass 1 of one element (``"X"``, ``"layers/<name>"``, ``"obsm/<key>"``): stream inputs once,
-    appending each row to its output file's bucket in ``scratch``."""
-    position = np.empty_like(order)
-    position[order] = np.arange(order.size)
-    dest_file = np.searchsorted(bounds, position, side="right") - 1
-    del position
-    buckets = [_Bucket(scratch / f"bucket_{j}", dense) for j in range(len(bounds) - 1)]
+def output_file_of(order: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Each input cell's output file (``order``, ``bounds`` as ``plan_output_files`` gives them), in the smallest
+    unsigned dtype: the only per-cell array pass 1 keeps in memory."""
+    dest = np.empty(order.size, dtype=np.min_scalar_type(max(len(bounds) - 2, 0)))
+    for j in range(len(bounds) - 1):
+        dest[order[bounds[j] : bounds[j + 1]]] = j
+    return dest
+
+
+def scatter(
+    inputs, element, dest_file, n_files, n_cols, dtype, dense, budget, progress, scratch, obs: ObsPlan | None = None
+) -> list[_Bucket]:
+    """Pass 1 of one element (``"X"``, ``"layers/<name>"``, ``"obsm/<key>"``, or ``"obs"`` with its ``obs``
+    plan): stream inputs once, appending each row to its output file's bucket in ``scratch``.
+
+    ``dest_file[c]`` is the output file of global input cell ``c``.
+    """
+    buckets = [_Bucket(scratch / f"bucket_{j}", dense) for j in range(n_files)]
     # A block is held about four times over (read, re-indexed, gathered per
     # destination, written) and allocator slack doubles that: a sixteenth.
     block_bytes = max(1, budget // 16)
     offset = 0
     desc = "shuffle" if element == "X" else f"shuffle {element}"
-    with tqdm(total=order.size, unit="cells", unit_scale=True, desc=desc, disable=not progress) as bar:
-        for inp in inputs:
-            m = inp.matrix(element)
+    with tqdm(total=dest_file.size, unit="cells", unit_scale=True, desc=desc, disable=not progress) as bar:
+        for i, inp in enumerate(inputs):
             with h5py.File(inp.path, "r") as f:
-                indptr = read_indptr(inp, f, m) if m.format == "csr" else None
-                for r0, r1 in _blocks(_row_bytes(inp, m, indptr, n_cols, dtype.itemsize), block_bytes):
-                    try:
-                        block = _read_block(inp, m, indptr, f, r0, r1, n_cols, dtype)
-                    except OSError as e:  # HDF5's messages do not name the file
-                        raise InputFileError(f"{inp.path}: cannot read {element} rows {r0}-{r1 - 1} ({e})") from e
+                if obs is not None:
+                    source = InputObs(inp.path, f)
+                    blocks = list(source.blocks())
+
+                    def read(r0, r1, source=source, i=i):
+                        return obs.records(source, i, r0, r1)
+                else:
+                    m = inp.matrix(element)
+                    indptr = read_indptr(inp, f, m) if m.format == "csr" else None
+                    blocks = _blocks(_row_bytes(inp, m, indptr, n_cols, dtype.itemsize), block_bytes)
+
+                    def read(r0, r1, m=m, indptr=indptr):
+                        try:
+                            return _read_block(inp, m, indptr, f, r0, r1, n_cols, dtype)
+                        except OSError as e:  # HDF5's messages do not name the file
+                            raise InputFileError(f"{inp.path}: cannot read {element} rows {r0}-{r1 - 1} ({e})") from e
+
+                for r0, r1 in blocks:
+                    block = read(r0, r1)
                     dest = dest_file[offset + r0 : offset + r1]
                     rows_by_dest = np.argsort(dest, kind="stable")
                     cuts = np.searchsorted(dest[rows_by_dest], np.arange(len(buckets) + 1))
@@ -292,7 +314,7 @@ def scatter(inputs, element, order, bounds, n_cols, dtype, dense, budget, progre
                             buckets[j].append_csr(data[pos], indices[pos], np.diff(block_indptr)[rows])
                     del block
                     bar.update(r1 - r0)
-            del indptr
+                del read
             offset += inp.n_obs
     for b in buckets:
         b.close()
@@ -318,7 +340,8 @@ def write_output_file(
     path: Path,
     parts: list[Part],
     ids: np.ndarray,
-    obs: pd.DataFrame,
+    obs: ObsPlan,
+    obs_bucket: _Bucket,
     var: pd.DataFrame,
     layout: XLayout,
     budget: int,
@@ -328,7 +351,7 @@ def write_output_file(
     """Pass 2: write one ``chunk_{j}.zarr`` from its buckets, rows in ``ids`` order (global cell ids).
 
     ``parts`` are X first, then the layers and obsm arrays, each with its
-    bucket ``j``. Every chunk of every array is stored (a missing one is
+    bucket ``j``; ``obs_bucket`` holds the file's obs records. Every chunk of every array is stored (a missing one is
     damage, never fill values) and carries a crc32c checksum when
     ``layout.checksum``.
     """
@@ -336,7 +359,11 @@ def write_output_file(
     # row of cell ids[p] is its rank among the sorted ids.
     bucket_row = np.searchsorted(np.sort(ids), ids)
     root = zarr.open_group(path, mode="w", zarr_format=3)
-    write_obs_and_var(root, obs, var, layout)
+    records = np.fromfile(obs_bucket.path("rows"), dtype=obs.dtype)
+    if records.size != ids.size:
+        raise RuntimeError(f"internal error: {records.size} obs records for {ids.size} cells of {path.name}")
+    write_obs_and_var(root, obs.frame(records[bucket_row]), var, layout)
+    del records
     for part in parts:
         parent, _, name = part.path.rpartition("/")
         group = root if not parent else root[parent] if parent in root else root.create_group(parent, attributes=_DICT)

@@ -39,7 +39,10 @@ import pandas as pd
 
 from .errors import InputFileError
 
-__all__ = ["ColumnSchema", "harmonise_column", "harmonise_frames", "join_columns", "value_kind"]
+__all__ = [
+    "ColumnPlan", "ColumnSchema", "PartSummary", "assemble", "decide", "encode", "harmonise_column",
+    "harmonise_frames", "join_columns", "mixes_text", "summarise", "value_kind",
+]  # fmt: skip
 
 Kind = Literal["bool", "int", "float", "nullable-bool", "nullable-int", "nullable-float", "text"]
 
@@ -140,6 +143,190 @@ def _missing(s: pd.Series) -> np.ndarray:
     return np.asarray(s.isna(), dtype=bool)
 
 
+# Floats an int column may be promoted to; for each, whether every value is exact is noted when
+# the column is summarised, since the float is only known once every input has been seen.
+_FLOATS = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64, np.longdouble))
+
+
+@dataclass(frozen=True)
+class PartSummary:
+    """What the rule needs to know of one input's column (or of rows of it), without its values.
+
+    Summaries of consecutive rows of a column merge (:meth:`merge`) into the
+    summary of the whole, so a column can be summarised in blocks.
+    """
+
+    kind: Kind
+    dtype: np.dtype
+    labels: tuple[str, ...] | None  # text: its categories as text, in first-seen order
+    missing: bool
+    exact_in: frozenset[str] = frozenset()  # ints: the floats that hold every value exactly
+    above_int64: bool = False  # uint64 values above 2**63 - 1
+
+    def merge(self, other: PartSummary) -> PartSummary:
+        labels = None
+        if self.labels is not None:
+            labels = self.labels + tuple(c for c in other.labels if c not in set(self.labels))
+        return PartSummary(
+            self.kind, self.dtype, labels, self.missing or other.missing,
+            self.exact_in & other.exact_in, self.above_int64 or other.above_int64,
+        )  # fmt: skip
+
+
+def mixes_text(summaries: Sequence[PartSummary | None]) -> bool:
+    """Whether text meets numbers in a column: its number parts must then be summarised again ``as_text``."""
+    kinds = {s.kind == "text" for s in summaries if s is not None}
+    return len(kinds) == 2
+
+
+def summarise(name: str, part: pd.Series, label: str, what: str = "obs", as_text: bool = False) -> PartSummary:
+    """One input's column (or consecutive rows of it), summarised for :func:`decide`.
+
+    ``as_text``: numbers summarised as the text they become when another
+    input holds text in the column (:func:`mixes_text`).
+
+    Raises
+    ------
+    InputFileError
+        A dtype the rule cannot store; the message names the file and the column.
+    """
+    kind = value_kind(part)
+    if kind is None:
+        raise InputFileError(
+            f"{label}: {what} column {name!r} has dtype {part.dtype}, which a store cannot hold; "
+            "convert it to strings, numbers or a categorical first"
+        )
+    if kind == "text" or as_text:
+        codes, labels = _text_codes(part)
+        return PartSummary("text", np.dtype(object), tuple(labels), bool((codes < 0).any()))
+    dtype = _numpy_dtype(part)
+    missing = bool(_missing(part).any())
+    if dtype.kind not in "iu":
+        return PartSummary(kind, dtype, None, missing)
+    ints = part.dropna().to_numpy(dtype=dtype)
+    exact = set()
+    for f in _FLOATS:
+        if dtype.itemsize * 8 <= np.finfo(f).nmant + 1:
+            exact.add(str(f))
+            continue
+        with np.errstate(invalid="ignore", over="ignore"):  # values past the float's range are what we look for
+            if not (ints.astype(f).astype(dtype) != ints).any():
+                exact.add(str(f))
+    above = dtype == np.uint64 and bool((ints > np.iinfo(np.int64).max).any())
+    return PartSummary(kind, dtype, None, missing, frozenset(exact), above)
+
+
+@dataclass(frozen=True)
+class ColumnPlan:
+    """How every input's values of one column are stored: the schema, and the dtype of its values.
+
+    ``values`` is the dtype :func:`encode` gives: ``int32`` codes of a
+    categorical, else the numbers' dtype; ``nullable`` columns also get a
+    mask of missing values.
+    """
+
+    name: str
+    schema: ColumnSchema
+    values: np.dtype
+    nullable: bool = False
+
+    @property
+    def categories(self) -> pd.Index:
+        return pd.Index(list(self.schema.categories), dtype=object)
+
+
+def decide(
+    name: str, summaries: Sequence[PartSummary | None], lengths: Sequence[int], labels: Sequence[str], what: str = "obs"
+) -> ColumnPlan:
+    """The rule (see the module): one column's storage, from each input's summary (``None``: the input lacks it)
+    and each input's number of rows.
+
+    Raises
+    ------
+    InputFileError
+        Int values a float column cannot hold exactly, or uint64 values no int
+        holds with signed ints; the message names the file and the column.
+    """
+    present = [(s, label) for s, label in zip(summaries, labels) if s is not None]
+    absent = len(present) < len(summaries)
+    # an input without the column gives its cells missing values, if it has any cells
+    missing = any(s.missing for s, _ in present) or any(s is None and n for s, n in zip(summaries, lengths))
+    kinds = [s.kind for s, _ in present]
+    if "text" in kinds:
+        categories: list[str] = []
+        seen: set[str] = set()
+        for s, _ in present:
+            if s.kind != "text":
+                raise ValueError(f"column {name!r} mixes text and numbers: summarise every part as_text (mixes_text)")
+            new = [c for c in s.labels if c not in seen]
+            categories += new
+            seen.update(new)
+        return ColumnPlan(name, ColumnSchema("categorical", "category", tuple(categories), missing), np.dtype(np.int32))
+    dtypes = [s.dtype for s, _ in present]
+    if any(k in ("float", "nullable-float") for k in kinds):
+        dtype = np.result_type(*dtypes)
+        if dtype.kind != "f":  # bools only with floats: numpy keeps the float
+            dtype = np.dtype(np.float64)
+        for s, label in present:
+            if s.dtype.kind in "iu" and str(dtype) not in s.exact_in:
+                raise InputFileError(
+                    f"{label}: {what} column {name!r} holds ints that {dtype} cannot represent exactly, and "
+                    "other inputs hold floats; convert the column to one type first"
+                )
+        return ColumnPlan(name, ColumnSchema("numeric", str(dtype), missing=missing), dtype)
+    nullable = absent or any(k.startswith("nullable") for k in kinds)
+    if all(k in ("bool", "nullable-bool") for k in kinds):
+        dtype = np.dtype(np.bool_)
+    else:
+        dtype = np.result_type(*dtypes)
+        if dtype.kind == "f":  # uint64 with a signed int: numpy would pick float64
+            dtype = np.dtype(np.int64)
+            for s, label in present:
+                if s.above_int64:
+                    raise InputFileError(
+                        f"{label}: {what} column {name!r} holds uint64 values above 2**63 - 1, and other inputs "
+                        "hold signed ints: no int dtype holds both"
+                    )
+    if not nullable:
+        return ColumnPlan(name, ColumnSchema("numeric", str(dtype)), dtype)
+    shown = str(assemble(ColumnPlan(name, None, dtype, True), np.zeros(0, dtype), np.zeros(0, bool)).dtype)
+    return ColumnPlan(name, ColumnSchema("numeric", shown, missing=missing), dtype, nullable=True)
+
+
+def encode(plan: ColumnPlan, part: pd.Series | None, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """One input's column (or rows of it; ``None``: the input lacks it, ``n`` rows) as ``(values, mask)``.
+
+    ``values`` has ``plan.values``' dtype (categorical codes, -1 where
+    missing); ``mask`` marks missing values of a nullable column, else is None.
+    """
+    if plan.schema.kind == "categorical":
+        if part is None:
+            return np.full(n, -1, dtype=np.int32), None
+        codes, labels = _text_codes(part)
+        remap = plan.categories.get_indexer(np.array(labels, dtype=object))
+        return np.where(codes >= 0, remap[codes] if remap.size else codes, -1).astype(np.int32), None
+    dtype = plan.values
+    if dtype.kind == "f":
+        if part is None:
+            return np.full(n, np.nan, dtype=dtype), None
+        return part.to_numpy(dtype=dtype, na_value=np.nan), None
+    if part is None:
+        return np.zeros(n, dtype=dtype), np.ones(n, dtype=bool)
+    miss = _missing(part)
+    values = part.to_numpy(dtype=dtype, na_value=0) if miss.any() else part.to_numpy(dtype=dtype)
+    return values, (miss if plan.nullable else None)
+
+
+def assemble(plan: ColumnPlan, values: np.ndarray, mask: np.ndarray | None):
+    """The column pandas holds, from :func:`encode`'s values (concatenated or gathered): a ``Categorical``,
+    a numpy array, or a nullable ``BooleanArray``/``IntegerArray``."""
+    if plan.schema is not None and plan.schema.kind == "categorical":
+        return pd.Categorical.from_codes(values, categories=plan.categories)
+    if not plan.nullable:
+        return values
+    return pd.arrays.BooleanArray(values, mask) if values.dtype == np.bool_ else pd.arrays.IntegerArray(values, mask)
+
+
 def harmonise_column(
     name: str,
     parts: Sequence[pd.Series | None],
@@ -148,6 +335,10 @@ def harmonise_column(
     what: str = "obs",
 ) -> tuple[pd.Categorical | np.ndarray | pd.api.extensions.ExtensionArray, ColumnSchema]:
     """One column of all inputs, concatenated in input order, with one dtype (see the module's rule).
+
+    The conversion applies the same steps to obs in row blocks
+    (:func:`summarise`, :func:`decide`, :func:`encode`, :func:`assemble`);
+    this is them in one call, on whole columns.
 
     Parameters
     ----------
@@ -173,98 +364,14 @@ def harmonise_column(
         A column's dtype the rule cannot store, or int values a float column
         cannot hold exactly; the message names the file and the column.
     """
-    kinds: list[Kind | None] = []
-    for part, label in zip(parts, labels):
-        if part is None:
-            kinds.append(None)
-            continue
-        kind = value_kind(part)
-        if kind is None:
-            raise InputFileError(
-                f"{label}: {what} column {name!r} has dtype {part.dtype}, which a store cannot hold; "
-                "convert it to strings, numbers or a categorical first"
-            )
-        kinds.append(kind)
-    present = [k for k in kinds if k is not None]
-    absent = len(present) < len(parts)
-    if "text" in present:
-        return _as_categorical(parts, kinds, lengths)
-    dtypes = [_numpy_dtype(p) for p in parts if p is not None]
-    if any(k in ("float", "nullable-float") for k in present):
-        return _as_float(name, parts, lengths, labels, dtypes, what)
-    nullable = absent or any(k.startswith("nullable") for k in present)
-    if all(k in ("bool", "nullable-bool") for k in present):
-        dtype = np.dtype(np.bool_)
-    else:
-        dtype = np.result_type(*dtypes)
-        if dtype.kind == "f":  # uint64 with a signed int: numpy would pick float64
-            dtype = np.dtype(np.int64)
-            for part, label in zip(parts, labels):
-                if part is not None and _numpy_dtype(part) == np.uint64 and (part.dropna() > np.iinfo(np.int64).max).any():
-                    raise InputFileError(
-                        f"{label}: {what} column {name!r} holds uint64 values above 2**63 - 1, and other inputs "
-                        "hold signed ints: no int dtype holds both"
-                    )
-    values = np.zeros(sum(lengths), dtype=dtype)
-    mask = np.zeros(sum(lengths), dtype=bool)
-    at = 0
-    for part, n in zip(parts, lengths):
-        if part is None:
-            mask[at : at + n] = True
-        else:
-            miss = _missing(part)
-            mask[at : at + n] = miss
-            values[at : at + n] = part.to_numpy(dtype=dtype, na_value=0) if miss.any() else part.to_numpy(dtype=dtype)
-        at += n
-    if not nullable:
-        return values, ColumnSchema("numeric", str(dtype))
-    array = pd.arrays.BooleanArray(values, mask) if dtype == np.bool_ else pd.arrays.IntegerArray(values, mask)
-    return array, ColumnSchema("numeric", str(array.dtype), missing=bool(mask.any()))
+    def summarised(as_text: bool = False) -> list[PartSummary | None]:
+        return [None if p is None else summarise(name, p, label, what, as_text) for p, label in zip(parts, labels)]
 
-
-def _as_categorical(parts, kinds, lengths) -> tuple[pd.Categorical, ColumnSchema]:
-    categories: list[str] = []
-    seen: set[str] = set()
-    index = pd.Index([], dtype=object)
-    codes = np.full(sum(lengths), -1, dtype=np.int64)
-    at = 0
-    for part, n in zip(parts, lengths):
-        if part is not None:
-            part_codes, part_labels = _text_codes(part)
-            new = [c for c in part_labels if c not in seen]
-            if new:
-                categories += new
-                seen.update(new)
-                index = pd.Index(categories, dtype=object)
-            remap = index.get_indexer(np.array(part_labels, dtype=object))
-            codes[at : at + n] = np.where(part_codes >= 0, remap[part_codes] if remap.size else part_codes, -1)
-        at += n
-    values = pd.Categorical.from_codes(codes, categories=pd.Index(categories, dtype=object))
-    return values, ColumnSchema("categorical", "category", tuple(categories), bool((codes < 0).any()))
-
-
-def _as_float(name, parts, lengths, labels, dtypes, what) -> tuple[np.ndarray, ColumnSchema]:
-    dtype = np.result_type(*dtypes)
-    if dtype.kind != "f":  # bools only with floats: numpy keeps the float
-        dtype = np.dtype(np.float64)
-    values = np.full(sum(lengths), np.nan, dtype=dtype)
-    at = 0
-    for part, n, label in zip(parts, lengths, labels):
-        if part is not None:
-            got = part.to_numpy(dtype=dtype, na_value=np.nan)
-            source = _numpy_dtype(part)
-            if source.kind in "iu" and source.itemsize * 8 > np.finfo(dtype).nmant + 1:
-                ints = part.dropna().to_numpy(dtype=source)
-                with np.errstate(invalid="ignore"):  # values past the float's range are what we look for
-                    inexact = (ints.astype(dtype).astype(source) != ints).any()
-                if inexact:
-                    raise InputFileError(
-                        f"{label}: {what} column {name!r} holds ints that {dtype} cannot represent exactly, and "
-                        "other inputs hold floats; convert the column to one type first"
-                    )
-            values[at : at + n] = got
-        at += n
-    return values, ColumnSchema("numeric", str(dtype), missing=bool(np.isnan(values).any()))
+    plan = decide(name, summarised(mixes_text(summarised())), lengths, labels, what)
+    encoded = [encode(plan, part, n) for part, n in zip(parts, lengths)]
+    values = np.concatenate([v for v, _ in encoded]) if encoded else np.empty(0, plan.values)
+    mask = np.concatenate([m for _, m in encoded]) if plan.nullable else None
+    return assemble(plan, values, mask), plan.schema
 
 
 def join_columns(

@@ -2,11 +2,12 @@
 
 This module checks and scans the inputs, joins their var and obs (one dtype
 per column: ``columns.py``), chooses the layers and obsm arrays to carry and
-plans the output. The two out-of-core passes that move X, layers and obsm
-are in ``buckets.py``; building the store beside its output and
-swapping it in is ``output.py``'s. Only per-cell bookkeeping (the
-permutation, obs) is held for all cells at once: tens of bytes per cell
-against kilobytes of X.
+plans the output. The two out-of-core passes that move X, layers, obsm and
+obs (as fixed-width records: ``obs_records.py``) are in ``buckets.py``;
+building the store beside its output and swapping it in is ``output.py``'s.
+For all cells at once only each cell's output file is held (1 byte per cell
+up to 256 output files), and, while it is drawn, the permutation (8 bytes
+per cell), which then waits on disk.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from .buckets import InputFile, Matrix, Part, check_indptr, read_indptr, scatter, write_output_file
-from .columns import ColumnSchema, harmonise_frames, join_columns
+from .buckets import InputFile, Matrix, Part, check_indptr, output_file_of, read_indptr, scatter, write_output_file
+from .columns import harmonise_frames, join_columns
 from .errors import ConversionWarning, InputFileError, StoreError
+from .obs_records import InputObs, plan_obs
 from .output import StagedOutput, check_output, remove_tree, scratch_directory
 from .store import StoreManifest, XLayout, chunk_file_name, use_zarrs, write_manifest
 
@@ -92,11 +94,11 @@ def _scan_input(path: Path, label: str) -> InputFile:
         node = f["X"]
         encoding = node.attrs.get("encoding-type", "array" if isinstance(node, h5py.Dataset) else None)
         dropped = _not_carried(f)
+        n_obs = InputObs(path, f).n_obs  # obs itself is read in row blocks, when planned (obs_records.py)
         try:
-            obs = ad.io.read_elem(f["obs"])
             var = ad.io.read_elem(f["var"])
         except Exception as e:  # anndata raises many types for malformed elements
-            raise InputFileError(f"{path}: cannot read obs/var ({type(e).__name__}: {e})") from e
+            raise InputFileError(f"{path}: cannot read var ({type(e).__name__}: {e})") from e
         if encoding == "csc_matrix":
             raise InputFileError(
                 f"{path}: X is stored as CSC (column-compressed); rows cannot be streamed from it. "
@@ -104,7 +106,7 @@ def _scan_input(path: Path, label: str) -> InputFile:
             )
         if encoding == "csr_matrix":
             x_format, dtype = "csr", np.dtype(node["data"].dtype)
-            indptr = node["indptr"][:].astype(np.int64)
+            indptr = node["indptr"][:].astype(np.int64)  # checked now, read again by the passes
             shape = tuple(int(s) for s in node.attrs["shape"])
             nnz = node["data"].shape[0]
             if node["indices"].shape[0] != nnz:
@@ -118,8 +120,8 @@ def _scan_input(path: Path, label: str) -> InputFile:
             raise InputFileError(f"{path}: X has unsupported encoding {encoding!r} (expected CSR or a dense array)")
         if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
             raise InputFileError(f"{path}: X has non-numeric dtype {dtype}")
-        if shape != (len(obs), len(var)):
-            raise InputFileError(f"{path}: X shape {shape} does not match obs x var ({len(obs)} x {len(var)})")
+        if shape != (n_obs, len(var)):
+            raise InputFileError(f"{path}: X shape {shape} does not match obs x var ({n_obs} x {len(var)})")
         if shape[0] == 0:
             raise InputFileError(f"{path}: has no cells (n_obs == 0)")
         if shape[1] == 0:
@@ -127,8 +129,8 @@ def _scan_input(path: Path, label: str) -> InputFile:
         elements = {kind: _scan_elements(path, f, kind, *shape) for kind in ("layers", "obsm")}
     # Names as plain str: files of pandas 3 hold its string dtype, which never
     # equals an object index of the same names.
-    obs.index, var.index = _str_index(obs.index), _str_index(var.index)
-    return InputFile(path, label, shape[0], x_format, dtype, var, obs, indptr, dropped=dropped, **elements)
+    var.index = _str_index(var.index)
+    return InputFile(path, label, shape[0], x_format, dtype, var, dropped=dropped, **elements)
 
 
 def _numeric(dtype: np.dtype) -> bool:
@@ -348,27 +350,6 @@ def _str_index(index) -> pd.Index:
     return pd.Index(np.asarray(pd.Index(index).astype(str), dtype=object), dtype=object)
 
 
-def _harmonise_obs(
-    inputs: list[InputFile], obs_join: ObsJoin, obs_columns: Sequence[str] | None, source_key: str | None
-) -> tuple[pd.DataFrame, dict[str, dict]]:
-    """Every input's obs concatenated, one dtype per column (``columns.py``), and the schema for the manifest."""
-    frames, labels = [inp.obs for inp in inputs], [str(inp.path) for inp in inputs]
-    columns = join_columns(frames, labels, obs_join, obs_columns)
-    if source_key is not None and source_key in columns:
-        raise InputFileError(
-            f"obs column {source_key!r} exists in the inputs and would be overwritten by the source "
-            "file column; pass another source_key= (or source_key=None)"
-        )
-    values, schema = harmonise_frames(frames, labels, columns)
-    if source_key is not None:
-        codes = np.repeat(np.arange(len(inputs)), [inp.n_obs for inp in inputs])
-        values[source_key] = pd.Categorical.from_codes(codes, categories=pd.Index(labels, dtype=object))
-        schema[source_key] = ColumnSchema("categorical", "category", tuple(labels))
-    index = _str_index(np.concatenate([inp.obs.index.to_numpy(dtype=object) for inp in inputs]))
-    obs = pd.DataFrame(values, index=index, columns=list(values))
-    return obs, {c: s.to_json() for c, s in schema.items()}
-
-
 # --------------------------------------------------------------------------- plan
 
 
@@ -484,8 +465,10 @@ def create_store_from_h5ads(
         path; ``None`` to leave it out.
     memory_budget
         Working memory of the conversion, in bytes or as ``"512MB"``/``"2GiB"``.
-        Default: a quarter of available memory, at most 2 GiB. Per-cell
-        bookkeeping (order, obs) comes on top: tens of bytes per cell.
+        Default: a quarter of available memory, at most 2 GiB. On top come
+        9 bytes per cell while the shuffle is drawn (then 1-2), and the
+        bookkeeping of one output file: obs and row positions of its cells
+        (``n_obs_per_file`` bounds it).
     layout
         Chunking and compression of X (:class:`~arrayloaders.store.XLayout`).
     overwrite
@@ -576,32 +559,41 @@ def create_store_from_h5ads(
         )
     _check_layers(inputs, kept["layers"])
     working = budget - _RESERVE
-    obs, obs_schema = _harmonise_obs(inputs, obs_join, obs_columns, source_key)
-    n_obs = len(obs)
+    obs = plan_obs(paths, [inp.label for inp in inputs], obs_join, obs_columns, source_key)
+    n_obs = sum(inp.n_obs for inp in inputs)
     order, bounds = plan_output_files(n_obs, n_obs_per_file, shuffle, seed)
+    dest_file = output_file_of(order, bounds)
+    obs_part = Part("obs", [], 1, obs.dtype)
 
     # Everything is built in a hidden sibling of the output and moved into
     # place once complete; an error or Ctrl-C anywhere below removes it.
     with StagedOutput(out) as staged:
         scratch = scratch_directory(Path(tmp_dir) if tmp_dir is not None else staged.path)
         try:
+            # The order waits on disk while pass 1 runs: per cell, only its output file is held.
+            order_file = scratch / "order.bin"
+            order.tofile(order_file)
+            del order
             # Pass 1 element by element (scratch holds them all: about the size of the inputs' X,
-            # layers and obsm), then pass 2 file by file.
-            for i, part in enumerate(parts):
-                dense = formats[part.path] == "dense"
+            # layers, obsm and obs), then pass 2 file by file.
+            n_files = len(bounds) - 1
+            for i, part in enumerate([*parts, obs_part]):
+                dense = part is obs_part or formats[part.path] == "dense"
                 part.buckets = scatter(
-                    inputs, part.path, order, bounds, part.n_cols, part.dtype, dense, working, progress,
-                    scratch / f"element_{i}",
+                    inputs, part.path, dest_file, n_files, part.n_cols, part.dtype, dense, working, progress,
+                    scratch / f"element_{i}", obs if part is obs_part else None,
                 )  # fmt: skip
+            del dest_file
             files = []
-            for j in range(len(bounds) - 1):
+            for j in range(n_files):
                 name = chunk_file_name(j)
-                lo, hi = bounds[j], bounds[j + 1]
+                lo, hi = int(bounds[j]), int(bounds[j + 1])
+                ids = np.fromfile(order_file, dtype=np.int64, count=hi - lo, offset=lo * 8)
                 write_output_file(
-                    staged.path / name, parts, order[lo:hi], obs.iloc[order[lo:hi]], var, layout, working, progress, j
+                    staged.path / name, parts, ids, obs, obs_part.buckets[j], var, layout, working, progress, j
                 )
-                files.append({"name": name, "n_obs": int(hi - lo)})
-                for part in parts:
+                files.append({"name": name, "n_obs": hi - lo})
+                for part in [*parts, obs_part]:
                     shutil.rmtree(part.buckets[j].dir)
         finally:
             remove_tree(scratch)
@@ -615,7 +607,7 @@ def create_store_from_h5ads(
                 files=files,
                 inputs=[{"path": str(inp.path), "n_obs": inp.n_obs} for inp in inputs],
                 var_names=[str(v) for v in var.index],
-                obs_schema=obs_schema,
+                obs_schema=obs.schema,
                 layout={"x": asdict(layout), "zarr_format": 3},
                 shuffle=shuffle,
                 seed=seed,

@@ -60,7 +60,7 @@ def child_convert(args) -> dict:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     inputs = sorted(Path(args.h5ads).glob("part_*.h5ad"))
-    create_store_from_h5ads(inputs, args.store, overwrite=True, progress=False)
+    create_store_from_h5ads(inputs, args.store, overwrite=True, progress=False, n_obs_per_file=args.n_obs_per_file)
     stop.set()
     thread.join()
     peak[0] = max(peak[0], _tree_rss(proc))
@@ -100,12 +100,12 @@ CHILDREN = {"convert": child_convert, "load": child_load, "plan": child_plan}
 
 
 def run_child(kind: str, **kw) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, *(f"--{k}={v}" for k, v in kw.items())]
+    cmd = [sys.executable, __file__, "--child", kind, *(f"--{k.replace('_', '-')}={v}" for k, v in kw.items())]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(size: int, data: Path, n_files: int) -> dict:
+def measure(size: int, data: Path, n_files: int, n_obs_per_file: int) -> dict:
     from arrayloaders.example_data import write_example_h5ads
 
     h5ads, store = data / f"h5ad_{size}", data / f"store_{size}"
@@ -113,7 +113,7 @@ def measure(size: int, data: Path, n_files: int) -> dict:
         per = size // n_files
         write_example_h5ads(h5ads, n_obs=[per] * (n_files - 1) + [size - per * (n_files - 1)], n_vars=100,
                             nnz_per_cell=10)  # fmt: skip
-    conversion = run_child("convert", h5ads=h5ads, store=store)
+    conversion = run_child("convert", h5ads=h5ads, store=store, n_obs_per_file=n_obs_per_file)
     load = run_child("load", store=store)
     return {"cells": size, "conversion": conversion, "load": load}
 
@@ -128,6 +128,9 @@ def main() -> None:
     p.add_argument("--files", type=int, default=4, help="input .h5ad files per store")
     p.add_argument("--data", type=Path, default=Path("/tmp/arrayloaders-scale"), help="where data and stores go")
     p.add_argument("--out", type=Path, help="write the report as JSON here too")
+    p.add_argument("--n-obs-per-file", type=int, default=100_000,
+                   help="cells per output file: both sizes must span several, so that the memory of writing one "
+                        "file (bounded by this, not by the cell count) cancels out")  # fmt: skip
     p.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     p.add_argument("--h5ads", help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
@@ -135,7 +138,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(CHILDREN[args.child](args)))
         return
-    small, large = (measure(n, args.data, args.files) for n in sorted(args.sizes))
+    small, large = (measure(n, args.data, args.files, args.n_obs_per_file) for n in sorted(args.sizes))
     figures = {
         "conversion": per_cell(small, large, lambda m: m["conversion"]["growth_bytes"]),
         "loader main process": per_cell(small, large, lambda m: m["load"]["main_growth_bytes"]),
