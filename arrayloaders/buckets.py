@@ -14,6 +14,7 @@ a time, so the working memory is that of one element whatever their number.
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from .errors import InputFileError
+from .jobs import Jobs
 from .obs_records import InputObs, ObsPlan
 from .shards import COMPLETE_ATTRIBUTE, missing_chunk_files, unwritten_chunks
 from .store import XLayout
@@ -72,6 +74,7 @@ class InputFile:
     dtype: np.dtype
     var: pd.DataFrame
     indptr: np.ndarray | None = None  # X's, if kept (read again by each pass otherwise: O(n_obs))
+    n_values: int = 0  # stored values of X (nnz, or n_obs x n_vars when dense)
     gene_map: np.ndarray | None = None  # input column -> output column, -1 = dropped
     dropped: dict[str, list[str]] = field(default_factory=dict)  # never carried: {"raw": [], "obsp": ["distances"]}
     # Each layer / obsm key: the element, or why it cannot be carried (a sparse obsm, a CSC layer).
@@ -110,6 +113,16 @@ class _Bucket:
     def close(self) -> None:
         for f in self._files.values():
             f.close()
+
+    def __getstate__(self) -> dict:  # a closed bucket travels between conversion processes
+        return {**self.__dict__, "_files": {}}
+
+    def extend(self, other: _Bucket) -> None:
+        """Append another (closed) bucket's rows after this one's."""
+        for name, f in self._files.items():
+            with open(other.path(name), "rb") as src:
+                shutil.copyfileobj(src, f, 2**22)
+        self.n_rows += other.n_rows
 
     def path(self, name: str) -> Path:
         return self.dir / f"{name}.bin"
@@ -265,57 +278,92 @@ def output_file_of(order: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     return dest
 
 
-def scatter(
-    inputs, element, dest_file, n_files, n_cols, dtype, dense, budget, progress, scratch, obs: ObsPlan | None = None
-) -> list[_Bucket]:
-    """Pass 1 of one element (``"X"``, ``"layers/<name>"``, ``"obsm/<key>"``, or ``"obs"`` with its ``obs``
-    plan): stream inputs once, appending each row to its output file's bucket in ``scratch``.
-
-    ``dest_file[c]`` is the output file of global input cell ``c``.
-    """
-    buckets = [_Bucket(scratch / f"bucket_{j}", dense) for j in range(n_files)]
+def _scatter_input(inp, i, element, dest_file, buckets, n_cols, dtype, dense, budget, obs, bar) -> None:
+    """Append input ``i``'s rows of one element to the buckets ``dest_file`` (this input's cells) sends them to."""
     # A block is held about four times over (read, re-indexed, gathered per
     # destination, written) and allocator slack doubles that: a sixteenth.
     block_bytes = max(1, budget // 16)
-    offset = 0
+    with h5py.File(inp.path, "r") as f:
+        if obs is not None:
+            source = InputObs(inp.path, f)
+            blocks = list(source.blocks())
+
+            def read(r0, r1):
+                return obs.records(source, i, r0, r1)
+        else:
+            m = inp.matrix(element)
+            indptr = read_indptr(inp, f, m) if m.format == "csr" else None
+            blocks = _blocks(_row_bytes(inp, m, indptr, n_cols, dtype.itemsize), block_bytes)
+
+            def read(r0, r1):
+                try:
+                    return _read_block(inp, m, indptr, f, r0, r1, n_cols, dtype)
+                except OSError as e:  # HDF5's messages do not name the file
+                    raise InputFileError(f"{inp.path}: cannot read {element} rows {r0}-{r1 - 1} ({e})") from e
+
+        for r0, r1 in blocks:
+            block = read(r0, r1)
+            dest = dest_file[r0:r1]
+            rows_by_dest = np.argsort(dest, kind="stable")
+            cuts = np.searchsorted(dest[rows_by_dest], np.arange(len(buckets) + 1))
+            for j in np.flatnonzero(np.diff(cuts)):
+                rows = rows_by_dest[cuts[j] : cuts[j + 1]]
+                if dense:
+                    buckets[j].append_dense(block[rows])
+                else:
+                    data, indices, block_indptr = block
+                    pos = csr_row_positions(block_indptr, rows)
+                    buckets[j].append_csr(data[pos], indices[pos], np.diff(block_indptr)[rows])
+            del block
+            bar.update(r1 - r0)
+
+
+def scatter_input(inp, i, element, dest_file, n_files, n_cols, dtype, dense, budget, directory, obs) -> list[_Bucket]:
+    """One input's rows of one element into buckets of its own in ``directory`` (a task of a parallel pass 1)."""
+    buckets = [_Bucket(directory / f"bucket_{j}", dense) for j in range(n_files)]
+    with tqdm(disable=True) as bar:
+        _scatter_input(inp, i, element, dest_file, buckets, n_cols, dtype, dense, budget, obs, bar)
+    for b in buckets:
+        b.close()
+    return buckets
+
+
+def scatter(
+    inputs, element, dest_file, n_files, n_cols, dtype, dense, budget, progress, scratch,
+    obs: ObsPlan | None = None, jobs: Jobs | None = None,
+) -> list[_Bucket]:  # fmt: skip
+    """Pass 1 of one element (``"X"``, ``"layers/<name>"``, ``"obsm/<key>"``, or ``"obs"`` with its ``obs``
+    plan): stream inputs once, appending each row to its output file's bucket in ``scratch``.
+
+    ``dest_file[c]`` is the output file of global input cell ``c``. With
+    ``jobs`` of several processes the inputs are read by them, each into
+    buckets of its own, appended in input order afterwards: the buckets are
+    the same bytes as one process writes.
+    """
     desc = "shuffle" if element == "X" else f"shuffle {element}"
+    offsets = np.concatenate([[0], np.cumsum([inp.n_obs for inp in inputs])])
+    if jobs is not None and jobs.n > 1 and len(inputs) > 1:
+        share = budget // min(jobs.n, len(inputs))
+        tasks = [
+            (inp, i, element, dest_file[offsets[i] : offsets[i + 1]], n_files, n_cols, dtype, dense, share,
+             scratch / f"input_{i}", obs)
+            for i, inp in enumerate(inputs)
+        ]  # fmt: skip
+        pieces = jobs.run(scatter_input, tasks, progress=progress, desc=desc, weights=[i.n_obs for i in inputs])
+        buckets = [_Bucket(scratch / f"bucket_{j}", dense) for j in range(n_files)]
+        for j, bucket in enumerate(buckets):
+            for piece in pieces:
+                bucket.extend(piece[j])
+                shutil.rmtree(piece[j].dir)
+            bucket.close()
+        for i in range(len(inputs)):
+            (scratch / f"input_{i}").rmdir()
+        return buckets
+    buckets = [_Bucket(scratch / f"bucket_{j}", dense) for j in range(n_files)]
     with tqdm(total=dest_file.size, unit="cells", unit_scale=True, desc=desc, disable=not progress) as bar:
         for i, inp in enumerate(inputs):
-            with h5py.File(inp.path, "r") as f:
-                if obs is not None:
-                    source = InputObs(inp.path, f)
-                    blocks = list(source.blocks())
-
-                    def read(r0, r1, source=source, i=i):
-                        return obs.records(source, i, r0, r1)
-                else:
-                    m = inp.matrix(element)
-                    indptr = read_indptr(inp, f, m) if m.format == "csr" else None
-                    blocks = _blocks(_row_bytes(inp, m, indptr, n_cols, dtype.itemsize), block_bytes)
-
-                    def read(r0, r1, m=m, indptr=indptr):
-                        try:
-                            return _read_block(inp, m, indptr, f, r0, r1, n_cols, dtype)
-                        except OSError as e:  # HDF5's messages do not name the file
-                            raise InputFileError(f"{inp.path}: cannot read {element} rows {r0}-{r1 - 1} ({e})") from e
-
-                for r0, r1 in blocks:
-                    block = read(r0, r1)
-                    dest = dest_file[offset + r0 : offset + r1]
-                    rows_by_dest = np.argsort(dest, kind="stable")
-                    cuts = np.searchsorted(dest[rows_by_dest], np.arange(len(buckets) + 1))
-                    for j in np.flatnonzero(np.diff(cuts)):
-                        rows = rows_by_dest[cuts[j] : cuts[j + 1]]
-                        if dense:
-                            buckets[j].append_dense(block[rows])
-                        else:
-                            data, indices, block_indptr = block
-                            pos = csr_row_positions(block_indptr, rows)
-                            buckets[j].append_csr(data[pos], indices[pos], np.diff(block_indptr)[rows])
-                    del block
-                    bar.update(r1 - r0)
-                del read
-            offset += inp.n_obs
+            dest = dest_file[offsets[i] : offsets[i + 1]]
+            _scatter_input(inp, i, element, dest, buckets, n_cols, dtype, dense, budget, obs, bar)
     for b in buckets:
         b.close()
     return buckets

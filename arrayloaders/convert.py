@@ -30,6 +30,7 @@ import psutil
 from .buckets import InputFile, Matrix, Part, check_indptr, output_file_of, read_indptr, scatter, write_output_file
 from .columns import harmonise_frames, join_columns
 from .errors import ConversionWarning, InputFileError, StoreError
+from .jobs import Jobs, available_cores
 from .obs_records import InputObs, plan_obs
 from .output import StagedOutput, check_output, remove_tree, scratch_directory
 from .store import StoreManifest, XLayout, chunk_file_name, use_zarrs, write_manifest
@@ -43,6 +44,8 @@ ObsJoin = Literal["outer", "inner"]
 # HDF5's chunk cache, pages of mapped buckets): measured at ~50 MiB, flat in
 # the input size and budget.
 _RESERVE = 64 * 2**20
+# Stored values of X (all inputs) from which n_jobs=None uses every core.
+_PARALLEL_FROM = 2**25
 
 
 # --------------------------------------------------------------------------- inputs
@@ -114,8 +117,10 @@ def _scan_input(path: Path, label: str) -> InputFile:
                     f"{path}: X/indices has {node['indices'].shape[0]} entries but X/data {nnz} (damaged file)"
                 )
             check_indptr(path, "X", indptr, shape[0], nnz)
+            n_values = nnz
         elif encoding == "array" and isinstance(node, h5py.Dataset) and node.ndim == 2:
             x_format, dtype, indptr, shape = "dense", np.dtype(node.dtype), None, node.shape
+            n_values = shape[0] * shape[1]
         else:
             raise InputFileError(f"{path}: X has unsupported encoding {encoding!r} (expected CSR or a dense array)")
         if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
@@ -130,7 +135,7 @@ def _scan_input(path: Path, label: str) -> InputFile:
     # Names as plain str: files of pandas 3 hold its string dtype, which never
     # equals an object index of the same names.
     var.index = _str_index(var.index)
-    return InputFile(path, label, shape[0], x_format, dtype, var, dropped=dropped, **elements)
+    return InputFile(path, label, shape[0], x_format, dtype, var, n_values=int(n_values), dropped=dropped, **elements)
 
 
 def _numeric(dtype: np.dtype) -> bool:
@@ -399,6 +404,7 @@ def create_store_from_h5ads(
     tmp_dir: str | os.PathLike | None = None,
     layers: Sequence[str] | None = None,
     obsm_keys: Sequence[str] | None = None,
+    n_jobs: int | None = None,
 ) -> Path:
     """Convert ``.h5ad`` files into one shuffled arrayloaders store.
 
@@ -499,6 +505,13 @@ def create_store_from_h5ads(
         the rows shuffled with X. Sparse and DataFrame obsm entries are not
         carried: dropped with the warning by default, an error if requested.
         ``raw`` and ``obsp`` are never carried (named in the warning).
+    n_jobs
+        Processes that read the inputs (one input each at a time) and write
+        the output files (one file each at a time). Default: the cores this
+        process may use, once the inputs hold 2^25 values of X or more (one
+        process below that: starting one costs about 2 s). ``memory_budget`` is shared among them; each also
+        holds the bookkeeping of the output file it writes. The store is the
+        same, byte for byte, whatever ``n_jobs``.
 
     Returns
     -------
@@ -516,6 +529,8 @@ def create_store_from_h5ads(
         store (or holds files the store does not account for).
     """
     use_zarrs()
+    if n_jobs is not None and (not isinstance(n_jobs, (int, np.integer)) or n_jobs < 1):
+        raise ValueError(f"n_jobs must be a positive int or None (all cores), got {n_jobs!r}")
     layout = layout or XLayout()
     budget = parse_bytes(memory_budget) if memory_budget is not None else _default_budget()
     if n_obs_per_file <= 0:
@@ -559,6 +574,8 @@ def create_store_from_h5ads(
         )
     _check_layers(inputs, kept["layers"])
     working = budget - _RESERVE
+    if n_jobs is None:  # starting processes (~2 s each) pays off only for large inputs
+        n_jobs = available_cores() if sum(inp.n_values for inp in inputs) >= _PARALLEL_FROM else 1
     obs = plan_obs(paths, [inp.label for inp in inputs], obs_join, obs_columns, source_key)
     n_obs = sum(inp.n_obs for inp in inputs)
     order, bounds = plan_output_files(n_obs, n_obs_per_file, shuffle, seed)
@@ -569,6 +586,7 @@ def create_store_from_h5ads(
     # place once complete; an error or Ctrl-C anywhere below removes it.
     with StagedOutput(out) as staged:
         scratch = scratch_directory(Path(tmp_dir) if tmp_dir is not None else staged.path)
+        jobs = Jobs(n_jobs)
         try:
             # The order waits on disk while pass 1 runs: per cell, only its output file is held.
             order_file = scratch / "order.bin"
@@ -581,21 +599,25 @@ def create_store_from_h5ads(
                 dense = part is obs_part or formats[part.path] == "dense"
                 part.buckets = scatter(
                     inputs, part.path, dest_file, n_files, part.n_cols, part.dtype, dense, working, progress,
-                    scratch / f"element_{i}", obs if part is obs_part else None,
+                    scratch / f"element_{i}", obs if part is obs_part else None, jobs,
                 )  # fmt: skip
             del dest_file
-            files = []
-            for j in range(n_files):
-                name = chunk_file_name(j)
-                lo, hi = int(bounds[j]), int(bounds[j + 1])
-                ids = np.fromfile(order_file, dtype=np.int64, count=hi - lo, offset=lo * 8)
-                write_output_file(
-                    staged.path / name, parts, ids, obs, obs_part.buckets[j], var, layout, working, progress, j
-                )
-                files.append({"name": name, "n_obs": hi - lo})
-                for part in [*parts, obs_part]:
-                    shutil.rmtree(part.buckets[j].dir)
+            files = [{"name": chunk_file_name(j), "n_obs": int(bounds[j + 1] - bounds[j])} for j in range(n_files)]
+            # Files are written in rounds of one per process, so that only their ids are held at once.
+            for first in range(0, n_files, jobs.n):
+                round_ = range(first, min(first + jobs.n, n_files))
+                tasks = [
+                    (staged.path / files[j]["name"], parts, _ids(order_file, bounds, j), obs, obs_part.buckets[j], var,
+                     layout, working // len(round_), progress and len(round_) == 1, j)
+                    for j in round_
+                ]  # fmt: skip
+                jobs.run(_write_file, tasks, progress=progress and len(round_) > 1, desc="write",
+                         weights=[files[j]["n_obs"] for j in round_])  # fmt: skip
+                for j in round_:
+                    for part in [*parts, obs_part]:
+                        shutil.rmtree(part.buckets[j].dir)
         finally:
+            jobs.close()
             remove_tree(scratch)
         write_manifest(
             staged.path,
@@ -620,6 +642,18 @@ def create_store_from_h5ads(
         )
         staged.commit()
     return Path(output_path)
+
+
+def _ids(order_file: Path, bounds: np.ndarray, j: int) -> np.ndarray:
+    """Global input ids of output file ``j``'s cells, in its order."""
+    lo, hi = int(bounds[j]), int(bounds[j + 1])
+    return np.fromfile(order_file, dtype=np.int64, count=hi - lo, offset=lo * 8)
+
+
+def _write_file(*args) -> None:
+    """Pass 2 of one output file, in this process or a spawned one (which must choose zarrs too)."""
+    use_zarrs()
+    write_output_file(*args)
 
 
 def _default_budget() -> int:

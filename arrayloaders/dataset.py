@@ -877,8 +877,10 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
                 engine = rt.engine = Engine(
                     sources, self.num_workers, self.memory_budget, self.timeout, plan.window, fmt, obsm, self._indptrs()
                 )
+                # The engine shares them with its workers; a loop reading in its own thread reads them again.
+                rt.indptrs = None
         source = self._sources[0]
-        return engine.start(plan, loads, seq, lambda: slot_layout(source, self._indptrs(), plan, fmt, obsm))
+        return engine.start(plan, loads, seq, lambda: slot_layout(source, engine.row_pointers(), plan, fmt, obsm))
 
     def close(self) -> None:
         """Stop the worker processes and free the shared memory (idempotent).

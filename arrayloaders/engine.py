@@ -56,7 +56,7 @@ import numpy as np
 from .errors import WorkerError
 from .load import ALL_GENES, LoadedRows, RowFormat, load_nnz
 from .plan import EpochPlan
-from .ring import Ring, SharedIndptrs, SlotLayout
+from .ring import Ring, SharedIndptrs, SlotLayout, map_indptrs
 from .store import XSource
 from .worker import POLL_S, Failed, Filled, Task, WorkerConfig, WorkerPool
 
@@ -219,6 +219,7 @@ class Engine:
     ):
         self.sources, self.fmt, self.obsm = sources, fmt, obsm
         self._indptrs = indptrs
+        self._shared_indptrs: list[np.ndarray | None] | None = None
         self.num_workers, self.memory_budget, self.timeout, self.window = num_workers, memory_budget, timeout, window
         self.owner = os.getpid()
         self.lock = threading.RLock()
@@ -282,6 +283,13 @@ class Engine:
     @run.setter
     def run(self, run: EpochRun | None) -> None:
         self._run = weakref.ref(run) if run is not None else None
+
+    def row_pointers(self) -> list[np.ndarray | None]:
+        """Each file's row pointer (``None`` for a dense file): once the workers run, the copy they share,
+        mapped read-only, so that the main process holds no private copy (8 bytes per cell)."""
+        if self._shared_indptrs is not None:
+            return self._shared_indptrs
+        return self._indptrs if self._indptrs is not None else [None] * len(self.sources)
 
     @property
     def closed(self) -> bool:
@@ -370,6 +378,7 @@ class Engine:
                 # One copy of the row pointers for all the workers, mapped by each (8 bytes per cell each otherwise).
                 shared = self._parts[2] = SharedIndptrs(self._indptrs)
                 table = shared.table
+                self._shared_indptrs = map_indptrs(table)  # what row_pointers() gives from now on
             self._indptrs = None  # the dataset's copy: not ours to keep
             configs = [WorkerConfig(k, self.sources, self.fmt, self.obsm, table) for k in range(self.num_workers)]
             self.pool = self._parts[0] = WorkerPool(configs)

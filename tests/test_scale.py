@@ -27,3 +27,44 @@ def test_scale_script_measures_both_sizes_and_reports_per_cell(tmp_path):
         assert run["load"]["cells"] == cells  # a whole epoch of each store
         assert len(run["load"]["worker_uss_bytes"]) == 2
     assert "at 100M cells" in res.stdout and "planning one epoch of 100M cells (12,208 loads)" in res.stdout
+
+
+def _scale_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scale_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_per_cell_stays_within_the_issues_bounds(tmp_path):
+    """Growth per cell between 25k and 625k cells, each step in a fresh process (psutil), against the bounds:
+    conversion <= 40 B, the loader's main process <= 24 B for one obs key, each worker <= 2 B.
+
+    The conversion reads inputs and writes files of one size (25k cells) in both runs, so that reading an
+    input and writing a file (bounded by their sizes) cancel out, and runs with one malloc arena
+    (MALLOC_ARENA_MAX=1): glibc's per-thread arenas fragment a little more with each file written, which
+    moved the peak of the 625k run by 12-17 MB (20-29 B per cell), noise that is not per cell. Holding obs or a per-cell int64 for every cell (the old converter: 304 B) fails it.
+    The loader reads stores of one file each.
+    """
+    from arrayloaders.example_data import write_example_h5ads
+
+    scale = _scale_module()
+    runs = {}
+    for size in (25_000, 625_000):
+        h5ads = tmp_path / f"h5ad_{size}"  # inputs of one size too: reading one (bounded by its size) cancels out
+        write_example_h5ads(h5ads, n_obs=[25_000] * (size // 25_000), n_vars=100, nnz_per_cell=10)
+        convert = scale.run_child("convert", env={"MALLOC_ARENA_MAX": "1"}, h5ads=h5ads, store=tmp_path / f"files_{size}",
+                                  n_obs_per_file=25_000, memory_budget="300MB")  # fmt: skip
+        assert len(list((tmp_path / f"files_{size}").glob("chunk_*.zarr"))) == size // 25_000
+        scale.run_child("convert", h5ads=h5ads, store=tmp_path / f"one_{size}", n_obs_per_file=2**20)
+        runs[size] = {"cells": size, "conversion": convert, "load": scale.run_child("load", store=tmp_path / f"one_{size}")}
+    small, large = runs[25_000], runs[625_000]
+    assert small["load"]["cells"] == 25_000 and large["load"]["cells"] == 625_000
+    conversion = scale.per_cell(small, large, lambda m: m["conversion"]["growth_bytes"])
+    main = scale.per_cell(small, large, lambda m: m["load"]["main_growth_bytes"])
+    worker = scale.per_cell(small, large, lambda m: max(m["load"]["worker_uss_bytes"]))
+    figures = f"conversion {conversion:.1f}, main {main:.1f}, worker {worker:.1f} bytes per cell"
+    print(figures)
+    assert conversion <= 40 and main <= 24 and worker <= 2, figures
