@@ -532,8 +532,8 @@ def _write_matrix(root, name, bucket, bucket_row, n_vars, dtype, layout, budget,
             shards=(layout.shard_elements,), compressors=layout.compressors(role), attributes=complete,
         )  # fmt: skip
     indptr_array = group.create_array(
-        "indptr", shape=(n_rows + 1,), dtype=np.int64, chunks=(min(2**16, n_rows + 1),),
-        compressors=layout.compressors("indices"), attributes=complete,
+        "indptr", shape=(n_rows + 1,), dtype=np.int64, chunks=(n_rows + 1,),
+        compressors=layout.compressors("indptr"), attributes=complete,
     )  # fmt: skip
     write_complete(indptr_array, 0, n_rows + 1, indptr)
     # Buckets hold int32 indices; the output may be narrower.

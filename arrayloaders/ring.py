@@ -266,15 +266,21 @@ class Ring:
 
 @dataclass(frozen=True)
 class IndptrTable:
-    """Where every CSR file's row pointer lies in one shared segment: what a worker needs to map them.
+    """Where every CSR file's row pointer lies: what a worker needs to map them.
 
-    ``bounds[f]:bounds[f + 1]`` are file ``f``'s int64 entries (empty for a
-    dense file). One copy for a main process and its workers, not one per process: 8 bytes per
-    cell, 0.8 GB for 100M cells, which 16 private copies would make 13 GB.
+    A store written by this version holds each row pointer raw, in one
+    chunk file: ``files[f]`` is ``(path, entries)`` and every process maps
+    that file, one copy per machine (the page cache) however many ranks and
+    workers read it. Otherwise ``bounds[f]:bounds[f + 1]`` are file ``f``'s
+    int64 entries in one shared segment (empty for a dense or mapped file):
+    one copy for a main process and its workers. Either way not one per
+    process: 8 bytes per cell, 0.8 GB for 100M cells, which 16 private
+    copies would make 13 GB.
     """
 
     segment: str
     bounds: tuple[int, ...]
+    files: tuple[tuple[str, int] | None, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -292,9 +298,11 @@ class SharedIndptrs:
     def __init__(self, indptrs: list[np.ndarray | None]):
         if not SHM_DIR.is_dir():
             raise RuntimeError(f"the worker engine needs POSIX shared memory in {SHM_DIR}; use num_workers=0")
+        files = tuple(_raw_file(p) for p in indptrs)
+        indptrs = [None if f is not None else p for p, f in zip(indptrs, files)]
         sizes = [0 if p is None else p.size for p in indptrs]
         bounds = tuple(int(b) for b in np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]))
-        self.table = IndptrTable(f"{PREFIX}_{os.getpid()}_{secrets.token_hex(3)}_indptr", bounds)
+        self.table = IndptrTable(f"{PREFIX}_{os.getpid()}_{secrets.token_hex(3)}_indptr", bounds, files)
         self.owner = os.getpid()
         self._unlinked = False
         self._shm = shared_memory.SharedMemory(name=self.table.segment, create=True, size=self.table.nbytes)
@@ -327,12 +335,23 @@ class SharedIndptrs:
             self._unlinked = True
 
 
+def _raw_file(indptr: np.ndarray | None) -> tuple[str, int] | None:
+    """``(path, entries)`` of a row pointer that is a map of a whole raw file (a store's own), else None."""
+    if isinstance(indptr, np.memmap) and indptr.offset == 0 and indptr.dtype == np.dtype("<i8") and indptr.filename:
+        return str(indptr.filename), int(indptr.size)
+    return None
+
+
 def map_indptrs(table: IndptrTable) -> list[np.ndarray | None]:
-    """Worker side: read-only views of each file's row pointer (``None`` for a dense file), no private copy."""
+    """Read-only views of each file's row pointer (``None`` for a dense file), no private copy."""
     fd = os.open(SHM_DIR / table.segment, os.O_RDONLY)
     try:
         mapping = mmap.mmap(fd, table.nbytes, access=mmap.ACCESS_READ)
     finally:
         os.close(fd)
     whole = np.frombuffer(mapping, dtype=np.int64)
-    return [whole[a:b] if b > a else None for a, b in zip(table.bounds[:-1], table.bounds[1:])]
+    out = [whole[a:b] if b > a else None for a, b in zip(table.bounds[:-1], table.bounds[1:])]
+    for f, raw in enumerate(table.files):
+        if raw is not None:
+            out[f] = np.memmap(raw[0], dtype="<i8", mode="r", shape=(raw[1],))
+    return out

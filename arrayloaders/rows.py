@@ -18,7 +18,7 @@ import zarr
 import zarr.api.asynchronous
 
 from .errors import StoreError
-from .shards import COMPLETE_ATTRIBUTE, DirectArray, unwritten_chunks
+from .shards import COMPLETE_ATTRIBUTE, DirectArray, map_whole_array, unwritten_chunks
 from .store import XSource
 
 __all__ = ["CsrRows", "DenseRows", "open_rows", "read_indptr"]
@@ -210,10 +210,14 @@ def read_indptr(source: XSource, group: zarr.Group | None = None) -> np.ndarray:
             raise OSError(
                 f"{missing[0]}: chunk file of indptr is missing (every chunk of this store was written: damaged store)"
             )
-    try:
-        indptr = np.asarray(array[:], dtype=np.int64)
-    except Exception as e:  # noqa: BLE001 - zarr and zarrs raise ValueError or RuntimeError for a bad checksum
-        raise OSError(f"{where}: cannot be read ({type(e).__name__}: {e}); damaged file") from e
+    # Stores from this version on hold it raw, in one chunk: mapped, it is one copy per machine however
+    # many processes (ranks, workers) read it. Older stores: a private copy read through zarr.
+    indptr = map_whole_array(array) if array.dtype == np.int64 else None
+    if indptr is None:
+        try:
+            indptr = np.asarray(array[:], dtype=np.int64)
+        except Exception as e:  # noqa: BLE001 - zarr and zarrs raise ValueError or RuntimeError for a bad checksum
+            raise OSError(f"{where}: cannot be read ({type(e).__name__}: {e}); damaged file") from e
     nnz = group["data"].shape[0]
     problem = None
     if indptr.shape != (source.n_obs + 1,):

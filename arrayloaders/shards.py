@@ -45,7 +45,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
-__all__ = ["COMPLETE_ATTRIBUTE", "DirectArray", "unwritten_chunks"]
+__all__ = ["COMPLETE_ATTRIBUTE", "DirectArray", "map_whole_array", "unwritten_chunks"]
 
 #: zarr attribute (value ``True``) of an array whose every chunk was written.
 COMPLETE_ATTRIBUTE = "arrayloaders:every_chunk_written"
@@ -518,6 +518,42 @@ class DirectArray:
             lo, hi = max(first - f * per, 0), min(last - f * per, per - 1)
             found += [f"{path} (inner chunk {k})" for k in range(lo, hi + 1) if table[k, 1] == _MISSING]
         return found
+
+
+def map_whole_array(array: zarr.Array) -> np.ndarray | None:
+    """A read-only memory map of a 1-d array stored as one raw chunk (codec ``bytes``, little endian, and
+    optionally ``crc32c``, verified here), or ``None`` for any other layout.
+
+    Every process that maps the file shares its pages (the page cache): one
+    copy per machine, however many processes read it.
+
+    Raises
+    ------
+    OSError
+        The chunk file is missing, has the wrong size, or fails its checksum (naming the file).
+    """
+    meta = array.metadata
+    if meta.zarr_format != 3 or not isinstance(array.store, zarr.storage.LocalStore) or array.ndim != 1:
+        return None
+    if getattr(meta, "storage_transformers", ()) or tuple(meta.chunk_grid.chunk_shape) != tuple(array.shape):
+        return None
+    decode, checked = _decoder(meta.codecs)
+    codecs = [c for c in meta.codecs if not isinstance(c, Crc32cCodec)]
+    if decode is None or len(codecs) != 1 or array.shape[0] == 0:
+        return None  # compressed (or empty): read through zarr
+    path = Path(array.store.root) / array.path / meta.encode_chunk_key((0,))
+    dtype = np.dtype(array.dtype).newbyteorder("<")
+    nbytes = array.shape[0] * dtype.itemsize
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise OSError(f"{path}: the chunk file is missing (damaged store)") from None
+    if size != nbytes + 4 * checked:
+        raise OSError(f"{path}: holds {size} bytes, expected {nbytes + 4 * checked} (damaged store)")
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    if checked and google_crc32c.value(raw[:nbytes]) != _U32.unpack(raw[nbytes:].tobytes())[0]:
+        raise OSError(f"{path}: checksum mismatch (damaged store)")
+    return np.memmap(path, dtype=dtype, mode="r", shape=array.shape)
 
 
 def unwritten_chunks(array: zarr.Array, start: int = 0, stop: int | None = None) -> list[str] | None:

@@ -109,12 +109,17 @@ class XLayout:
                 f"chunk_elements ({self.chunk_elements})"
             )
 
-    def compressors(self, role: Literal["values", "indices", "obs"] = "values") -> tuple[Any, ...]:
-        """Codecs after ``bytes`` of an array of X values (data, dense X), of column indices / indptr, or of obs/var.
+    def compressors(self, role: Literal["values", "indices", "indptr", "obs"] = "values") -> tuple[Any, ...]:
+        """Codecs after ``bytes`` of an array of X values (data, dense X), of column indices, of a row pointer,
+        or of obs/var.
 
-        The compressor, then the crc32c checksum of the compressed bytes.
+        The compressor, then the crc32c checksum of the compressed bytes. A
+        row pointer is not compressed (it is stored as one chunk, which every
+        process maps: ``shards.map_whole_array``).
         """
         check = (zarr.codecs.Crc32cCodec(),) if self.checksum else ()
+        if role == "indptr":
+            return check
         if role == "obs":  # small; strings too: zstd, whatever X uses
             return (zarr.codecs.ZstdCodec(level=3), *check)
         if self.compressor == "zstd":

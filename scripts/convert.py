@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shard-elements", type=int, default=default.shard_elements, help="zarr shard length of X data/indices (default: %(default)s)"
     )
+    p.add_argument(
+        "--n-jobs",
+        type=int,
+        help="processes reading inputs and writing output files; the store is the same for any number "
+        "(default: every core, for inputs of 2^25 values of X or more)",
+    )
     p.add_argument("--tmp-dir", help="where temporary files go (about the size of the input X; default: inside the output)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --output")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -170,6 +176,7 @@ def convert(args: argparse.Namespace) -> int:
         tmp_dir=args.tmp_dir,
         layers=args.layers,
         obsm_keys=args.obsm_keys,
+        n_jobs=args.n_jobs,
     )
     manifest = read_manifest(store)
     if not args.quiet:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -112,3 +114,26 @@ def batch_bytes(batch) -> bytes:
     parts += list(obs.values()) if isinstance(obs, dict) else [obs] if obs is not None else []
     parts += index
     return b"".join(p.numpy().tobytes() for p in parts)
+
+
+def with_compressed_indptr(store: Path, dest: Path) -> Path:
+    """A copy of ``store`` whose row pointers are laid out as stores before this version had them:
+    blosc-compressed, in chunks of 64 (so they cannot be mapped)."""
+    import zarr
+
+    from arrayloaders import XLayout, read_manifest
+
+    shutil.copytree(store, dest)
+    for f in read_manifest(dest).files:
+        group = zarr.open_group(dest / f["name"] / "X", mode="r+")
+        values, attrs = group["indptr"][:], dict(group["indptr"].attrs)
+        del group["indptr"]
+        array = group.create_array(
+            "indptr", shape=values.shape, dtype=values.dtype, chunks=(64,), compressors=XLayout().compressors("indices"),
+            attributes=attrs,
+        )  # fmt: skip
+        array[:] = values
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # consolidated metadata is not in the zarr v3 spec (anndata uses it)
+            zarr.consolidate_metadata(dest / f["name"])
+    return dest

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import zarr
-from conftest import N_VARS, SIZES, assert_bit_identical, read_sources, read_store
+from conftest import N_VARS, SIZES, assert_bit_identical, read_sources, read_store, with_compressed_indptr
 
 from arrayloaders import ConversionWarning, InputFileError, StoreError, XLayout, create_store_from_h5ads, read_manifest
 from arrayloaders.rows import open_rows
@@ -923,6 +923,15 @@ def test_damaged_indptr_is_detected_naming_the_file(store, tmp_path, damage):
         read_all_rows(copy)
 
 
+@pytest.mark.parametrize("damage", ["flip-payload", "flip-crc32c"])
+def test_damaged_compressed_indptr_of_an_older_store_is_detected_naming_the_file(store, tmp_path, damage):
+    copy = with_compressed_indptr(store, tmp_path / "older")
+    chunk = copy / "chunk_0.zarr" / "X" / "indptr" / "c" / "1"
+    flip_byte(chunk, 20 if damage == "flip-payload" else chunk.stat().st_size - 1)
+    with pytest.raises(OSError, match=str(chunk.parent.parent)):
+        read_all_rows(copy)
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -1121,13 +1130,15 @@ def test_cli_help_documents_every_option():
     for option in (
         "--output", "--no-shuffle", "--seed", "--n-obs-per-file", "--var-join", "--obs-join", "--obs-columns", "--layers", "--obsm-keys", "--source-key",
         "--memory-budget", "--compressor", "--level", "--chunk-elements", "--shard-elements", "--tmp-dir",
-        "--overwrite", "--quiet", "--debug",
+        "--overwrite", "--quiet", "--debug", "--n-jobs",
     ):  # fmt: skip
         assert option in res.stdout
 
 
 def test_cli_converts(h5ads, tmp_path):
-    res = run_cli(*h5ads, "-o", tmp_path / "s", "--seed", "3", "--n-obs-per-file", "600", "-q", "--obs-join", "inner")
+    res = run_cli(
+        *h5ads, "-o", tmp_path / "s", "--seed", "3", "--n-obs-per-file", "600", "-q", "--obs-join", "inner", "--n-jobs", "2"
+    )
     assert res.returncode == 0, res.stderr
     m = read_manifest(tmp_path / "s")
     assert m.seed == 3 and len(m.files) == 2 and m.n_obs == sum(SIZES) and m.obs_join == "inner"

@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import tensor_parts, worker_pids
+from conftest import tensor_parts, with_compressed_indptr, worker_pids
 
 from arrayloaders import ZarrDenseDataset, ZarrSparseDataset, create_store_from_h5ads
 from arrayloaders.engine import DEFAULT_TIMEOUT_MARGIN_S, Engine
@@ -114,14 +114,24 @@ def test_workers_do_not_import_torch(store):
     assert "libtorch" not in maps and "numpy" in maps
 
 
-def test_workers_map_one_shared_copy_of_the_row_pointers(store):
-    # 8 bytes per cell in every worker would be 13 GB for 100M cells and 16 workers: one copy per node instead.
-    ds = ZarrSparseDataset(50, 8, 12, num_workers=2).add_store(store)
+@pytest.mark.parametrize("layout", ["raw, in the store", "compressed (older stores)"])
+def test_workers_map_one_copy_of_the_row_pointers(store, tmp_path, layout):
+    """8 bytes per cell in every worker would be 13 GB for 100M cells and 16 workers. A store's raw row
+    pointer file is mapped by every process (one copy per machine, however many ranks); an older store's
+    compressed one is decoded once into a segment that the workers map (one copy per main process)."""
+    raw = layout.startswith("raw")
+    path = store if raw else with_compressed_indptr(store, tmp_path / "older")
+    ds = ZarrSparseDataset(50, 8, 12, num_workers=2).add_store(path)
     with ds:
         next(iter(ds))
-        (name,) = [n for n in segment_names(os.getpid()) if n.endswith("_indptr")]
-        for pid in worker_pids():
-            assert f"/dev/shm/{name}" in Path(f"/proc/{pid}/maps").read_text()
+        files = sorted(str(p) for p in path.glob("chunk_*.zarr/X/indptr/c/0"))
+        (segment,) = [n for n in segment_names(os.getpid()) if n.endswith("_indptr")]
+        for pid in [os.getpid(), *worker_pids()]:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            assert all((f in maps) == raw for f in files), pid
+            if not raw:
+                assert f"/dev/shm/{segment}" in maps, pid
+        assert all(isinstance(p, np.memmap) == raw for p in ds._rt().engine.row_pointers())
     assert segment_names(os.getpid()) == []  # unlinked by close(), like the ring
 
 
