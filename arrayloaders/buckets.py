@@ -14,6 +14,7 @@ a time, so the working memory is that of one element whatever their number.
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from .errors import InputFileError
 from .jobs import Jobs
 from .obs_records import InputObs, ObsPlan
-from .shards import COMPLETE_ATTRIBUTE, missing_chunk_files, unwritten_chunks
+from .shards import COMPLETE_ATTRIBUTE, DirectArray, missing_chunk_files, unwritten_chunks
 from .store import XLayout
 
 __all__ = ["InputFile", "Matrix", "Part", "check_indptr", "csr_row_positions", "output_file_of", "scatter", "write_output_file"]
@@ -118,10 +119,20 @@ class _Bucket:
         return {**self.__dict__, "_files": {}}
 
     def extend(self, other: _Bucket) -> None:
-        """Append another (closed) bucket's rows after this one's."""
+        """Append another (closed) bucket's rows after this one's (copied by the kernel where it can)."""
         for name, f in self._files.items():
+            f.flush()
             with open(other.path(name), "rb") as src:
-                shutil.copyfileobj(src, f, 2**22)
+                left = os.fstat(src.fileno()).st_size
+                try:
+                    while left > 0:
+                        copied = os.copy_file_range(src.fileno(), f.fileno(), left)
+                        if copied == 0:
+                            break
+                        left -= copied
+                except (AttributeError, OSError):  # not Linux, or a filesystem without it
+                    pass
+                shutil.copyfileobj(src, f, 2**22)  # what is left, from where the kernel stopped
         self.n_rows += other.n_rows
 
     def path(self, name: str) -> Path:
@@ -469,23 +480,30 @@ def _quiet_consolidation():
 
 
 def write_complete(array: zarr.Array, start: int, stop: int, values: np.ndarray) -> None:
-    """``array[start:stop] = values`` (along the first axis), every chunk of the region stored.
+    """``array[start:stop] = values`` (along the first axis), every chunk of the region stored, in chunk order.
 
     Written with the fast zarrs pipeline first; where it left a chunk out
     (all fill values), the region is written again with zarr-python's
     pipeline, which honours ``write_empty_chunks``. The check reads shard
-    indexes (a few KiB per shard).
+    indexes (a few KiB per shard). Shards whose inner chunks were laid out
+    out of order (as parallel encoders finish them) are rewritten in order,
+    so that the same values always give the same bytes.
     """
     array[start:stop] = values
     row = int(np.prod(array.shape[1:]))
-    if not unwritten_chunks(array, start * row, stop * row):
-        return
-    with _every_chunk_written():
-        careful = zarr.open_array(store=array.store, path=array.path, mode="r+")
-        careful[start:stop] = values
-    still = unwritten_chunks(array, start * row, stop * row)
-    if still:
-        raise RuntimeError(f"internal error: {len(still)} chunk(s) were not written: {still[:3]}")
+    if unwritten_chunks(array, start * row, stop * row):
+        with _every_chunk_written():
+            careful = zarr.open_array(store=array.store, path=array.path, mode="r+")
+            careful[start:stop] = values
+        still = unwritten_chunks(array, start * row, stop * row)
+        if still:
+            raise RuntimeError(f"internal error: {len(still)} chunk(s) were not written: {still[:3]}")
+    direct = DirectArray.open(array)
+    if direct is not None:
+        try:
+            direct.order_chunks(start * row, stop * row)
+        finally:
+            direct.close()
 
 
 def _write_matrix(root, name, bucket, bucket_row, n_vars, dtype, layout, budget, progress, label) -> None:

@@ -509,9 +509,10 @@ def create_store_from_h5ads(
         Processes that read the inputs (one input each at a time) and write
         the output files (one file each at a time). Default: the cores this
         process may use, once the inputs hold 2^25 values of X or more (one
-        process below that: starting one costs about 2 s). ``memory_budget`` is shared among them; each also
-        holds the bookkeeping of the output file it writes. The store is the
-        same, byte for byte, whatever ``n_jobs``.
+        process below that: starting one costs about 2 s). ``memory_budget``
+        is shared among them; each also holds the bookkeeping of the output
+        file it writes. The store is the same, byte for byte, whatever
+        ``n_jobs``.
 
     Returns
     -------
@@ -606,9 +607,11 @@ def create_store_from_h5ads(
             # Files are written in rounds of one per process, so that only their ids are held at once.
             for first in range(0, n_files, jobs.n):
                 round_ = range(first, min(first + jobs.n, n_files))
+                # Each process's zarrs gets its share of the cores, not all of them.
+                threads = None if len(round_) == 1 else max(1, available_cores() // len(round_))
                 tasks = [
-                    (staged.path / files[j]["name"], parts, _ids(order_file, bounds, j), obs, obs_part.buckets[j], var,
-                     layout, working // len(round_), progress and len(round_) == 1, j)
+                    (threads, staged.path / files[j]["name"], parts, _ids(order_file, bounds, j), obs,
+                     obs_part.buckets[j], var, layout, working // len(round_), progress and len(round_) == 1, j)
                     for j in round_
                 ]  # fmt: skip
                 jobs.run(_write_file, tasks, progress=progress and len(round_) > 1, desc="write",
@@ -650,9 +653,10 @@ def _ids(order_file: Path, bounds: np.ndarray, j: int) -> np.ndarray:
     return np.fromfile(order_file, dtype=np.int64, count=hi - lo, offset=lo * 8)
 
 
-def _write_file(*args) -> None:
-    """Pass 2 of one output file, in this process or a spawned one (which must choose zarrs too)."""
-    use_zarrs()
+def _write_file(threads: int | None, *args) -> None:
+    """Pass 2 of one output file, in this process or a task process (which must choose zarrs too), zarrs on
+    ``threads`` threads (None: all cores)."""
+    use_zarrs(threads)
     write_output_file(*args)
 
 

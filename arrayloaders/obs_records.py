@@ -66,6 +66,7 @@ class InputObs:
             raise InputFileError(f"{path}: obs has no index (obs_names); not an AnnData file")
         self._index = str(index)
         self._whole: dict[str, pd.Series] = {}  # columns of an encoding read whole
+        self._categories: dict[str, pd.Index] = {}  # read once per column, not once per block
         self.n_obs = self._length(self._index)
 
     def _length(self, key: str) -> int:
@@ -95,7 +96,9 @@ class InputObs:
             if encoding == "string-array" and isinstance(node, h5py.Dataset):
                 return pd.Series(node.asstr()[r0:r1], dtype=object)
             if encoding == "categorical":
-                categories = ad.io.read_elem(node["categories"])
+                if key not in self._categories:
+                    self._categories[key] = pd.Index(ad.io.read_elem(node["categories"]))
+                categories = self._categories[key]
                 codes = node["codes"][r0:r1]
                 return pd.Series(pd.Categorical.from_codes(codes, categories=categories))
             if encoding in ("nullable-integer", "nullable-boolean"):

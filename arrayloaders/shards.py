@@ -260,6 +260,48 @@ class DirectArray:
             os.close(fd)
         self._fds.clear()
 
+    def order_chunks(self, start: int, stop: int) -> int:
+        """Lay out the inner chunks of the shards holding elements ``[start, stop)`` in chunk order.
+
+        zarrs appends the inner chunks of a shard written on its own in the
+        order its threads finish them, so the same values could be laid out
+        differently from run to run. In chunk order, a store's bytes depend
+        on its values only. Shards already in order are left alone (their
+        index is read, 4 KiB); returns how many were rewritten.
+        """
+        if self._index_at is None or stop <= start:
+            return 0
+        where, checksum = self._index_at
+        rewritten = 0
+        for f in range(start // self.file_elements, -(-stop // self.file_elements)):
+            got = self._file(f)
+            if got is None:
+                continue
+            _, table, path = got
+            written = np.flatnonzero(table[:, 1] != _MISSING)
+            if (np.diff(table[written, 0].astype(np.int64)) > 0).all():
+                continue
+            raw = path.read_bytes()
+            index_nbytes = 16 * self._per_file + checksum
+            at = index_nbytes if where == "start" else 0
+            ordered, pieces = table.copy(), []
+            for c in written:
+                offset, nbytes = int(table[c, 0]), int(table[c, 1])
+                pieces.append(raw[offset : offset + nbytes])
+                ordered[c, 0] = at
+                at += nbytes
+            index = ordered.astype("<u8").tobytes()
+            if checksum:
+                index += _U32.pack(google_crc32c.value(index))
+            body = b"".join(pieces)
+            staged = path.with_name(path.name + ".ordering")
+            staged.write_bytes(index + body if where == "start" else body + index)
+            os.replace(staged, path)
+            os.close(self._fds.pop(f))
+            self._tables.pop(f, None)
+            rewritten += 1
+        return rewritten
+
     # ------------------------------------------------------------------ reading
 
     def prefetch(self, start: int, stop: int) -> None:

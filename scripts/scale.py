@@ -14,12 +14,16 @@ and measures in fresh processes:
 
 Bytes per cell are the growth between the two sizes divided by the cells
 between them, so fixed costs (imports, buffers) cancel out; the
-extrapolation multiplies them by 100M.
+extrapolation multiplies them by 100M. Inputs and output files have one
+size at both sizes (``--cells-per-input``, ``--n-obs-per-file``), so what
+reading one input or writing one file costs cancels out too; what each
+output file costs the loader (open arrays, ~0.25 MB per worker) does not,
+and shows as per cell here (at the default of 2^20 cells per file, a tenth).
 
 Examples::
 
     python scripts/scale.py                          # 400k and 1.6M cells: a few minutes
-    python scripts/scale.py --sizes 20000 60000      # a quick look
+    python scripts/scale.py --sizes 20000 60000 --cells-per-input 10000 --n-obs-per-file 10000  # a quick look
 """
 
 from __future__ import annotations
@@ -133,13 +137,13 @@ def run_child(kind: str, env: dict | None = None, **kw) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(size: int, data: Path, n_files: int, n_obs_per_file: int, budget: str | None = None) -> dict:
+def measure(size: int, data: Path, per_input: int, n_obs_per_file: int, budget: str | None = None) -> dict:
     from arrayloaders.example_data import write_example_h5ads
 
     h5ads, store = data / f"h5ad_{size}", data / f"store_{size}"
     if not h5ads.exists():
-        per = size // n_files
-        write_example_h5ads(h5ads, n_obs=[per] * (n_files - 1) + [size - per * (n_files - 1)], n_vars=100,
+        n_inputs = -(-size // per_input)
+        write_example_h5ads(h5ads, n_obs=[per_input] * (n_inputs - 1) + [size - per_input * (n_inputs - 1)], n_vars=100,
                             nnz_per_cell=10)  # fmt: skip
     conversion = run_child("convert", h5ads=h5ads, store=store, n_obs_per_file=n_obs_per_file, memory_budget=budget)
     load = run_child("load", store=store)
@@ -153,7 +157,9 @@ def per_cell(small: dict, large: dict, get) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs=2, default=[400_000, 1_600_000], help="cells of the two stores")
-    p.add_argument("--files", type=int, default=4, help="input .h5ad files per store")
+    p.add_argument("--cells-per-input", type=int, default=100_000,
+                   help="cells per input .h5ad: inputs of one size at both sizes, so that reading one (bounded by "
+                        "its size) cancels out")  # fmt: skip
     p.add_argument("--data", type=Path, default=Path("/tmp/arrayloaders-scale"), help="where data and stores go")
     p.add_argument("--out", type=Path, help="write the report as JSON here too")
     p.add_argument("--n-obs-per-file", type=int, default=100_000,
@@ -168,7 +174,7 @@ def main() -> None:
         print(json.dumps(CHILDREN[args.child](args)))
         return
     small, large = (
-        measure(n, args.data, args.files, args.n_obs_per_file, args.memory_budget) for n in sorted(args.sizes)
+        measure(n, args.data, args.cells_per_input, args.n_obs_per_file, args.memory_budget) for n in sorted(args.sizes)
     )
     figures = {
         "conversion": per_cell(small, large, lambda m: m["conversion"]["growth_bytes"]),

@@ -153,3 +153,23 @@ def test_a_script_without_a_main_guard_converts_on_several_processes(inputs, tmp
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("converted once") == 1
     assert read_manifest(tmp_path / "s").n_obs == 701
+
+
+def test_convert_speed_script_reports_each_n_jobs_and_checks_the_stores_agree(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "convert_speed.py"
+    out = tmp_path / "report.json"
+    res = subprocess.run(
+        [sys.executable, str(script), "--cells", "3000", "--genes", "40", "--nnz", "5", "--files", "3",
+         "--n-obs-per-file", "1000", "--jobs", "1", "2", "--data", str(tmp_path), "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["n_jobs"] for r in report["runs"]] == [1, 2] and report["identical"] is True
+    assert all("cells_per_s" in r and "peak_growth_bytes" in r for r in report["runs"])  # reported, not judged
+    assert len(read_manifest(tmp_path / "store_jobs2").files) == 3
+    assert "stores identical across n_jobs: True" in res.stdout

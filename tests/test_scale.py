@@ -14,7 +14,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "scale.py"
 def test_scale_script_measures_both_sizes_and_reports_per_cell(tmp_path):
     out = tmp_path / "report.json"
     res = subprocess.run(
-        [sys.executable, str(SCRIPT), "--sizes", "30000", "10000", "--files", "2", "--data", str(tmp_path), "--out", str(out)],
+        [sys.executable, str(SCRIPT), "--sizes", "30000", "10000", "--cells-per-input", "5000", "--data", str(tmp_path), "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
