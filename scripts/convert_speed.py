@@ -3,9 +3,9 @@
 Generates ``.h5ad`` inputs once (``--cells`` over ``--files`` files, ``--genes``
 genes, ``--nnz`` non-zeros per cell on average), then converts them once per
 ``--jobs`` value, each in a fresh process, and checks that every store is the
-same, byte for byte. Peak RSS is sampled every 50 ms over the converting
-process and its task processes, so it counts each process's own copy of the
-libraries too.
+same, byte for byte. Peak RSS is that of the converting process (the
+kernel's peak) and its task processes (sampled every 50 ms), so it counts
+each process's own copy of the libraries too.
 
 Examples::
 
@@ -20,44 +20,26 @@ import hashlib
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import psutil
 
 
-def _tree_rss(proc: psutil.Process) -> int:
-    total = proc.memory_info().rss
-    for child in proc.children(recursive=True):
-        try:
-            total += child.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
 def child(args) -> dict:
+    from scale import peak_growth  # scripts/scale.py, beside this file
+
     from arrayloaders import create_store_from_h5ads
 
-    proc = psutil.Process()
-    before, peak, stop = _tree_rss(proc), [0], threading.Event()
+    def convert() -> float:
+        start = time.perf_counter()
+        create_store_from_h5ads(sorted(Path(args.data).glob("part_*.h5ad")), args.store, overwrite=True,
+                                progress=False, n_jobs=args.n_jobs, memory_budget=args.memory_budget,
+                                n_obs_per_file=args.n_obs_per_file)  # fmt: skip
+        return time.perf_counter() - start
 
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _tree_rss(proc))
-            stop.wait(0.05)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    start = time.perf_counter()
-    create_store_from_h5ads(sorted(Path(args.data).glob("part_*.h5ad")), args.store, overwrite=True, progress=False,
-                            n_jobs=args.n_jobs, memory_budget=args.memory_budget,
-                            n_obs_per_file=args.n_obs_per_file)  # fmt: skip
-    wall = time.perf_counter() - start
-    stop.set()
-    thread.join()
-    return {"wall_s": wall, "peak_growth_bytes": max(peak[0], _tree_rss(proc)) - before}
+    wall, growth = peak_growth(convert)
+    return {"wall_s": wall, "peak_growth_bytes": growth}
 
 
 def digest(store: Path) -> str:

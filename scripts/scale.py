@@ -68,13 +68,14 @@ def _high_water_mark() -> int:
     return 0
 
 
-def child_convert(args) -> dict:
-    from arrayloaders import create_store_from_h5ads
+def peak_growth(run) -> tuple[object, int]:
+    """``run()``'s result, and how far the RSS of this process and its children rose above where it was.
 
+    The kernel's exact peak of this process where it keeps one; sampling
+    (every 50 ms) adds the child processes and stands in elsewhere.
+    """
     proc = psutil.Process()
     before, peak, stop = _tree_rss(proc), [0], threading.Event()
-    # The kernel's exact peak of this process where it keeps one; sampling (every 50 ms) adds the
-    # conversion's worker processes and stands in elsewhere.
     exact = _reset_high_water_mark()
 
     def sample():
@@ -84,15 +85,26 @@ def child_convert(args) -> dict:
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    inputs = sorted(Path(args.h5ads).glob("part_*.h5ad"))
-    create_store_from_h5ads(inputs, args.store, overwrite=True, progress=False, n_obs_per_file=args.n_obs_per_file,
-                            memory_budget=args.memory_budget)  # fmt: skip
-    stop.set()
-    thread.join()
+    try:
+        result = run()
+    finally:
+        stop.set()
+        thread.join()
     peak[0] = max(peak[0], _tree_rss(proc))
     if exact:
         peak[0] = max(peak[0], _high_water_mark())
-    return {"growth_bytes": peak[0] - before}
+    return result, peak[0] - before
+
+
+def child_convert(args) -> dict:
+    from arrayloaders import create_store_from_h5ads
+
+    inputs = sorted(Path(args.h5ads).glob("part_*.h5ad"))
+    _, growth = peak_growth(
+        lambda: create_store_from_h5ads(inputs, args.store, overwrite=True, progress=False,
+                                        n_obs_per_file=args.n_obs_per_file, memory_budget=args.memory_budget)
+    )  # fmt: skip
+    return {"growth_bytes": growth}
 
 
 def child_load(args) -> dict:
