@@ -224,14 +224,23 @@ def read_indptr(source: XSource, group: zarr.Group | None = None) -> np.ndarray:
         problem = f"has {indptr.size} entries, expected n_obs + 1 = {source.n_obs + 1}"
     elif indptr[0] != 0:
         problem = f"starts at {indptr[0]}, not 0"
-    elif (np.diff(indptr) < 0).any():
-        row = int(np.flatnonzero(np.diff(indptr) < 0)[0])
+    elif (row := _first_decrease(indptr)) is not None:
         problem = f"decreases at row {row} ({indptr[row]} -> {indptr[row + 1]})"
     elif indptr[-1] != nnz:
         problem = f"ends at {indptr[-1]}, but data holds {nnz} entries"
     if problem:
         raise StoreError(f"{where}: {problem} (damaged store)")
     return indptr
+
+
+def _first_decrease(indptr: np.ndarray, step: int = 2**20) -> int | None:
+    """The first row whose pointer is above the next one's, or None; checked in pieces, so that a mapped
+    pointer is never copied whole (8 bytes per cell)."""
+    for a in range(0, indptr.size - 1, step):
+        bad = np.flatnonzero(np.diff(indptr[a : a + step + 1]) < 0)
+        if bad.size:
+            return a + int(bad[0])
+    return None
 
 
 class DenseRows:

@@ -923,6 +923,16 @@ def test_damaged_indptr_is_detected_naming_the_file(store, tmp_path, damage):
         read_all_rows(copy)
 
 
+@pytest.mark.parametrize("row", [0, 2, 3, 5, 8])
+def test_a_decreasing_row_pointer_is_found_in_any_piece(row):
+    from arrayloaders.rows import _first_decrease
+
+    pointer = np.arange(10) * 2
+    pointer[row + 1] = pointer[row] - 1
+    assert _first_decrease(pointer, step=3) == row  # pieces of 3 steps: at, before and past piece ends
+    assert _first_decrease(np.arange(10), step=3) is None
+
+
 @pytest.mark.parametrize("damage", ["flip-payload", "flip-crc32c"])
 def test_damaged_compressed_indptr_of_an_older_store_is_detected_naming_the_file(store, tmp_path, damage):
     copy = with_compressed_indptr(store, tmp_path / "older")
