@@ -107,7 +107,7 @@ def test_a_stopped_parallel_conversion_leaves_no_process_and_no_partial_store(sl
     out = tmp_path / "s"
     script = (
         "import sys\nfrom arrayloaders import create_store_from_h5ads\n"
-        "create_store_from_h5ads(sys.argv[1:-1], sys.argv[-1], progress=False, n_jobs=2, n_obs_per_file=500)\n"
+        "create_store_from_h5ads(sys.argv[1:-1], sys.argv[-1], progress=False, n_jobs=2, n_obs_per_file=100)\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", script, *map(str, slow_inputs), str(out)], start_new_session=True, stderr=subprocess.PIPE
@@ -116,14 +116,19 @@ def test_a_stopped_parallel_conversion_leaves_no_process_and_no_partial_store(sl
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(pattern)) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
+    # Frozen while the signal is chosen: on a busy machine the conversion could otherwise finish (90 files)
+    # between the check that it has not and the signal.
+    os.kill(proc.pid, signal.SIGSTOP)
     children = psutil.Process(proc.pid).children(recursive=True)
     assert len(children) >= 2, "the conversion processes had not started"
+    assert not out.exists(), "the conversion finished before it could be stopped"
     if how == "SIGKILL":
         os.kill(proc.pid, signal.SIGKILL)
     elif how == "SIGINT":
         os.kill(proc.pid, signal.SIGINT)
     else:
         os.killpg(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signal.SIGCONT)
     _, stderr = proc.communicate(timeout=120)
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert alive == [], f"conversion processes outlived the conversion: {alive}"
