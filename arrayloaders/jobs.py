@@ -138,19 +138,17 @@ class Jobs:
                     while waiting and idle:
                         p = idle.pop()
                         p.task = waiting.pop()
-                        p.tasks.send((fn, tasks[p.task]))
+                        try:
+                            p.tasks.send((fn, tasks[p.task]))
+                        except OSError:
+                            raise _died(p, fn, len(tasks)) from None
                         running[p.replies] = p
                     for conn in wait(list(running)):
                         p = running.pop(conn)
                         try:
                             ok, value = conn.recv()
                         except (EOFError, OSError):
-                            code = p.process.wait()
-                            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                            raise JobFailed(
-                                f"a conversion process (pid {p.process.pid}) {how} while running "
-                                f"{fn.__name__} (task {p.task + 1} of {len(tasks)})"
-                            ) from None
+                            raise _died(p, fn, len(tasks)) from None
                         if not ok:
                             raise value
                         results[p.task] = value
@@ -160,6 +158,15 @@ class Jobs:
             except BaseException:  # a task failed, or Ctrl-C: the other tasks' work is discarded anyway
                 self._kill()
                 raise
+
+
+def _died(p: _Process, fn: Callable, n_tasks: int) -> JobFailed:
+    code = p.process.wait()
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    return JobFailed(
+        f"a conversion process (pid {p.process.pid}) {how} while running {fn.__name__} (task {p.task + 1} of "
+        f"{n_tasks})"
+    )
 
 
 # --------------------------------------------------------------------------- the task process

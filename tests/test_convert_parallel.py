@@ -82,6 +82,17 @@ def test_a_process_that_dies_is_an_error_naming_the_task():
         jobs.run(os.abort, [(), ()])
 
 
+def test_a_process_killed_between_runs_is_an_error_naming_the_task():
+    with Jobs(2) as jobs:
+        assert jobs.run(pow, [(2, 1), (2, 2)]) == [2, 4]
+        for p in jobs._processes:  # killed while idle (out of memory, an operator)
+            p.process.kill()
+            p.process.wait()
+        with pytest.raises(JobFailed, match=r"was killed by signal 9 while running pow \(task"):
+            jobs.run(pow, [(2, 3), (2, 4)])
+        assert jobs.run(pow, [(3, 1), (3, 2)]) == [3, 9]  # new processes after it
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "2"])
 def test_n_jobs_must_be_a_positive_int(inputs, tmp_path, bad):
     with pytest.raises(ValueError, match="n_jobs must be a positive int"):
