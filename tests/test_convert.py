@@ -23,12 +23,12 @@ import zarr
 from conftest import N_VARS, SIZES, assert_bit_identical, read_sources, read_store, with_compressed_indptr
 
 from arrayloaders import ConversionWarning, InputFileError, StoreError, XLayout, create_store_from_h5ads, read_manifest
-from arrayloaders.rows import open_rows
-from arrayloaders.shards import COMPLETE_ATTRIBUTE, missing_chunk_files, unwritten_chunks
-from arrayloaders.store import XSource, read_obs
 from arrayloaders.buckets import csr_row_positions
 from arrayloaders.convert import parse_bytes, plan_output_files
 from arrayloaders.example_data import make_example_adata, write_example_h5ads
+from arrayloaders.rows import open_rows
+from arrayloaders.shards import COMPLETE_ATTRIBUTE, missing_chunk_files, unwritten_chunks
+from arrayloaders.store import XSource, read_obs
 
 REPO = Path(__file__).resolve().parents[1]
 

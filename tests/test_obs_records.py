@@ -13,8 +13,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from arrayloaders import InputFileError, create_store_from_h5ads, read_manifest
-from arrayloaders import obs_records
+from arrayloaders import InputFileError, create_store_from_h5ads, obs_records, read_manifest
 from arrayloaders.columns import harmonise_frames, join_columns
 from arrayloaders.obs_records import InputObs, plan_obs
 
