@@ -116,8 +116,11 @@ def test_a_stopped_parallel_conversion_leaves_no_process_and_no_partial_store(sl
     import psutil
 
     out = tmp_path / "s"
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal, even when this suite runs in the background (where
+    # the shell starts it with SIGINT ignored, and children inherit that)
     script = (
-        "import sys\nfrom arrayloaders import create_store_from_h5ads\n"
+        "import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "from arrayloaders import create_store_from_h5ads\n"
         "create_store_from_h5ads(sys.argv[1:-1], sys.argv[-1], progress=False, n_jobs=2, n_obs_per_file=100)\n"
     )
     proc = subprocess.Popen(
@@ -127,8 +130,7 @@ def test_a_stopped_parallel_conversion_leaves_no_process_and_no_partial_store(sl
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(pattern)) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    # Frozen while the signal is chosen: on a busy machine the conversion could otherwise finish (90 files)
-    # between the check that it has not and the signal.
+    # Frozen while it is signalled, so that it cannot finish between the check that it has not and the signal.
     os.kill(proc.pid, signal.SIGSTOP)
     children = psutil.Process(proc.pid).children(recursive=True)
     assert len(children) >= 2, "the conversion processes had not started"
