@@ -107,7 +107,7 @@ def slow_inputs(tmp_path_factory) -> list[Path]:
     return write_example_h5ads(tmp_path_factory.mktemp("slow"), (3000, 3000, 3000), 2000, nnz_per_cell=300)
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT", "SIGINT to the group (Ctrl-C)"])
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT", "SIGINT to the group (Ctrl-C)", "Ctrl-C twice"])
 def test_a_stopped_parallel_conversion_leaves_no_process_and_no_partial_store(slow_inputs, tmp_path, how):
     import subprocess
     import sys
@@ -142,6 +142,12 @@ def test_a_stopped_parallel_conversion_leaves_no_process_and_no_partial_store(sl
     else:
         os.killpg(proc.pid, signal.SIGINT)
     os.kill(proc.pid, signal.SIGCONT)
+    if how == "Ctrl-C twice":  # the second while the first is being handled
+        time.sleep(0.05)
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
     _, stderr = proc.communicate(timeout=120)
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert alive == [], f"conversion processes outlived the conversion: {alive}"
