@@ -54,11 +54,11 @@ from typing import Literal
 import numpy as np
 
 from .errors import WorkerError
-from .load import ALL_GENES, LoadedRows, RowFormat, load_nnz
+from .load import ALL_GENES, LoadedRows, RowFormat, load_nnz, splittable
 from .plan import EpochPlan
 from .ring import Ring, SharedIndptrs, SlotLayout, map_indptrs
 from .store import XSource
-from .worker import POLL_S, Failed, Filled, Task, WorkerConfig, WorkerPool
+from .worker import POLL_S, START_TIMEOUT_S, Failed, Filled, Task, WorkerConfig, WorkerPool
 
 __all__ = ["DEFAULT_TIMEOUT_MARGIN_S", "Engine", "EpochRun", "slot_layout"]
 
@@ -138,6 +138,17 @@ class _Flight:
     load: int
     worker: int
     slot: int
+    first: int | None = None  # a part of a split load: the ticket of its first part (the load's ticket)
+
+
+def split_points(runs: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """``runs`` cut into at most ``parts`` consecutive ranges of about equal rows, none empty."""
+    rows = np.cumsum(runs[:, 2] - runs[:, 1])
+    if rows.size == 0:
+        return [(0, 0)]
+    cuts = np.searchsorted(rows, rows[-1] * np.arange(1, parts) / parts, side="right")
+    bounds = np.unique(np.concatenate([[0], cuts, [rows.size]]))
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
 
 
 class EpochRun:
@@ -185,7 +196,7 @@ class Engine:
     sources
         The X of every added AnnData, in order.
     num_workers
-        Worker processes (started at the first run).
+        Worker processes (started by :meth:`start_workers`, or at the first run).
     memory_budget
         Bytes the ring may use; sets the number of slots (at most ``2 *
         num_workers + 2``, at least 2).
@@ -228,6 +239,7 @@ class Engine:
         self._run: weakref.ref | None = None  # the run using the workers (weak: see run)
         self._slots: list[_Slot] = []
         self._flight: dict[int, _Flight] = {}  # ticket -> where it went
+        self._parts_left: dict[int, int] = {}  # a split load's first ticket -> its parts still in flight
         self._tickets = 0
         self._busy_since: dict[int, float] = {}  # worker -> its last reply, or when it was given work while idle
         self._slowest = 0.0  # seconds of the slowest load a worker reported
@@ -269,6 +281,7 @@ class Engine:
                 run.ended = True
             self.run = None
             self._flight.clear()
+            self._parts_left.clear()
             self._slots = []
             # Called directly (the finalizer runs once only): if a second Ctrl-C cuts this short,
             # the exit hook or the finalizer finishes what is left in _parts.
@@ -295,8 +308,9 @@ class Engine:
     def closed(self) -> bool:
         return self._closed
 
-    def matches(self, sources: tuple[XSource, ...], fmt: RowFormat = ALL_GENES, obsm: tuple = ()) -> bool:
-        return self.sources == sources and self.fmt == fmt and self.obsm == obsm
+    def matches(self, sources: tuple[XSource, ...], fmt: RowFormat = ALL_GENES, obsm: tuple = (), num_workers: int | None = None) -> bool:
+        same = self.sources == sources and self.fmt == fmt and self.obsm == obsm
+        return same and (num_workers is None or num_workers == self.num_workers)
 
     @property
     def in_use(self) -> bool:
@@ -373,15 +387,30 @@ class Engine:
                 if slot.state == "lent":
                     slot.state = "free"
         if self.pool is None:
-            table = None
-            if self._indptrs is not None and any(s.kind == "csr" for s in self.sources):
-                # One copy of the row pointers for all the workers, mapped by each (8 bytes per cell each otherwise).
-                shared = self._parts[2] = SharedIndptrs(self._indptrs)
-                table = shared.table
-                self._shared_indptrs = map_indptrs(table)  # what row_pointers() gives from now on
-            self._indptrs = None  # the dataset's copy: not ours to keep
-            configs = [WorkerConfig(k, self.sources, self.fmt, self.obsm, table) for k in range(self.num_workers)]
-            self.pool = self._parts[0] = WorkerPool(configs)
+            self._start_pool()
+
+    def start_workers(self) -> None:
+        """Start the worker processes now, without waiting for them: they import and open the stores
+        while the caller goes on (building a model, say), instead of at the first batch."""
+        with self.lock:
+            if self.pool is not None or self.closed or os.getpid() != self.owner:
+                return
+            try:
+                self._start_pool()
+            except BaseException:
+                self.close()
+                raise
+
+    def _start_pool(self) -> None:
+        table = None
+        if self._indptrs is not None and any(s.kind == "csr" for s in self.sources):
+            # One copy of the row pointers for all the workers, mapped by each (8 bytes per cell each otherwise).
+            shared = self._parts[2] = SharedIndptrs(self._indptrs)
+            table = shared.table
+            self._shared_indptrs = map_indptrs(table)  # what row_pointers() gives from now on
+        self._indptrs = None  # the dataset's copy: not ours to keep
+        configs = [WorkerConfig(k, self.sources, self.fmt, self.obsm, table) for k in range(self.num_workers)]
+        self.pool = self._parts[0] = WorkerPool(configs)
 
     # ------------------------------------------------------------------ the loop's next load
 
@@ -433,15 +462,27 @@ class Engine:
             if free is None:
                 return
             load = run.loads[run.submitted]
-            worker = load % len(pool)
-            ticket = self._tickets = self._tickets + 1
             spec = run.plan.loads[load]
-            task = Task(ticket, run.plan.epoch, load, free, ring.name(free), ring.layout, spec.runs, run.plan.take(spec))
-            pool.submit(worker, task, f"being given load {load} of epoch {run.plan.epoch}")
-            if not any(f.worker == worker for f in self._flight.values()):
-                self._busy_since[worker] = time.monotonic()
-            self._slots[free] = _Slot("filling", ticket)
-            self._flight[ticket] = _Flight(weakref.ref(run), run.plan.epoch, load, worker, free)
+            take = run.plan.take(spec)
+            # A run's first load is what the first batch waits for: when every worker is idle, each
+            # decodes a part of it, so it is ready in about 1/W of the time.
+            parts = [None]
+            if run.submitted == 0 and not self._flight and len(pool) > 1 and splittable(self.fmt, self.sources[0].kind):
+                parts = split_points(spec.runs, len(pool))
+            first = self._tickets + 1 if len(parts) > 1 else None
+            for k, part in enumerate(parts):
+                worker = k if first is not None else load % len(pool)
+                ticket = self._tickets = self._tickets + 1
+                task = Task(
+                    ticket, run.plan.epoch, load, free, ring.name(free), ring.layout, spec.runs, take, part, first
+                )
+                pool.submit(worker, task, f"being given load {load} of epoch {run.plan.epoch}")
+                if not any(f.worker == worker for f in self._flight.values()):
+                    self._busy_since[worker] = time.monotonic()
+                self._flight[ticket] = _Flight(weakref.ref(run), run.plan.epoch, load, worker, free, first)
+            if first is not None:
+                self._parts_left[first] = len(parts)
+            self._slots[free] = _Slot("filling", first if first is not None else ticket)
             run.submitted += 1
 
     def _replace_oldest_lent(self) -> None:
@@ -459,6 +500,16 @@ class Engine:
             if flight is None:
                 raise WorkerError(f"worker {worker} answered a task it was never given ({message})")
             self._busy_since[worker] = now
+            if flight.first is not None:  # a part of a split load: the load is done with its last part
+                left = self._parts_left[flight.first] - 1
+                run = flight.run()
+                failed_live = isinstance(message, Failed) and run is not None and not run.ended
+                if left and not failed_live:  # (a stale load's slot is free only once no part writes to it)
+                    self._parts_left[flight.first] = left
+                    continue
+                del self._parts_left[flight.first]
+                if isinstance(message, Filled):
+                    message = dataclasses.replace(message, ticket=flight.first)
             slot = self._slots[flight.slot]
             run = flight.run()
             if run is None or run.ended:  # a stale task: nobody reads what it wrote
@@ -478,7 +529,15 @@ class Engine:
     def _check_progress(self) -> None:
         limit, now = self._limit(), time.monotonic()
         for worker in sorted({f.worker for f in self._flight.values()}):
-            silent = now - self._busy_since[worker]
+            started = self.pool.started_at[worker]
+            if started is None:  # still importing and opening the stores: the pool's start limit applies
+                if now - self._busy_since[worker] > START_TIMEOUT_S:
+                    raise WorkerError(
+                        f"worker {worker} (pid {self.pool.processes[worker].pid}, {self.pool.state(worker)}) did not "
+                        f"start within {START_TIMEOUT_S:.0f} s"
+                    )
+                continue
+            silent = now - max(self._busy_since[worker], started)
             if silent > limit:
                 how = f"timeout={self.timeout:g}" if self.timeout is not None else (
                     f"the default: the slowest load so far ({self._slowest:.1f} s) plus {DEFAULT_TIMEOUT_MARGIN_S:.0f} s"

@@ -18,7 +18,7 @@ from .genes import GeneSubset, densify, pick_genes
 from .plan import Load
 from .rows import CsrRows, DenseRows
 
-__all__ = ["LoadedRows", "RowFormat", "load_nnz", "read_load"]
+__all__ = ["LoadedRows", "RowFormat", "load_nnz", "read_load", "splittable"]
 
 INDEX_DTYPE = np.dtype(np.int32)  # column indices as torch's sparse CSR tensors take them
 
@@ -81,6 +81,7 @@ def read_load(
     out: LoadedRows | None = None,
     fmt: RowFormat = ALL_GENES,
     obsm: dict[str, list[DenseRows]] | None = None,
+    part: tuple[int, int] | None = None,
 ) -> LoadedRows:
     """Decode ``load``'s runs and yield the rows ``take`` picks, in its order, into ``out`` or new arrays.
 
@@ -90,20 +91,41 @@ def read_load(
     densified if it says so; the same rows of each obsm array (``obsm``:
     its readers, one per file) come with them. Returns the filled parts,
     sized exactly (views of ``out``'s arrays).
+
+    ``part=(i, j)`` decodes only runs ``i:j`` and writes only the output
+    rows they feed, at their final places (the row pointer is the whole
+    load's): several processes can fill one load's ``out`` side by side,
+    one part each. Only where :func:`splittable` says so.
     """
-    loaded = _read_x(readers, load, take, out, fmt)
+    if part is not None and not splittable(fmt, "csr" if isinstance(readers[0], CsrRows) else "dense"):
+        raise ValueError("this load cannot be read in parts (genes are chosen, or CSR rows densified)")
+    loaded = _read_x(readers, load, take, out, fmt, part)
     for key, key_readers in (obsm or {}).items():
         into = LoadedRows(load, dense=out.obsm[key]) if out is not None else None
-        loaded.obsm[key] = _read_dense(key_readers, load, take, into, None).dense
+        loaded.obsm[key] = _read_dense(key_readers, load, take, into, None, part).dense
     return loaded
 
 
-def _read_x(readers, load: Load, take: np.ndarray, out: LoadedRows | None, fmt: RowFormat) -> LoadedRows:
+def splittable(fmt: RowFormat, kind: str) -> bool:
+    """Whether loads of an X of ``kind`` (``"csr"``, ``"dense"``) in format ``fmt`` can be read in parts:
+    where every output row's place is known before decoding (dense rows; CSR rows of all genes), not
+    where genes are chosen from CSR rows (a row's place depends on the kept entries of the rows before)."""
+    return kind != "csr" or (fmt.genes is None and not fmt.dense)
+
+
+def _read_x(readers, load: Load, take: np.ndarray, out: LoadedRows | None, fmt: RowFormat, part) -> LoadedRows:
     if not isinstance(readers[0], CsrRows):
-        return _read_dense(readers, load, take, out, fmt.genes)
+        return _read_dense(readers, load, take, out, fmt.genes, part)
     if fmt.genes is None and not fmt.dense:
-        return _read_csr(readers, load, take, out)
+        return _read_csr(readers, load, take, out, part)
     return _read_picked(readers, load, take, out, fmt)
+
+
+def _runs_by_file(runs: np.ndarray, part: tuple[int, int] | None) -> list[tuple[int, np.ndarray]]:
+    """(file, indices of its runs) for each file with runs in ``part`` (all runs if ``None``), files in order."""
+    lo, hi = part if part is not None else (0, runs.shape[0])
+    files = runs[lo:hi, 0]
+    return [(f, lo + np.flatnonzero(files == f)) for f in np.unique(files).tolist()]
 
 
 def _outputs(load: Load, take: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -114,14 +136,13 @@ def _outputs(load: Load, take: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     return first_row, outputs, np.searchsorted(take[outputs], first_row)
 
 
-def _read_dense(readers: list[DenseRows], load: Load, take: np.ndarray, out: LoadedRows | None, genes) -> LoadedRows:
+def _read_dense(readers: list[DenseRows], load: Load, take: np.ndarray, out: LoadedRows | None, genes, part=None) -> LoadedRows:
     runs, n = load.runs, take.size
     first_row, outputs, bounds = _outputs(load, take)
     source = readers[0].source
     width = source.n_vars if genes is None else genes.n_vars
     dense = out.dense[:n] if out is not None else np.empty((n, width), source.dtype)
-    for f in np.unique(runs[:, 0]).tolist():
-        mine = np.flatnonzero(runs[:, 0] == f)
+    for f, mine in _runs_by_file(runs, part):
         for i, rows in zip(mine.tolist(), readers[f].runs(runs[mine, 1:])):
             fed = outputs[bounds[i] : bounds[i + 1]]
             picked = rows[take[fed] - first_row[i]]
@@ -139,7 +160,7 @@ def _sampled(readers: list[CsrRows], load: Load, n_read: int) -> bool:
     return all(r.direct for r in readers) and 4 * load.runs.shape[0] > n_read
 
 
-def _read_csr(readers: list[CsrRows], load: Load, take: np.ndarray, out: LoadedRows | None) -> LoadedRows:
+def _read_csr(readers: list[CsrRows], load: Load, take: np.ndarray, out: LoadedRows | None, part=None) -> LoadedRows:
     """CSR rows of ``load``, all genes: each output row's entries copied once from its decoded run."""
     runs, n = load.runs, take.size
     files, rows = _read_rows(runs)
@@ -152,22 +173,23 @@ def _read_csr(readers: list[CsrRows], load: Load, take: np.ndarray, out: LoadedR
         data, indices = out.data[:nnz], out.indices[:nnz]
     else:
         data, indices = np.empty(nnz, readers[0].source.dtype), np.empty(nnz, INDEX_DTYPE)
-    if _sampled(readers, load, rows.size):
-        _gather(readers, files[take], rows[take], indptr[:-1], data, indices)
-        return LoadedRows(load, indptr=indptr, data=data, indices=indices)
     # The output rows each read row feeds: outputs[bounds[i]:bounds[i + 1]] for run i.
     first_row, outputs, bounds = _outputs(load, take)
+    if _sampled(readers, load, rows.size):
+        fed = np.arange(n) if part is None else outputs[bounds[part[0]] : bounds[part[1]]]
+        _gather(readers, files[take[fed]], rows[take[fed]], indptr[fed], data, indices)
+        return LoadedRows(load, indptr=indptr, data=data, indices=indices)
     destination = indptr[:-1].tolist()  # where each output row's entries go
     take_list, outputs_list = take.tolist(), outputs.tolist()
-    for f in np.unique(runs[:, 0]).tolist():
-        mine = np.flatnonzero(runs[:, 0] == f)
+    for f, mine in _runs_by_file(runs, part):
         indptr_f = readers[f].indptr
         for i, (run_data, run_indices) in zip(mine.tolist(), readers[f].runs(runs[mine, 1:])):
             _, a, b = runs[i].tolist()
             starts = (indptr_f[a : b + 1] - indptr_f[a]).tolist()
             r0 = int(first_row[i])
             # One slice copy per output row: rows are kilobytes, so this beats building
-            # a per-entry index (8 bytes per entry, then a fancy-index pass).
+            # a per-entry index (8 bytes per entry, then a fancy-index pass), and costs
+            # as much as a compiled loop (measured: the copy is the memory traffic).
             for p in outputs_list[bounds[i] : bounds[i + 1]]:
                 q = take_list[p] - r0
                 x, y, o = starts[q], starts[q + 1], destination[p]

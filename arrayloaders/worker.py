@@ -39,8 +39,10 @@ if __name__ == "__main__":  # a worker: ignore Ctrl-C before the slow imports be
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -88,6 +90,10 @@ class Task:
     layout: SlotLayout
     runs: np.ndarray  # (k, 3) int64 (file, start, stop)
     take: np.ndarray  # int64, one entry per yielded row
+    # A load split among workers: each decodes runs[i:j] into the same slot, and all record the
+    # first part's ticket in the slot's header (identical bytes, whichever writes last).
+    part: tuple[int, int] | None = None
+    header_ticket: int | None = None
 
 
 @dataclass(frozen=True)
@@ -130,21 +136,24 @@ def exit_description(returncode: int | None) -> str:
 
 
 class WorkerPool:
-    """Starts ``len(configs)`` workers and exchanges messages with them; owned by the main process."""
+    """Starts ``len(configs)`` workers and exchanges messages with them; owned by the main process.
+
+    Starting does not wait: the workers import and open the stores while
+    the caller goes on; tasks may be sent at once (they queue in the pipe).
+    Each worker's :class:`Started` (or its failure to start) is taken from
+    the reply pipe by whichever call reads it next.
+    """
 
     def __init__(self, configs: list[WorkerConfig]):
         self.owner = os.getpid()
         self.processes: list[subprocess.Popen] = []
         self._tasks: list[Connection] = []
         self._replies: list[Connection] = []
+        self.started_at: list[float | None] = []  # when each worker reported it had started (None: not yet)
         self._closed = False
         try:
             for config in configs:
                 self._start(config)
-            for k in range(len(configs)):
-                message = self.receive(k, START_TIMEOUT_S, "starting")
-                if isinstance(message, Failed):
-                    raise WorkerError(f"worker {k} (pid {self.processes[k].pid}) failed to start:\n{message.traceback}")
         except BaseException:
             self.close()
             raise
@@ -170,7 +179,17 @@ class WorkerPool:
         self.processes.append(process)
         self._tasks.append(task_w)
         self._replies.append(reply_r)
+        self.started_at.append(None)
         task_w.send(config)
+
+    def _message(self, k: int, message):
+        """``message`` of worker ``k``, or ``None`` for its :class:`Started` (consumed here: starting does not block)."""
+        if isinstance(message, Started):
+            self.started_at[k] = time.monotonic()
+            return None
+        if isinstance(message, Failed) and message.ticket == -1:
+            raise WorkerError(f"worker {k} (pid {self.processes[k].pid}) failed to start:\n{message.traceback}")
+        return message
 
     def __len__(self) -> int:
         return len(self.processes)
@@ -198,17 +217,22 @@ class WorkerPool:
             raise self._dead(k, doing) from e
 
     def receive(self, k: int, timeout: float, doing: str):
-        """The next message of worker ``k``, waiting at most ``timeout`` seconds."""
+        """The next message of worker ``k`` (after its :class:`Started`), waiting at most ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        while not self._replies[k].poll(min(POLL_S, max(0.0, deadline - time.monotonic()))):
-            if self.processes[k].poll() is not None:
-                raise self._dead(k, doing)
-            if time.monotonic() >= deadline:
-                raise WorkerError(f"worker {k} (pid {self.processes[k].pid}) sent nothing for {timeout:.0f} s while {doing}")
-        try:
-            return self._replies[k].recv()
-        except (EOFError, OSError) as e:
-            raise self._dead(k, doing) from e
+        while True:
+            while not self._replies[k].poll(min(POLL_S, max(0.0, deadline - time.monotonic()))):
+                if self.processes[k].poll() is not None:
+                    raise self._dead(k, doing)
+                if time.monotonic() >= deadline:
+                    raise WorkerError(
+                        f"worker {k} (pid {self.processes[k].pid}) sent nothing for {timeout:.0f} s while {doing}"
+                    )
+            try:
+                message = self._message(k, self._replies[k].recv())
+            except (EOFError, OSError) as e:
+                raise self._dead(k, doing) from e
+            if message is not None:
+                return message
 
     def wait_any(self, workers: list[int], doing: Callable[[int], str], timeout: float = POLL_S) -> list[tuple[int, object]]:
         """Messages from any of ``workers`` that arrive within ``timeout`` seconds (maybe none).
@@ -223,9 +247,11 @@ class WorkerPool:
             conn = self._replies[k]
             if conn in ready:
                 try:
-                    out.append((k, conn.recv()))
+                    message = self._message(k, conn.recv())
                 except (EOFError, OSError) as e:
                     raise self._dead(k, doing(k)) from e
+                if message is not None:
+                    out.append((k, message))
         if not out:
             for k in workers:
                 if self.processes[k].poll() is not None:
@@ -243,7 +269,11 @@ class WorkerPool:
                 pass
         deadline = time.monotonic() + STOP_TIMEOUT_S
         try:
-            for process in self.processes:
+            for k, process in enumerate(self.processes):
+                if self.started_at[k] is None and not self._replies[k].poll():
+                    # Still importing (workers start when a store is added: a second add_store comes
+                    # at once): it holds nothing yet, so it is not worth waiting for.
+                    process.kill()
                 try:
                     process.wait(timeout=max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
@@ -291,9 +321,10 @@ class _Decoder:
         load = Load(task.load, task.runs, 0, task.take.size, task.take)
         arrays = self.slot(task)
         out = LoadedRows(load, arrays.indptr, arrays.data, arrays.indices, arrays.dense, obsm=arrays.obsm)
-        rows = read_load(self.readers, load, task.take, out, self.config.fmt, self.obsm)
+        rows = read_load(self.readers, load, task.take, out, self.config.fmt, self.obsm, task.part)
         nnz = int(rows.indptr[-1]) if rows.indptr is not None else 0
-        arrays.header[:] = (task.ticket, task.load, load.n_rows, nnz)
+        ticket = task.ticket if task.header_ticket is None else task.header_ticket
+        arrays.header[:] = (ticket, task.load, load.n_rows, nnz)
         return Filled(self.config.worker, task.ticket, task.load, task.slot, load.n_rows, nnz, time.monotonic() - start)
 
 
@@ -336,12 +367,20 @@ def _serve(tasks: Connection, replies: Connection, parent: int) -> bool:
         replies.send(Failed(config.worker, -1, -1, traceback.format_exc()))
         return True  # the main process reads the failure and closes the pool
     replies.send(Started(config.worker, os.getpid()))
+    # A thread takes tasks off the pipe as soon as they come: a task carries its load's take (8 bytes
+    # a row), so a few queued ones fill the pipe, and the main process would block sending the next
+    # until this worker had finished decoding, instead of handing out the batches it already has.
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_take_tasks, args=(tasks, inbox), name="tasks", daemon=True).start()
     while True:
-        if not tasks.poll(POLL_S):
+        try:
+            task = inbox.get(timeout=POLL_S)
+        except queue.Empty:
             if os.getppid() != parent:
                 return False
             continue
-        task = tasks.recv()
+        if isinstance(task, BaseException):
+            raise task  # EOF: the main process is gone
         if task is None:
             return True
         try:
@@ -350,6 +389,18 @@ def _serve(tasks: Connection, replies: Connection, parent: int) -> bool:
             where = f"decoding load {task.load} of epoch {task.epoch}"
             reply = Failed(config.worker, task.ticket, task.load, f"{where}:\n{traceback.format_exc()}")
         replies.send(reply)
+
+
+def _take_tasks(tasks: Connection, inbox: queue.SimpleQueue) -> None:
+    """Move tasks from the pipe to ``inbox`` until ``None`` (stop) or the pipe fails (its error is queued)."""
+    try:
+        while True:
+            task = tasks.recv()
+            inbox.put(task)
+            if task is None:
+                return
+    except BaseException as e:  # noqa: BLE001 - handed to the serving thread, which decides
+        inbox.put(e)
 
 
 if __name__ == "__main__":

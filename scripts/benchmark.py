@@ -42,7 +42,10 @@ Three figures per loader: the *first epoch* (cells over the time from
 building the loader to the end of its first epoch: opening the store,
 starting workers, everything), the *steady state* (the last epoch, workers
 up) and the *first batch* (seconds from the first ``next()`` of the first
-epoch). *Warm*: the store's files are read into the page cache first and
+epoch). ``--model-s S`` puts S seconds of "building the model" (a sleep)
+between building each loader and its first ``next()``, as a training
+script does; they count in neither figure, so a loader that starts its
+work in the background meanwhile (arrayloaders' workers) shows it. *Warm*: the store's files are read into the page cache first and
 the loader runs ``--epochs`` epochs in one process. *Cold*: the store's
 pages are evicted with ``posix_fadvise(POSIX_FADV_DONTNEED)`` and the
 loader runs one epoch (so steady is that epoch without the set-up). Each
@@ -138,9 +141,10 @@ def run_arrayloaders(store: Path, args) -> dict:
         ds = ds.subset(sampler=torch.utils.data.WeightedRandomSampler(ds.class_weights("cell_type"), num_samples=n))
     elif args.selection == "permutation":
         ds = ds.subset(sampler=torch.utils.data.RandomSampler(range(n)))
+    setup_s = time.perf_counter() - setup
+    time.sleep(args.model_s)  # the user building a model: the workers start meanwhile
     with ds:
-        return epochs_of(lambda: on_cuda(ds) if cuda else ds, args.epochs, lambda b: b[0].shape[0],
-                         time.perf_counter() - setup)  # fmt: skip
+        return epochs_of(lambda: on_cuda(ds) if cuda else ds, args.epochs, lambda b: b[0].shape[0], setup_s)
 
 
 def on_cuda(batches):
@@ -450,7 +454,7 @@ def command(name: str, source: Path, args, epochs: int) -> list[str]:
                  "--epochs", str(epochs)]  # fmt: skip
         gpu = ["--gpu"] if args.to == "cuda" else []
         return [str(ANNBATCH_PYTHON), runner, "load", "--store", str(source), *sizes, "--obs-key", "cell_type",
-                "--setting", "zarrs", *gpu]  # fmt: skip
+                "--setting", "zarrs", "--pause-s", str(args.model_s), *gpu]  # fmt: skip
     child, workers, extra = name, "0", []
     if name.startswith("arrayloaders-w"):
         child, _, variant = name.removeprefix("arrayloaders-").partition("-")
@@ -460,7 +464,7 @@ def command(name: str, source: Path, args, epochs: int) -> list[str]:
         else:
             extra = ["--dense"] if variant == "dense" else ["--selection", variant] if variant else []
     return [sys.executable, __file__, "--child", child, "--store", str(source), *sizes, "--workers", workers, *extra,
-            "--to", args.to]  # fmt: skip
+            "--to", args.to, "--model-s", str(args.model_s)]  # fmt: skip
 
 
 def measure(name: str, source: Path, cache: str, args) -> dict:
@@ -595,6 +599,8 @@ def main() -> None:
     p.add_argument("--loaders", nargs="+", choices=LOADERS, default=list(LOADERS), help="which to measure (default: all)")
     p.add_argument("--cache", nargs="+", choices=["warm", "cold"], default=["warm", "cold"])
     p.add_argument("--reconvert", action="store_true", help="rebuild the stores even if they exist")
+    p.add_argument("--model-s", type=float, default=0.0,
+                   help="seconds between building each loader and its first batch, as if building a model (default 0)")
     p.add_argument("--memory-interval", type=float, default=0.5, help="seconds between memory samples (default 0.5)")
     p.add_argument("--to", choices=["cpu", "cuda"], default="cpu",
                    help="where batches are delivered: 'cuda' pins arrayloaders' batches and copies them to the GPU, "
@@ -650,7 +656,8 @@ def main() -> None:
                           values_conversion))  # fmt: skip
     report = [f"Data: {args.n_files} x {args.cells_per_file} cells x {args.n_vars} genes, ~{args.nnz} non-zeros per cell; "
               f"batch {args.batch_size}, chunk {args.chunk_size}, preload {args.preload_nchunks}; "
-              f"median of {args.repeats}; {os.cpu_count()} cores; batches delivered to {args.to}.", "",
+              f"median of {args.repeats}; {os.cpu_count()} cores; batches delivered to {args.to}; "
+              f"{args.model_s:g} s of model building between each loader's set-up and its first batch.", "",
               stores_table(stores)]  # fmt: skip
     for cache, res in results.items():
         report += ["", table(res, cache)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -20,9 +21,11 @@ import psutil
 import pytest
 import torch
 from conftest import tensor_parts, with_compressed_indptr, worker_pids
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from arrayloaders import ZarrDenseDataset, ZarrSparseDataset, create_store_from_h5ads
-from arrayloaders.engine import DEFAULT_TIMEOUT_MARGIN_S, Engine
+from arrayloaders import WorkerError, ZarrDenseDataset, ZarrSparseDataset, create_store_from_h5ads
+from arrayloaders.engine import DEFAULT_TIMEOUT_MARGIN_S, Engine, split_points
 from arrayloaders.ring import Segment, SlotLayout, segment_names
 
 CHILD = Path(__file__).with_name("engine_child.py")
@@ -446,3 +449,156 @@ def test_a_forked_child_leaves_the_parents_loader_intact(store):
     assert out["segments_after"] == out["segments_before"] >= 2  # the child's exit unlinked none of ours
     assert out["parent_epoch_ok"] and out["workers_after"] == out["workers"]
     assert out["segments"] == [] and out["children"] == []
+
+
+# --------------------------------------------------------------------------- start-up: early workers, split first load
+
+
+def test_workers_start_when_the_store_is_added_and_serve_the_first_loop(store):
+    ds = ZarrSparseDataset(50, 8, 12, num_workers=2).add_store(store)
+    started = worker_pids()
+    assert len(started) == 2  # before any iteration: they import while the user builds a model
+    assert sum(1 for _ in ds) == len(ds)
+    assert worker_pids() == started  # the same processes served the loop
+    ds.close()
+    assert worker_pids() == [] and segment_names(os.getpid()) == []
+
+
+def test_a_dataset_without_workers_starts_none(store):
+    ZarrSparseDataset(50, 8, 12, num_workers=0).add_store(store)
+    assert worker_pids() == []
+
+
+def test_adding_a_second_store_replaces_the_starting_workers(store):
+    ds = ZarrSparseDataset(50, 8, 12, num_workers=2, return_index=True).add_store(store)
+    first = worker_pids()
+    ds.add_store(store)  # the first pair is still importing: stopped at once, a pair for both stores started
+    second = worker_pids()
+    assert len(second) == 2 and not set(first) & set(second)
+    rows = torch.cat([i for _, _, i in ds])
+    assert torch.equal(rows.sort().values, torch.arange(2 * 1000))
+    assert worker_pids() == second
+    ds.close()
+
+
+def test_a_worker_that_cannot_open_the_store_is_reported_at_the_first_batch(store, tmp_path, monkeypatch):
+    from arrayloaders import worker
+
+    gone = Path(shutil.copytree(store, tmp_path / "gone"))
+    gone_sources = tuple(ZarrSparseDataset(50, 8, 12, num_workers=0).add_store(gone)._sources)
+    shutil.rmtree(gone)
+    start = worker.WorkerPool._start
+
+    def start_on_a_deleted_store(self, config):  # the store vanishes between add_store and the worker opening it
+        start(self, dataclasses.replace(config, sources=gone_sources))
+
+    monkeypatch.setattr(worker.WorkerPool, "_start", start_on_a_deleted_store)
+    ds = ZarrSparseDataset(50, 8, 12, num_workers=2).add_store(store)  # does not wait for the workers
+    with pytest.raises(WorkerError, match=r"worker \d \(pid \d+\) failed to start:(.|\n)*gone"):
+        next(iter(ds))
+    assert worker_pids() == [] and segment_names(os.getpid()) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 40), max_size=30), st.integers(1, 8))
+def test_split_points_cover_the_runs_in_order_with_none_empty(lengths, parts):
+    runs = np.array([[0, 0, n] for n in lengths], dtype=np.int64).reshape(-1, 3)
+    got = split_points(runs, parts)
+    if not lengths:
+        assert got == [(0, 0)]
+        return
+    assert got[0][0] == 0 and got[-1][1] == len(lengths) and 1 <= len(got) <= parts
+    assert all(a < b for a, b in got) and all(b == c for (_, b), (c, _) in zip(got, got[1:]))
+    rows = [sum(lengths[a:b]) for a, b in got]
+    assert max(rows) <= sum(lengths) / parts + max(lengths)  # no part holds much more than its share
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+@pytest.mark.parametrize("selection", ["all", "subset", "sampler"])
+@pytest.mark.parametrize("n_parts", [2, 3, 7])
+def test_a_load_read_in_parts_equals_the_whole_load(store, dense_store, kind, selection, n_parts):
+    """Several workers filling one slot side by side, a part of the runs each, write exactly the whole load."""
+    from arrayloaders.load import LoadedRows, read_load
+    from arrayloaders.plan import plan_epoch
+
+    cls, path = (ZarrSparseDataset, store) if kind == "sparse" else (ZarrDenseDataset, dense_store)
+    n_obs = ZarrSparseDataset(num_workers=0).add_store(store).n_obs if kind == "sparse" else 210
+    rng = np.random.default_rng(n_parts)
+    kw = {
+        "all": {},
+        "subset": {"cells": np.sort(rng.choice(n_obs, n_obs // 3, replace=False))},
+        "sampler": {"sampler": rng.integers(0, n_obs, 150)},  # repeats, runs of a few rows: the gather path
+    }[selection]
+    ds = cls(40, 4, 6, num_workers=0, **kw).add_store(path)
+    readers, fmt = ds._open_readers(), ds._row_format()
+    config = ds._plan_config()
+    plan = plan_epoch(config, 0, cells=ds._cells(), sequence=ds._sample(0) if ds.sampler is not None else None)
+    def unwritten(whole):  # -1: no value of the example data
+        if whole.dense is not None:
+            return LoadedRows(whole.load, dense=np.full_like(whole.dense, -1))
+        nnz = whole.data.size
+        return LoadedRows(whole.load, np.zeros(whole.indptr.size, np.int64), np.full(nnz, -1, whole.data.dtype), np.full(nnz, -1, np.int32))
+
+    def written(out):
+        return (out.dense != -1).any(axis=1) if out.dense is not None else out.data != -1
+
+    for spec in plan.loads[:3]:
+        take = plan.take(spec)
+        whole = read_load(readers.x, spec, take, fmt=fmt)
+        parts = split_points(spec.runs, n_parts)
+        assert len(parts) > 1
+        out = unwritten(whole)
+        for part in parts[::-1]:  # in any order
+            read_load(readers.x, spec, take, out, fmt, part=part)
+        if whole.dense is not None:
+            assert out.dense.tobytes() == whole.dense.tobytes()
+        else:
+            assert np.array_equal(out.indptr, whole.indptr)
+            assert out.data.tobytes() == whole.data.tobytes() and np.array_equal(out.indices, whole.indices)
+        # each part writes its own rows only: together exactly once
+        alone = [written(read_load(readers.x, spec, take, unwritten(whole), fmt, part=part)) for part in parts]
+        assert np.array_equal(np.sum(alone, axis=0), np.ones_like(alone[0], dtype=int))
+
+
+def test_loads_that_choose_genes_are_not_read_in_parts(store):
+    from arrayloaders.load import read_load
+    from arrayloaders.plan import plan_epoch
+
+    genes = ZarrSparseDataset(num_workers=0).add_store(store).var_names[[0, 2, 5]]
+    ds = ZarrSparseDataset(40, 4, 6, num_workers=0, var_names=genes).add_store(store)
+    spec = plan_epoch(ds._plan_config(), 0).loads[0]
+    with pytest.raises(ValueError, match="cannot be read in parts"):
+        read_load(ds._open_readers().x, spec, np.arange(spec.n_rows), fmt=ds._row_format(), part=(0, 1))
+
+
+@pytest.mark.parametrize("ended", [False, True], ids=["live", "stale"])
+@pytest.mark.parametrize("last_fails", [False, True])
+def test_a_split_load_is_ready_or_free_only_when_every_part_is_back(ended, last_fails):
+    """The slot of a split load must not be handed out (or, if its loop was abandoned, refilled) while
+    some part may still write into it."""
+    from arrayloaders.engine import EpochRun, _Flight, _Slot
+    from arrayloaders.worker import Failed, Filled
+
+    engine = Engine((), 3, 2**20)
+    run = EpochRun(engine, None, [0], 0)
+    run.ended = ended
+    first = 10
+    engine._slots = [_Slot("filling", first)]
+    engine._flight = {first + k: _Flight(weakref.ref(run), 0, 0, k, 0, first) for k in range(3)}
+    engine._parts_left = {first: 3}
+    engine._busy_since = dict.fromkeys(range(3), 0.0)
+    for k in (2, 0):
+        engine._receive([(k, Filled(k, first + k, 0, 0, 40, 400, 0.1))])
+        assert engine._slots[0].state == "filling" and run.ready == {}
+    last = Failed(1, first + 1, 0, "Traceback: boom") if last_fails else Filled(1, first + 1, 0, 0, 40, 400, 0.1)
+    if last_fails and not ended:
+        engine.pool = type("Pool", (), {"processes": [None, type("P", (), {"pid": 1})()]})()
+        with pytest.raises(WorkerError, match="boom"):
+            engine._receive([(1, last)])
+        return
+    engine._receive([(1, last)])
+    assert engine._parts_left == {} and engine._flight == {}
+    if ended:
+        assert engine._slots[0].state == "free"
+    else:
+        assert engine._slots[0].state == "ready" and run.ready[0].ticket == first  # the ticket in the slot's header
