@@ -41,22 +41,25 @@ class ObsColumns:
       (first-seen order), so one label has one code across files; a
       missing label is code ``-1``. They are held in the smallest int dtype
       that fits (1 byte per cell for up to 127 labels) and yielded as int64.
-    - Numbers keep their dtype (bool, ints, floats).
+    - Columns in ``as_codes`` become codes whatever their dtype: numbers
+      (a batch or donor id stored as an int) get their distinct values,
+      sorted, as categories.
+    - Other numbers keep their dtype (bool, ints, floats).
     - Nullable numbers (pandas ``Int64``, ``boolean``, ``Float64``... : the
       converter writes a column so when it has missing values) become
       float64 with NaN for the missing values; integers beyond 2**53, which
       float64 cannot hold exactly, are refused.
     """
 
-    def __init__(self, keys: list[str]):
-        self.keys = keys
+    def __init__(self, keys: list[str], as_codes: tuple[str, ...] = ()):
+        self.keys, self.as_codes = keys, as_codes
         self.categories: dict[str, list] = {}
         self._parts: dict[str, list[pd.Series]] = {k: [] for k in keys}
         self.values: dict[str, np.ndarray] = {}
 
     def copy(self) -> ObsColumns:
         """A copy that can be added to without changing this one (the arrays are shared until then)."""
-        new = ObsColumns(self.keys)
+        new = ObsColumns(self.keys, self.as_codes)
         new.categories, new.values = dict(self.categories), dict(self.values)
         new._parts = {k: list(v) for k, v in self._parts.items()}
         return new
@@ -73,8 +76,11 @@ class ObsColumns:
 
     def _build(self) -> None:
         for k, parts in self._parts.items():
-            if any(isinstance(p.dtype, pd.CategoricalDtype) or p.dtype.kind not in "biuf" for p in parts):
+            text = any(isinstance(p.dtype, pd.CategoricalDtype) or p.dtype.kind not in "biuf" for p in parts)
+            if text or k in self.as_codes:
                 cats = pd.Index(pd.unique(np.concatenate([_categories(p) for p in parts])))
+                if not text:  # numbers: in increasing order, so batch 3 has a lower code than batch 10
+                    cats = cats.sort_values()
                 self.categories[k] = list(cats)
                 dtype = next(t for t in (np.int8, np.int16, np.int32, np.int64) if len(cats) <= np.iinfo(t).max)
                 self.values[k] = np.concatenate([_codes(p, cats, dtype) for p in parts])

@@ -60,7 +60,8 @@ def _x_source(adata: ad.AnnData, i: int, layer: str | None = None) -> XSource:
     if layer is None:
         return _element_source(adata.X, where)
     if layer not in adata.layers:
-        raise ValueError(f"{where} has no layer {layer!r}; its layers: {list(adata.layers)}")
+        # anndata 0.13 lists X among the layers, as None
+        raise ValueError(f"{where} has no layer {layer!r}; its layers: {[k for k in adata.layers if k is not None]}")
     return _element_source(adata.layers[layer], f"{where} layers[{layer!r}]")
 
 
@@ -476,6 +477,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         adatas: Sequence[ad.AnnData],
         obs_keys: str | Sequence[str] | None = None,
         obsm_keys: str | Sequence[str] | None = None,
+        obs_codes: str | Sequence[str] | None = None,
     ):
         """Add AnnData objects whose X is zarr-backed; returns the dataset.
 
@@ -493,6 +495,12 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
             the obs dict, as (batch, k) tensors (float32 unless stored as a
             float). The workers read their rows along with X, so they need
             not fit in memory. Given any, obs is always a dict.
+        obs_codes
+            obs column(s), among ``obs_keys``, yielded as int64 codes into
+            :attr:`categories` whatever their dtype: a batch or donor id
+            stored as an int gets its distinct values, sorted, as
+            categories (``-1`` where missing), ready for an embedding or a
+            loss. Text columns are codes anyway.
         """
         adatas = list(adatas)
         if not adatas:
@@ -509,13 +517,14 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
             key: [_obsm_source(a, len(self._sources) + i, key) for i, a in enumerate(adatas)]
             for key in _key_list(obsm_keys)
         }
-        return self._add(sources, [a.obs for a in adatas], var, obs_keys, obsm)
+        return self._add(sources, [a.obs for a in adatas], var, obs_keys, obsm, obs_codes)
 
     def _add(
-        self, sources: list[XSource], frames: list[pd.DataFrame], var: pd.Index, obs_keys, obsm: dict[str, list[XSource]]
-    ) -> _ZarrDataset:
+        self, sources: list[XSource], frames: list[pd.DataFrame], var: pd.Index, obs_keys, obsm: dict[str, list[XSource]],
+        obs_codes=None,
+    ) -> _ZarrDataset:  # fmt: skip
         """Add matrices with their obs frames and obsm arrays; ``var``: their (shared) var_names."""
-        self._obs_keys(obs_keys)  # validates and fixes the keys on first use
+        self._obs_keys(obs_keys, obs_codes)  # validates and fixes the keys on first use
         if self._obsm is not None and list(obsm) != list(self._obsm):
             raise ValueError(f"obsm_keys {list(obsm)} differ from those given before ({list(self._obsm)})")
         for key, key_sources in obsm.items():
@@ -547,6 +556,8 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         self._cells_checked = None
         # New sources, new workers: loops already running keep the old ones until they end.
         self._runtime = _Runtime()
+        if self.num_workers > 0:
+            self._engine(self._window()).start_workers()
         return self
 
     def add_store(
@@ -554,12 +565,13 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         path: str | os.PathLike,
         obs_keys: str | Sequence[str] | None = None,
         obsm_keys: str | Sequence[str] | None = None,
+        obs_codes: str | Sequence[str] | None = None,
     ):
         """Add every file of a store made by ``create_store_from_h5ads``, in file order.
 
         The store is checked against its manifest; a directory without one
-        (not a store, or an unfinished conversion) is refused. ``obs_keys``
-        and ``obsm_keys`` as for :meth:`add_anndatas`.
+        (not a store, or an unfinished conversion) is refused. ``obs_keys``,
+        ``obsm_keys`` and ``obs_codes`` as for :meth:`add_anndatas`.
         """
         manifest = read_manifest(path)  # checks the files against it: shapes, dtypes, every chunk there
         keys = _key_list(obs_keys)
@@ -570,15 +582,21 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         # only the columns asked for; names a damaged array
         frames = [read_obs(path, f["name"], columns=keys, index=False) for f in manifest.files]
         obsm = {key: [_store_obsm_source(path, f["name"], key) for f in manifest.files] for key in _key_list(obsm_keys)}
-        return self._add(sources, frames, pd.Index(manifest.var_names), obs_keys, obsm)
+        return self._add(sources, frames, pd.Index(manifest.var_names), obs_keys, obsm, obs_codes)
 
-    def _obs_keys(self, obs_keys) -> list[str]:
-        keys = _key_list(obs_keys)
+    def _obs_keys(self, obs_keys, obs_codes=None) -> list[str]:
+        keys, codes = _key_list(obs_keys), tuple(_key_list(obs_codes))
+        stray = [k for k in codes if k not in keys]
+        if stray:
+            raise ValueError(f"obs_codes {stray} are not among obs_keys {keys}: name each column in obs_keys too")
         if self._obs is None:
-            self._obs = ObsColumns(keys)
+            self._obs = ObsColumns(keys, codes)
             self._single_key = isinstance(obs_keys, str)
-        elif keys != self._obs.keys:
-            raise ValueError(f"obs_keys {keys} differ from those given before ({self._obs.keys})")
+        elif keys != self._obs.keys or set(codes) != set(self._obs.as_codes):
+            raise ValueError(
+                f"obs_keys {keys} (obs_codes {list(codes)}) differ from those given before "
+                f"({self._obs.keys}, obs_codes {list(self._obs.as_codes)})"
+            )
         return keys
 
     # ------------------------------------------------------------------ epochs
@@ -697,6 +715,16 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
                 f"{n_obs} cells (rows are numbered as return_index numbers them)"
             )
         return sequence
+
+    @property
+    def batch_sampler(self) -> None:
+        """``None``: the dataset makes its own batches.
+
+        A ``DataLoader`` attribute: Lightning reads it of any dataloader
+        with a ``sampler`` attribute, as this dataset has, when the dataset
+        itself is the dataloader.
+        """
+        return None
 
     def subset(self, cells=None, sampler: Iterable[int] | None = None) -> _ZarrDataset:
         """A dataset over the same sources and settings with another selection (``cells`` or ``sampler``).
@@ -864,22 +892,30 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
             self._fmt = _row_format(self._var_names, self._genes_given, self._dense_output, _label(self._sources[0]))
         return self._fmt
 
-    def _start_run(self, plan: EpochPlan, loads: list[int], seq: int) -> EpochRun | None:
-        """The workers for ``loads`` of ``plan``, or ``None`` while they serve another loop."""
+    def _engine(self, window: int) -> Engine | None:
+        """This process's engine for the current sources and settings, made if needed (workers not yet
+        started); ``None`` while a loop still uses one made for other sources or settings."""
         rt, sources, fmt, obsm = self._rt(), tuple(self._sources), self._row_format(), self._obsm_sources()
         with rt.lock:
             engine = rt.engine
-            if engine is None or engine.closed or not engine.matches(sources, fmt, obsm):
+            if engine is None or engine.closed or not engine.matches(sources, fmt, obsm, self.num_workers):
                 if engine is not None and engine.in_use:
                     return None  # the sources or settings changed under a running loop: let it finish
                 if engine is not None:
                     engine.close()
                 engine = rt.engine = Engine(
-                    sources, self.num_workers, self.memory_budget, self.timeout, plan.window, fmt, obsm, self._indptrs()
+                    sources, self.num_workers, self.memory_budget, self.timeout, window, fmt, obsm, self._indptrs()
                 )
                 # The engine shares them with its workers; a loop reading in its own thread reads them again.
                 rt.indptrs = None
-        source = self._sources[0]
+        return engine
+
+    def _start_run(self, plan: EpochPlan, loads: list[int], seq: int) -> EpochRun | None:
+        """The workers for ``loads`` of ``plan``, or ``None`` while they serve another loop."""
+        engine = self._engine(plan.window)
+        if engine is None:
+            return None
+        source, fmt, obsm = self._sources[0], self._row_format(), self._obsm_sources()
         return engine.start(plan, loads, seq, lambda: slot_layout(source, engine.row_pointers(), plan, fmt, obsm))
 
     def close(self) -> None:
@@ -966,7 +1002,9 @@ class ZarrSparseDataset(_ZarrDataset):
         per core this process may use, divided among the ``LOCAL_WORLD_SIZE``
         ranks of the node under DDP, at most 16; ``0`` reads in the main
         process). The batches are the same for every value. Workers start
-        at the first loop and stay up across loops and epochs, whether a
+        when the dataset is filled (``add_store``/``add_anndatas``), without
+        waiting for them, so they import and open the store while you build
+        your model; they stay up across loops and epochs, whether a
         loop is exhausted, stopped at ``len(ds)`` or left with ``break``;
         they stop on :meth:`close`, on an error or Ctrl-C inside the loader,
         and when the dataset is garbage collected. They serve one loop at a

@@ -32,6 +32,11 @@ LAYOUT = XLayout(
 )
 
 
+def layer_names(adata: ad.AnnData) -> list:
+    """The layers of an AnnData, in order; anndata 0.13 also lists X among them, as None."""
+    return [k for k in adata.layers if k is not None]
+
+
 def convert(paths, out, **kw):
     kw.setdefault("progress", False)
     kw.setdefault("layout", LAYOUT)
@@ -157,7 +162,7 @@ def test_layers_and_obsm_round_trip_bit_identical_and_shuffled_with_x(each_x):
     seen = []
     for f in chunk_files(store):
         one = ad.read_zarr(f)  # plain anndata opens it, layers and obsm in place
-        assert set(one.layers) == {"counts", "scaled"} and set(one.obsm) == {"X_pca", "id"}
+        assert set(layer_names(one)) == {"counts", "scaled"} and set(one.obsm) == {"X_pca", "id"}
         mine = src[one.obs_names]
         assert_bit_identical(one.X, mine.X)
         assert sp.issparse(one.layers["counts"]) and isinstance(one.layers["scaled"], np.ndarray)
@@ -258,7 +263,7 @@ def test_explicit_selection_keeps_only_those_without_a_warning(inputs, tmp_path)
     m = read_manifest(out)
     assert list(m.layers) == ["scaled"] and m.obsm == {}
     one = ad.read_zarr(chunk_files(out)[0])
-    assert list(one.layers) == ["scaled"] and list(one.obsm) == []
+    assert layer_names(one) == ["scaled"] and list(one.obsm) == []
     out = convert(inputs, tmp_path / "t", layers="counts", obsm_keys=["id"])  # one name as a str
     assert list(read_manifest(out).layers) == ["counts"] and list(read_manifest(out).obsm) == ["id"]
 

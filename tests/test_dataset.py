@@ -273,6 +273,30 @@ def test_obs_of_every_dtype_reaches_the_batches(mixed_obs_store, num_workers):
     np.testing.assert_array_equal(got["score"].view(np.uint32), src["score"].to_numpy().view(np.uint32))
 
 
+def test_obs_codes_turn_columns_of_any_dtype_into_codes(mixed_obs_store):
+    """A batch id stored as an int (or nullable int, or bool) is yielded as codes into its sorted values,
+    -1 where missing, ready for an embedding: no hand encoding."""
+    store, source = mixed_obs_store
+    keys = ["count", "flag", "only_a", "label", "score"]
+    names = read_store(store).obs_names
+    ds = ZarrSparseDataset(16, 4, 4, return_index=True, num_workers=0).add_store(
+        store, obs_keys=keys, obs_codes=["count", "flag", "only_a", "label"]
+    )
+    assert ds.categories["count"] == list(range(9)) and ds.categories["flag"] == [False, True]
+    assert ds.categories["only_a"] == list(range(60))
+    batches = list(ds)
+    src = source.obs.loc[names[torch.cat([i for *_, i in batches]).numpy()]]
+    for k in ("count", "flag", "only_a", "label"):
+        got = torch.cat([obs[k] for _, obs, _ in batches]).numpy()
+        assert got.dtype == np.int64
+        cats = np.array(ds.categories[k] + [None], dtype=object)
+        expected = src[k].astype(object).where(src[k].notna(), None).to_numpy()
+        assert (cats[got] == expected).all() and (got == -1).sum() == src[k].isna().sum()
+    assert torch.cat([obs["score"] for _, obs, _ in batches]).dtype == torch.float32  # not asked: kept
+    with pytest.raises(ValueError, match=r"obs_codes \['batch'\] are not among obs_keys"):
+        ZarrSparseDataset(num_workers=0).add_store(store, obs_keys=["count"], obs_codes=["batch"])
+
+
 @pytest.mark.parametrize("n_labels, held", [(5, np.int8), (127, np.int8), (128, np.int16), (40_000, np.int32)])
 def test_obs_codes_are_held_compact_and_yielded_as_int64(n_labels, held):
     # The main process holds every cell's codes: 1 byte per cell for a few labels, not 8.
