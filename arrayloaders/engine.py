@@ -308,7 +308,9 @@ class Engine:
     def closed(self) -> bool:
         return self._closed
 
-    def matches(self, sources: tuple[XSource, ...], fmt: RowFormat = ALL_GENES, obsm: tuple = (), num_workers: int | None = None) -> bool:
+    def matches(
+        self, sources: tuple[XSource, ...], fmt: RowFormat = ALL_GENES, obsm: tuple = (), num_workers: int | None = None
+    ) -> bool:
         same = self.sources == sources and self.fmt == fmt and self.obsm == obsm
         return same and (num_workers is None or num_workers == self.num_workers)
 

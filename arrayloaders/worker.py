@@ -216,24 +216,6 @@ class WorkerPool:
         except (BrokenPipeError, ConnectionResetError, OSError) as e:
             raise self._dead(k, doing) from e
 
-    def receive(self, k: int, timeout: float, doing: str):
-        """The next message of worker ``k`` (after its :class:`Started`), waiting at most ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            while not self._replies[k].poll(min(POLL_S, max(0.0, deadline - time.monotonic()))):
-                if self.processes[k].poll() is not None:
-                    raise self._dead(k, doing)
-                if time.monotonic() >= deadline:
-                    raise WorkerError(
-                        f"worker {k} (pid {self.processes[k].pid}) sent nothing for {timeout:.0f} s while {doing}"
-                    )
-            try:
-                message = self._message(k, self._replies[k].recv())
-            except (EOFError, OSError) as e:
-                raise self._dead(k, doing) from e
-            if message is not None:
-                return message
-
     def wait_any(self, workers: list[int], doing: Callable[[int], str], timeout: float = POLL_S) -> list[tuple[int, object]]:
         """Messages from any of ``workers`` that arrive within ``timeout`` seconds (maybe none).
 

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from benchmark import evict, warm  # the benchmark's page-cache control (scripts/ is on the path)
+
 CHILD = """
 import json, sys, threading, time
-t0 = time.perf_counter()
 from arrayloaders import ZarrSparseDataset
 store, workers, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 up = {}
@@ -64,22 +64,6 @@ watcher.join(1)
 print(json.dumps({"add_store_s": add, "workers_up_s": up.get("s"), "first_batch_s": first,
                   "first_epoch_cells_per_s": n / (add + epoch)}))
 """
-
-
-def evict(store: Path) -> None:
-    for f in store.rglob("*"):
-        if f.is_file():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def warm(store: Path) -> None:
-    for f in store.rglob("*"):
-        if f.is_file():
-            f.read_bytes()
 
 
 def measure(store: Path, workers: int, pause: float, cold: bool) -> dict:

@@ -44,3 +44,24 @@ def test_quick_benchmark_measures_and_reports(run_quick):
     assert "| arrayloaders store | arrayloaders, sequential decode, scipy gather |" in table
     assert "| arrayloaders store + layer + obsm | the counts and obsm50 rows |" in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_first_batch_script_measures_each_step(store, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "first_batch.py"
+    out = tmp_path / "first.json"
+    res = subprocess.run(
+        [sys.executable, str(script), "--store", str(store), "--workers", "2", "--pauses", "0", "0.5", "--repeats", "1",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["workers"], r["pause_s"]) for r in rows] == [(2, 0.0), (2, 0.5)]
+    for r in rows:  # durations: reported, not judged
+        for key in ("add_store_s", "workers_up_s", "first_batch_s", "first_epoch_cells_per_s"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+    assert res.stdout.count("\n| 2 |") == 2
