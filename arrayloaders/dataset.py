@@ -908,6 +908,9 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
                 )
                 # The engine shares them with its workers; a loop reading in its own thread reads them again.
                 rt.indptrs = None
+            elif not engine.in_use:
+                # Made when the data was added: settings changed since apply from the next run on.
+                engine.memory_budget, engine.timeout, engine.window = self.memory_budget, self.timeout, window
         return engine
 
     def _start_run(self, plan: EpochPlan, loads: list[int], seq: int) -> EpochRun | None:

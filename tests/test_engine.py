@@ -169,6 +169,18 @@ def test_too_small_memory_budget_is_refused_with_numbers(store):
     assert segment_names(os.getpid()) == []
 
 
+def test_settings_changed_after_the_workers_started_still_apply(store):
+    ds = ZarrSparseDataset(50, 8, 12, num_workers=1).add_store(store)  # the workers start here
+    ds.memory_budget, ds.timeout = 1024, 7.0
+    with pytest.raises(ValueError, match=r"memory_budget=0.0 MiB holds fewer than 2 ring slots"):
+        next(iter(ds))
+    ds.memory_budget = 2**28
+    it = iter(ds)
+    next(it)
+    assert ds._runtime.engine.timeout == 7.0
+    ds.close()
+
+
 @pytest.mark.parametrize("num_workers", [2, 4])
 def test_default_memory_budget_gives_every_worker_two_slots(num_workers):
     # A typical load, 8,192 cells x 2,500 non-zeros: ~160 MiB a slot. A fixed 1 GiB budget held
