@@ -136,6 +136,14 @@ def _outputs(load: Load, take: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     return first_row, outputs, np.searchsorted(take[outputs], first_row)
 
 
+def _fed_by(load: Load, take: np.ndarray, part: tuple[int, int] | None) -> np.ndarray:
+    """The output rows that runs ``part`` feed (all of them if ``None``)."""
+    if part is None:
+        return np.arange(take.size)
+    _, outputs, bounds = _outputs(load, take)
+    return outputs[bounds[part[0]] : bounds[part[1]]]
+
+
 def _read_dense(readers: list[DenseRows], load: Load, take: np.ndarray, out: LoadedRows | None, genes, part=None) -> LoadedRows:
     runs, n = load.runs, take.size
     first_row, outputs, bounds = _outputs(load, take)
@@ -173,12 +181,12 @@ def _read_csr(readers: list[CsrRows], load: Load, take: np.ndarray, out: LoadedR
         data, indices = out.data[:nnz], out.indices[:nnz]
     else:
         data, indices = np.empty(nnz, readers[0].source.dtype), np.empty(nnz, INDEX_DTYPE)
-    # The output rows each read row feeds: outputs[bounds[i]:bounds[i + 1]] for run i.
-    first_row, outputs, bounds = _outputs(load, take)
     if _sampled(readers, load, rows.size):
-        fed = np.arange(n) if part is None else outputs[bounds[part[0]] : bounds[part[1]]]
+        fed = _fed_by(load, take, part)
         _gather(readers, files[take[fed]], rows[take[fed]], indptr[fed], data, indices)
         return LoadedRows(load, indptr=indptr, data=data, indices=indices)
+    # The output rows each read row feeds: outputs[bounds[i]:bounds[i + 1]] for run i.
+    first_row, outputs, bounds = _outputs(load, take)
     destination = indptr[:-1].tolist()  # where each output row's entries go
     take_list, outputs_list = take.tolist(), outputs.tolist()
     for f, mine in _runs_by_file(runs, part):

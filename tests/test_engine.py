@@ -511,6 +511,35 @@ def test_a_worker_that_cannot_open_the_store_is_reported_at_the_first_batch(stor
     assert worker_pids() == [] and segment_names(os.getpid()) == []
 
 
+def test_a_worker_killed_while_starting_is_reported_and_the_next_loop_works(store):
+    ds = ZarrSparseDataset(50, 8, 12, num_workers=2, return_index=True).add_store(store)
+    os.kill(worker_pids()[0], signal.SIGKILL)  # still importing: the pool has not waited for it
+    with pytest.raises(WorkerError, match=r"worker 0 \(pid \d+\) was killed by signal SIGKILL"):
+        list(ds)
+    assert worker_pids() == [] and segment_names(os.getpid()) == []
+    rows = torch.cat([i for *_, i in ds])
+    assert torch.equal(rows.sort().values, torch.arange(1000)) and len(worker_pids()) == 2
+    ds.close()
+
+
+def test_a_child_forked_while_the_workers_start_reads_with_its_own(store):
+    ds = ZarrSparseDataset(50, 8, 12, num_workers=2, return_index=True).add_store(store)
+    parents = worker_pids()
+    pid = os.fork()
+    if pid == 0:  # the child: a full epoch with workers of its own, the parent's left alone
+        ok = False
+        try:
+            rows = torch.cat([i for *_, i in ds])
+            ok = torch.equal(rows.sort().values, torch.arange(1000)) and set(parents) <= set(worker_pids(os.getppid()))
+        finally:
+            os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert worker_pids() == parents
+    assert torch.equal(torch.cat([i for *_, i in ds]).sort().values, torch.arange(1000))
+    ds.close()
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 40), max_size=30), st.integers(1, 8))
 def test_split_points_cover_the_runs_in_order_with_none_empty(lengths, parts):
