@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections import OrderedDict
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +45,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
+from .native_codecs import NativeCodecs, native_codecs
+from .open_files import shard_files
+
 __all__ = ["COMPLETE_ATTRIBUTE", "DirectArray", "map_whole_array", "unwritten_chunks"]
 
 #: zarr attribute (value ``True``) of an array whose every chunk was written.
@@ -52,7 +55,7 @@ COMPLETE_ATTRIBUTE = "arrayloaders:every_chunk_written"
 
 _MISSING = 2**64 - 1  # shard index entry of a chunk that was never written
 _U32 = struct.Struct("<I")  # a stored crc32c
-_MAX_OPEN_FILES = 64  # per array; shard files are reopened when evicted
+_BLOSC_SIZES = struct.Struct("<4xI4xI")  # a blosc header's decoded and stored sizes (bytes 4-8, 12-16)
 _MAX_TABLES = 16384  # shard indexes kept per array (4 KiB each for 2^22 / 2^14 shards)
 _PREFETCH_GAP = 1 << 18  # bytes between wanted chunks still read ahead in one request
 
@@ -62,8 +65,8 @@ def _setting(value) -> str | None:
     return getattr(value, "value", value)
 
 
-def _decoder(codecs) -> tuple[Callable[[memoryview, np.ndarray], None] | None, bool]:
-    """(a function decoding one stored chunk into a buffer, whether chunks end in a crc32c).
+def _decoder(codecs) -> tuple[Callable[[memoryview, np.ndarray], None] | None, bool, bool]:
+    """(a function decoding one stored chunk into a buffer, whether chunks end in a crc32c, whether it is blosc).
 
     The function is None if the codecs are not ours to read. The checksum
     (zarr v3's ``crc32c`` codec: 4 bytes, little endian, of the bytes before
@@ -75,10 +78,10 @@ def _decoder(codecs) -> tuple[Callable[[memoryview, np.ndarray], None] | None, b
     if checked:
         codecs = codecs[:-1]
     if any(isinstance(c, Crc32cCodec) for c in codecs) or not codecs or not isinstance(codecs[0], BytesCodec):
-        return None, checked
+        return None, checked, False
     endian = _setting(codecs[0].endian)
     if not np.little_endian or endian not in (None, "little"):
-        return None, checked
+        return None, checked, False
     rest = codecs[1:]
     if not rest:
 
@@ -87,9 +90,9 @@ def _decoder(codecs) -> tuple[Callable[[memoryview, np.ndarray], None] | None, b
                 raise ValueError(f"the chunk holds {len(src)} bytes, expected {out.nbytes}")
             out.view(np.uint8)[:] = np.frombuffer(src, dtype=np.uint8)
 
-        return copy, checked
+        return copy, checked, False
     if len(rest) != 1:
-        return None, checked
+        return None, checked, False
     if isinstance(rest[0], BloscCodec):
 
         def blosc(src: memoryview, out: np.ndarray) -> None:
@@ -100,11 +103,11 @@ def _decoder(codecs) -> tuple[Callable[[memoryview, np.ndarray], None] | None, b
                 raise ValueError(f"a blosc chunk holds {held} bytes, expected {out.nbytes}")
             numcodecs.blosc.decompress(src, out)
 
-        return blosc, checked
+        return blosc, checked, True
     if isinstance(rest[0], ZstdCodec):
         zstd = numcodecs.zstd.Zstd()
-        return (lambda src, out: zstd.decode(src, out=out)), checked
-    return None, checked
+        return (lambda src, out: zstd.decode(src, out=out)), checked, False
+    return None, checked, False
 
 
 class DirectArray:
@@ -127,6 +130,7 @@ class DirectArray:
         index: tuple[str, int] | None,
         complete: bool = False,
         checked: bool = False,
+        native: NativeCodecs | None = None,
     ):
         self.path, self._encode_key, self._ndim = path, encode_key, ndim
         self.dtype, self.fill_value, self.n_elements = dtype, fill_value, n_elements
@@ -136,12 +140,18 @@ class DirectArray:
         self.complete = complete  # every chunk was written: a missing one is damage
         self.checked = checked  # every stored chunk ends in its crc32c
         self._per_file = file_elements // chunk_elements
-        self._fds: OrderedDict[int, int] = OrderedDict()
+        # Descriptors live in the process's one set of open shard files (arrayloaders.open_files),
+        # closed with this reader at the latest.
+        self._files = shard_files()
+        self._owner = self._files.owner()
+        weakref.finalize(self, self._files.close_all, self._owner)
         self._tables: dict[int, np.ndarray | None] = {}
+        # blosc chunks decoded by blosc's C function (``None``: through ``decode``)
+        self._native = native
         self._scratch = np.empty(chunk_elements, dtype)
-        self._compressed = bytearray(chunk_elements * dtype.itemsize + 1024)
-        self._compressed_view = np.frombuffer(self._compressed, dtype=np.uint8)  # for google_crc32c
-        self._paths: dict[int, Path] = {}  # of the files with an open descriptor
+        self._scratch_addr = self._scratch.ctypes.data
+        self._set_compressed(bytearray(chunk_elements * dtype.itemsize + 1024))
+        self._paths: dict[int, Path] = {}  # of the files opened so far
         # The inner chunk whose decoded elements ``_scratch`` holds: rows read one at a time in
         # store order (a sampler's) often share one, and it is then decoded once, not per row.
         self._scratch_chunk = -1
@@ -170,7 +180,7 @@ class DirectArray:
             codecs = list(sharding.codecs)
         if any(isinstance(c, ShardingCodec) for c in codecs):
             return None
-        decode, checked = _decoder(codecs)
+        decode, checked, blosc = _decoder(codecs)
         if decode is None:
             return None
         if array.ndim == 2 and (outer[1] != array.shape[1] or inner[1] != array.shape[1]):
@@ -189,6 +199,7 @@ class DirectArray:
             index,
             complete=array.attrs.get(COMPLETE_ATTRIBUTE) is True,
             checked=checked,
+            native=native_codecs() if blosc else None,
         )
 
     # ------------------------------------------------------------------ files
@@ -197,17 +208,18 @@ class DirectArray:
         """(fd, chunk table, path) of file ``f``; the table holds (offset, nbytes) per inner chunk.
 
         Tables are kept (16 bytes per inner chunk); descriptors are kept for
-        the most recently used files only.
+        the process's most recently used files only. The descriptor stays
+        open at least until this reader asks for another file.
         """
-        fd = self._fds.get(f)
+        fd = self._files.get(self._owner, f)
         if fd is not None:
-            self._fds.move_to_end(f)
             path = self._paths[f]
         else:
             if f in self._tables and self._tables[f] is None:
                 return None
-            coords = (f,) if self._ndim == 1 else (f, 0)
-            path = self._paths[f] = self.path / self._encode_key(coords)
+            path = self._paths.get(f)
+            if path is None:
+                path = self._paths[f] = self.path / self._encode_key((f,) if self._ndim == 1 else (f, 0))
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
@@ -219,17 +231,13 @@ class DirectArray:
                     ) from None
                 self._tables[f] = None  # never written: all fill value
                 return None
-            self._fds[f] = fd
-            if len(self._fds) > _MAX_OPEN_FILES:
-                evicted, old_fd = self._fds.popitem(last=False)
-                os.close(old_fd)
-                self._paths.pop(evicted, None)
+            self._files.put(self._owner, f, fd)
         table = self._tables.get(f)
         if table is None:
             try:
                 table = self._chunk_table(fd, path)
             except BaseException:
-                os.close(self._fds.pop(f))
+                self._files.close(self._owner, f)
                 raise
             if len(self._tables) >= _MAX_TABLES:
                 self._tables.pop(next(iter(self._tables)))
@@ -256,9 +264,7 @@ class DirectArray:
         return table
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._files.close_all(self._owner)
 
     def order_chunks(self, start: int, stop: int) -> int:
         """Lay out the inner chunks of the shards holding elements ``[start, stop)`` in chunk order.
@@ -297,7 +303,7 @@ class DirectArray:
             staged = path.with_name(path.name + ".ordering")
             staged.write_bytes(index + body if where == "start" else body + index)
             os.replace(staged, path)
-            os.close(self._fds.pop(f))
+            self._files.close(self._owner, f)
             self._tables.pop(f, None)
             rewritten += 1
         return rewritten
@@ -369,25 +375,22 @@ class DirectArray:
             lo, hi = max(start, first * ce), min(stop, (first + 1) * ce)
             out[lo - start : hi - start] = self.fill_value
             return
-        buf = self._read_stored(fd, path, offsets[0], offsets[-1] + sizes[-1] - offsets[0])
+        self._read_stored(fd, path, offsets[0], offsets[-1] + sizes[-1] - offsets[0])
+        in_place = out.dtype == self.dtype
+        out_addr = out.ctypes.data if in_place and self._native is not None else 0
         pos = 0
         for i, nbytes in enumerate(sizes):
             c = first + i
             lo, hi = c * ce, (c + 1) * ce
             a, b = max(start, lo), min(stop, hi)
-            src = self._verified(buf, pos, nbytes, path, c)  # damage is never decoded as data
-            pos += nbytes
-            whole = a == lo and b == hi  # the whole chunk is wanted: decode in place
-            if not whole:
-                self._scratch_chunk = -1  # overwritten below; set again once decoded
-            try:
-                # chunks are stored whole (the last one padded): else decode aside, keep a part
-                self._decode(src, out[a - start : b - start] if whole else self._scratch)
-            except Exception as e:  # noqa: BLE001 - blosc and zstd raise different types
-                self._damaged(path, c, f"cannot be decoded ({type(e).__name__}: {e})", e)
-            if not whole:
+            if in_place and a == lo and b == hi:  # the whole chunk is wanted: decode in place
+                self._decode_stored(pos, nbytes, path, c, out, a - start, out_addr)
+            else:  # a part (chunks are stored whole, the last one padded), or another dtype: decode aside
+                self._scratch_chunk = -1  # overwritten now; set again once decoded
+                self._decode_stored(pos, nbytes, path, c, self._scratch, 0, self._scratch_addr)
                 self._scratch_chunk = c
                 out[a - start : b - start] = self._scratch[a - lo : b - lo]
+            pos += nbytes
 
     def gather(self, starts: np.ndarray, stops: np.ndarray, dests: np.ndarray, out: np.ndarray) -> None:
         """Copy elements ``[starts[i], stops[i])`` to ``out[dests[i]:]`` for every ``i``, decoding each inner chunk once.
@@ -422,11 +425,13 @@ class DirectArray:
         at, chunk_ids = at.tolist() + [len(src)], chunks.tolist()
         self._scratch_chunk = -1  # the scratch buffer is reused below
         in_place = out.dtype == self.dtype  # a whole wanted chunk decodes straight into out
+        out_addr = out.ctypes.data if in_place and self._native is not None else 0
 
         def fill(u: int, v: int) -> None:  # pieces of chunks u..v-1 that were never written
             for p in range(at[u], at[v]):
                 out[dst[p] : dst[p] + sizes[p]] = self.fill_value
 
+        scratch = self._scratch
         files = chunks // per
         file_list, file_at = np.unique(files, return_index=True)
         file_at = file_at.tolist() + [chunks.size]
@@ -451,42 +456,65 @@ class DirectArray:
                 if missing[g0]:
                     fill(u + g0, u + g1)
                     continue
-                buf = self._read_stored(fd, path, offsets[g0], offsets[g1 - 1] + nbytes[g1 - 1] - offsets[g0])
+                self._read_stored(fd, path, offsets[g0], offsets[g1 - 1] + nbytes[g1 - 1] - offsets[g0])
                 pos = 0
                 for m in range(g0, g1):
-                    src_bytes = self._verified(buf, pos, nbytes[m], path, chunk_ids[u + m])
-                    pos += nbytes[m]
                     a, b = at[u + m], at[u + m + 1]
-                    whole = in_place and b == a + 1 and sizes[a] == ce
-                    target = out[dst[a] : dst[a] + ce] if whole else self._scratch
-                    try:
-                        self._decode(src_bytes, target)
-                    except Exception as e:  # noqa: BLE001 - blosc and zstd raise different types
-                        self._damaged(path, chunk_ids[u + m], f"cannot be decoded ({type(e).__name__}: {e})", e)
-                    if not whole:
-                        scratch = self._scratch
+                    if in_place and b == a + 1 and sizes[a] == ce:
+                        self._decode_stored(pos, nbytes[m], path, chunk_ids[u + m], out, dst[a], out_addr)
+                    else:
+                        self._decode_stored(pos, nbytes[m], path, chunk_ids[u + m], scratch, 0, self._scratch_addr)
                         for p in range(a, b):
                             out[dst[p] : dst[p] + sizes[p]] = scratch[src[p] : src[p] + sizes[p]]
+                    pos += nbytes[m]
 
-    def _read_stored(self, fd: int, path: Path, offset: int, nbytes: int) -> memoryview:
-        """``nbytes`` stored bytes at ``offset`` of a file, in a buffer reused by the next read."""
+    def _set_compressed(self, buf: bytearray) -> None:
+        self._compressed = buf
+        self._compressed_view = np.frombuffer(buf, dtype=np.uint8)  # for google_crc32c
+        self._compressed_addr = self._compressed_view.ctypes.data
+
+    def _read_stored(self, fd: int, path: Path, offset: int, nbytes: int) -> None:
+        """Read ``nbytes`` stored bytes at ``offset`` of a file into ``_compressed`` (reused by the next read)."""
         if len(self._compressed) < nbytes:
-            self._compressed = bytearray(nbytes)
-            self._compressed_view = np.frombuffer(self._compressed, dtype=np.uint8)
-        buf = memoryview(self._compressed)[:nbytes]
-        got = os.preadv(fd, [buf], offset)
+            self._set_compressed(bytearray(nbytes))
+        got = os.preadv(fd, [memoryview(self._compressed)[:nbytes]], offset)
         if got != nbytes:
             raise OSError(f"{path}: short read ({got} of {nbytes} bytes) at offset {offset}")
-        return buf
 
-    def _verified(self, buf: memoryview, pos: int, nbytes: int, path: Path, c: int) -> memoryview:
-        """The encoded bytes of chunk ``c`` stored at ``buf[pos:pos + nbytes]``, its checksum verified and removed."""
+    def _decode_stored(self, pos: int, nbytes: int, path: Path, c: int, out: np.ndarray, at: int, out_addr: int) -> None:
+        """Verify chunk ``c``, stored at ``_compressed[pos:pos + nbytes]``, and decode it into ``out[at:]``.
+
+        Damage is never decoded as data: the checksum is checked first.
+        ``out_addr`` is the address of ``out`` (used when blosc is called natively).
+        """
         end = pos + nbytes
+        native = self._native
         if self.checked:
             end -= 4
-            if end < pos or google_crc32c.value(self._compressed_view[pos:end]) != _U32.unpack_from(self._compressed, end)[0]:
+            if end < pos:
                 self._damaged(path, c, "checksum mismatch")
-        return buf[pos:end]
+            stored = _U32.unpack_from(self._compressed, end)[0]
+            if native is not None:
+                crc = native.crc32c(self._compressed_addr + pos, end - pos)
+            else:
+                crc = google_crc32c.value(self._compressed_view[pos:end])
+            if crc != stored:
+                self._damaged(path, c, "checksum mismatch")
+        ce, itemsize = self.chunk_elements, self.dtype.itemsize
+        if native is None:
+            try:
+                self._decode(memoryview(self._compressed)[pos:end], out[at : at + ce])
+            except Exception as e:  # noqa: BLE001 - blosc and zstd raise different types
+                self._damaged(path, c, f"cannot be decoded ({type(e).__name__}: {e})", e)
+            return
+        # blosc's C function trusts the sizes in the chunk's header: check them against what is stored.
+        want = ce * itemsize
+        held, length = _BLOSC_SIZES.unpack_from(self._compressed, pos) if end - pos >= 16 else (-1, -1)
+        if held != want or length != end - pos:
+            self._damaged(path, c, f"cannot be decoded (its blosc header says {length} bytes holding {held}; "
+                                   f"stored {end - pos} bytes, {want} expected)")  # fmt: skip
+        if native.blosc_decompress(self._compressed_addr + pos, int(out_addr + at * itemsize), want) != want:
+            self._damaged(path, c, "cannot be decoded (blosc reports an error)")
 
     def _prefetch_chunks(self, chunks: np.ndarray) -> None:
         """:meth:`prefetch` for sorted inner ``chunks``: one request per stretch of the file they cover.
@@ -579,7 +607,7 @@ def map_whole_array(array: zarr.Array) -> np.ndarray | None:
         return None
     if getattr(meta, "storage_transformers", ()) or tuple(meta.chunk_grid.chunk_shape) != tuple(array.shape):
         return None
-    decode, checked = _decoder(meta.codecs)
+    decode, checked, _ = _decoder(meta.codecs)
     codecs = [c for c in meta.codecs if not isinstance(c, Crc32cCodec)]
     if decode is None or len(codecs) != 1 or array.shape[0] == 0:
         return None  # compressed (or empty): read through zarr
