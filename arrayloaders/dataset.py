@@ -42,6 +42,7 @@ import torch
 import zarr
 
 from .batches import Batch, BatchMaker, MixedWindow, ObsColumns, keep
+from .class_runs import ClassRunSampler
 from .convert import parse_bytes
 from .distributed import check_same_on_every_rank, local_world_size, rank_and_world_size
 from .engine import Engine, EpochRun, slot_layout
@@ -778,20 +779,51 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         >>> sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=ds.n_cells)
         >>> balanced = ds.subset(sampler=sampler)
         """
-        if self._obs is None or key not in self._obs.keys:
-            keys = [] if self._obs is None else self._obs.keys
-            raise ValueError(f"class_weights({key!r}): {key!r} is not among the obs_keys given when adding data ({keys})")
-        labels = self._obs.values[key]
-        if key not in self._obs.categories:  # numeric: each distinct value is a class
-            labels = np.unique(labels, return_inverse=True)[1]
-        inside = np.zeros(labels.size, dtype=bool)
-        cells = self._cells()
-        inside[slice(None) if cells is None else cells] = True
-        inside &= labels >= 0
+        labels = self._class_codes("class_weights", key)
+        inside = labels >= 0
         counts = np.bincount(labels[inside], minlength=1)
         weights = np.zeros(labels.size, dtype=np.float64)
         weights[inside] = 1.0 / counts[labels[inside]]
         return torch.from_numpy(weights)
+
+    def class_run_sampler(
+        self, key: str, num_samples: int | None = None, class_weights: Sequence[float] | None = None
+    ) -> ClassRunSampler:
+        """Class-balanced sampling at chunked-access speed, for stores whose cells are grouped by class.
+
+        Draws runs of ``chunk_size`` consecutive cells of one class (see
+        :class:`~arrayloaders.class_runs.ClassRunSampler`), so the workers
+        read runs, not single cells. Use it with ``subset(sampler=...)``.
+        Cells of this dataset's selection with a label are drawn; each class
+        of obs column ``key`` (one of the ``obs_keys``; codes as in
+        ``categories[key]``, or the sorted distinct values of a numeric
+        column) gets an equal share of the cells, or ``class_weights``'s.
+        On a store that is not grouped by class (converted with shuffling)
+        runs are single cells: it warns, and ``class_weights()`` with
+        ``WeightedRandomSampler`` is the way there.
+
+        Examples
+        --------
+        >>> balanced = ds.subset(sampler=ds.class_run_sampler("cell_type"))
+        """
+        labels = self._class_codes("class_run_sampler", key)
+        return ClassRunSampler(labels, self.chunk_size, num_samples, class_weights, window=self.preload_nchunks)
+
+    def _class_codes(self, caller: str, key: str) -> np.ndarray:
+        """One class code per cell of obs column ``key``; -1 for cells outside the selection or without a label."""
+        if self._obs is None or key not in self._obs.keys:
+            keys = [] if self._obs is None else self._obs.keys
+            raise ValueError(f"{caller}({key!r}): {key!r} is not among the obs_keys given when adding data ({keys})")
+        labels = self._obs.values[key]
+        if key not in self._obs.categories:  # numeric: each distinct value is a class
+            labels = np.unique(labels, return_inverse=True)[1]
+        labels = labels.astype(np.int64, copy=True)
+        cells = self._cells()
+        if cells is not None:
+            inside = np.zeros(labels.size, dtype=bool)
+            inside[cells] = True
+            labels[~inside] = -1
+        return labels
 
     # ------------------------------------------------------------------ resuming
 

@@ -110,7 +110,7 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def convert(inputs: list[str], output: str, setting: str, dataset_size: str) -> dict[str, Any]:
+def convert(inputs: list[str], output: str, setting: str, dataset_size: str, shuffle: bool = True) -> dict[str, Any]:
     """Build an annbatch ``DatasetCollection`` from ``.h5ad`` files with annbatch's defaults.
 
     Parameters
@@ -126,6 +126,9 @@ def convert(inputs: list[str], output: str, setting: str, dataset_size: str) -> 
         annbatch's ``dataset_size``: uncompressed bytes (e.g. ``"20GB"``) or a cell count
         per output dataset. Each dataset is shuffled fully in memory, so peak RSS is a
         few times this value.
+    shuffle
+        annbatch's ``shuffle``; ``False`` keeps the inputs' order (a collection grouped
+        by class, for its class samplers).
 
     Returns
     -------
@@ -143,7 +146,7 @@ def convert(inputs: list[str], output: str, setting: str, dataset_size: str) -> 
         # annbatch defaults on purpose (64 obs per chunk, 1 GB shards, blosc-lz4, shuffled),
         # except dataset_size, which the caller may lower to fit the machine's memory.
         size: int | str = int(dataset_size) if dataset_size.isdigit() else dataset_size
-        DatasetCollection(out).add_adatas(inputs, dataset_size=size)
+        DatasetCollection(out).add_adatas(inputs, dataset_size=size, shuffle=shuffle)
         wall = time.perf_counter() - t0
     return {"wall_s": wall, "peak_rss_bytes": mon.peak_bytes, "store_bytes": dir_bytes(out)}
 
@@ -178,22 +181,27 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
     epochs = []
     with PeakRSS() as mon, ad.settings.override(remove_unused_categories=False):
         t_setup = time.perf_counter()
-        loader = Loader(
-            batch_size=args.batch_size,
-            chunk_size=args.chunk_size,
-            preload_nchunks=args.preload_nchunks,
-            shuffle=True,
-            drop_last=False,
-            # CPU: scipy CSR in host memory, torch never imported. GPU: annbatch's own GPU mode (cupy
-            # gathers the preloaded chunks on the device and batches arrive as CUDA torch tensors).
-            preload_to_gpu=args.gpu,
-            to="torch" if args.gpu else None,
-            rng=np.random.default_rng(args.seed),
-        )
         # Equivalent to ``use_collection(collection, load_adata=...)`` minus building an
         # AnnData per dataset, which would materialise a string obs index we never use.
         groups = list(DatasetCollection(args.store, mode="r"))
-        loader.add_datasets([ad.io.sparse_dataset(g["X"]) for g in groups], obs=[label_frame(g) for g in groups])
+        obs = [label_frame(g) for g in groups]
+        # CPU: scipy CSR in host memory, torch never imported. GPU: annbatch's own GPU mode (cupy
+        # gathers the preloaded chunks on the device and batches arrive as CUDA torch tensors).
+        where = {"preload_to_gpu": args.gpu, "to": "torch" if args.gpu else None}
+        rng = np.random.default_rng(args.seed)
+        if args.class_sampler:
+            from annbatch.samplers import WeightedClassSampler
+
+            # Class-balanced chunks: each chunk one class, classes drawn uniformly (its default weights),
+            # rows of a preload window shuffled together; needs a collection grouped by class.
+            classes = pd.Categorical(pd.concat([o[args.obs_key] for o in obs], ignore_index=True))
+            sampler = WeightedClassSampler(args.chunk_size, args.preload_nchunks, args.batch_size, classes=classes,
+                                           num_samples=len(classes), rng=rng)  # fmt: skip
+            loader = Loader(batch_sampler=sampler, **where)
+        else:
+            loader = Loader(batch_size=args.batch_size, chunk_size=args.chunk_size, preload_nchunks=args.preload_nchunks,
+                            shuffle=True, drop_last=False, rng=rng, **where)  # fmt: skip
+        loader.add_datasets([ad.io.sparse_dataset(g["X"]) for g in groups], obs=obs)
         setup_s = time.perf_counter() - t_setup
         time.sleep(args.pause_s)  # the benchmark's "building the model": the same for every loader
         for _ in range(args.epochs):
@@ -246,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cells or uncompressed bytes per shuffled output dataset (annbatch default '20GB'); "
         "it is held in memory several times over while converting, so lower it on small machines",
     )
+    c.add_argument("--no-shuffle", action="store_true", help="keep the inputs' order (annbatch's shuffle=False)")
 
     ld = sub.add_parser("load", help="iterate one shuffled epoch over a collection")
     ld.add_argument("--store", required=True, help="collection directory written by 'convert'")
@@ -264,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--pause-s", type=float, default=0.0, help="seconds between building the loader and the first batch")
     ld.add_argument("--epochs", type=int, default=1, help="epochs to iterate; figures are the last one's")
     ld.add_argument("--seed", type=int, default=0, help="seed of the shuffling RNG")
+    ld.add_argument(
+        "--class-sampler", action="store_true",
+        help="annbatch's WeightedClassSampler (class-balanced chunks of one class; the collection must be grouped "
+        "by --obs-key) instead of shuffled chunks",
+    )  # fmt: skip
     return p
 
 
@@ -271,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run the subcommand and print its JSON result line."""
     args = build_parser().parse_args(argv)
     if args.cmd == "convert":
-        result = convert(args.inputs, args.output, args.setting, args.dataset_size)
+        result = convert(args.inputs, args.output, args.setting, args.dataset_size, shuffle=not args.no_shuffle)
     else:
         result = load(args)
     print(json.dumps(result), flush=True)

@@ -23,6 +23,18 @@ memory of that subprocess's whole tree (workers included):
   512, preload 32) and at the seed README's settings (chunk 32, preload
   256); the better of the two in each column is the baseline. Run by
   ``scripts/annbatch_runner.py`` in its own Python 3.12 venv;
+- ``--loaders class-balanced``: class-balanced epochs three ways. The same
+  cells sorted by cell type are converted without shuffling into a store of
+  each (``store-by-class``, ``annbatch_store-by-class``):
+  ``arrayloaders-wN-class-runs`` (``ds.class_run_sampler("cell_type")``:
+  runs of one class) and ``annbatch-class-512x32`` / ``-32x256``
+  (annbatch's ``WeightedClassSampler``, no workers: annbatch does not
+  support them with it) read those; ``arrayloaders-wN-balanced`` (single
+  cells by ``WeightedRandomSampler``) reads the shuffled store. The class
+  rows' ratios are to the better annbatch class sampler;
+- ``--chunk-elements N``: arrayloaders' store converted with inner chunks
+  of N elements (``store-cN``) instead of the default, for every row that
+  reads it;
 - ``scdataset``: scDataset 0.3 (block shuffling with our chunk size, fetches
   the size of our loads) over the backed ``.h5ad`` files, in a torch
   DataLoader with one worker per core;
@@ -110,7 +122,7 @@ def epochs_of(make_batches, n_epochs: int, n_cells_of, setup_s: float = 0.0) -> 
     return {**out[-1], "epochs": out, "setup_s": setup_s}
 
 
-SELECTIONS = ("cells50", "balanced", "permutation")
+SELECTIONS = ("cells50", "balanced", "permutation", "class-runs")  # class-runs: on the store grouped by class
 VALUES = ("genes2000", "genes2000-dense", "counts", "obsm50")
 
 
@@ -141,6 +153,8 @@ def run_arrayloaders(store: Path, args) -> dict:
         ds = ds.subset(sampler=torch.utils.data.WeightedRandomSampler(ds.class_weights("cell_type"), num_samples=n))
     elif args.selection == "permutation":
         ds = ds.subset(sampler=torch.utils.data.RandomSampler(range(n)))
+    elif args.selection == "class-runs":
+        ds = ds.subset(sampler=ds.class_run_sampler("cell_type"))
     setup_s = time.perf_counter() - setup
     time.sleep(args.model_s)  # the user building a model: the workers start meanwhile
     with ds:
@@ -383,6 +397,10 @@ def prepare(args) -> tuple[list[Path], Path, dict]:
     from arrayloaders.example_data import write_example_h5ads
 
     h5ad_dir, store = args.data / "h5ad", args.data / "store"
+    layout = []
+    if args.chunk_elements is not None:  # another layout of the same cells: a store of its own
+        store = args.data / f"store-c{args.chunk_elements}"
+        layout = ["--chunk-elements", str(args.chunk_elements)]
     paths = h5ad_paths(h5ad_dir)
     if len(paths) != args.n_files:
         print(f"generating {args.n_files} x {args.cells_per_file} cells x {args.n_vars} genes -> {h5ad_dir}", flush=True)
@@ -390,7 +408,8 @@ def prepare(args) -> tuple[list[Path], Path, dict]:
         args.reconvert = True  # new input: stores of the old one are stale
     if not (store / "arrayloaders.json").exists():
         args.reconvert = True
-    cmd = [sys.executable, str(REPO / "scripts" / "convert.py"), *map(str, paths), "-o", str(store), "-q", "--overwrite"]
+    cmd = [sys.executable, str(REPO / "scripts" / "convert.py"), *map(str, paths), "-o", str(store), "-q", "--overwrite",
+           *layout]  # fmt: skip
     return paths, store, build_store(store, cmd, args.reconvert, json_line=False)
 
 
@@ -414,6 +433,40 @@ def prepare_values(paths: list[Path], args) -> tuple[Path, dict]:
     return store, build_store(store, cmd, getattr(args, "reconvert_values", False), json_line=False)
 
 
+def prepare_by_class(paths: list[Path], args) -> tuple[Path, dict, Path | None, dict]:
+    """The same cells sorted by cell type, for class samplers that read runs of one class.
+
+    Written as .h5ad parts (as many as the inputs), then converted without shuffling into an
+    arrayloaders store and an annbatch collection: (store, its conversion, annbatch's, its conversion).
+    """
+    import anndata as ad
+    import numpy as np
+
+    h5ad_dir = args.data / "h5ad-by-class"
+    parts = [h5ad_dir / p.name for p in paths]
+    if args.reconvert or not all(p.exists() for p in parts):
+        h5ad_dir.mkdir(parents=True, exist_ok=True)
+        adata = ad.concat([ad.read_h5ad(p) for p in paths])
+        adata = adata[np.argsort(adata.obs["cell_type"].cat.codes.to_numpy(), kind="stable")]
+        for part, rows in zip(parts, np.array_split(np.arange(adata.n_obs), len(parts))):
+            adata[rows].copy().write_h5ad(part)
+        args.reconvert_by_class = True
+    rebuild = getattr(args, "reconvert_by_class", False) or args.reconvert
+    store = args.data / "store-by-class"
+    cmd = [sys.executable, str(REPO / "scripts" / "convert.py"), *map(str, parts), "-o", str(store), "-q",
+           "--overwrite", "--no-shuffle"]  # fmt: skip
+    conversion = build_store(store, cmd, rebuild, json_line=False)
+    if not ANNBATCH_PYTHON.exists():
+        return store, conversion, None, {"skipped": f"no annbatch venv at {ANNBATCH_PYTHON} (see scripts/annbatch_runner.py)"}
+    annbatch_store = args.data / "annbatch_store-by-class"
+    if rebuild and annbatch_store.exists():
+        shutil.rmtree(annbatch_store)  # annbatch appends to an existing collection
+    cmd = [str(ANNBATCH_PYTHON), str(REPO / "scripts" / "annbatch_runner.py"), "convert", "--inputs", *map(str, parts),
+           "--output", str(annbatch_store), "--no-shuffle"]  # fmt: skip
+    annbatch_conversion = build_store(annbatch_store, cmd, rebuild, json_line=False)
+    return store, conversion, (None if "skipped" in annbatch_conversion else annbatch_store), annbatch_conversion
+
+
 def prepare_annbatch(paths: list[Path], args) -> tuple[Path | None, dict]:
     if not ANNBATCH_PYTHON.exists():
         return None, {"skipped": f"no annbatch venv at {ANNBATCH_PYTHON} (see scripts/annbatch_runner.py)"}
@@ -434,14 +487,18 @@ def loader_names(args) -> list[str]:
         elif loader == "arrayloaders-dense":
             names.append(f"arrayloaders-w{max(args.workers)}-dense")
         elif loader == "arrayloaders-selection":
-            names += [f"arrayloaders-w{max(args.workers)}-{s}" for s in SELECTIONS]
+            names += [f"arrayloaders-w{max(args.workers)}-{s}" for s in SELECTIONS if s != "class-runs"]
         elif loader == "arrayloaders-values":
             names += [f"arrayloaders-w{max(args.workers)}-{v}" for v in VALUES]
         elif loader == "annbatch":
             names += [f"annbatch-{s}" for s in ANNBATCH_SETTINGS]
+        elif loader == "class-balanced":
+            w = max(args.workers)
+            names += [f"arrayloaders-w{w}-balanced", f"arrayloaders-w{w}-class-runs"]
+            names += [f"annbatch-class-{s}" for s in ANNBATCH_SETTINGS]
         else:
             names.append(loader)
-    return names
+    return list(dict.fromkeys(names))
 
 
 def command(name: str, source: Path, args, epochs: int) -> list[str]:
@@ -449,10 +506,12 @@ def command(name: str, source: Path, args, epochs: int) -> list[str]:
              "--preload-nchunks", str(args.preload_nchunks), "--epochs", str(epochs)]  # fmt: skip
     if name.startswith("annbatch-"):
         runner = str(REPO / "scripts" / "annbatch_runner.py")
-        chunk, preload = ANNBATCH_SETTINGS[name.removeprefix("annbatch-")]
+        setting = name.removeprefix("annbatch-")
+        chunk, preload = ANNBATCH_SETTINGS[setting.removeprefix("class-")]
         sizes = ["--batch-size", str(args.batch_size), "--chunk-size", str(chunk), "--preload-nchunks", str(preload),
                  "--epochs", str(epochs)]  # fmt: skip
         gpu = ["--gpu"] if args.to == "cuda" else []
+        gpu += ["--class-sampler"] if setting.startswith("class-") else []
         return [str(ANNBATCH_PYTHON), runner, "load", "--store", str(source), *sizes, "--obs-key", "cell_type",
                 "--setting", "zarrs", "--pause-s", str(args.model_s), *gpu]  # fmt: skip
     child, workers, extra = name, "0", []
@@ -486,14 +545,21 @@ def measure(name: str, source: Path, cache: str, args) -> dict:
     return {**{k: statistics.median(r[k] for r in runs) for k in keys}, "runs": runs}
 
 
-def best_annbatch(results: dict[str, dict], key: str) -> tuple[str, float] | None:
-    """The annbatch setting with the highest ``key`` in ``results``, and that figure."""
-    measured = [(n, r[key]) for n, r in results.items() if n.startswith("annbatch-") and key in r]
+def best_annbatch(results: dict[str, dict], key: str, prefix: str = "annbatch-") -> tuple[str, float] | None:
+    """The annbatch setting named ``prefix...`` with the highest ``key`` in ``results``, and that figure.
+
+    Shuffled chunks (``annbatch-<setting>``) and the class sampler (``annbatch-class-<setting>``) are
+    baselines of their own: each row is compared with its kind.
+    """
+    measured = [(n, r[key]) for n, r in results.items()
+                if n.startswith(prefix) and (prefix != "annbatch-" or not n.startswith("annbatch-class-")) and key in r]
     return max(measured, key=lambda m: m[1], default=None)
 
 
 def table(results: dict[str, dict], cache: str) -> str:
     first_base, steady_base = best_annbatch(results, "first_epoch_cells_per_s"), best_annbatch(results, "cells_per_s")
+    class_first = best_annbatch(results, "first_epoch_cells_per_s", "annbatch-class-")
+    class_steady = best_annbatch(results, "cells_per_s", "annbatch-class-")
     gather = results.get("scipy-gather", {}).get("cells_per_s")
     lines = [
         f"| loader ({cache}) | first epoch (cells/s) | x best annbatch | steady (cells/s) | x best annbatch | "
@@ -506,19 +572,26 @@ def table(results: dict[str, dict], cache: str) -> str:
             continue
         steady, first = r["cells_per_s"], r["first_epoch_cells_per_s"]
         ratio = lambda v, b: f"{v / b:.2f}" if b else "n/a"  # noqa: E731
+        # Class-balanced rows against annbatch's class sampler, the others against its shuffled chunks.
+        by_class = name.endswith("-class-runs") or name.startswith("annbatch-class-")
+        f_base, s_base = (class_first, class_steady) if by_class else (first_base, steady_base)
         # A selection or values row against chunked access over every cell and gene, same workers, this run.
         head, _, variant = name.partition("-w")[2].partition("-")
         known = variant in SELECTIONS + VALUES
         chunked = results.get(f"arrayloaders-w{head}", {}).get("cells_per_s") if known else None
         lines.append(
-            f"| {name} | {first:,.0f} | {ratio(first, first_base and first_base[1])} | {steady:,.0f} | "
-            f"{ratio(steady, steady_base and steady_base[1])} | "
+            f"| {name} | {first:,.0f} | {ratio(first, f_base and f_base[1])} | {steady:,.0f} | "
+            f"{ratio(steady, s_base and s_base[1])} | "
             f"{ratio(steady, gather)} | {ratio(steady, chunked) if chunked else ''} | "
             f"{r['first_batch_s']:.2f} | {r['peak_pss_bytes'] / 2**30:.2f} |"
         )
     if first_base or steady_base:
         lines += ["", "Best annbatch: " + "; ".join(f"{what} {b[0]} ({b[1]:,.0f} cells/s)" for what, b in
                                                     (("first epoch", first_base), ("steady", steady_base)) if b)]  # fmt: skip
+    if class_first or class_steady:
+        lines += ["", "Best annbatch WeightedClassSampler (the baseline of the class-balanced rows, on the store "
+                  "grouped by class): " + "; ".join(f"{what} {b[0]} ({b[1]:,.0f} cells/s)" for what, b in
+                                                   (("first epoch", class_first), ("steady", class_steady)) if b)]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -567,7 +640,7 @@ def plot(results: dict[str, dict[str, dict]], path: Path, title: str) -> bool:
 
 
 LOADERS = ("arrayloaders", "arrayloaders-dense", "arrayloaders-selection", "arrayloaders-values", "annbatch",
-           "scdataset", "anndata-backed", "sequential-decode", "scipy-gather")  # fmt: skip
+           "class-balanced", "scdataset", "anndata-backed", "sequential-decode", "scipy-gather")  # fmt: skip
 QUICK = {"n_files": 2, "cells_per_file": 5_000, "n_vars": 2_000, "nnz": 200, "batch_size": 1024,
          "preload_nchunks": 64, "repeats": 1, "workers": [0, 2], "memory_interval": 0.05}  # fmt: skip
 
@@ -599,6 +672,9 @@ def main() -> None:
     p.add_argument("--loaders", nargs="+", choices=LOADERS, default=list(LOADERS), help="which to measure (default: all)")
     p.add_argument("--cache", nargs="+", choices=["warm", "cold"], default=["warm", "cold"])
     p.add_argument("--reconvert", action="store_true", help="rebuild the stores even if they exist")
+    p.add_argument("--chunk-elements", type=int,
+                   help="inner chunk length of X's data/indices in arrayloaders' store (convert.py --chunk-elements; "
+                   "default: the converter's), kept in DATA/store-cN")  # fmt: skip
     p.add_argument("--model-s", type=float, default=0.0,
                    help="seconds between building each loader and its first batch, as if building a model (default 0)")
     p.add_argument("--memory-interval", type=float, default=0.5, help="seconds between memory samples (default 0.5)")
@@ -624,10 +700,15 @@ def main() -> None:
     values_store, values_conversion = (
         prepare_values(paths, args) if "arrayloaders-values" in args.loaders else (None, {})
     )
+    by_class = prepare_by_class(paths, args) if "class-balanced" in args.loaders else (None, {}, None, {})
     h5ad_dir = args.data / "h5ad"
     missing_scdataset = {"skipped": "scdataset is not installed (pip install 'arrayloaders[bench]')"}
 
     def source(name: str) -> Path | dict:
+        if name.startswith("annbatch-class-"):
+            return by_class[2] or by_class[3]
+        if name.endswith("-class-runs"):
+            return by_class[0]
         if name.startswith("annbatch-"):
             return annbatch_store or annbatch_conversion
         if name == "scdataset" and importlib.util.find_spec("scdataset") is None:
@@ -654,6 +735,9 @@ def main() -> None:
     if values_store is not None:
         stores.insert(1, ("arrayloaders store + layer + obsm", "the counts and obsm50 rows", values_store,
                           values_conversion))  # fmt: skip
+    if by_class[0] is not None:
+        stores.insert(1, ("arrayloaders store grouped by class", "class-runs", by_class[0], by_class[1]))
+        stores.insert(2, ("annbatch store grouped by class", "annbatch-class", by_class[2], by_class[3]))
     report = [f"Data: {args.n_files} x {args.cells_per_file} cells x {args.n_vars} genes, ~{args.nnz} non-zeros per cell; "
               f"batch {args.batch_size}, chunk {args.chunk_size}, preload {args.preload_nchunks}; "
               f"median of {args.repeats}; {os.cpu_count()} cores; batches delivered to {args.to}; "
