@@ -16,6 +16,15 @@ made them (``ring.Segment.lent``). If every slot is lent and nothing is in
 flight, the oldest lent slot gets a fresh segment rather than wait for the
 user to drop batches.
 
+The first load while the workers start
+--------------------------------------
+Workers start when the dataset is filled, without waiting (~0.6 s: an
+interpreter, numpy, zarr, the stores). A run that begins before any has
+reported decodes its first load in this process, into its slot, after
+handing the next loads to the workers: the first batch then waits for one
+load's decoding, not for the workers too. Once one is up, the first load
+is split among the idle workers instead.
+
 One run at a time
 -----------------
 The workers serve one run. A loop that finds them busy reads its loads in
@@ -45,6 +54,7 @@ import os
 import signal
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -58,7 +68,7 @@ from .load import ALL_GENES, LoadedRows, RowFormat, load_nnz, splittable
 from .plan import EpochPlan
 from .ring import Ring, SharedIndptrs, SlotLayout, map_indptrs
 from .store import XSource
-from .worker import POLL_S, START_TIMEOUT_S, Failed, Filled, Task, WorkerConfig, WorkerPool
+from .worker import POLL_S, START_TIMEOUT_S, Failed, Filled, SlotDecoder, Task, WorkerConfig, WorkerPool
 
 __all__ = ["DEFAULT_TIMEOUT_MARGIN_S", "Engine", "EpochRun", "slot_layout"]
 
@@ -242,6 +252,8 @@ class Engine:
         self._parts_left: dict[int, int] = {}  # a split load's first ticket -> its parts still in flight
         self._tickets = 0
         self._busy_since: dict[int, float] = {}  # worker -> its last reply, or when it was given work while idle
+        self._here: SlotDecoder | None = None  # the main process's, for first loads while the workers start
+        self._here_config: WorkerConfig | None = None
         self._slowest = 0.0  # seconds of the slowest load a worker reported
         self._closed = False
         # (pool, ring, shared row pointers), shared with the finalizer, which must not hold self
@@ -283,6 +295,7 @@ class Engine:
             self._flight.clear()
             self._parts_left.clear()
             self._slots = []
+            self._here = None  # its readers and mapped slots
             # Called directly (the finalizer runs once only): if a second Ctrl-C cuts this short,
             # the exit hook or the finalizer finishes what is left in _parts.
             Engine._shutdown(self._parts, self.owner)
@@ -413,6 +426,7 @@ class Engine:
         self._indptrs = None  # the dataset's copy: not ours to keep
         configs = [WorkerConfig(k, self.sources, self.fmt, self.obsm, table) for k in range(self.num_workers)]
         self.pool = self._parts[0] = WorkerPool(configs)
+        self._here, self._here_config = None, dataclasses.replace(configs[0], worker=-1)
 
     # ------------------------------------------------------------------ the loop's next load
 
@@ -459,13 +473,23 @@ class Engine:
 
     def _submit(self, run: EpochRun) -> None:
         pool, ring = self.pool, self.ring
+        here = None
         while run.submitted < len(run.loads):
             free = next((k for k, s in enumerate(self._slots) if s.state == "free"), None)
             if free is None:
-                return
+                break
             load = run.loads[run.submitted]
             spec = run.plan.loads[load]
             take = run.plan.take(spec)
+            if run.submitted == 0 and not self._flight and not pool.any_started():
+                # The workers are still starting (an interpreter, numpy, zarr, the stores: ~0.6 s),
+                # and the first batch would wait for them: decode the first load here meanwhile,
+                # after handing them the next ones.
+                self._tickets += 1
+                here = Task(self._tickets, run.plan.epoch, load, free, ring.name(free), ring.layout, spec.runs, take)
+                self._slots[free] = _Slot("filling", here.ticket)
+                run.submitted += 1
+                continue
             # A run's first load is what the first batch waits for: when every worker is idle, each
             # decodes a part of it, so it is ready in about 1/W of the time.
             parts = [None]
@@ -486,6 +510,21 @@ class Engine:
                 self._parts_left[first] = len(parts)
             self._slots[free] = _Slot("filling", first if first is not None else ticket)
             run.submitted += 1
+        if here is not None:
+            self._decode_here(run, here)
+
+    def _decode_here(self, run: EpochRun, task: Task) -> None:
+        """Decode ``task`` in this process into its slot (a :class:`WorkerError` if it fails, as in a worker)."""
+        try:
+            if self._here is None:
+                self._here = SlotDecoder(self._here_config)
+            filled = self._here.run(task)
+        except Exception:
+            where = f"decoding load {task.load} of epoch {task.epoch} while the workers started"
+            raise WorkerError(f"the main process failed {where}:\n{traceback.format_exc()}") from None
+        self._slowest = max(self._slowest, filled.seconds)
+        self._slots[task.slot].state = "ready"
+        run.ready[task.load] = filled
 
     def _replace_oldest_lent(self) -> None:
         lent = [k for k, s in enumerate(self._slots) if s.state == "lent"]

@@ -5,7 +5,10 @@ zarr-python costs 200-450 µs per read call, whatever the size, and a load of
 bounded the loader (see the engine issue). zarr has no public batched read.
 For the layouts this package writes (and any local zarr v3 array with the
 same codecs) :class:`DirectArray` reads instead with one ``preadv`` and one
-numcodecs decode per inner chunk, straight into the caller's buffer:
+decode per inner chunk, straight into the caller's buffer (blosc and crc32c
+called in C, :mod:`~arrayloaders.native_codecs`; zstd through numcodecs),
+keeping the process's shard files open within one budget
+(:mod:`~arrayloaders.open_files`):
 
 - the array lies in a :class:`zarr.storage.LocalStore`;
 - its codecs are ``bytes`` (little endian) optionally followed by ``blosc``

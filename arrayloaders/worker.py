@@ -58,7 +58,7 @@ from .plan import Load
 from .ring import IndptrTable, SlotLayout, map_indptrs, map_segment
 from .store import XSource
 
-__all__ = ["Failed", "Filled", "Started", "Task", "WorkerConfig", "WorkerPool", "exit_description"]
+__all__ = ["Failed", "Filled", "SlotDecoder", "Started", "Task", "WorkerConfig", "WorkerPool", "exit_description"]
 
 START_TIMEOUT_S = 60.0  # importing numpy and zarr on a cold disk can take a while
 POLL_S = 1.0  # how often a waiting side checks that the other is alive
@@ -167,7 +167,9 @@ class WorkerPool:
         fds = (task_r.fileno(), reply_w.fileno())
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "arrayloaders.worker", *map(str, fds)],
+                # Our pid too: a worker compares its parent with it, so it notices our death even
+                # if it came while the worker was still importing (it is then reparented already).
+                [sys.executable, "-m", "arrayloaders.worker", *map(str, fds), str(os.getpid())],
                 pass_fds=fds,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -194,11 +196,31 @@ class WorkerPool:
     def __len__(self) -> int:
         return len(self.processes)
 
+    def any_started(self) -> bool:
+        """Whether a worker has reported that it started, reading what is in the pipes without waiting.
+
+        Only while no task is in flight: the pipes then hold nothing but start-up messages.
+        """
+        for k, conn in enumerate(self._replies):
+            while self.started_at[k] is None and conn.poll(0):
+                try:
+                    message = self._message(k, conn.recv())
+                except (EOFError, OSError) as e:
+                    raise self._dead(k, "starting") from e
+                if message is not None:
+                    raise WorkerError(f"worker {k} sent {message} before it was given a task")
+        return any(t is not None for t in self.started_at)
+
     def _dead(self, k: int, doing: str) -> WorkerError:
         process = self.processes[k]
         try:
             process.wait(timeout=POLL_S)
         except subprocess.TimeoutExpired:
+            pass
+        try:  # a worker that failed to start said why before exiting: that is the news, not its exit
+            while self.started_at[k] is None and self._replies[k].poll(0):
+                self._message(k, self._replies[k].recv())
+        except (EOFError, OSError):
             pass
         return WorkerError(f"worker {k} (pid {process.pid}) {exit_description(process.poll())} while {doing}")
 
@@ -277,8 +299,12 @@ _PROC_STATES = {"R": "running", "S": "sleeping", "D": "waiting for the disk", "T
 # --------------------------------------------------------------------------- worker side
 
 
-class _Decoder:
-    """A worker's open stores and mapped slots."""
+class SlotDecoder:
+    """Open stores and mapped slots: what decodes a :class:`Task` into its slot.
+
+    A worker's; the main process has one too for a run's first load while
+    the workers are still starting.
+    """
 
     def __init__(self, config: WorkerConfig):
         from .rows import open_rows
@@ -310,10 +336,9 @@ class _Decoder:
         return Filled(self.config.worker, task.ticket, task.load, task.slot, load.n_rows, nnz, time.monotonic() - start)
 
 
-def main(task_fd: int, reply_fd: int) -> None:
+def main(task_fd: int, reply_fd: int, parent: int) -> None:
     tasks = Connection(task_fd, writable=False)
     replies = Connection(reply_fd, readable=False)
-    parent = os.getppid()
     try:
         told = _serve(tasks, replies, parent)
     except (EOFError, OSError):
@@ -335,6 +360,8 @@ def main(task_fd: int, reply_fd: int) -> None:
 
 def _serve(tasks: Connection, replies: Connection, parent: int) -> bool:
     """Serve tasks until told to stop (returns True) or the parent is gone (False)."""
+    if os.getppid() != parent:
+        return False  # it died while we imported
     config: WorkerConfig = tasks.recv()
     try:
         import numcodecs.blosc
@@ -344,7 +371,7 @@ def _serve(tasks: Connection, replies: Connection, parent: int) -> bool:
         from .store import use_zarrs
 
         use_zarrs(threads=1)
-        decoder = _Decoder(config)
+        decoder = SlotDecoder(config)
     except Exception:
         replies.send(Failed(config.worker, -1, -1, traceback.format_exc()))
         return True  # the main process reads the failure and closes the pool
@@ -389,4 +416,4 @@ if __name__ == "__main__":
     # Run the imported module's main, so messages pickle as arrayloaders.worker.*, not __main__.*.
     from arrayloaders.worker import main as _main
 
-    _main(int(sys.argv[1]), int(sys.argv[2]))
+    _main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))

@@ -52,6 +52,8 @@ def main(scenario: str, store: str) -> dict:
         # A worker killed, or stopped (SIGSTOP: alive but making no progress), mid-epoch.
         if scenario == "sigstop":
             ds = dataset(store, timeout=2)
+        rows_of_epoch(ds)  # the workers are up (a first load may be decoded in this process while they start)
+        ds.set_epoch(1)
         it = iter(ds)
         held = [next(it)]
         before = [batch_bytes(b) for b in held]
@@ -136,10 +138,11 @@ def main(scenario: str, store: str) -> dict:
         out["next_epoch_rows"] = sorted(rows_of_epoch(ds))
         ds.close()
         out.update(leftovers())
-    elif scenario in ("main_killed", "main_killed_with_helper"):
-        it = iter(ds)
-        next(it)
-        if scenario == "main_killed_with_helper" and os.fork() == 0:
+    elif scenario in ("main_killed", "main_killed_with_helper", "main_killed_while_workers_start"):
+        if scenario != "main_killed_while_workers_start":  # else: killed while the workers import
+            it = iter(ds)
+            next(it)
+        if scenario != "main_killed" and os.fork() == 0:
             time.sleep(60)  # a forked helper (sharing our resource tracker) outlives us
             os._exit(0)
         print(json.dumps({"workers": worker_pids(), "pid": os.getpid()}), flush=True)

@@ -110,8 +110,7 @@ def test_batches_are_zero_copy_views_that_outlive_the_next_step(store):
 def test_workers_do_not_import_torch(store):
     ds = ZarrSparseDataset(50, 8, 12, num_workers=1).add_store(store)
     with ds:
-        it = iter(ds)
-        next(it)
+        assert len(list(ds)) == len(ds)  # the worker decoded loads (the first may have been decoded here)
         (pid,) = worker_pids()
         maps = Path(f"/proc/{pid}/maps").read_text()
     assert "libtorch" not in maps and "numpy" in maps
@@ -126,7 +125,7 @@ def test_workers_map_one_copy_of_the_row_pointers(store, tmp_path, layout):
     path = store if raw else with_compressed_indptr(store, tmp_path / "older")
     ds = ZarrSparseDataset(50, 8, 12, num_workers=2).add_store(path)
     with ds:
-        next(iter(ds))
+        list(ds)  # the workers decoded loads (the first may have been decoded here)
         files = sorted(str(p) for p in path.glob("chunk_*.zarr/X/indptr/c/0"))
         (segment,) = [n for n in segment_names(os.getpid()) if n.endswith("_indptr")]
         for pid in [os.getpid(), *worker_pids()]:
@@ -141,7 +140,7 @@ def test_workers_map_one_copy_of_the_row_pointers(store, tmp_path, layout):
 def test_shared_row_pointers_are_read_only_views_not_copies(store):
     from arrayloaders.load import RowFormat
     from arrayloaders.ring import SharedIndptrs, map_indptrs
-    from arrayloaders.worker import WorkerConfig, _Decoder
+    from arrayloaders.worker import SlotDecoder, WorkerConfig
 
     ds = ZarrSparseDataset(50, 8, 12, num_workers=0).add_store(store)
     indptrs = ds._indptrs()
@@ -152,7 +151,7 @@ def test_shared_row_pointers_are_read_only_views_not_copies(store):
         for view, want in zip(views, indptrs):
             np.testing.assert_array_equal(view, want)
             assert not view.flags.writeable and not view.flags.owndata
-        decoder = _Decoder(WorkerConfig(0, tuple(ds._sources), RowFormat(), (), shared.table))
+        decoder = SlotDecoder(WorkerConfig(0, tuple(ds._sources), RowFormat(), (), shared.table))
         for reader, want in zip(decoder.readers, indptrs):
             np.testing.assert_array_equal(reader.indptr, want)
             assert not reader.indptr.flags.writeable and not reader.indptr.flags.owndata  # mapped, no private copy
@@ -384,10 +383,12 @@ def test_ctrl_c_in_a_burst_still_leaves_nothing(store, repeat):
     assert_nothing_left(started)
 
 
-@pytest.mark.parametrize("scenario", ["main_killed", "main_killed_with_helper"])
+@pytest.mark.parametrize("scenario", ["main_killed", "main_killed_with_helper", "main_killed_while_workers_start"])
 def test_killed_main_process_leaves_no_workers_or_segments(store, scenario):
     # With a forked helper alive, the resource tracker (shared with it) would unlink the segments
-    # only when the helper exits: the workers unlink them when they notice their parent died.
+    # only when the helper exits: the workers unlink them when they notice their parent died. A helper
+    # also keeps the workers' pipes open: a worker whose parent died while it was still importing
+    # (reparented before it could ask who its parent was) waited for tasks until the helper exited.
     p = subprocess.Popen([sys.executable, str(CHILD), scenario, str(store)], stdout=subprocess.PIPE, text=True)
     info = json.loads(p.stdout.readline())
     assert segment_names(info["pid"])
@@ -493,7 +494,67 @@ def test_adding_a_second_store_replaces_the_starting_workers(store):
     ds.close()
 
 
-def test_a_worker_that_cannot_open_the_store_is_reported_at_the_first_batch(store, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_the_first_load_is_decoded_here_while_the_workers_start(store, dense_store, kind):
+    """Workers stopped (SIGSTOP) before they could start: the first batch still comes, so the main process
+    decoded its load; resumed, they decode the rest, and the epoch equals one read without workers."""
+    source, cls = (store, ZarrSparseDataset) if kind == "sparse" else (dense_store, ZarrDenseDataset)
+    expected = batches(cls(50, 8, 12, num_workers=0, return_index=True).add_store(source))
+    ds = cls(50, 8, 12, num_workers=2, return_index=True).add_store(source)
+    pids = worker_pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)  # still importing: the pool has not waited for them
+    try:
+        loop = iter(ds)
+        X, _, idx = next(loop)
+        assert all(psutil.Process(pid).status() == psutil.STATUS_STOPPED for pid in pids)
+        first = (b"".join(p.numpy().tobytes() for p in tensor_parts(X)), idx.numpy().copy())
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    rest = [(b"".join(p.numpy().tobytes() for p in tensor_parts(X)), i.numpy().copy()) for X, _, i in loop]
+    got = [first, *rest]
+    assert len(got) == len(expected)
+    assert all(a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in zip(got, expected))
+    assert worker_pids() == pids
+    ds.close()
+
+
+def test_once_the_workers_are_up_they_decode_every_load(store, monkeypatch):
+    calls = []
+    decode_here = Engine._decode_here
+    monkeypatch.setattr(Engine, "_decode_here", lambda self, run, task: calls.append(task.load) or decode_here(self, run, task))
+    with ZarrSparseDataset(50, 8, 12, num_workers=2, return_index=True).add_store(store) as ds:
+        list(ds)  # the workers started meanwhile (the first load may have been decoded here)
+        calls.clear()
+        for epoch in (1, 2):
+            ds.set_epoch(epoch)
+            assert sum(len(i) for *_, i in ds) == 1000
+        assert calls == []
+
+
+def test_a_damaged_first_load_decoded_here_is_a_worker_error_naming_the_file(store, tmp_path):
+    damaged = Path(shutil.copytree(store, tmp_path / "damaged"))
+    for shard in damaged.glob("chunk_*.zarr/X/data/c/*"):
+        raw = bytearray(shard.read_bytes())
+        raw[: len(raw) // 2] = bytes(len(raw) // 2)  # every inner chunk stored in the first half: zeros
+        shard.write_bytes(bytes(raw))
+    ds = ZarrSparseDataset(50, 8, 12, num_workers=2).add_store(damaged)
+    pids = worker_pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(WorkerError, match=r"the main process failed decoding load 0 of epoch 0 while the workers "
+                                              r"started:\nTraceback(.|\n)*OSError: .*damaged.*X/data/c/\d+: inner chunk"):
+            next(iter(ds))
+    finally:
+        for pid in pids:
+            if psutil.pid_exists(pid):
+                os.kill(pid, signal.SIGCONT)
+    assert worker_pids() == [] and segment_names(os.getpid()) == []  # the engine closed, as for a worker's error
+
+
+def test_a_worker_that_cannot_open_the_store_is_reported_with_its_reason(store, tmp_path, monkeypatch):
     from arrayloaders import worker
 
     gone = Path(shutil.copytree(store, tmp_path / "gone"))
@@ -506,8 +567,9 @@ def test_a_worker_that_cannot_open_the_store_is_reported_at_the_first_batch(stor
 
     monkeypatch.setattr(worker.WorkerPool, "_start", start_on_a_deleted_store)
     ds = ZarrSparseDataset(50, 8, 12, num_workers=2).add_store(store)  # does not wait for the workers
+    # Within the epoch: its first load may be decoded by this process while the workers (fail to) start.
     with pytest.raises(WorkerError, match=r"worker \d \(pid \d+\) failed to start:(.|\n)*gone"):
-        next(iter(ds))
+        list(ds)
     assert worker_pids() == [] and segment_names(os.getpid()) == []
 
 
