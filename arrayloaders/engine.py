@@ -16,14 +16,14 @@ made them (``ring.Segment.lent``). If every slot is lent and nothing is in
 flight, the oldest lent slot gets a fresh segment rather than wait for the
 user to drop batches.
 
-The first load while the workers start
---------------------------------------
+Loads while the workers start
+-----------------------------
 Workers start when the dataset is filled, without waiting (~0.6 s: an
-interpreter, numpy, zarr, the stores). A run that begins before any has
-reported decodes its first load in this process, into its slot, after
-handing the next loads to the workers: the first batch then waits for one
-load's decoding, not for the workers too. Once one is up, the first load
-is split among the idle workers instead.
+interpreter, numpy, zarr, the stores), and get tasks only once they have
+reported. Until one has, this process decodes the loads the loop asks
+for itself, one at a time, into their slots: the first batch waits for
+one load's decoding, not for the workers too. Once workers are up, the
+run's first load is split among the idle ones instead.
 
 One run at a time
 -----------------
@@ -68,7 +68,7 @@ from .load import ALL_GENES, LoadedRows, RowFormat, load_nnz, splittable
 from .plan import EpochPlan
 from .ring import Ring, SharedIndptrs, SlotLayout, map_indptrs
 from .store import XSource
-from .worker import POLL_S, START_TIMEOUT_S, Failed, Filled, SlotDecoder, Task, WorkerConfig, WorkerPool
+from .worker import POLL_S, Failed, Filled, SlotDecoder, Task, WorkerConfig, WorkerPool
 
 __all__ = ["DEFAULT_TIMEOUT_MARGIN_S", "Engine", "EpochRun", "slot_layout"]
 
@@ -473,31 +473,31 @@ class Engine:
 
     def _submit(self, run: EpochRun) -> None:
         pool, ring = self.pool, self.ring
-        here = None
+        up = pool.started()
         while run.submitted < len(run.loads):
             free = next((k for k, s in enumerate(self._slots) if s.state == "free"), None)
             if free is None:
-                break
+                return
             load = run.loads[run.submitted]
             spec = run.plan.loads[load]
             take = run.plan.take(spec)
-            if run.submitted == 0 and not self._flight and not pool.any_started():
-                # The workers are still starting (an interpreter, numpy, zarr, the stores: ~0.6 s),
-                # and the first batch would wait for them: decode the first load here meanwhile,
-                # after handing them the next ones.
+            if not up:
+                # No worker is up yet (each starts an interpreter, imports numpy and zarr, opens the
+                # stores: ~0.6 s), and they get tasks only once up: decode this load here, one at a time.
                 self._tickets += 1
-                here = Task(self._tickets, run.plan.epoch, load, free, ring.name(free), ring.layout, spec.runs, take)
-                self._slots[free] = _Slot("filling", here.ticket)
+                task = Task(self._tickets, run.plan.epoch, load, free, ring.name(free), ring.layout, spec.runs, take)
+                self._slots[free] = _Slot("filling", task.ticket)
                 run.submitted += 1
-                continue
+                self._decode_here(run, task)
+                return
             # A run's first load is what the first batch waits for: when every worker is idle, each
             # decodes a part of it, so it is ready in about 1/W of the time.
             parts = [None]
-            if run.submitted == 0 and not self._flight and len(pool) > 1 and splittable(self.fmt, self.sources[0].kind):
-                parts = split_points(spec.runs, len(pool))
+            if run.submitted == 0 and not self._flight and len(up) > 1 and splittable(self.fmt, self.sources[0].kind):
+                parts = split_points(spec.runs, len(up))
             first = self._tickets + 1 if len(parts) > 1 else None
             for k, part in enumerate(parts):
-                worker = k if first is not None else load % len(pool)
+                worker = up[k] if first is not None else up[load % len(up)]
                 ticket = self._tickets = self._tickets + 1
                 task = Task(
                     ticket, run.plan.epoch, load, free, ring.name(free), ring.layout, spec.runs, take, part, first
@@ -510,8 +510,6 @@ class Engine:
                 self._parts_left[first] = len(parts)
             self._slots[free] = _Slot("filling", first if first is not None else ticket)
             run.submitted += 1
-        if here is not None:
-            self._decode_here(run, here)
 
     def _decode_here(self, run: EpochRun, task: Task) -> None:
         """Decode ``task`` in this process into its slot (a :class:`WorkerError` if it fails, as in a worker)."""
@@ -569,16 +567,8 @@ class Engine:
 
     def _check_progress(self) -> None:
         limit, now = self._limit(), time.monotonic()
-        for worker in sorted({f.worker for f in self._flight.values()}):
-            started = self.pool.started_at[worker]
-            if started is None:  # still importing and opening the stores: the pool's start limit applies
-                if now - self._busy_since[worker] > START_TIMEOUT_S:
-                    raise WorkerError(
-                        f"worker {worker} (pid {self.pool.processes[worker].pid}, {self.pool.state(worker)}) did not "
-                        f"start within {START_TIMEOUT_S:.0f} s"
-                    )
-                continue
-            silent = now - max(self._busy_since[worker], started)
+        for worker in sorted({f.worker for f in self._flight.values()}):  # only workers that started get tasks
+            silent = now - max(self._busy_since[worker], self.pool.started_at[worker])
             if silent > limit:
                 how = f"timeout={self.timeout:g}" if self.timeout is not None else (
                     f"the default: the slowest load so far ({self._slowest:.1f} s) plus {DEFAULT_TIMEOUT_MARGIN_S:.0f} s"

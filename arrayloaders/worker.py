@@ -150,6 +150,7 @@ class WorkerPool:
         self._tasks: list[Connection] = []
         self._replies: list[Connection] = []
         self.started_at: list[float | None] = []  # when each worker reported it had started (None: not yet)
+        self.spawned_at: list[float] = []
         self._closed = False
         try:
             for config in configs:
@@ -182,6 +183,7 @@ class WorkerPool:
         self._tasks.append(task_w)
         self._replies.append(reply_r)
         self.started_at.append(None)
+        self.spawned_at.append(time.monotonic())
         task_w.send(config)
 
     def _message(self, k: int, message):
@@ -196,11 +198,17 @@ class WorkerPool:
     def __len__(self) -> int:
         return len(self.processes)
 
-    def any_started(self) -> bool:
-        """Whether a worker has reported that it started, reading what is in the pipes without waiting.
+    def started(self) -> list[int]:
+        """The workers that have reported they started, reading start-up messages without waiting.
 
-        Only while no task is in flight: the pipes then hold nothing but start-up messages.
+        Give tasks to these only: a worker still importing does not read its
+        pipe, so a task sent to it would wait there, and fill it (a task
+        carries its load's order, 8 bytes a row) so that the next send blocks.
+        Its pipe therefore holds nothing but start-up messages. Raises a
+        :class:`WorkerError` for a worker that failed to start, died, or has
+        not started within :data:`START_TIMEOUT_S`.
         """
+        now = time.monotonic()
         for k, conn in enumerate(self._replies):
             while self.started_at[k] is None and conn.poll(0):
                 try:
@@ -209,7 +217,11 @@ class WorkerPool:
                     raise self._dead(k, "starting") from e
                 if message is not None:
                     raise WorkerError(f"worker {k} sent {message} before it was given a task")
-        return any(t is not None for t in self.started_at)
+            if self.started_at[k] is None and now - self.spawned_at[k] > START_TIMEOUT_S:
+                raise WorkerError(
+                    f"worker {k} (pid {self.processes[k].pid}, {self.state(k)}) did not start within {START_TIMEOUT_S:.0f} s"
+                )
+        return [k for k, t in enumerate(self.started_at) if t is not None]
 
     def _dead(self, k: int, doing: str) -> WorkerError:
         process = self.processes[k]

@@ -52,7 +52,8 @@ def main(scenario: str, store: str) -> dict:
         # A worker killed, or stopped (SIGSTOP: alive but making no progress), mid-epoch.
         if scenario == "sigstop":
             ds = dataset(store, timeout=2)
-        rows_of_epoch(ds)  # the workers are up (a first load may be decoded in this process while they start)
+        while None in ds._runtime.engine.pool.started_at:  # till the workers are up, this process decodes
+            rows_of_epoch(ds)
         ds.set_epoch(1)
         it = iter(ds)
         held = [next(it)]

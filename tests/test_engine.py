@@ -50,6 +50,22 @@ def batches(ds, epochs=(0,)):
     return out
 
 
+def until_exited(pid: int) -> None:
+    """Wait until our child ``pid`` has exited, without reaping it: its pool reads its exit status."""
+    deadline = time.monotonic() + 60
+    while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, f"{pid} did not exit"
+        time.sleep(0.01)
+
+
+def until_workers_are_up(ds) -> None:
+    """Epochs until every worker has started: till then this process decodes the loads itself."""
+    deadline = time.monotonic() + 60
+    while None in ds._runtime.engine.pool.started_at:
+        assert time.monotonic() < deadline, "the workers did not start"
+        assert len(list(ds)) == len(ds)
+
+
 @pytest.fixture(scope="module")
 def dense_store(dense_h5ads, tmp_path_factory):
     return create_store_from_h5ads(dense_h5ads, tmp_path_factory.mktemp("dense") / "s", n_obs_per_file=80, progress=False)
@@ -110,7 +126,8 @@ def test_batches_are_zero_copy_views_that_outlive_the_next_step(store):
 def test_workers_do_not_import_torch(store):
     ds = ZarrSparseDataset(50, 8, 12, num_workers=1).add_store(store)
     with ds:
-        assert len(list(ds)) == len(ds)  # the worker decoded loads (the first may have been decoded here)
+        until_workers_are_up(ds)
+        assert len(list(ds)) == len(ds)
         (pid,) = worker_pids()
         maps = Path(f"/proc/{pid}/maps").read_text()
     assert "libtorch" not in maps and "numpy" in maps
@@ -125,7 +142,7 @@ def test_workers_map_one_copy_of_the_row_pointers(store, tmp_path, layout):
     path = store if raw else with_compressed_indptr(store, tmp_path / "older")
     ds = ZarrSparseDataset(50, 8, 12, num_workers=2).add_store(path)
     with ds:
-        list(ds)  # the workers decoded loads (the first may have been decoded here)
+        until_workers_are_up(ds)
         files = sorted(str(p) for p in path.glob("chunk_*.zarr/X/indptr/c/0"))
         (segment,) = [n for n in segment_names(os.getpid()) if n.endswith("_indptr")]
         for pid in [os.getpid(), *worker_pids()]:
@@ -525,7 +542,7 @@ def test_once_the_workers_are_up_they_decode_every_load(store, monkeypatch):
     decode_here = Engine._decode_here
     monkeypatch.setattr(Engine, "_decode_here", lambda self, run, task: calls.append(task.load) or decode_here(self, run, task))
     with ZarrSparseDataset(50, 8, 12, num_workers=2, return_index=True).add_store(store) as ds:
-        list(ds)  # the workers started meanwhile (the first load may have been decoded here)
+        until_workers_are_up(ds)
         calls.clear()
         for epoch in (1, 2):
             ds.set_epoch(epoch)
@@ -567,17 +584,20 @@ def test_a_worker_that_cannot_open_the_store_is_reported_with_its_reason(store, 
 
     monkeypatch.setattr(worker.WorkerPool, "_start", start_on_a_deleted_store)
     ds = ZarrSparseDataset(50, 8, 12, num_workers=2).add_store(store)  # does not wait for the workers
-    # Within the epoch: its first load may be decoded by this process while the workers (fail to) start.
+    for pid in worker_pids():  # until a worker is up this process decodes: let them fail first
+        until_exited(pid)
     with pytest.raises(WorkerError, match=r"worker \d \(pid \d+\) failed to start:(.|\n)*gone"):
-        list(ds)
+        next(iter(ds))
     assert worker_pids() == [] and segment_names(os.getpid()) == []
 
 
 def test_a_worker_killed_while_starting_is_reported_and_the_next_loop_works(store):
     ds = ZarrSparseDataset(50, 8, 12, num_workers=2, return_index=True).add_store(store)
-    os.kill(worker_pids()[0], signal.SIGKILL)  # still importing: the pool has not waited for it
+    victim = worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)  # still importing: the pool has not waited for it
+    until_exited(victim)
     with pytest.raises(WorkerError, match=r"worker 0 \(pid \d+\) was killed by signal SIGKILL"):
-        list(ds)
+        next(iter(ds))
     assert worker_pids() == [] and segment_names(os.getpid()) == []
     rows = torch.cat([i for *_, i in ds])
     assert torch.equal(rows.sort().values, torch.arange(1000)) and len(worker_pids()) == 2
