@@ -68,13 +68,15 @@ class ClassRunSampler(torch.utils.data.Sampler[int]):
         labels = np.asarray(labels)
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"labels must be one integer class code per cell, got {labels.dtype} of shape {labels.shape}")
+        if labels.size == 0:
+            raise ValueError("no cells to draw: labels is empty")
         if run_size < 1 or window < 1:
             raise ValueError(f"run_size and window must be at least 1, got {run_size} and {window}")
         # Maximal runs of one class: where the label changes.
         edges = np.flatnonzero(np.diff(labels)) + 1
         starts = np.concatenate([[0], edges]).astype(np.int64)
         stops = np.concatenate([edges, [labels.size]]).astype(np.int64)
-        codes = labels[starts] if labels.size else labels[:0]
+        codes = labels[starts]
         keep = codes >= 0
         starts, stops, codes = starts[keep], stops[keep], codes[keep]
         n_classes = int(codes.max(initial=-1)) + 1

@@ -78,6 +78,7 @@ def test_the_same_seed_gives_the_same_sequence_and_another_seed_another():
         ({"class_weights": [1, 1]}, "5 or more finite weights"),
         ({"class_weights": [1, 1, 1, 1, 1, 1]}, "class code 5, which has no cells"),
         ({"labels": np.full(10, -1)}, "no cells to draw"),
+        ({"labels": np.array([], dtype=np.int64)}, "labels is empty"),
         ({"num_samples": 0}, "num_samples must be at least 1"),
     ],
 )
