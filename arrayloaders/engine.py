@@ -252,7 +252,7 @@ class Engine:
         self._parts_left: dict[int, int] = {}  # a split load's first ticket -> its parts still in flight
         self._tickets = 0
         self._busy_since: dict[int, float] = {}  # worker -> its last reply, or when it was given work while idle
-        self._here: SlotDecoder | None = None  # the main process's, for first loads while the workers start
+        self._here: SlotDecoder | None = None  # this process's, for the loads it decodes while the workers start
         self._here_config: WorkerConfig | None = None
         self._slowest = 0.0  # seconds of the slowest load a worker reported
         self._closed = False
@@ -518,7 +518,7 @@ class Engine:
                 self._here = SlotDecoder(self._here_config)
             filled = self._here.run(task)
         except Exception:
-            where = f"decoding load {task.load} of epoch {task.epoch} while the workers started"
+            where = f"decoding load {task.load} of epoch {task.epoch} while the workers were starting"
             raise WorkerError(f"the main process failed {where}:\n{traceback.format_exc()}") from None
         self._slowest = max(self._slowest, filled.seconds)
         self._slots[task.slot].state = "ready"

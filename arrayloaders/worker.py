@@ -209,19 +209,24 @@ class WorkerPool:
         not started within :data:`START_TIMEOUT_S`.
         """
         now = time.monotonic()
-        for k, conn in enumerate(self._replies):
-            while self.started_at[k] is None and conn.poll(0):
-                try:
-                    message = self._message(k, conn.recv())
-                except (EOFError, OSError) as e:
-                    raise self._dead(k, "starting") from e
-                if message is not None:
-                    raise WorkerError(f"worker {k} sent {message} before it was given a task")
+        for k in range(len(self.processes)):
+            try:
+                self._read_startup(k)
+            except (EOFError, OSError) as e:
+                raise self._dead(k, "starting") from e
             if self.started_at[k] is None and now - self.spawned_at[k] > START_TIMEOUT_S:
                 raise WorkerError(
                     f"worker {k} (pid {self.processes[k].pid}, {self.state(k)}) did not start within {START_TIMEOUT_S:.0f} s"
                 )
         return [k for k, t in enumerate(self.started_at) if t is not None]
+
+    def _read_startup(self, k: int) -> None:
+        """Read worker ``k``'s start-up messages waiting in its pipe, if it has not started: raises its start failure."""
+        conn = self._replies[k]
+        while self.started_at[k] is None and conn.poll(0):
+            message = self._message(k, conn.recv())
+            if message is not None:
+                raise WorkerError(f"worker {k} sent {message} before it was given a task")
 
     def _dead(self, k: int, doing: str) -> WorkerError:
         process = self.processes[k]
@@ -230,8 +235,7 @@ class WorkerPool:
         except subprocess.TimeoutExpired:
             pass
         try:  # a worker that failed to start said why before exiting: that is the news, not its exit
-            while self.started_at[k] is None and self._replies[k].poll(0):
-                self._message(k, self._replies[k].recv())
+            self._read_startup(k)
         except (EOFError, OSError):
             pass
         return WorkerError(f"worker {k} (pid {process.pid}) {exit_description(process.poll())} while {doing}")
@@ -314,8 +318,8 @@ _PROC_STATES = {"R": "running", "S": "sleeping", "D": "waiting for the disk", "T
 class SlotDecoder:
     """Open stores and mapped slots: what decodes a :class:`Task` into its slot.
 
-    A worker's; the main process has one too for a run's first load while
-    the workers are still starting.
+    A worker's; the main process has one too, for the loads it decodes
+    while the workers are still starting.
     """
 
     def __init__(self, config: WorkerConfig):

@@ -562,7 +562,7 @@ def test_a_damaged_first_load_decoded_here_is_a_worker_error_naming_the_file(sto
         os.kill(pid, signal.SIGSTOP)
     try:
         with pytest.raises(WorkerError, match=r"the main process failed decoding load 0 of epoch 0 while the workers "
-                                              r"started:\nTraceback(.|\n)*OSError: .*damaged.*X/data/c/\d+: inner chunk"):
+                                              r"were starting:\nTraceback(.|\n)*OSError: .*damaged.*X/data/c/\d+: inner chunk"):
             next(iter(ds))
     finally:
         for pid in pids:
