@@ -49,6 +49,7 @@ process that created an engine closes it: a forked child leaves it alone.
 from __future__ import annotations
 
 import atexit
+import collections
 import dataclasses
 import os
 import signal
@@ -73,6 +74,8 @@ from .worker import POLL_S, Failed, Filled, SlotDecoder, Task, WorkerConfig, Wor
 __all__ = ["DEFAULT_TIMEOUT_MARGIN_S", "Engine", "EpochRun", "slot_layout"]
 
 _HEADROOM = 1.1  # slots are sized 10 % above the epoch's largest load, so later epochs rarely resize
+# Tasks given to one worker at a time: one it decodes and one ready for when it is done.
+TASKS_PER_WORKER = 2
 DEFAULT_TIMEOUT_MARGIN_S = 60.0  # default timeout: the slowest load seen so far plus this
 
 
@@ -495,9 +498,15 @@ class Engine:
             parts = [None]
             if run.submitted == 0 and not self._flight and len(up) > 1 and splittable(self.fmt, self.sources[0].kind):
                 parts = split_points(spec.runs, len(up))
+            # Otherwise the least busy worker that is up, with at most TASKS_PER_WORKER waiting: the
+            # first worker up must not be given every free slot's load while the others still import.
+            queued = collections.Counter(f.worker for f in self._flight.values())
+            least = min(up, key=lambda w: (queued[w], w))
+            if len(parts) == 1 and queued[least] >= TASKS_PER_WORKER:
+                return
             first = self._tickets + 1 if len(parts) > 1 else None
             for k, part in enumerate(parts):
-                worker = up[k] if first is not None else up[load % len(up)]
+                worker = up[k] if first is not None else least
                 ticket = self._tickets = self._tickets + 1
                 task = Task(
                     ticket, run.plan.epoch, load, free, ring.name(free), ring.layout, spec.runs, take, part, first

@@ -25,8 +25,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from arrayloaders import WorkerError, ZarrDenseDataset, ZarrSparseDataset, create_store_from_h5ads
-from arrayloaders.engine import DEFAULT_TIMEOUT_MARGIN_S, Engine, split_points
+from arrayloaders.engine import DEFAULT_TIMEOUT_MARGIN_S, TASKS_PER_WORKER, Engine, split_points
 from arrayloaders.ring import Segment, SlotLayout, segment_names
+from arrayloaders.store import XLayout
+from arrayloaders.worker import WorkerPool
 
 CHILD = Path(__file__).with_name("engine_child.py")
 REPEATS = range(3)  # fault scenarios run several times: a flake shows up in CI, not at a user's
@@ -550,11 +552,49 @@ def test_once_the_workers_are_up_they_decode_every_load(store, monkeypatch):
         assert calls == []
 
 
+def test_the_first_worker_up_is_not_given_every_load_while_the_others_start(store, monkeypatch):
+    """Workers 1 and 2 stopped while starting, worker 0 up: it is given at most TASKS_PER_WORKER loads at a
+    time (found on 16 cores: the first worker up got every free slot's load, and the others, once up, had
+    nothing to do: the first epoch ran at one worker's speed); once the others are up, they get loads too."""
+    given = []
+    submit = WorkerPool.submit
+
+    def counted(pool, worker, task, doing):
+        waiting = sum(f.worker == worker for f in engine._flight.values())
+        given.append((worker, waiting))
+        return submit(pool, worker, task, doing)
+
+    monkeypatch.setattr(WorkerPool, "submit", counted)
+    with ZarrSparseDataset(50, 8, 12, num_workers=3, return_index=True).add_store(store) as ds:
+        engine = ds._runtime.engine
+        late = [engine.pool.processes[k].pid for k in (1, 2)]
+        for pid in late:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 60
+            while 0 not in engine.pool.started():
+                assert time.monotonic() < deadline, "worker 0 did not start"
+                time.sleep(0.01)
+            assert sorted(np.concatenate([i.numpy() for *_, i in ds]).tolist()) == list(range(1000))
+            assert given and {w for w, _ in given} == {0}
+            assert max(waiting for _, waiting in given) == TASKS_PER_WORKER - 1  # never more queued than that
+        finally:
+            for pid in late:
+                os.kill(pid, signal.SIGCONT)
+        until_workers_are_up(ds)
+        given.clear()
+        ds.set_epoch(1)
+        assert sorted(np.concatenate([i.numpy() for *_, i in ds]).tolist()) == list(range(1000))
+        assert {w for w, _ in given} == {0, 1, 2}
+        assert max(waiting for _, waiting in given) < TASKS_PER_WORKER
+
+
 def test_a_damaged_first_load_decoded_here_is_a_worker_error_naming_the_file(store, tmp_path):
     damaged = Path(shutil.copytree(store, tmp_path / "damaged"))
     for shard in damaged.glob("chunk_*.zarr/X/data/c/*"):
         raw = bytearray(shard.read_bytes())
-        raw[: len(raw) // 2] = bytes(len(raw) // 2)  # every inner chunk stored in the first half: zeros
+        stored = len(raw) - 16 * (XLayout().shard_elements // XLayout().chunk_elements) - 4  # before the shard index
+        raw[: stored // 2] = bytes(stored // 2)  # every inner chunk stored in the first half: zeros
         shard.write_bytes(bytes(raw))
     ds = ZarrSparseDataset(50, 8, 12, num_workers=2).add_store(damaged)
     pids = worker_pids()
