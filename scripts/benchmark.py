@@ -408,9 +408,26 @@ def prepare(args) -> tuple[list[Path], Path, dict]:
         args.reconvert = True  # new input: stores of the old one are stale
     if not (store / "arrayloaders.json").exists():
         args.reconvert = True
+    from arrayloaders.store import XLayout
+
+    # A store kept from a run with another default layout is rebuilt (alone), not measured as this one.
+    stale = stored_chunk_elements(store) != (args.chunk_elements or XLayout().chunk_elements)
     cmd = [sys.executable, str(REPO / "scripts" / "convert.py"), *map(str, paths), "-o", str(store), "-q", "--overwrite",
            *layout]  # fmt: skip
-    return paths, store, build_store(store, cmd, args.reconvert, json_line=False)
+    return paths, store, build_store(store, cmd, args.reconvert or stale, json_line=False)
+
+
+def stored_chunk_elements(store: Path) -> int | None:
+    """The inner chunk length of X's data in ``store``'s first file (``None``: no such array)."""
+    import zarr
+
+    try:
+        meta = zarr.open_array(store / "chunk_0.zarr" / "X" / "data", mode="r").metadata
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError, ValueError):
+        return None
+    codecs = meta.codecs
+    inner = getattr(codecs[0], "chunk_shape", None) if len(codecs) == 1 else None
+    return int((inner or meta.chunk_grid.chunk_shape)[0])
 
 
 def prepare_values(paths: list[Path], args) -> tuple[Path, dict]:
