@@ -40,6 +40,8 @@ class NativeCodecs:
 
     blosc_decompress: object
     crc32c: object
+    #: ``blosc_decompress`` is this C function with a thread count of 1; for compiled callers
+    blosc_decompress_ctx: object = None
 
 
 @functools.cache
@@ -66,4 +68,4 @@ def native_codecs() -> NativeCodecs | None:
     def blosc_decompress(src: int, dest: int, nbytes: int) -> int:
         return decompress_ctx(src, dest, nbytes, 1)  # one thread: workers are the parallelism
 
-    return NativeCodecs(blosc_decompress=blosc_decompress, crc32c=crc32c_value)
+    return NativeCodecs(blosc_decompress=blosc_decompress, crc32c=crc32c_value, blosc_decompress_ctx=decompress_ctx)

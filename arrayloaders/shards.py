@@ -420,14 +420,15 @@ class DirectArray:
         owner, chunk = owner[order], chunk[order]
         lo = np.maximum(starts[owner], chunk * ce)
         sizes = np.minimum(stops[owner], (chunk + 1) * ce) - lo
-        src = (lo - chunk * ce).tolist()
-        dst = (dests[owner] + lo - starts[owner]).tolist()
-        sizes = sizes.tolist()
+        src = lo - chunk * ce
+        dst = dests[owner] + lo - starts[owner]
         chunks, at = np.unique(chunk, return_index=True)
         self._prefetch_chunks(chunks)
-        at, chunk_ids = at.tolist() + [len(src)], chunks.tolist()
         self._scratch_chunk = -1  # the scratch buffer is reused below
         in_place = out.dtype == self.dtype  # a whole wanted chunk decodes straight into out
+        gather_file = self._compiled(src, dst, sizes, np.append(at, src.size), out, in_place)
+        src, dst, sizes = src.tolist(), dst.tolist(), sizes.tolist()
+        at, chunk_ids = at.tolist() + [len(src)], chunks.tolist()
         out_addr = out.ctypes.data if in_place and self._native is not None else 0
 
         def fill(u: int, v: int) -> None:  # pieces of chunks u..v-1 that were never written
@@ -454,8 +455,16 @@ class DirectArray:
             # Chunks next to each other in the file, all wanted: one read.
             joined = (np.diff(chunks[u:v]) == 1) & (offsets[1:] == offsets[:-1] + nbytes[:-1]) & ~missing[1:] & ~missing[:-1]
             groups = np.flatnonzero(~joined) + 1
+            m0 = 0
+            if gather_file is not None and not missing.any():
+                # The compiled loop does the whole file, or stops at a chunk it could not do: the loop
+                # below then does that chunk and the rest one at a time, and raises naming the file.
+                m0 = gather_file(fd, offsets, nbytes, np.append(groups, v - u), u, v)
+                if m0 < 0:
+                    continue
+                groups = np.arange(m0 + 1, v - u)
             offsets, nbytes, missing = offsets.tolist(), nbytes.tolist(), missing.tolist()
-            for g0, g1 in zip([0, *groups.tolist()], [*groups.tolist(), v - u]):
+            for g0, g1 in zip([m0, *groups.tolist()], [*groups.tolist(), v - u]):
                 if missing[g0]:
                     fill(u + g0, u + g1)
                     continue
@@ -470,6 +479,32 @@ class DirectArray:
                         for p in range(a, b):
                             out[dst[p] : dst[p] + sizes[p]] = scratch[src[p] : src[p] + sizes[p]]
                     pos += nbytes[m]
+
+    def _compiled(self, src: np.ndarray, dst: np.ndarray, sizes: np.ndarray, at: np.ndarray, out: np.ndarray,
+                  in_place: bool) -> Callable[..., int] | None:  # fmt: skip
+        """:mod:`arrayloaders.chunk_gather`'s loop over one file's chunks ``u..v-1`` of a gather, or ``None``.
+
+        ``src``, ``dst``, ``sizes`` are the gather's pieces and ``at`` each
+        wanted chunk's first piece, then their count. ``None`` without the
+        native codecs (the loop calls them: blosc arrays only).
+        """
+        if self._native is None or out.ndim != 1 or not out.flags.c_contiguous:
+            return None
+        from .chunk_gather import chunk_gather  # imports numba: only gathers (a sampler's loads) pay for it
+
+        gather = chunk_gather()
+        if gather is None:
+            return None
+
+        def gather_file(fd: int, offsets: np.ndarray, nbytes: np.ndarray, group_ends: np.ndarray, u: int, v: int) -> int:
+            group_starts = offsets[np.r_[0, group_ends[:-1]]]
+            largest = int((offsets[group_ends - 1] + nbytes[group_ends - 1] - group_starts).max())
+            if len(self._compressed) < largest:
+                self._set_compressed(bytearray(largest))
+            return gather(fd, offsets, nbytes, group_ends, at[u : v + 1], src, dst, sizes, out, self._scratch,
+                          self._compressed_view, self.checked, in_place)  # fmt: skip
+
+        return gather_file
 
     def _set_compressed(self, buf: bytearray) -> None:
         self._compressed = buf

@@ -49,9 +49,13 @@ CHUNK, SHARD = 64, 256
 DTYPES = ["float32", "float64", "int32", "uint16"]
 
 
-@pytest.fixture(autouse=True, params=["native", "numcodecs"])
+@pytest.fixture(autouse=True, params=["native", "native-python-loop", "numcodecs"])
 def blosc_decoder(request, monkeypatch):
-    """Every test twice: blosc and crc32c called in C (the default), and through numcodecs/google_crc32c."""
+    """Every test three times: blosc and crc32c called in C, a gather's chunks in a compiled loop (the
+    default); the same C calls from the Python loop (where the compiled loop hands over at a fault);
+    and through numcodecs/google_crc32c."""
+    if request.param == "native-python-loop":
+        monkeypatch.setattr(DirectArray, "_compiled", lambda *args: None)
     if request.param == "numcodecs":
         monkeypatch.setattr(shards, "native_codecs", lambda: None)
     return request.param

@@ -1,0 +1,103 @@
+"""The compiled gather (arrayloaders.chunk_gather): used for blosc arrays, equal to the Python loop, and
+when it stops at a fault, the error is the Python loop's, naming the file and the chunk.
+
+tests/test_shards.py runs every DirectArray test with it, with the Python loop and through numcodecs;
+these check what those cannot see: that it is used at all, and where it hands over.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from arrayloaders import chunk_gather
+from arrayloaders.shards import DirectArray
+
+N, CHUNK, SHARD = 4000, 64, 512
+
+
+def make_array(path, dtype: str, checksum: bool = True) -> tuple[zarr.Array, np.ndarray]:
+    rng = np.random.default_rng(0)
+    values = (rng.poisson(2, N) * (rng.random(N) < 0.3)).astype(dtype)  # count-like: compresses
+    compressors = [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")] + ([Crc32cCodec()] if checksum else [])
+    array = zarr.create_array(store=str(path), shape=(N,), chunks=(CHUNK,), shards=(SHARD,), dtype=dtype,
+                              compressors=compressors)  # fmt: skip
+    array[:] = values
+    return zarr.open_array(str(path), mode="r"), values
+
+
+def gather(reader: DirectArray, ranges: list[tuple[int, int]], dtype) -> np.ndarray:
+    starts = np.array([a for a, _ in ranges], np.int64)
+    stops = np.array([b for _, b in ranges], np.int64)
+    sizes = stops - starts
+    out = np.full(int(sizes.sum()), 99, dtype)
+    reader.gather(starts, stops, np.cumsum(sizes) - sizes, out)
+    return out
+
+
+def random_ranges(seed: int, n: int = 300) -> list[tuple[int, int]]:
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, N - 1, n)
+    return [(int(a), int(min(N, a + rng.integers(1, 3 * CHUNK)))) for a in starts]
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """What the compiled loop returned, call by call."""
+    returned = []
+    original = chunk_gather.ChunkGather.__call__
+
+    def spy(self, *args):
+        returned.append(original(self, *args))
+        return returned[-1]
+
+    monkeypatch.setattr(chunk_gather.ChunkGather, "__call__", spy)
+    return returned
+
+
+@pytest.mark.parametrize(("stored", "into"), [("float32", "float32"), ("uint16", "int32"), ("int64", "int64")])
+def test_blosc_arrays_are_gathered_by_the_compiled_loop_bit_identically(tmp_path, calls, monkeypatch, stored, into):
+    array, values = make_array(tmp_path / "a", stored)
+    ranges = random_ranges(1) + [(0, N), (CHUNK, 2 * CHUNK), (N - 1, N)]
+    want = np.concatenate([values[a:b] for a, b in ranges]).astype(into)
+    reader = DirectArray.open(array)
+    got = gather(reader, ranges, into)
+    assert calls and set(calls) == {chunk_gather.DONE}  # every file done by the compiled loop
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+    monkeypatch.setattr(DirectArray, "_compiled", lambda *args: None)
+    np.testing.assert_array_equal(gather(DirectArray.open(array), ranges, into).view(np.uint8), want.view(np.uint8))
+
+
+def shard_chunks(shard_path) -> np.ndarray:
+    """(offset, nbytes) of each inner chunk of a shard (index at the end, then its crc32c)."""
+    raw = shard_path.read_bytes()
+    return np.frombuffer(raw[-(16 * (SHARD // CHUNK) + 4) : -4], dtype="<u8").reshape(-1, 2).astype(np.int64)
+
+
+DAMAGE = {
+    "checksum": lambda raw, at, n: raw.__setitem__(at + n // 2, raw[at + n // 2] ^ 0xFF),
+    "blosc-header-size": lambda raw, at, n: raw.__setitem__(at + 12, raw[at + 12] ^ 0x01),
+}
+
+
+@pytest.mark.parametrize(("damage", "checksum"), [("checksum", True), ("blosc-header-size", True),
+                                                  ("blosc-header-size", False)])  # fmt: skip
+def test_a_fault_mid_file_stops_the_loop_and_the_python_loop_names_it(tmp_path, calls, monkeypatch, damage, checksum):
+    array, values = make_array(tmp_path / "a", "float32", checksum)
+    shard = tmp_path / "a" / "c" / "1"
+    raw = bytearray(shard.read_bytes())
+    bad = 5  # inner chunk 5 of shard 1: wanted after chunks 1-4 of the same file
+    at, n = (int(x) for x in shard_chunks(shard)[bad])
+    DAMAGE[damage](raw, at, n)
+    shard.write_bytes(bytes(raw))
+    ranges = [(SHARD + c * CHUNK + 3, SHARD + c * CHUNK + 9) for c in range(1, 8)]
+    with pytest.raises(OSError) as compiled:
+        gather(DirectArray.open(zarr.open_array(str(tmp_path / "a"), mode="r")), ranges, "float32")
+    assert calls == [bad - 1]  # stopped at the damaged chunk: the 5th wanted (0-based 4)
+    monkeypatch.setattr(DirectArray, "_compiled", lambda *args: None)
+    with pytest.raises(OSError) as python:
+        gather(DirectArray.open(zarr.open_array(str(tmp_path / "a"), mode="r")), ranges, "float32")
+    assert str(compiled.value) == str(python.value)
+    assert str(shard) in str(compiled.value)
