@@ -85,7 +85,7 @@ DAMAGE = {
 @pytest.mark.parametrize(("damage", "checksum"), [("checksum", True), ("blosc-header-size", True),
                                                   ("blosc-header-size", False)])  # fmt: skip
 def test_a_fault_mid_file_stops_the_loop_and_the_python_loop_names_it(tmp_path, calls, monkeypatch, damage, checksum):
-    array, values = make_array(tmp_path / "a", "float32", checksum)
+    make_array(tmp_path / "a", "float32", checksum)
     shard = tmp_path / "a" / "c" / "1"
     raw = bytearray(shard.read_bytes())
     bad = 5  # inner chunk 5 of shard 1: wanted after chunks 1-4 of the same file
