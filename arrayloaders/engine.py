@@ -434,10 +434,8 @@ class Engine:
     # ------------------------------------------------------------------ the loop's next load
 
     def _next(self, run: EpochRun, load: int) -> tuple[LoadedRows, Callable[[np.ndarray], np.ndarray]]:
-        # Top the workers' queues up at every load, ready or not: each holds at most TASKS_PER_WORKER.
-        self._reclaim()
-        self._submit(run)
-        while load not in run.ready:
+        while True:
+            # Top the workers' queues up at every load, ready or not: each holds at most TASKS_PER_WORKER.
             self._reclaim()
             self._submit(run)
             if load in run.ready:
