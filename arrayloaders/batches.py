@@ -253,7 +253,18 @@ class BatchMaker:
 
 
 def pinned(value):
-    """Every tensor of a batch (X, obs tensors or dicts of them, index) in page-locked memory, as torch's DataLoader pins."""
+    """Every tensor of a batch (X, obs tensors or dicts of them, index) in page-locked memory, as torch's DataLoader pins.
+
+    ``pin_memory()`` returns a tensor that is pinned already as it is: views
+    of a ring slot page-locked for CUDA (``pinned_slots.py``) are not copied.
+    A sparse X is pinned part by part, so that its values and column indices
+    stay such views while its row pointers (made per batch) are copied.
+    """
+    if isinstance(value, torch.Tensor) and value.layout == torch.sparse_csr:
+        parts = value.crow_indices(), value.col_indices(), value.values()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+            return torch.sparse_csr_tensor(*(p.pin_memory() for p in parts), size=value.shape, check_invariants=False)
     if isinstance(value, torch.Tensor):
         return value.pin_memory()
     if isinstance(value, dict):

@@ -48,6 +48,7 @@ from .distributed import check_same_on_every_rank, local_world_size, rank_and_wo
 from .engine import Engine, EpochRun, slot_layout
 from .genes import choose_genes
 from .load import LoadedRows, RowFormat, read_load
+from .pinned_slots import PinnedSlots
 from .plan import EpochPlan, PlanConfig, batch_rows, plan_epoch
 from .rows import CsrRows, DenseRows, open_rows, read_indptr
 from .store import MANIFEST_NAME, XSource, read_manifest, read_obs, use_zarrs
@@ -930,13 +931,15 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         rt, sources, fmt, obsm = self._rt(), tuple(self._sources), self._row_format(), self._obsm_sources()
         with rt.lock:
             engine = rt.engine
-            if engine is None or engine.closed or not engine.matches(sources, fmt, obsm, self.num_workers):
+            pinned = self.pin_memory
+            if engine is None or engine.closed or not engine.matches(sources, fmt, obsm, self.num_workers, pinned):
                 if engine is not None and engine.in_use:
                     return None  # the sources or settings changed under a running loop: let it finish
                 if engine is not None:
                     engine.close()
+                pins = PinnedSlots() if pinned else None
                 engine = rt.engine = Engine(
-                    sources, self.num_workers, self.memory_budget, self.timeout, window, fmt, obsm, self._indptrs()
+                    sources, self.num_workers, self.memory_budget, self.timeout, window, fmt, obsm, self._indptrs(), pins
                 )
                 # The engine shares them with its workers; a loop reading in its own thread reads them again.
                 rt.indptrs = None
@@ -1052,10 +1055,15 @@ class ZarrSparseDataset(_ZarrDataset):
         how many loads are decoded ahead: up to ``2 * num_workers + 2``, at
         least 2; the ring takes no more than those slots need.
     pin_memory
-        Copy each batch (X, the obs tensors and the index) into page-locked
-        memory for faster, asynchronous transfer to a CUDA device
+        Batches (X, the obs tensors and the index) in page-locked memory,
+        for fast, asynchronous transfer to a CUDA device
         (``X.to("cuda", non_blocking=True)``); a no-op with a warning where
-        CUDA is not available.
+        CUDA is not available. With workers, X is not copied: the ring's
+        shared memory is registered with CUDA, and a slot is refilled only
+        once the copies enqueued from it on the stream current in the
+        iterating thread have completed (copies enqueued on another stream
+        must be synchronized before the batch is dropped). The obs tensors,
+        the index and X's row pointers are copied into pinned memory.
     timeout
         Seconds a worker with work may make no progress (a hung disk, a
         stopped process) before the loop raises a ``WorkerError`` naming it

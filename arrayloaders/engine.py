@@ -66,6 +66,7 @@ import numpy as np
 
 from .errors import WorkerError
 from .load import ALL_GENES, LoadedRows, RowFormat, load_nnz, splittable
+from .pinned_slots import PinnedSlots
 from .plan import EpochPlan
 from .ring import Ring, SharedIndptrs, SlotLayout, map_indptrs
 from .store import XSource
@@ -228,6 +229,10 @@ class Engine:
         Each file's row pointer (``None`` for dense files), as the main
         process read and checked them: put in one shared segment that every
         worker maps, instead of each reading its own copy.
+    pins
+        For pinned batches: the ring's segments are page-locked for CUDA as
+        they are lent, and a released slot is refilled only once the copies
+        from it are done (``pinned_slots.py``).
     """
 
     def __init__(
@@ -240,8 +245,9 @@ class Engine:
         fmt: RowFormat = ALL_GENES,
         obsm: tuple[tuple[str, tuple[XSource, ...]], ...] = (),
         indptrs: list[np.ndarray | None] | None = None,
+        pins: PinnedSlots | None = None,
     ):
-        self.sources, self.fmt, self.obsm = sources, fmt, obsm
+        self.sources, self.fmt, self.obsm, self.pins = sources, fmt, obsm, pins
         self._indptrs = indptrs
         self._shared_indptrs: list[np.ndarray | None] | None = None
         self.num_workers, self.memory_budget, self.timeout, self.window = num_workers, memory_budget, timeout, window
@@ -325,9 +331,14 @@ class Engine:
         return self._closed
 
     def matches(
-        self, sources: tuple[XSource, ...], fmt: RowFormat = ALL_GENES, obsm: tuple = (), num_workers: int | None = None
+        self,
+        sources: tuple[XSource, ...],
+        fmt: RowFormat = ALL_GENES,
+        obsm: tuple = (),
+        num_workers: int | None = None,
+        pinned: bool = False,
     ) -> bool:
-        same = self.sources == sources and self.fmt == fmt and self.obsm == obsm
+        same = self.sources == sources and self.fmt == fmt and self.obsm == obsm and (self.pins is not None) == pinned
         return same and (num_workers is None or num_workers == self.num_workers)
 
     @property
@@ -395,7 +406,8 @@ class Engine:
             return
         layout = _grown(needed)
         if self.ring is None:
-            self.ring = self._parts[1] = Ring(layout, self._n_slots(layout))
+            retire = self.pins.retire if self.pins is not None else None
+            self.ring = self._parts[1] = Ring(layout, self._n_slots(layout), retire)
             self._slots = [_Slot() for _ in range(len(self.ring))]
         else:
             # New segments for every slot: batches keep the old ones alive; a stale task still
@@ -441,9 +453,13 @@ class Engine:
             if load in run.ready:
                 break
             if not self._flight:
-                # ``load`` was not submitted for want of a slot, and no task will free one:
-                # the user holds batches of every slot.
-                self._replace_oldest_lent()
+                # ``load`` was not submitted for want of a slot, and no task will free one: a copy
+                # to the GPU from a released slot is still running, or the user holds batches of every slot.
+                copying = self._copying()
+                if copying is not None:
+                    self.pins.wait(self.ring.segments[copying])
+                else:
+                    self._replace_oldest_lent()
                 continue
             busy = sorted({f.worker for f in self._flight.values()})
             self._receive(self.pool.wait_any(busy, self._doing, POLL_S))
@@ -456,6 +472,8 @@ class Engine:
         arrays = segment.arrays
         if tuple(arrays.header.tolist()) != expected:
             raise WorkerError(f"slot {filled.slot} holds {tuple(arrays.header.tolist())}, expected {expected}")
+        if self.pins is not None:
+            self.pins.lent(segment)
         lend, n, nnz = segment.lend, filled.n_rows, filled.nnz
         if arrays.dense is not None:
             loaded = LoadedRows(run.plan.loads[load], dense=lend(arrays.dense[:n]))
@@ -470,10 +488,18 @@ class Engine:
         return loaded, lend
 
     def _reclaim(self) -> None:
-        """Lent slots whose views are all gone are free again."""
+        """Lent slots whose views are all gone (and, pinned, whose copies to the GPU are done) are free again."""
         for k, slot in enumerate(self._slots):
-            if slot.state == "lent" and self.ring.segments[k].lent == 0:
+            segment = self.ring.segments[k]
+            if slot.state == "lent" and segment.lent == 0 and (self.pins is None or self.pins.refillable(segment)):
                 slot.state = "free"
+
+    def _copying(self) -> int | None:
+        """The oldest lent slot whose views are gone but whose copies to the GPU may still run, if any."""
+        if self.pins is None:
+            return None
+        waiting = [k for k, s in enumerate(self._slots) if s.state == "lent" and self.pins.waiting(self.ring.segments[k])]
+        return min(waiting, key=lambda k: self._slots[k].ticket) if waiting else None
 
     def _submit(self, run: EpochRun) -> None:
         pool, ring = self.pool, self.ring
@@ -571,6 +597,8 @@ class Engine:
             self._slowest = max(self._slowest, message.seconds)
             slot.state = "ready"
             run.ready[flight.load] = message
+            if self.pins is not None:
+                self.pins.prepare(self.ring.segments[flight.slot])
 
     def _limit(self) -> float:
         return self.timeout if self.timeout is not None else DEFAULT_TIMEOUT_MARGIN_S + self._slowest

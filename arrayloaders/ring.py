@@ -31,6 +31,7 @@ import os
 import secrets
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -210,11 +211,12 @@ class Ring:
     slot is resized or replaced, and tasks carry it so workers re-map.
     """
 
-    def __init__(self, layout: SlotLayout, n_slots: int):
+    def __init__(self, layout: SlotLayout, n_slots: int, retire: Callable[[Segment], None] | None = None):
         if not SHM_DIR.is_dir():
             raise RuntimeError(f"the worker engine needs POSIX shared memory in {SHM_DIR}; use num_workers=0")
         _check_room(n_slots, layout)
         self.layout = layout
+        self._retire = retire
         self._token = secrets.token_hex(3)
         self._generation = 0
         self.segments: list[Segment] = []
@@ -225,7 +227,7 @@ class Ring:
             self.close()
             raise
         # A backstop if the owner forgets close(): unlink when the ring is collected.
-        self._finalizer = weakref.finalize(self, Ring._unlink_all, self.segments)
+        self._finalizer = weakref.finalize(self, Ring._unlink_all, self.segments, retire)
 
     def _new(self, k: int) -> Segment:
         self._generation += 1
@@ -241,7 +243,7 @@ class Ring:
         """Give slot ``k`` a new segment; the old one is unlinked and lives on only in the user's views."""
         old = self.segments[k]
         self.segments[k] = self._new(k)
-        old.unlink()
+        Ring._unlink_all([old], self._retire)
 
     def resize(self, layout: SlotLayout) -> None:
         """Make every slot hold ``layout`` (new segments; old views stay valid)."""
@@ -255,13 +257,17 @@ class Ring:
         return len(self.segments) * self.layout.nbytes
 
     @staticmethod
-    def _unlink_all(segments: list[Segment]) -> None:
+    def _unlink_all(segments: list[Segment], retire: Callable[[Segment], None] | None) -> None:
         for s in segments:
             s.unlink()
+        # Then (the ring still maps them) whatever else must end with them: CUDA's registration.
+        for s in segments:
+            if retire is not None and os.getpid() == s.owner:
+                retire(s)
 
     def close(self) -> None:
         """Unlink every segment (idempotent). Views the user holds stay valid."""
-        Ring._unlink_all(self.segments)
+        Ring._unlink_all(self.segments, self._retire)
 
 
 @dataclass(frozen=True)
