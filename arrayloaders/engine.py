@@ -77,6 +77,9 @@ __all__ = ["DEFAULT_TIMEOUT_MARGIN_S", "Engine", "EpochRun", "slot_layout"]
 _HEADROOM = 1.1  # slots are sized 10 % above the epoch's largest load, so later epochs rarely resize
 # Tasks given to one worker at a time: one it decodes and one ready for when it is done.
 TASKS_PER_WORKER = 2
+# Ring slots per worker (plus one, plus the window a loop holds): its tasks in flight and the loads
+# decoded ahead of their turn, which wait in the reorder buffer.
+SLOTS_PER_WORKER = 2
 DEFAULT_TIMEOUT_MARGIN_S = 60.0  # default timeout: the slowest load seen so far plus this
 
 
@@ -399,7 +402,7 @@ class Engine:
                 f"{layout.nbytes / 2**20:.1f} MiB (one load: {layout.max_rows} rows); raise memory_budget "
                 "or lower preload_nchunks"
             )
-        return int(min(fits, 2 * self.num_workers + 1 + self.window))
+        return int(min(fits, SLOTS_PER_WORKER * self.num_workers + 1 + self.window))
 
     def _prepare(self, needed: SlotLayout) -> None:
         if self.ring is not None and self.ring.layout.holds(needed):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -211,12 +212,19 @@ class PinnedSlots:
         self._quiet.discard(segment.name)
         if address is None:
             return
-        if fence is not None:
-            fence.synchronize()
-        elif not quiet:
-            # Views may be alive, or gone unnoticed since: a copy from the segment may be in flight.
-            self.host.synchronize()
-        self.host.unregister(address)
+        try:
+            if fence is not None:
+                fence.synchronize()
+            elif not quiet:
+                # Views may be alive, or gone unnoticed since: a copy from the segment may be in flight.
+                self.host.synchronize()
+            self.host.unregister(address)
+        except Exception as e:  # a CUDA error (often an earlier one, sticky): it must not hide what is being raised
+            warnings.warn(
+                f"{segment.name}: could not unregister it from CUDA ({e}); it stays page-locked until the process exits",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 def _register(host: Host, segment: Segment) -> int:

@@ -65,3 +65,19 @@ def test_first_batch_script_measures_each_step(store, tmp_path):
         for key in ("add_store_s", "workers_up_s", "first_batch_s", "first_epoch_cells_per_s"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
     assert res.stdout.count("\n| 2 |") == 2
+
+
+def test_worker_load_script_reports_every_process(store):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "worker_load.py"
+    res = subprocess.run(
+        [sys.executable, str(script), "--store", str(store), "--workers", "2", "--epochs", "1", "--to", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(out["workers_cpu"]) == 2  # shares of the wall time: reported, not judged
+    assert out["cells_per_s"] > 0 and 0 <= out["main_in_next"] <= 1.0

@@ -79,9 +79,12 @@ class FakeCuda:
         return any(r <= a and a + n <= r + size for r, size in self.registered.items())
 
     def copy(self, tensor: torch.Tensor) -> None:
-        """``tensor.to("cuda", non_blocking=True)``: its bytes are read when a later fence completes."""
+        """``tensor.to("cuda", non_blocking=True)``: from registered memory its bytes are read when a later
+        fence completes; from pageable memory at once (CUDA waits for the stream, then stages the copy)."""
         array = tensor.numpy()
         self.queue.append((array.ctypes.data, array.tobytes()))
+        if not self.is_registered(array):
+            self.land(len(self.queue))
 
     def land(self, upto: int) -> None:
         for address, expected in self.queue[self.landed : upto]:
@@ -259,3 +262,21 @@ def test_a_filled_slot_is_registered_by_the_helper_thread_and_a_failure_raised_a
     finally:
         for s in segments:
             s.unlink()
+
+
+def test_a_cuda_error_while_retiring_warns_instead_of_hiding_the_error_being_raised():
+    layout = SlotLayout("csr", "float32", max_rows=4, max_nnz=16)
+    cuda = FakeCuda(lag=1)
+    pins = PinnedSlots(cuda)
+    segment = Segment(f"al_{os.getpid()}_sticky_0", layout)
+    try:
+        pins.lent(segment)
+
+        def sticky():
+            raise RuntimeError("CUDA error: device-side assert triggered")
+
+        cuda.synchronize = sticky
+        with pytest.warns(RuntimeWarning, match="could not unregister it from CUDA.*device-side assert"):
+            pins.retire(segment)
+    finally:
+        segment.unlink()
