@@ -12,9 +12,11 @@ Slots
 A slot is *free*, *filling* (a task in flight), *ready* (decoded, waiting for
 its turn) or *lent* (handed to a loop). A lent slot is free again only when
 no view of it is alive, the loop's own or any batch's, whatever epoch or loop
-made them (``ring.Segment.lent``). If every slot is lent and nothing is in
-flight, the oldest lent slot gets a fresh segment rather than wait for the
-user to drop batches.
+made them (``ring.Segment.lent``), and, for pinned batches, once the copies
+to the GPU enqueued from it have completed (``pinned_slots.py``). If every
+slot is lent and nothing is in flight, the engine waits for such copies, or
+else the oldest lent slot gets a fresh segment rather than wait for the user
+to drop batches.
 
 Loads while the workers start
 -----------------------------

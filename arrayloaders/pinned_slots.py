@@ -17,9 +17,10 @@ event, recorded on the current CUDA stream when the loop found it released,
 has completed: copies enqueued on that stream before are done by then. This
 covers copies made on the stream current in the thread that iterates the
 loader (the default stream, Lightning's transfer, a ``with
-torch.cuda.stream(s)`` around the loop body); a copy enqueued on another
-stream must be synchronized by whoever enqueued it, as with any memory that
-is reused.
+torch.cuda.stream(s)`` around the loop body; if another thread's loop takes
+the workers over, its current stream is the one fenced); a copy enqueued on
+another stream must be synchronized by whoever enqueued it, as with any
+memory that is reused.
 
 A segment is unregistered before it is unlinked (a slot replaced, resized,
 the ring closed), while the ring still maps it: views the user holds stay
@@ -111,11 +112,14 @@ class PinnedSlots:
 
     def __init__(self, host: Host | None = None):
         self._host = host
-        self._lock = threading.Lock()  # the registry, shared with the helper thread
+        # The registry, shared with the helper thread. Reentrant: a garbage collection in the helper
+        # thread can run a dropped engine's finalizer, and so retire(), while the helper holds it.
+        self._lock = threading.RLock()
         self._registered: dict[str, int] = {}  # segment name -> the address registered
         self._pending: dict[str, _Pending] = {}  # handed to the helper thread, not done yet
         self._todo: collections.deque[str] = collections.deque()
-        self._helping = False  # a helper thread runs (it exits when it has nothing left to do)
+        self._helper: threading.Thread | None = None  # running while there is something to register
+        self._retired: set[str] = set()  # retired while the helper registers them: it undoes that when done
         self._fences: dict[str, Fence] = {}  # segment name -> recorded when its views were found gone
         self._quiet: set[str] = set()  # registered segments no copy can be reading: released and fenced since lent
 
@@ -133,26 +137,40 @@ class PinnedSlots:
                 return
             self._pending[segment.name] = _Pending(segment)
             self._todo.append(segment.name)
-            if self._helping:
+            if self._helper is not None:
                 return
-            self._helping = True
-        threading.Thread(target=self._help, args=(host,), name="arrayloaders-pin", daemon=True).start()
+            try:
+                self._helper = threading.Thread(target=self._help, args=(host,), name="arrayloaders-pin", daemon=True)
+                self._helper.start()
+            except BaseException as e:  # no thread (or Ctrl-C while starting it): nobody will register these
+                self._helper = None
+                failed = [self._pending.pop(name) for name in self._todo]
+                self._todo.clear()
+                for pending in failed:
+                    pending.error = e
+                    pending.done.set()
+                raise
 
     def _help(self, host: Host) -> None:
         while True:
             with self._lock:
                 if not self._todo:
-                    self._helping = False
+                    self._helper = None
                     return
                 pending = self._pending[self._todo.popleft()]
+            name = pending.segment.name
             try:
                 address = _register(host, pending.segment)
             except BaseException as e:  # raised in the engine's thread, by lent() or retire()
                 pending.error = e
             with self._lock:
-                if pending.error is None:
-                    self._registered[pending.segment.name] = address
-                del self._pending[pending.segment.name]
+                retired = name in self._retired
+                self._retired.discard(name)
+                if pending.error is None and not retired:
+                    self._registered[name] = address
+                del self._pending[name]
+            if retired and pending.error is None:
+                self._unregister(name, address)  # never lent: no copy can read it
             pending.done.set()
 
     def _settled(self, segment: Segment) -> None:
@@ -201,6 +219,12 @@ class PinnedSlots:
 
     def retire(self, segment: Segment) -> None:
         """Unregister ``segment`` before it is unlinked; views of it stay valid, as ordinary memory."""
+        with self._lock:
+            if segment.name in self._pending and threading.current_thread() is self._helper:
+                # A finalizer run by a garbage collection in the helper, which is registering this
+                # very segment: waiting for it would wait forever. The helper undoes it when done.
+                self._retired.add(segment.name)
+                return
         try:
             self._settled(segment)
         except Exception:
@@ -218,13 +242,26 @@ class PinnedSlots:
             elif not quiet:
                 # Views may be alive, or gone unnoticed since: a copy from the segment may be in flight.
                 self.host.synchronize()
+        except Exception:
+            pass  # a CUDA error is sticky: unregistering fails too, and says so
+        finally:
+            # Even if Ctrl-C cut the wait short: a mapping freed while still registered would make
+            # the next segment mapped at its address fail to register.
+            self._unregister(segment.name, address)
+
+    def _unregister(self, name: str, address: int) -> None:
+        try:
             self.host.unregister(address)
         except Exception as e:  # a CUDA error (often an earlier one, sticky): it must not hide what is being raised
-            warnings.warn(
-                f"{segment.name}: could not unregister it from CUDA ({e}); it stays page-locked until the process exits",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            self._warn(name, e)
+
+    @staticmethod
+    def _warn(name: str, error: Exception) -> None:
+        warnings.warn(
+            f"{name}: could not unregister it from CUDA ({error}); it stays page-locked until the process exits",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _register(host: Host, segment: Segment) -> int:

@@ -56,7 +56,9 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
-        busy = [(b.user + b.system - a.user - a.system) / wall for a, b in zip(before, [q.cpu_times() for q in processes])]
+        busy = [
+            (b.user + b.system - a.user - a.system) / wall for a, b in zip(before, [q.cpu_times() for q in processes])
+        ]
     print(json.dumps({
         "cells_per_s": round(cells / wall), "main_in_next": round(waited / wall, 2), "main_cpu": round(busy[0], 2),
         "workers_cpu": [round(b, 2) for b in busy[1:]], "workers_cpu_mean": round(sum(busy[1:]) / len(busy[1:]), 2),

@@ -272,11 +272,89 @@ def test_a_cuda_error_while_retiring_warns_instead_of_hiding_the_error_being_rai
     try:
         pins.lent(segment)
 
-        def sticky():
+        def sticky(*args):
             raise RuntimeError("CUDA error: device-side assert triggered")
 
-        cuda.synchronize = sticky
+        cuda.synchronize = cuda.unregister = sticky
         with pytest.warns(RuntimeWarning, match="could not unregister it from CUDA.*device-side assert"):
             pins.retire(segment)
+    finally:
+        segment.unlink()
+
+
+def finishes(call, *args, timeout: float = 30) -> None:
+    """Run ``call(*args)`` in a thread and fail (instead of hanging the suite) if it does not return."""
+    t = threading.Thread(target=call, args=args, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"{call.__name__} did not return within {timeout} s"
+
+
+@pytest.mark.parametrize("where", ["__init__", "start"])  # also Ctrl-C landing there
+def test_a_helper_thread_that_cannot_start_fails_its_registrations_instead_of_hanging(monkeypatch, where):
+    layout = SlotLayout("csr", "float32", max_rows=4, max_nnz=16)
+    cuda = FakeCuda(lag=1)
+    pins = PinnedSlots(cuda)
+    segment = Segment(f"al_{os.getpid()}_nothread_0", layout)
+    try:
+
+        def no_thread(self, *args, **kwargs):
+            raise RuntimeError("can't start new thread")
+
+        with monkeypatch.context() as m:
+            m.setattr(threading.Thread, where, no_thread)
+            with pytest.raises(RuntimeError, match="can't start new thread"):
+                pins.prepare(segment)
+        finishes(pins.retire, segment)  # nothing was registered, and nothing waits for a thread that never ran
+        pins.lent(segment)  # registered in this thread instead
+        pins.prepare(segment)  # and a helper starts again when there is something to do
+        assert cuda.registrations == 1
+        pins.retire(segment)
+        assert cuda.registered == {}
+    finally:
+        segment.unlink()
+
+
+def test_ctrl_c_while_retiring_still_unregisters():
+    layout = SlotLayout("csr", "float32", max_rows=4, max_nnz=16)
+    cuda = FakeCuda(lag=1)
+    pins = PinnedSlots(cuda)
+    segment = Segment(f"al_{os.getpid()}_ctrlc_0", layout)
+    try:
+        pins.lent(segment)
+        view = segment.lend(segment.arrays.data[:4])  # held: retiring waits for the device
+
+        def interrupted():
+            raise KeyboardInterrupt
+
+        cuda.synchronize = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            pins.retire(segment)
+        assert cuda.registered == {}  # else its mapping, freed with the view, stays registered
+        del view
+    finally:
+        segment.unlink()
+
+
+def test_a_finalizer_run_in_the_helper_thread_retires_without_waiting_for_itself():
+    """A garbage collection in the helper thread can run a dropped engine's finalizer, which retires
+    the very segment the helper is registering."""
+    layout = SlotLayout("csr", "float32", max_rows=4, max_nnz=16)
+    cuda = FakeCuda(lag=1)
+    pins = PinnedSlots(cuda)
+    segment = Segment(f"al_{os.getpid()}_gc_0", layout)
+    register = cuda.register
+
+    def register_then_collected(address, nbytes):
+        register(address, nbytes)
+        with pins._lock:  # the collection may come while the helper holds the lock, too
+            pins.retire(segment)
+
+    cuda.register = register_then_collected
+    try:
+        pins.prepare(segment)
+        finishes(pins._settled, segment)
+        assert cuda.registrations == 1 and cuda.registered == {}  # undone by the helper once it was done
+        finishes(pins.retire, segment)  # the finalizer's own retire, later: nothing left to do
     finally:
         segment.unlink()
