@@ -101,6 +101,21 @@ def fake_cuda(monkeypatch):
     return cuda
 
 
+@pytest.fixture
+def slot_segments():
+    """``slot_segments(n)``: ``n`` small ring segments, unlinked after the test."""
+    made: list[Segment] = []
+
+    def make(n: int) -> list[Segment]:
+        layout = SlotLayout("csr", "float32", max_rows=4, max_nnz=16)
+        made.extend(Segment(f"al_{os.getpid()}_test_{len(made)}_{k}", layout) for k in range(n))
+        return made[-n:]
+
+    yield make
+    for segment in made:
+        segment.unlink()
+
+
 def pinned_dataset(cls, store, num_workers: int, slots: float, **kw):
     """A dataset with ``pin_memory`` on (as if CUDA were there) and a ring of about ``slots`` slots."""
     probe = cls(16, 8, 4, num_workers=0, return_index=True).add_store(store)
@@ -170,32 +185,135 @@ def test_held_pinned_batches_stay_valid_when_their_slots_are_replaced(store, fak
     assert got == reference(ZarrSparseDataset, store, 1)
 
 
-def test_retiring_a_segment_waits_for_what_may_still_read_it():
-    layout = SlotLayout("csr", "float32", max_rows=4, max_nnz=16)
+def test_retiring_a_segment_waits_for_what_may_still_read_it(slot_segments):
     cuda = FakeCuda(lag=1000)
     pins = PinnedSlots(cuda)
-    segments = [Segment(f"al_{os.getpid()}_test_{k}", layout) for k in range(3)]
-    try:
-        for s in segments:
-            pins.lent(s)
-            pins.lent(s)  # once per segment
-        assert cuda.registrations == 3
-        view = segments[0].lend(segments[0].arrays.data[:4])
-        assert not pins.refillable(segments[1])  # released, its fence pending
-        assert pins.waiting(segments[1]) and not pins.waiting(segments[2])
-        cuda.lag = 0
-        assert pins.refillable(segments[2]) and pins.refillable(segments[2])  # quiet: no new fence
-        pins.retire(segments[2])  # quiet: nothing to wait for
-        assert cuda.synchronized == 0
-        pins.retire(segments[1])  # its fence is waited for, not the device
-        assert cuda.synchronized == 0 and not pins.waiting(segments[1])
-        pins.retire(segments[0])  # views alive: the whole device is waited for
-        assert cuda.synchronized == 1 and cuda.registered == {}
-        pins.retire(segments[0])  # idempotent
-        del view
-    finally:
-        for s in segments:
-            s.unlink()
+    segments = slot_segments(3)
+    for s in segments:
+        pins.lent(s)
+        pins.lent(s)  # once per segment
+    assert cuda.registrations == 3
+    view = segments[0].lend(segments[0].arrays.data[:4])
+    assert not pins.refillable(segments[1])  # released, its fence pending
+    assert pins.waiting(segments[1]) and not pins.waiting(segments[2])
+    cuda.lag = 0
+    assert pins.refillable(segments[2]) and pins.refillable(segments[2])  # quiet: no new fence
+    pins.retire(segments[2])  # quiet: nothing to wait for
+    assert cuda.synchronized == 0
+    pins.retire(segments[1])  # its fence is waited for, not the device
+    assert cuda.synchronized == 0 and not pins.waiting(segments[1])
+    pins.retire(segments[0])  # views alive: the whole device is waited for
+    assert cuda.synchronized == 1 and cuda.registered == {}
+    pins.retire(segments[0])  # idempotent
+    del view
+
+
+def test_a_filled_slot_is_registered_by_the_helper_thread_and_a_failure_raised_at_lend(slot_segments):
+    cuda = FakeCuda(lag=1)
+    threads = []
+    register = cuda.register
+
+    def register_in(address, nbytes):
+        threads.append(threading.current_thread().name)
+        if address == segments[1].arrays.header.ctypes.data:
+            raise RuntimeError("cudaHostRegister failed: out of memory")
+        register(address, nbytes)
+
+    cuda.register = register_in
+    pins = PinnedSlots(cuda)
+    segments = slot_segments(2)
+    pins.prepare(segments[0])
+    pins.prepare(segments[0])  # once
+    pins.lent(segments[0])  # waits for the helper
+    assert threads == ["arrayloaders-pin"] and cuda.registrations == 1
+    pins.prepare(segments[1])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pins.lent(segments[1])
+    pins.retire(segments[1])  # its registration failed: nothing to undo
+    pins.retire(segments[0])
+    assert cuda.registered == {}
+
+
+def test_a_cuda_error_while_retiring_warns_instead_of_hiding_the_error_being_raised(slot_segments):
+    cuda = FakeCuda(lag=1)
+    pins = PinnedSlots(cuda)
+    (segment,) = slot_segments(1)
+    pins.lent(segment)
+
+    def sticky(*args):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    cuda.synchronize = cuda.unregister = sticky
+    with pytest.warns(RuntimeWarning, match="could not unregister it from CUDA.*device-side assert"):
+        pins.retire(segment)
+
+
+def finishes(call, *args, timeout: float = 30) -> None:
+    """Run ``call(*args)`` in a thread and fail (instead of hanging the suite) if it does not return."""
+    t = threading.Thread(target=call, args=args, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"{call.__name__} did not return within {timeout} s"
+
+
+@pytest.mark.parametrize("where", ["__init__", "start"])  # also Ctrl-C landing there
+def test_a_helper_thread_that_cannot_start_fails_its_registrations_instead_of_hanging(
+    slot_segments, monkeypatch, where
+):
+    cuda = FakeCuda(lag=1)
+    pins = PinnedSlots(cuda)
+    (segment,) = slot_segments(1)
+
+    def no_thread(self, *args, **kwargs):
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as m:
+        m.setattr(threading.Thread, where, no_thread)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            pins.prepare(segment)
+    finishes(pins.retire, segment)  # nothing was registered, and nothing waits for a thread that never ran
+    pins.lent(segment)  # registered in this thread instead
+    pins.prepare(segment)  # registered already: not again
+    assert cuda.registrations == 1
+    pins.retire(segment)
+    assert cuda.registered == {}
+
+
+def test_ctrl_c_while_retiring_still_unregisters(slot_segments):
+    cuda = FakeCuda(lag=1)
+    pins = PinnedSlots(cuda)
+    (segment,) = slot_segments(1)
+    pins.lent(segment)
+    view = segment.lend(segment.arrays.data[:4])  # held: retiring waits for the device
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    cuda.synchronize = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        pins.retire(segment)
+    assert cuda.registered == {}  # else its mapping, freed with the view, stays registered
+    del view
+
+
+def test_a_finalizer_run_in_the_helper_thread_retires_without_waiting_for_itself(slot_segments):
+    """A garbage collection in the helper thread can run a dropped engine's finalizer, which retires
+    the very segment the helper is registering."""
+    cuda = FakeCuda(lag=1)
+    pins = PinnedSlots(cuda)
+    (segment,) = slot_segments(1)
+    register = cuda.register
+
+    def register_then_collected(address, nbytes):
+        register(address, nbytes)
+        with pins._lock:  # the collection may come while the helper holds the lock, too
+            pins.retire(segment)
+
+    cuda.register = register_then_collected
+    pins.prepare(segment)
+    finishes(pins._settled, segment)
+    assert cuda.registrations == 1 and cuda.registered == {}  # undone by the helper once it was done
+    finishes(pins.retire, segment)  # the finalizer's own retire, later: nothing left to do
 
 
 # ---------------------------------------------------------------------------- the real CUDA runtime
@@ -231,130 +349,3 @@ def test_pinned_batches_are_the_ring_itself_and_reach_the_gpu_unchanged(store, c
         assert got == reference(cls, store, epoch)
     ds.close()
     assert segment_names(os.getpid()) == []
-
-
-def test_a_filled_slot_is_registered_by_the_helper_thread_and_a_failure_raised_at_lend():
-    layout = SlotLayout("csr", "float32", max_rows=4, max_nnz=16)
-    cuda = FakeCuda(lag=1)
-    threads = []
-    register = cuda.register
-
-    def register_in(address, nbytes):
-        threads.append(threading.current_thread().name)
-        if address == segments[1].arrays.header.ctypes.data:
-            raise RuntimeError("cudaHostRegister failed: out of memory")
-        register(address, nbytes)
-
-    cuda.register = register_in
-    pins = PinnedSlots(cuda)
-    segments = [Segment(f"al_{os.getpid()}_help_{k}", layout) for k in range(2)]
-    try:
-        pins.prepare(segments[0])
-        pins.prepare(segments[0])  # once
-        pins.lent(segments[0])  # waits for the helper
-        assert threads == ["arrayloaders-pin"] and cuda.registrations == 1
-        pins.prepare(segments[1])
-        with pytest.raises(RuntimeError, match="out of memory"):
-            pins.lent(segments[1])
-        pins.retire(segments[1])  # its registration failed: nothing to undo
-        pins.retire(segments[0])
-        assert cuda.registered == {}
-    finally:
-        for s in segments:
-            s.unlink()
-
-
-def test_a_cuda_error_while_retiring_warns_instead_of_hiding_the_error_being_raised():
-    layout = SlotLayout("csr", "float32", max_rows=4, max_nnz=16)
-    cuda = FakeCuda(lag=1)
-    pins = PinnedSlots(cuda)
-    segment = Segment(f"al_{os.getpid()}_sticky_0", layout)
-    try:
-        pins.lent(segment)
-
-        def sticky(*args):
-            raise RuntimeError("CUDA error: device-side assert triggered")
-
-        cuda.synchronize = cuda.unregister = sticky
-        with pytest.warns(RuntimeWarning, match="could not unregister it from CUDA.*device-side assert"):
-            pins.retire(segment)
-    finally:
-        segment.unlink()
-
-
-def finishes(call, *args, timeout: float = 30) -> None:
-    """Run ``call(*args)`` in a thread and fail (instead of hanging the suite) if it does not return."""
-    t = threading.Thread(target=call, args=args, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), f"{call.__name__} did not return within {timeout} s"
-
-
-@pytest.mark.parametrize("where", ["__init__", "start"])  # also Ctrl-C landing there
-def test_a_helper_thread_that_cannot_start_fails_its_registrations_instead_of_hanging(monkeypatch, where):
-    layout = SlotLayout("csr", "float32", max_rows=4, max_nnz=16)
-    cuda = FakeCuda(lag=1)
-    pins = PinnedSlots(cuda)
-    segment = Segment(f"al_{os.getpid()}_nothread_0", layout)
-    try:
-
-        def no_thread(self, *args, **kwargs):
-            raise RuntimeError("can't start new thread")
-
-        with monkeypatch.context() as m:
-            m.setattr(threading.Thread, where, no_thread)
-            with pytest.raises(RuntimeError, match="can't start new thread"):
-                pins.prepare(segment)
-        finishes(pins.retire, segment)  # nothing was registered, and nothing waits for a thread that never ran
-        pins.lent(segment)  # registered in this thread instead
-        pins.prepare(segment)  # and a helper starts again when there is something to do
-        assert cuda.registrations == 1
-        pins.retire(segment)
-        assert cuda.registered == {}
-    finally:
-        segment.unlink()
-
-
-def test_ctrl_c_while_retiring_still_unregisters():
-    layout = SlotLayout("csr", "float32", max_rows=4, max_nnz=16)
-    cuda = FakeCuda(lag=1)
-    pins = PinnedSlots(cuda)
-    segment = Segment(f"al_{os.getpid()}_ctrlc_0", layout)
-    try:
-        pins.lent(segment)
-        view = segment.lend(segment.arrays.data[:4])  # held: retiring waits for the device
-
-        def interrupted():
-            raise KeyboardInterrupt
-
-        cuda.synchronize = interrupted
-        with pytest.raises(KeyboardInterrupt):
-            pins.retire(segment)
-        assert cuda.registered == {}  # else its mapping, freed with the view, stays registered
-        del view
-    finally:
-        segment.unlink()
-
-
-def test_a_finalizer_run_in_the_helper_thread_retires_without_waiting_for_itself():
-    """A garbage collection in the helper thread can run a dropped engine's finalizer, which retires
-    the very segment the helper is registering."""
-    layout = SlotLayout("csr", "float32", max_rows=4, max_nnz=16)
-    cuda = FakeCuda(lag=1)
-    pins = PinnedSlots(cuda)
-    segment = Segment(f"al_{os.getpid()}_gc_0", layout)
-    register = cuda.register
-
-    def register_then_collected(address, nbytes):
-        register(address, nbytes)
-        with pins._lock:  # the collection may come while the helper holds the lock, too
-            pins.retire(segment)
-
-    cuda.register = register_then_collected
-    try:
-        pins.prepare(segment)
-        finishes(pins._settled, segment)
-        assert cuda.registrations == 1 and cuda.registered == {}  # undone by the helper once it was done
-        finishes(pins.retire, segment)  # the finalizer's own retire, later: nothing left to do
-    finally:
-        segment.unlink()
