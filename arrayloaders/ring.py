@@ -209,6 +209,9 @@ class Ring:
 
     Slot ``k``'s current segment name is :meth:`name`; it changes when the
     slot is resized or replaced, and tasks carry it so workers re-map.
+    ``retire`` is called with each segment the ring lets go of, after its
+    name is unlinked and while the ring still maps it (pinned rings undo
+    their CUDA registration there: ``pinned_slots.py``).
     """
 
     def __init__(self, layout: SlotLayout, n_slots: int, retire: Callable[[Segment], None] | None = None):
