@@ -74,6 +74,11 @@ class CsrRows:
         return self._zarr is None
 
     @property
+    def compiled(self) -> bool:
+        """Whether :meth:`gather` runs compiled now for both arrays (:attr:`~arrayloaders.shards.DirectArray.compiled`)."""
+        return self._zarr is None and all(d.compiled for d in self._direct)
+
+    @property
     def indices_dtype(self) -> np.dtype:
         """The stored dtype of the column indices."""
         return self._indices.dtype

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -158,6 +159,11 @@ class DirectArray:
         # The inner chunk whose decoded elements ``_scratch`` holds: rows read one at a time in
         # store order (a sampler's) often share one, and it is then decoded once, not per row.
         self._scratch_chunk = -1
+
+    @property
+    def compiled(self) -> bool:
+        """Whether :meth:`gather` runs compiled now: blosc chunks, and the loop already loaded in this process."""
+        return self._native is not None and _compiled_loop_warm()
 
     @classmethod
     def open(cls, array: zarr.Array) -> DirectArray | None:
@@ -626,6 +632,13 @@ class DirectArray:
             lo, hi = max(first - f * per, 0), min(last - f * per, per - 1)
             found += [f"{path} (inner chunk {k})" for k in range(lo, hi + 1) if table[k, 1] == _MISSING]
         return found
+
+
+def _compiled_loop_warm() -> bool:
+    """:func:`arrayloaders.chunk_gather.is_warm`, without importing that module (and numba) if nothing has yet."""
+    # getattr: another thread may be importing it right now (a worker warms it in a thread)
+    is_warm = getattr(sys.modules.get("arrayloaders.chunk_gather"), "is_warm", None)
+    return is_warm is not None and is_warm()
 
 
 def map_whole_array(array: zarr.Array) -> np.ndarray | None:

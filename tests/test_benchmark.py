@@ -81,3 +81,17 @@ def test_worker_load_script_reports_every_process(store):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert len(out["workers_cpu"]) == 2  # shares of the wall time: reported, not judged
     assert out["cells_per_s"] > 0 and 0 <= out["main_in_next"] <= 1.0
+
+
+def test_load_paths_script_reads_the_same_bytes_on_both_loops(store):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "load_paths.py"
+    res = subprocess.run([sys.executable, str(script), "--store", str(store), "--chunk-size", "8", "--preload-nchunks", "12",
+                          "--batch-size", "48", "--loads", "3"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]  # it exits non-zero if the loops' bytes differ
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["loads"] == 3 and out["cells_per_load"] == 96
+    assert out["python_ms_per_load"] > 0 and out["compiled_ms_per_load"] > 0  # reported, not judged

@@ -2,17 +2,23 @@
 when it stops at a fault, the error is the Python loop's, naming the file and the chunk.
 
 tests/test_shards.py runs every DirectArray test with it, with the Python loop and through numcodecs;
-these check what those cannot see: that it is used at all, and where it hands over.
+these check what those cannot see: that it is used at all, where it hands over, and that chunked access
+switches to it once it is loaded (warm), in the main process and in workers.
 """
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import zarr
+from conftest import assert_bit_identical, read_store, worker_pids
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from arrayloaders import chunk_gather
+from arrayloaders import ZarrSparseDataset, chunk_gather, shards
 from arrayloaders.shards import DirectArray
 
 N, CHUNK, SHARD = 4000, 64, 512
@@ -101,3 +107,42 @@ def test_a_fault_mid_file_stops_the_loop_and_the_python_loop_names_it(tmp_path, 
         gather(DirectArray.open(zarr.open_array(str(tmp_path / "a"), mode="r")), ranges, "float32")
     assert str(compiled.value) == str(python.value)
     assert str(shard) in str(compiled.value)
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["python-loop", "compiled-loop"])
+def test_chunked_loads_read_every_cell_bit_identically_on_either_loop(store, calls, monkeypatch, warm):
+    """Runs of rows (chunked access) are read run by run until the compiled loop is loaded, then through it."""
+    monkeypatch.setattr(shards, "_compiled_loop_warm", lambda: warm)
+    ds = ZarrSparseDataset(50, 8, 12, num_workers=0, return_index=True).add_store(store)
+    parts, rows = [], []
+    for X, _, index in ds:
+        parts.append(sp.csr_matrix((X.values().numpy(), X.col_indices().numpy(), X.crow_indices().numpy()), X.shape))
+        rows.append(index.numpy())
+    rows = np.concatenate(rows)
+    assert sorted(rows.tolist()) == list(range(ds.n_obs))  # every cell once
+    assert bool(calls) == warm and set(calls) <= {chunk_gather.DONE}
+    assert_bit_identical(sp.vstack(parts, format="csr"), read_store(store).X[rows])
+
+
+def test_warm_makes_the_loop_ready_for_chunked_access(store):
+    chunk_gather.warm()
+    assert chunk_gather.is_warm() and shards._compiled_loop_warm()
+    readers = ZarrSparseDataset(50, 8, 12, num_workers=0).add_store(store)._open_readers().x
+    assert all(r.compiled for r in readers)
+
+
+def _maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_an_idle_worker_loads_the_compiled_loop(store):
+    """Workers load numba's code only once idle (never making a load wait), then read chunked loads with it."""
+    others = set(worker_pids())  # datasets of earlier tests may not be collected yet
+    with ZarrSparseDataset(50, 8, 12, num_workers=1).add_store(store) as ds:
+        assert len(list(ds)) == len(ds)
+        (pid,) = set(worker_pids()) - others
+        deadline = time.monotonic() + 60  # a fresh install compiles the loop first
+        while "llvmlite" not in _maps(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "llvmlite" in _maps(pid)
+        assert len(list(ds)) == len(ds)  # and goes on serving

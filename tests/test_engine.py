@@ -679,10 +679,15 @@ def test_split_points_cover_the_runs_in_order_with_none_empty(lengths, parts):
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
 @pytest.mark.parametrize("selection", ["all", "subset", "sampler"])
 @pytest.mark.parametrize("n_parts", [2, 3, 7])
-def test_a_load_read_in_parts_equals_the_whole_load(store, dense_store, kind, selection, n_parts):
-    """Several workers filling one slot side by side, a part of the runs each, write exactly the whole load."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["python-loop", "compiled-loop"])
+def test_a_load_read_in_parts_equals_the_whole_load(store, dense_store, kind, selection, n_parts, compiled, monkeypatch):
+    """Several workers filling one slot side by side, a part of the runs each, write exactly the whole load
+    (chunked loads on either of the loops a worker reads them with: before and after it loads the compiled one)."""
+    from arrayloaders import shards
     from arrayloaders.load import LoadedRows, read_load
     from arrayloaders.plan import plan_epoch
+
+    monkeypatch.setattr(shards, "_compiled_loop_warm", lambda: compiled)
 
     cls, path = (ZarrSparseDataset, store) if kind == "sparse" else (ZarrDenseDataset, dense_store)
     n_obs = ZarrSparseDataset(num_workers=0).add_store(store).n_obs if kind == "sparse" else 210
