@@ -18,8 +18,9 @@ a blosc error), so both paths fail with the same message.
 The loop also serves chunked access (runs of rows), where it saves the
 Python around each chunk and each row (a load of 8,192 cells: 136 ms on
 the Python path, 108 ms here; ``scripts/load_paths.py``). But importing
-this module imports numba (~0.2 s), and the first call in a process loads
-the compiled code from numba's disk cache (~0.3 s). A sampler's loads
+this module imports numba (~0.13 s after numpy and zarr), and the first
+call in a process loads the compiled code from numba's disk cache (~0.3 s,
+0.14 s in a worker: :func:`warm`). A sampler's loads
 need the loop and pay that at their first gather; chunked access uses it
 only once :func:`warm` has run (a worker calls it in a thread of its own
 the first time it waits for a task), so no load waits for it.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import sys
 from typing import Callable
 
 import numba
@@ -124,20 +126,34 @@ def chunk_gather() -> ChunkGather | None:
     return ChunkGather(native.crc32c, native.blosc_decompress_ctx, pread)
 
 
-def warm() -> None:
+def warm(without_blas: bool = False) -> None:
     """Load the loop's machine code for the usual dtypes (float32 values, uint16 column indices widened to int32).
 
     Gathers no chunk: it only makes numba load (or, in a fresh install,
     compile) the loop, so that chunked access can use it from then on
     (:func:`is_warm`).
+
+    ``without_blas``: for a process that never computes with numba's
+    linear algebra (a worker). numba's first compilation or cache load in
+    a process looks for BLAS by importing ``scipy.linalg`` (0.2 s of the
+    0.3 s it takes here); the import is made to fail instead, and numba
+    then has no BLAS in this process. Any other thread's import of
+    ``scipy.linalg`` during the call fails too.
     """
     gather = chunk_gather()
     if gather is None:
         return
-    none = np.zeros(0, np.int64)
-    for out, scratch in ((np.float32, np.float32), (np.int32, np.uint16)):
-        gather(-1, none, none, none, np.zeros(1, np.int64), none, none, none, np.zeros(0, out), np.zeros(1, scratch),
-               np.zeros(1, np.uint8), True, out == scratch)  # fmt: skip
+    skip = without_blas and "scipy.linalg" not in sys.modules
+    if skip:
+        sys.modules["scipy.linalg"] = None  # type: ignore[assignment]  # import fails: python's documented way
+    try:
+        none = np.zeros(0, np.int64)
+        for out, scratch in ((np.float32, np.float32), (np.int32, np.uint16)):
+            gather(-1, none, none, none, np.zeros(1, np.int64), none, none, none, np.zeros(0, out),
+                   np.zeros(1, scratch), np.zeros(1, np.uint8), True, out == scratch)  # fmt: skip
+    finally:
+        if skip and sys.modules.get("scipy.linalg", 0) is None:
+            del sys.modules["scipy.linalg"]
 
 
 def is_warm() -> bool:

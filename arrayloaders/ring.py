@@ -29,6 +29,7 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -122,6 +123,24 @@ def map_segment(name: str, nbytes: int) -> mmap.mmap:
         return mmap.mmap(fd, nbytes)
     finally:
         os.close(fd)
+
+
+def populate(mapping: mmap.mmap) -> bool:
+    """Fault every page of a fresh mapping in now, with one system call (``MADV_POPULATE_WRITE``, Linux 5.14+).
+
+    A worker filling a fresh slot of ~180 MB otherwise takes ~45,000 page
+    faults one by one while it decodes (measured: 90-120 ms, against 65 ms
+    here). Returns False where the kernel does not support it (nothing is
+    done: the pages fault in on first touch as before).
+    """
+    advice = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform == "linux" else None)
+    if advice is None or not hasattr(mapping, "madvise"):
+        return False
+    try:
+        mapping.madvise(advice)
+    except OSError:  # EINVAL: an older kernel; ENOMEM/EFAULT: /dev/shm is full (the decode's own touch says so)
+        return False
+    return True
 
 
 def unlink_orphans(pid: int) -> None:

@@ -55,7 +55,7 @@ import numpy as np
 from .errors import WorkerError
 from .load import RowFormat
 from .plan import Load
-from .ring import IndptrTable, SlotLayout, map_indptrs, map_segment
+from .ring import IndptrTable, SlotLayout, map_indptrs, map_segment, populate
 from .store import XSource
 
 __all__ = ["Failed", "Filled", "SlotDecoder", "Started", "Task", "WorkerConfig", "WorkerPool", "exit_description"]
@@ -337,6 +337,7 @@ class SlotDecoder:
         held = self._slots.get(task.slot)
         if held is None or held[0] != task.segment:
             mapping = map_segment(task.segment, task.layout.nbytes)
+            populate(mapping)  # a new segment: its pages at once, not a fault at a time while decoding
             self._slots[task.slot] = held = (task.segment, mapping, task.layout.arrays(mapping))
         return held[2]
 
@@ -399,7 +400,7 @@ def _serve(tasks: Connection, replies: Connection, parent: int) -> bool:
     # until this worker had finished decoding, instead of handing out the batches it already has.
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_take_tasks, args=(tasks, inbox), name="tasks", daemon=True).start()
-    # Chunked loads switch to the compiled loop once it is loaded (~0.5 s of numba, in a thread, so that
+    # Chunked loads switch to the compiled loop once it is loaded (~0.3 s of numba, in a thread, so that
     # no load waits for it): at the first idle moment, or, in a worker never idle, after WARM_AFTER_S of
     # decoding (~20 % less time per load from then on: it pays for itself within seconds).
     warming, busy = False, 0.0
@@ -436,7 +437,7 @@ def _warm_compiled_loop() -> None:
     try:
         from .chunk_gather import warm
 
-        warm()
+        warm(without_blas=True)  # a worker only decodes
     except Exception:  # noqa: BLE001 - the Python path reads the same values: only speed is lost
         pass
 
