@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import WorkerError
-from .load import RowFormat
+from .load import RowFormat, load_nnz
 from .plan import Load
 from .ring import IndptrTable, SlotLayout, map_indptrs, map_segment, populate
 from .store import XSource
@@ -337,7 +337,9 @@ class SlotDecoder:
         held = self._slots.get(task.slot)
         if held is None or held[0] != task.segment:
             mapping = map_segment(task.segment, task.layout.nbytes)
-            populate(mapping)  # a new segment: its pages at once, not a fault at a time while decoding
+            # A new segment: the pages this load writes at once, not a fault at a time while decoding.
+            nnz = load_nnz([r.indptr for r in self.readers], task.runs, task.take) if task.layout.kind == "csr" else 0
+            populate(mapping, task.layout.written(task.take.size, nnz))
             self._slots[task.slot] = held = (task.segment, mapping, task.layout.arrays(mapping))
         return held[2]
 
