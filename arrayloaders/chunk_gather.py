@@ -158,4 +158,5 @@ def warm(without_blas: bool = False) -> None:
 
 def is_warm() -> bool:
     """Whether the loop has been called in this process (by :func:`warm` or a gather): calling it is then cheap."""
-    return bool(_gather_chunks.signatures)
+    # A dispatcher's compiled signatures; NUMBA_DISABLE_JIT=1 leaves the plain Python function (never warm)
+    return bool(getattr(_gather_chunks, "signatures", ()))

@@ -146,3 +146,24 @@ def test_an_idle_worker_loads_the_compiled_loop(store):
             time.sleep(0.2)
         assert "llvmlite" in _maps(pid)
         assert len(list(ds)) == len(ds)  # and goes on serving
+
+
+def test_workers_with_numba_jit_disabled_stay_on_the_python_loop(store):
+    """NUMBA_DISABLE_JIT=1 leaves plain Python functions: a worker that warms then must not take them for loaded."""
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import time, numpy as np
+from arrayloaders import ZarrSparseDataset
+with ZarrSparseDataset(50, 8, 12, num_workers=1, return_index=True).add_store({str(store)!r}) as ds:
+    for epoch in range(2):
+        rows = np.concatenate([index.numpy() for _, _, index in ds])
+        assert np.array_equal(np.sort(rows), np.arange(ds.n_obs)), epoch
+        time.sleep(1.0)  # idle: the worker warms (and finds nothing compiled)
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "NUMBA_DISABLE_JIT": "1"},
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
