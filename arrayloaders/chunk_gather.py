@@ -126,12 +126,17 @@ def chunk_gather() -> ChunkGather | None:
     return ChunkGather(native.crc32c, native.blosc_decompress_ctx, pread)
 
 
-def warm(without_blas: bool = False) -> None:
-    """Load the loop's machine code for the usual dtypes (float32 values, uint16 column indices widened to int32).
+#: (output dtype, stored dtype) of the usual loads: float32 values; uint16 column indices widened to int32
+USUAL_DTYPES = ((np.dtype(np.float32), np.dtype(np.float32)), (np.dtype(np.int32), np.dtype(np.uint16)))
+_warmed = False
+
+
+def warm(dtypes=USUAL_DTYPES, without_blas: bool = False) -> None:
+    """Load the loop's machine code for gathers of ``dtypes`` ((output dtype, stored dtype) pairs) now.
 
     Gathers no chunk: it only makes numba load (or, in a fresh install,
-    compile) the loop, so that chunked access can use it from then on
-    (:func:`is_warm`).
+    compile: ~3 s) the loop for each pair, so that chunked access can use
+    it from then on (:func:`is_warm`) without a load waiting for numba.
 
     ``without_blas``: for a process that never computes with numba's
     linear algebra (a worker). numba's first compilation or cache load in
@@ -140,6 +145,7 @@ def warm(without_blas: bool = False) -> None:
     then has no BLAS in this process. Any other thread's import of
     ``scipy.linalg`` during the call fails too.
     """
+    global _warmed
     gather = chunk_gather()
     if gather is None:
         return
@@ -148,15 +154,16 @@ def warm(without_blas: bool = False) -> None:
         sys.modules["scipy.linalg"] = None  # type: ignore[assignment]  # import fails: python's documented way
     try:
         none = np.zeros(0, np.int64)
-        for out, scratch in ((np.float32, np.float32), (np.int32, np.uint16)):
+        for out, stored in dtypes:
             gather(-1, none, none, none, np.zeros(1, np.int64), none, none, none, np.zeros(0, out),
-                   np.zeros(1, scratch), np.zeros(1, np.uint8), True, out == scratch)  # fmt: skip
+                   np.zeros(1, stored), np.zeros(1, np.uint8), True, np.dtype(out) == np.dtype(stored))  # fmt: skip
+        _warmed = True
     finally:
         if skip and sys.modules.get("scipy.linalg", 0) is None:
             del sys.modules["scipy.linalg"]
 
 
 def is_warm() -> bool:
-    """Whether the loop has been called in this process (by :func:`warm` or a gather): calling it is then cheap."""
-    # A dispatcher's compiled signatures; NUMBA_DISABLE_JIT=1 leaves the plain Python function (never warm)
-    return bool(getattr(_gather_chunks, "signatures", ()))
+    """Whether :func:`warm` has loaded the loop in this process: calling it is then cheap."""
+    # NUMBA_DISABLE_JIT=1 leaves the plain Python function, which has no compiled signatures: never warm
+    return _warmed and bool(getattr(_gather_chunks, "signatures", ()))

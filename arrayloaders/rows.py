@@ -75,8 +75,14 @@ class CsrRows:
 
     @property
     def compiled(self) -> bool:
-        """Whether :meth:`gather` runs compiled now for both arrays (:attr:`~arrayloaders.shards.DirectArray.compiled`)."""
-        return self._zarr is None and all(d.compiled for d in self._direct)
+        """Whether :meth:`gather` runs compiled now for both arrays (:attr:`~arrayloaders.shards.DirectArray.compiled`),
+        with no Python after it: the store has checksums (without them, column indices are bound-checked per row)."""
+        return self._zarr is None and all(d.compiled for d in self._direct) and self._direct[1].checked
+
+    @property
+    def data_dtype(self) -> np.dtype:
+        """The stored dtype of the values."""
+        return self._data.dtype
 
     @property
     def indices_dtype(self) -> np.dtype:

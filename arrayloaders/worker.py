@@ -343,6 +343,15 @@ class SlotDecoder:
             self._slots[task.slot] = held = (task.segment, mapping, task.layout.arrays(mapping))
         return held[2]
 
+    def gather_dtypes(self) -> list[tuple[np.dtype, np.dtype]]:
+        """(output dtype, stored dtype) of the gathers of chunked CSR loads: values, then column indices."""
+        from .load import INDEX_DTYPE
+        from .rows import CsrRows
+
+        csr = [r for r in self.readers if isinstance(r, CsrRows) and r.direct]
+        pairs = {(np.dtype(r.source.dtype), r.data_dtype) for r in csr} | {(INDEX_DTYPE, r.indices_dtype) for r in csr}
+        return sorted(pairs, key=str)
+
     def run(self, task: Task) -> Filled:
         from .load import LoadedRows, read_load
 
@@ -408,13 +417,13 @@ def _serve(tasks: Connection, replies: Connection, parent: int) -> bool:
     warming, busy = False, 0.0
     while True:
         if not warming and busy >= WARM_AFTER_S:
-            warming = _start_warming()
+            warming = _start_warming(decoder)
         try:
             task = inbox.get(timeout=POLL_S if warming else IDLE_S)
         except queue.Empty:
             if os.getppid() != parent:
                 return False
-            warming = warming or _start_warming()
+            warming = warming or _start_warming(decoder)
             continue
         if isinstance(task, BaseException):
             raise task  # EOF: the main process is gone
@@ -429,17 +438,18 @@ def _serve(tasks: Connection, replies: Connection, parent: int) -> bool:
         replies.send(reply)
 
 
-def _start_warming() -> bool:
-    threading.Thread(target=_warm_compiled_loop, name="arrayloaders-warm", daemon=True).start()
+def _start_warming(decoder: SlotDecoder) -> bool:
+    threading.Thread(target=_warm_compiled_loop, args=(decoder.gather_dtypes(),), name="arrayloaders-warm",
+                     daemon=True).start()  # fmt: skip
     return True
 
 
-def _warm_compiled_loop() -> None:
-    """Load :mod:`~arrayloaders.chunk_gather`'s loop; until it is, loads are read on the Python path."""
+def _warm_compiled_loop(dtypes: list[tuple[np.dtype, np.dtype]]) -> None:
+    """Load :mod:`~arrayloaders.chunk_gather`'s loop for ``dtypes``; until it is, loads are read on the Python path."""
     try:
         from .chunk_gather import warm
 
-        warm(without_blas=True)  # a worker only decodes
+        warm(dtypes, without_blas=True)  # a worker only decodes
     except Exception:  # noqa: BLE001 - the Python path reads the same values: only speed is lost
         pass
 

@@ -124,11 +124,25 @@ def test_chunked_loads_read_every_cell_bit_identically_on_either_loop(store, cal
     assert_bit_identical(sp.vstack(parts, format="csr"), read_store(store).X[rows])
 
 
-def test_warm_makes_the_loop_ready_for_chunked_access(store):
-    chunk_gather.warm()
-    assert chunk_gather.is_warm() and shards._compiled_loop_warm()
+def test_warm_makes_the_loop_ready_for_chunked_access_of_the_store_dtypes(store, h5ads, tmp_path):
+    from arrayloaders import create_store_from_h5ads
+    from arrayloaders.load import RowFormat
+    from arrayloaders.store import XLayout
+    from arrayloaders.worker import SlotDecoder, WorkerConfig
+
     readers = ZarrSparseDataset(50, 8, 12, num_workers=0).add_store(store)._open_readers().x
+    dtypes = SlotDecoder(WorkerConfig(0, tuple(r.source for r in readers), RowFormat())).gather_dtypes()
+    assert dtypes == [(np.dtype(np.float32), np.dtype(np.float32)), (np.dtype(np.int32), np.dtype(np.uint16))]
+    # what a worker of a store of other dtypes loads: float64 values, int32 column indices (> 65,536 genes)
+    chunk_gather.warm([*dtypes, (np.dtype(np.float64), np.dtype(np.float64)), (np.dtype(np.int32), np.dtype(np.int32))])
+    assert chunk_gather.is_warm() and shards._compiled_loop_warm()
+    # (out, scratch): the loop's arguments after the three C functions and fd, offsets, nbytes, group_ends, at, src, dst, sizes
+    loaded = {(str(sig[11].dtype), str(sig[12].dtype)) for sig in chunk_gather._gather_chunks.signatures}
+    assert {("float32", "float32"), ("int32", "uint16"), ("float64", "float64"), ("int32", "int32")} <= loaded
     assert all(r.compiled for r in readers)
+    # A store without checksums bound-checks column indices in Python after a gather: it reads run by run.
+    unchecked = create_store_from_h5ads(h5ads, tmp_path / "s", layout=XLayout(checksum=False), progress=False)
+    assert not any(r.compiled for r in ZarrSparseDataset(50, 8, 12, num_workers=0).add_store(unchecked)._open_readers().x)
 
 
 def _maps(pid: int) -> str:
