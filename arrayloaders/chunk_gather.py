@@ -16,14 +16,15 @@ file and the chunk (short read, checksum mismatch, a header that lies,
 a blosc error), so both paths fail with the same message.
 
 The loop also serves chunked access (runs of rows), where it saves the
-Python around each chunk and each row (a load of 8,192 cells: 136 ms on
-the Python path, 108 ms here; ``scripts/load_paths.py``). But importing
+Python around each chunk and each row (a load of 8,192 cells: 139 ms on
+the Python path, 119 ms here; ``scripts/load_paths.py``). But importing
 this module imports numba (~0.13 s after numpy and zarr), and the first
 call in a process loads the compiled code from numba's disk cache (~0.3 s,
-0.14 s in a worker: :func:`warm`). A sampler's loads
-need the loop and pay that at their first gather; chunked access uses it
-only once :func:`warm` has run (a worker calls it in a thread of its own
-the first time it waits for a task), so no load waits for it.
+0.14 s in a worker: :func:`warm`). A sampler's loads need the loop and
+pay that at their first gather; chunked access uses it only once
+:func:`warm` has run (a worker calls it in a thread of its own when it
+first waits for a task, or after a second of decoding), so no load waits
+for it.
 """
 
 from __future__ import annotations

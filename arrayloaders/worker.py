@@ -344,7 +344,7 @@ class SlotDecoder:
         return held[2]
 
     def gather_dtypes(self) -> list[tuple[np.dtype, np.dtype]]:
-        """(output dtype, stored dtype) of the gathers of chunked CSR loads: values, then column indices."""
+        """(output dtype, stored dtype) of every gather a chunked CSR load makes here (values, column indices)."""
         from .load import INDEX_DTYPE
         from .rows import CsrRows
 
