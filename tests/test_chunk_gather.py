@@ -124,7 +124,7 @@ def test_chunked_loads_read_every_cell_bit_identically_on_either_loop(store, cal
     assert_bit_identical(sp.vstack(parts, format="csr"), read_store(store).X[rows])
 
 
-def test_warm_makes_the_loop_ready_for_chunked_access_of_the_store_dtypes(store, h5ads, tmp_path):
+def test_warm_makes_the_loop_ready_for_chunked_access_of_the_store_dtypes(store, h5ads, tmp_path, monkeypatch):
     from arrayloaders import create_store_from_h5ads
     from arrayloaders.load import RowFormat
     from arrayloaders.store import XLayout
@@ -134,6 +134,7 @@ def test_warm_makes_the_loop_ready_for_chunked_access_of_the_store_dtypes(store,
     dtypes = SlotDecoder(WorkerConfig(0, tuple(r.source for r in readers), RowFormat())).gather_dtypes()
     assert dtypes == [(np.dtype(np.float32), np.dtype(np.float32)), (np.dtype(np.int32), np.dtype(np.uint16))]
     # what a worker of a store of other dtypes loads: float64 values, int32 column indices (> 65,536 genes)
+    monkeypatch.setattr(chunk_gather, "_warmed", chunk_gather._warmed)  # later tests' loops: as this process had them
     chunk_gather.warm([*dtypes, (np.dtype(np.float64), np.dtype(np.float64)), (np.dtype(np.int32), np.dtype(np.int32))])
     assert chunk_gather.is_warm() and shards._compiled_loop_warm()
     # (out, scratch): the loop's arguments after the three C functions and fd, offsets, nbytes, group_ends, at, src, dst, sizes
