@@ -30,6 +30,7 @@ import psutil
 from .buckets import InputFile, Matrix, Part, check_indptr, output_file_of, read_indptr, scatter, write_output_file
 from .columns import harmonise_frames, join_columns
 from .errors import ConversionWarning, InputFileError, StoreError
+from .interrupts import sigint_deferred
 from .jobs import Jobs, available_cores
 from .obs_records import InputObs, plan_obs
 from .output import StagedOutput, check_output, remove_tree, scratch_directory
@@ -620,8 +621,9 @@ def create_store_from_h5ads(
                     for part in [*parts, obs_part]:
                         shutil.rmtree(part.buckets[j].dir)
         finally:
-            jobs.close()
-            remove_tree(scratch)
+            with sigint_deferred():  # the processes and the scratch files, even if Ctrl-C comes again
+                jobs.close()
+                remove_tree(scratch)
         write_manifest(
             staged.path,
             StoreManifest(

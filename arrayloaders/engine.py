@@ -54,19 +54,18 @@ import atexit
 import collections
 import dataclasses
 import os
-import signal
 import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from .errors import WorkerError
+from .interrupts import sigint_deferred
 from .load import ALL_GENES, LoadedRows, RowFormat, load_nnz, splittable
 from .pinned_slots import PinnedSlots
 from .plan import EpochPlan
@@ -110,23 +109,6 @@ def _grown(layout: SlotLayout) -> SlotLayout:
     return dataclasses.replace(layout, max_nnz=int(layout.max_nnz * _HEADROOM) + 1)
 
 
-@contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """Ignore Ctrl-C while cleaning up (main thread only), so a second one cannot cut cleanup short."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # KeyboardInterrupt is only ever raised in the main thread
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None:  # a handler not installed from Python: leave it alone
-        yield
-        return
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 _live: weakref.WeakSet[Engine] = weakref.WeakSet()  # engines with workers or segments, for _close_at_exit
 _exit_hook_registered = False
 
@@ -139,7 +121,7 @@ def _close_at_exit() -> None:
     finalizers. Ctrl-C works again afterwards (a hang elsewhere in the exit
     stays interruptible).
     """
-    with _sigint_deferred():
+    with sigint_deferred():
         for engine in list(_live):
             Engine._shutdown(engine._parts, engine.owner)
 
@@ -284,7 +266,7 @@ class Engine:
         """Unlink the segments, then stop the workers; what is done is dropped from ``parts``, so a retry finishes the rest."""
         if os.getpid() != owner:
             return  # a forked child: the parent's workers and segments are not ours
-        with _sigint_deferred():
+        with sigint_deferred():
             try:
                 if parts[1] is not None:
                     parts[1].close()  # unlinking first: it cannot hang, and views stay valid

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import ArrayloadersError, ConversionWarning, StoreError
+from .interrupts import sigint_deferred
 from .store import foreign_entries, read_manifest
 
 __all__ = ["StagedOutput", "check_output", "exchange_paths", "remove_dead_siblings", "scratch_directory"]
@@ -262,10 +263,11 @@ class StagedOutput:
     def __exit__(self, *exc) -> None:
         if self._committed:
             return
-        if self.path is not None and self.path.exists():
-            remove_tree(self.path)
-        for p in self._created_parents:
-            try:
-                p.rmdir()
-            except OSError:
-                break
+        with sigint_deferred():  # a second Ctrl-C must not leave half the staged store behind
+            if self.path is not None and self.path.exists():
+                remove_tree(self.path)
+            for p in self._created_parents:
+                try:
+                    p.rmdir()
+                except OSError:
+                    break

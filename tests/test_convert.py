@@ -1253,3 +1253,34 @@ def test_cli_process_prints_one_line_and_no_traceback(h5ads, tmp_path):
     res = run_cli(tmp_path / "missing.h5ad", "-o", tmp_path / "t")
     assert res.returncode == 1 and _one_line(res.stderr) == f"convert.py: error: {tmp_path / 'missing.h5ad'}: no such file"
     assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
+
+
+def test_a_second_ctrl_c_while_a_failed_conversion_cleans_up_leaves_nothing(h5ads, tmp_path, monkeypatch):
+    """Ctrl-C twice: the second lands while the first one's cleanup removes the staged store (a flaky CI run
+    caught it there, leaving the hidden staging directory). Cleanup ignores it and finishes."""
+    import os
+    import signal
+
+    import arrayloaders.output as output
+
+    removing = output.remove_tree
+    interrupted = []
+
+    def remove_tree_interrupted(path):
+        interrupted.append(path)
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, delivered in the middle of the cleanup
+        removing(path)
+
+    def first_ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(output, "remove_tree", remove_tree_interrupted)
+    monkeypatch.setattr("arrayloaders.convert.write_manifest", first_ctrl_c)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if run in the background
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            create_store_from_h5ads(h5ads, tmp_path / "s", progress=False, n_obs_per_file=256)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again afterwards
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert interrupted and list(tmp_path.iterdir()) == []
