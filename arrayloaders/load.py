@@ -175,7 +175,7 @@ def _compiled(readers: list[CsrRows]) -> bool:
     places: the compiled loop saves the Python per chunk and per row that
     reading run by run costs (:mod:`~arrayloaders.chunk_gather`).
     """
-    return all(r.direct and r.compiled for r in readers)
+    return all(r.compiled for r in readers)  # compiled implies direct
 
 
 def _read_csr(readers: list[CsrRows], load: Load, take: np.ndarray, out: LoadedRows | None, part=None) -> LoadedRows:

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from arrayloaders import ZarrSparseDataset, shards
-from arrayloaders.load import LoadedRows, read_load
+from arrayloaders.load import LoadedRows, load_nnz, read_load
 from arrayloaders.plan import plan_epoch
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     loads = [(spec, plan.take(spec)) for spec in plan.loads[: args.loads + 1]]
     if len(loads) < 2:
         raise SystemExit(f"the epoch has {len(loads)} load(s): need 2 (the first only faults the output in)")
-    nnz = max(sum(int(readers[f].indptr[b] - readers[f].indptr[a]) for f, a, b in spec.runs.tolist()) for spec, _ in loads)
+    nnz = max(load_nnz([r.indptr for r in readers], spec.runs) for spec, _ in loads)
     out = LoadedRows(None, np.empty(max(s.n_rows for s, _ in loads) + 1, np.int64), np.zeros(nnz, readers[0].source.dtype),
                      np.zeros(nnz, np.int32))  # fmt: skip
 
