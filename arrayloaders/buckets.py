@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 from .errors import InputFileError
 from .jobs import Jobs
 from .obs_records import InputObs, ObsPlan
-from .shards import COMPLETE_ATTRIBUTE, DirectArray, missing_chunk_files, unwritten_chunks
+from .shards import COMPLETE_ATTRIBUTE, DirectArray
 from .store import XLayout
+from .zarr_layout import missing_chunk_files, unwritten_chunks
 
 __all__ = ["InputFile", "Matrix", "Part", "check_indptr", "csr_row_positions", "output_file_of", "scatter", "write_output_file"]
 

@@ -72,6 +72,7 @@ from .plan import EpochPlan
 from .ring import Ring, SharedIndptrs, SlotLayout, map_indptrs
 from .store import XSource
 from .worker import POLL_S, Failed, Filled, SlotDecoder, Task, WorkerConfig, WorkerPool
+from .zarr_layout import direct_sources
 
 __all__ = ["DEFAULT_TIMEOUT_MARGIN_S", "Engine", "EpochRun", "slot_layout"]
 
@@ -426,7 +427,9 @@ class Engine:
             table = shared.table
             self._shared_indptrs = map_indptrs(table)  # what row_pointers() gives from now on
         self._indptrs = None  # the dataset's copy: not ours to keep
-        configs = [WorkerConfig(k, self.sources, self.fmt, self.obsm, table) for k in range(self.num_workers)]
+        sources = direct_sources(self.sources, table is not None)
+        obsm = tuple((key, direct_sources(arrays, True)) for key, arrays in self.obsm)
+        configs = [WorkerConfig(k, sources, self.fmt, obsm, table) for k in range(self.num_workers)]
         self.pool = self._parts[0] = WorkerPool(configs)
         self._here, self._here_config = None, dataclasses.replace(configs[0], worker=-1)
 

@@ -5,21 +5,28 @@ CSR, ``X[a:b]`` for dense. :func:`open_rows` reads runs straight from the
 files where :class:`~arrayloaders.shards.DirectArray` supports the layout
 (every store this package writes), and through zarr's asynchronous API
 otherwise (runs issued concurrently, the zarrs codec pipeline decoding).
+
+A reader opened on a :class:`~arrayloaders.disk_layout.DirectX` (what the
+main process sends a worker) needs no zarr: zarr is imported only where it
+is used, so such a worker never imports it.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import zarr
-import zarr.api.asynchronous
 
+from .disk_layout import DirectX
 from .errors import StoreError
-from .shards import COMPLETE_ATTRIBUTE, DirectArray, map_whole_array, unwritten_chunks
-from .store import XSource
+from .shards import COMPLETE_ATTRIBUTE, DirectArray
+
+if TYPE_CHECKING:
+    import zarr
+
+    from .store import XSource
 
 __all__ = ["CsrRows", "DenseRows", "open_rows", "read_indptr"]
 
@@ -28,6 +35,10 @@ class _ZarrArrays:
     """zarr arrays of one X opened on a private event loop, read with concurrent ``getitem`` calls."""
 
     def __init__(self, source: XSource, names: tuple[str, ...]):
+        import asyncio
+
+        import zarr.api.asynchronous
+
         self._loop = asyncio.new_event_loop()
 
         async def open_all():
@@ -41,6 +52,8 @@ class _ZarrArrays:
     def read(self, name: str, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
         array = self.arrays[name]
 
+        import asyncio
+
         async def gather():
             return await asyncio.gather(*(array.getitem(slice(a, b)) for a, b in ranges))
 
@@ -53,21 +66,36 @@ class _ZarrArrays:
 class CsrRows:
     """Runs of rows of a CSR X: ``indptr`` in memory, ``data``/``indices`` read per run.
 
-    ``indptr`` may be given (read-only, shared by several readers of one X).
+    ``indptr`` may be given (read-only, shared by several readers of one X);
+    it must be for a :class:`~arrayloaders.disk_layout.DirectX`.
     """
 
-    def __init__(self, source: XSource, indptr: np.ndarray | None = None):
+    def __init__(self, source: XSource | DirectX, indptr: np.ndarray | None = None):
         self.source = source
-        group = zarr.open_group(store=source.store, path=source.path, mode="r")
+        if isinstance(source, DirectX):
+            if indptr is None:
+                raise ValueError(f"{source.where}: a reader of a DirectX needs its indptr")
+            layouts, group = source.arrays, None
+        else:
+            import zarr
+
+            from .zarr_layout import array_layout
+
+            group = zarr.open_group(store=source.store, path=source.path, mode="r")
+            layouts = (array_layout(group["data"]), array_layout(group["indices"]))
         # 8 bytes per row, needed for every run: read once (or given, shared by the readers of
         # one process), and checked, since a damaged indptr would send every run to the wrong entries.
         self.indptr = read_indptr(source, group) if indptr is None else indptr
-        self._direct = (DirectArray.open(group["data"]), DirectArray.open(group["indices"]))
         self._zarr = None
-        if None in self._direct:
+        if None in layouts:
+            self._direct = (None, None)
             self._zarr = _ZarrArrays(source, ("data", "indices"))
-        self._data = np.empty(0, group["data"].dtype)
-        self._indices = np.empty(0, group["indices"].dtype)
+            dtypes = (self._zarr.arrays["data"].dtype, self._zarr.arrays["indices"].dtype)
+        else:
+            self._direct = (DirectArray(layouts[0]), DirectArray(layouts[1]))
+            dtypes = (layouts[0].dtype, layouts[1].dtype)
+        self._data = np.empty(0, dtypes[0])
+        self._indices = np.empty(0, dtypes[1])
 
     @property
     def direct(self) -> bool:
@@ -191,8 +219,10 @@ def _index_past(source: XSource, value: int, a: int, b: int) -> OSError:
     )
 
 
-def _where(source: XSource, name: str) -> str:
+def _where(source: XSource | DirectX, name: str) -> str:
     """The path of an array of ``source`` for messages: its directory for a local store."""
+    if isinstance(source, DirectX):
+        return f"{source.where}/{name}"
     root = getattr(source.store, "root", None)
     return str(Path(root) / source.path / name) if root is not None else f"{source.label}/{name}"
 
@@ -211,6 +241,10 @@ def read_indptr(source: XSource, group: zarr.Group | None = None) -> np.ndarray:
         The values are not a row pointer over ``data``: wrong length, not
         starting at 0, decreasing, or not ending at the length of ``data``.
     """
+    import zarr
+
+    from .zarr_layout import map_whole_array, unwritten_chunks
+
     if group is None:
         group = zarr.open_group(store=source.store, path=source.path, mode="r")
     where = _where(source, "indptr")
@@ -257,12 +291,18 @@ def _first_decrease(indptr: np.ndarray, step: int = 2**20) -> int | None:
 class DenseRows:
     """Runs of rows of a dense 2-d X."""
 
-    def __init__(self, source: XSource):
+    def __init__(self, source: XSource | DirectX):
         self.source = source
-        array = zarr.open_array(store=source.store, path=source.path, mode="r")
-        self._direct = DirectArray.open(array)
-        self._zarr = _ZarrArrays(source, ("",)) if self._direct is None else None
-        self._rows = np.empty((0, source.n_vars), array.dtype)
+        if isinstance(source, DirectX):
+            self._direct, self._zarr = DirectArray(source.arrays[0]), None
+        else:
+            import zarr
+
+            array = zarr.open_array(store=source.store, path=source.path, mode="r")
+            self._direct = DirectArray.open(array)
+            self._zarr = _ZarrArrays(source, ("",)) if self._direct is None else None
+        dtype = self._direct.dtype if self._direct is not None else self._zarr.arrays[""].dtype
+        self._rows = np.empty((0, source.n_vars), dtype)
 
     @property
     def direct(self) -> bool:
@@ -300,6 +340,6 @@ class DenseRows:
             self._zarr.close()
 
 
-def open_rows(source: XSource, indptr: np.ndarray | None = None) -> CsrRows | DenseRows:
-    """A reader of ``source`` (``indptr``: its CSR row pointer, if already read)."""
+def open_rows(source: XSource | DirectX, indptr: np.ndarray | None = None) -> CsrRows | DenseRows:
+    """A reader of ``source`` (``indptr``: its CSR row pointer, if already read; required for a ``DirectX``)."""
     return CsrRows(source, indptr) if source.kind == "csr" else DenseRows(source)

@@ -18,10 +18,11 @@ keeping the process's shard files open within one budget
 - it is 1-d, or 2-d with chunks (and shards) that span whole rows, so that a
   run of rows is one run of elements in C order.
 
-:func:`DirectArray.open` returns ``None`` for anything else, and the caller
-reads through zarr. Only the public zarr metadata API is used to learn the
-layout (``Array.metadata``, the codec classes, ``encode_chunk_key``); the
-byte layout read here is the one the zarr v3 sharding specification fixes.
+:func:`~arrayloaders.zarr_layout.array_layout` learns that from zarr's
+metadata (in the main process) and returns ``None`` for anything else: the
+caller then reads through zarr. A reader is made from the layout alone, so
+this module imports no zarr (a worker never does). The byte layout read here
+is the one the zarr v3 sharding specification fixes.
 
 **Damage is never read as data.** A chunk with a ``crc32c`` checksum is
 verified (over its stored bytes) before it is decoded; a checksum mismatch,
@@ -41,18 +42,21 @@ import sys
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import google_crc32c
 import numcodecs.blosc
 import numcodecs.zstd
 import numpy as np
-import zarr
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
-from .native_codecs import NativeCodecs, native_codecs
+from .disk_layout import ArrayLayout
+from .native_codecs import native_codecs
 from .open_files import shard_files
 
-__all__ = ["COMPLETE_ATTRIBUTE", "DirectArray", "map_whole_array", "unwritten_chunks"]
+if TYPE_CHECKING:
+    import zarr
+
+__all__ = ["COMPLETE_ATTRIBUTE", "DirectArray"]
 
 #: zarr attribute (value ``True``) of an array whose every chunk was written.
 COMPLETE_ATTRIBUTE = "arrayloaders:every_chunk_written"
@@ -64,40 +68,22 @@ _MAX_TABLES = 16384  # shard indexes kept per array (4 KiB each for 2^22 / 2^14 
 _PREFETCH_GAP = 1 << 18  # bytes between wanted chunks still read ahead in one request
 
 
-def _setting(value) -> str | None:
-    """A codec setting as its string: zarr 3.1 holds enums (``Endian.little``), zarr 3.4 plain strings."""
-    return getattr(value, "value", value)
+def _decoder(codec: str) -> Callable[[memoryview, np.ndarray], None]:
+    """A function decoding one stored chunk (its checksum, if any, cut off) of ``codec`` into a buffer.
 
-
-def _decoder(codecs) -> tuple[Callable[[memoryview, np.ndarray], None] | None, bool, bool]:
-    """(a function decoding one stored chunk into a buffer, whether chunks end in a crc32c, whether it is blosc).
-
-    The function is None if the codecs are not ours to read. The checksum
-    (zarr v3's ``crc32c`` codec: 4 bytes, little endian, of the bytes before
-    it) is checked by the reader, not here: it has the chunk's bytes as a
-    numpy view already, which saves a conversion per chunk.
+    The checksum (zarr v3's ``crc32c`` codec: 4 bytes, little endian, of the
+    bytes before it) is checked by the reader, not here: it has the chunk's
+    bytes as a numpy view already, which saves a conversion per chunk.
     """
-    codecs = list(codecs)
-    checked = bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
-    if checked:
-        codecs = codecs[:-1]
-    if any(isinstance(c, Crc32cCodec) for c in codecs) or not codecs or not isinstance(codecs[0], BytesCodec):
-        return None, checked, False
-    endian = _setting(codecs[0].endian)
-    if not np.little_endian or endian not in (None, "little"):
-        return None, checked, False
-    rest = codecs[1:]
-    if not rest:
+    if codec == "raw":
 
         def copy(src: memoryview, out: np.ndarray) -> None:
             if len(src) != out.nbytes:
                 raise ValueError(f"the chunk holds {len(src)} bytes, expected {out.nbytes}")
             out.view(np.uint8)[:] = np.frombuffer(src, dtype=np.uint8)
 
-        return copy, checked, False
-    if len(rest) != 1:
-        return None, checked, False
-    if isinstance(rest[0], BloscCodec):
+        return copy
+    if codec == "blosc":
 
         def blosc(src: memoryview, out: np.ndarray) -> None:
             # blosc fills only as many bytes as the chunk holds (bytes 4-8 of its
@@ -107,43 +93,30 @@ def _decoder(codecs) -> tuple[Callable[[memoryview, np.ndarray], None] | None, b
                 raise ValueError(f"a blosc chunk holds {held} bytes, expected {out.nbytes}")
             numcodecs.blosc.decompress(src, out)
 
-        return blosc, checked, True
-    if isinstance(rest[0], ZstdCodec):
+        return blosc
+    if codec == "zstd":
         zstd = numcodecs.zstd.Zstd()
-        return (lambda src, out: zstd.decode(src, out=out)), checked, False
-    return None, checked, False
+        return lambda src, out: zstd.decode(src, out=out)
+    raise ValueError(f"no decoder for codec {codec!r}")
 
 
 class DirectArray:
     """Elements ``[start, stop)`` of a zarr v3 array (flattened in C order), decoded into a buffer.
 
-    Create with :meth:`open`. Not thread-safe: one per thread or process.
+    Made from an :class:`~arrayloaders.disk_layout.ArrayLayout` (a worker's, sent by
+    the main process), or with :meth:`open` from a zarr array. Not
+    thread-safe: one per thread or process.
     """
 
-    def __init__(
-        self,
-        path: Path,
-        encode_key: Callable[[tuple[int, ...]], str],
-        ndim: int,
-        dtype: np.dtype,
-        fill_value,
-        n_elements: int,
-        file_elements: int,
-        chunk_elements: int,
-        decode: Callable[[memoryview, np.ndarray], None],
-        index: tuple[str, int] | None,
-        complete: bool = False,
-        checked: bool = False,
-        native: NativeCodecs | None = None,
-    ):
-        self.path, self._encode_key, self._ndim = path, encode_key, ndim
-        self.dtype, self.fill_value, self.n_elements = dtype, fill_value, n_elements
-        self.file_elements, self.chunk_elements = file_elements, chunk_elements
-        self._decode = decode
-        self._index_at = index  # (where, bytes per entry) of a shard index, None if unsharded
-        self.complete = complete  # every chunk was written: a missing one is damage
-        self.checked = checked  # every stored chunk ends in its crc32c
-        self._per_file = file_elements // chunk_elements
+    def __init__(self, layout: ArrayLayout):
+        self.layout = layout
+        self.path, self.dtype, self.fill_value = layout.path, np.dtype(layout.dtype), layout.fill_value
+        self.n_elements, self.file_elements, self.chunk_elements = layout.n_elements, layout.file_elements, layout.chunk_elements
+        self._decode = _decoder(layout.codec)
+        self._index_at = layout.index  # (where, bytes per entry) of a shard index, None if unsharded
+        self.complete = layout.complete  # every chunk was written: a missing one is damage
+        self.checked = layout.checked  # every stored chunk ends in its crc32c
+        self._per_file = layout.file_elements // layout.chunk_elements
         # Descriptors live in the process's one set of open shard files (arrayloaders.open_files),
         # closed with this reader at the latest.
         self._files = shard_files()
@@ -151,10 +124,10 @@ class DirectArray:
         weakref.finalize(self, self._files.close_all, self._owner)
         self._tables: dict[int, np.ndarray | None] = {}
         # blosc chunks decoded by blosc's C function (``None``: through ``decode``)
-        self._native = native
-        self._scratch = np.empty(chunk_elements, dtype)
+        self._native = native_codecs() if layout.codec == "blosc" else None
+        self._scratch = np.empty(self.chunk_elements, self.dtype)
         self._scratch_addr = self._scratch.ctypes.data
-        self._set_compressed(bytearray(chunk_elements * dtype.itemsize + 1024))
+        self._set_compressed(bytearray(self.chunk_elements * self.dtype.itemsize + 1024))
         self._paths: dict[int, Path] = {}  # of the files opened so far
         # The inner chunk whose decoded elements ``_scratch`` holds: rows read one at a time in
         # store order (a sampler's) often share one, and it is then decoded once, not per row.
@@ -168,48 +141,10 @@ class DirectArray:
     @classmethod
     def open(cls, array: zarr.Array) -> DirectArray | None:
         """A direct reader of ``array``, or ``None`` if its storage or codecs are not supported."""
-        meta = array.metadata
-        if meta.zarr_format != 3 or not isinstance(array.store, zarr.storage.LocalStore):
-            return None
-        if getattr(meta, "storage_transformers", ()) or array.ndim not in (1, 2):
-            return None
-        outer = tuple(meta.chunk_grid.chunk_shape)
-        codecs = list(meta.codecs)
-        index = None
-        inner = outer
-        if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
-            sharding = codecs[0]
-            index_codecs = list(sharding.index_codecs)
-            if not index_codecs or not isinstance(index_codecs[0], BytesCodec):
-                return None
-            if not all(isinstance(c, Crc32cCodec) for c in index_codecs[1:]) or len(index_codecs) > 2:
-                return None
-            inner = tuple(sharding.chunk_shape)
-            index = (_setting(sharding.index_location), 4 * (len(index_codecs) - 1))
-            codecs = list(sharding.codecs)
-        if any(isinstance(c, ShardingCodec) for c in codecs):
-            return None
-        decode, checked, blosc = _decoder(codecs)
-        if decode is None:
-            return None
-        if array.ndim == 2 and (outer[1] != array.shape[1] or inner[1] != array.shape[1]):
-            return None  # chunks split rows: a row run is not one element run
-        row = 1 if array.ndim == 1 else array.shape[1]
-        return cls(
-            Path(array.store.root) / array.path,
-            meta.encode_chunk_key,
-            array.ndim,
-            np.dtype(array.dtype),
-            array.fill_value,
-            int(np.prod(array.shape)),
-            outer[0] * row,
-            inner[0] * row,
-            decode,
-            index,
-            complete=array.attrs.get(COMPLETE_ATTRIBUTE) is True,
-            checked=checked,
-            native=native_codecs() if blosc else None,
-        )
+        from .zarr_layout import array_layout
+
+        layout = array_layout(array)
+        return None if layout is None else cls(layout)
 
     # ------------------------------------------------------------------ files
 
@@ -228,7 +163,7 @@ class DirectArray:
                 return None
             path = self._paths.get(f)
             if path is None:
-                path = self._paths[f] = self.path / self._encode_key((f,) if self._ndim == 1 else (f, 0))
+                path = self._paths[f] = self.layout.file_path(f)
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
@@ -616,8 +551,7 @@ class DirectArray:
         first, last = start // ce, (stop - 1) // ce
         found = []
         for f in range(first // per, last // per + 1):
-            coords = (f,) if self._ndim == 1 else (f, 0)
-            path = self.path / self._encode_key(coords)
+            path = self.layout.file_path(f)
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
@@ -639,75 +573,3 @@ def _compiled_loop_warm() -> bool:
     # getattr: another thread may be importing it right now (a worker warms it in a thread)
     is_warm = getattr(sys.modules.get("arrayloaders.chunk_gather"), "is_warm", None)
     return is_warm is not None and is_warm()
-
-
-def map_whole_array(array: zarr.Array) -> np.ndarray | None:
-    """A read-only memory map of a 1-d array stored as one raw chunk (codec ``bytes``, little endian, and
-    optionally ``crc32c``, verified here), or ``None`` for any other layout.
-
-    Every process that maps the file shares its pages (the page cache): one
-    copy per machine, however many processes read it.
-
-    Raises
-    ------
-    OSError
-        The chunk file is missing, has the wrong size, or fails its checksum (naming the file).
-    """
-    meta = array.metadata
-    if meta.zarr_format != 3 or not isinstance(array.store, zarr.storage.LocalStore) or array.ndim != 1:
-        return None
-    if getattr(meta, "storage_transformers", ()) or tuple(meta.chunk_grid.chunk_shape) != tuple(array.shape):
-        return None
-    decode, checked, _ = _decoder(meta.codecs)
-    codecs = [c for c in meta.codecs if not isinstance(c, Crc32cCodec)]
-    if decode is None or len(codecs) != 1 or array.shape[0] == 0:
-        return None  # compressed (or empty): read through zarr
-    path = Path(array.store.root) / array.path / meta.encode_chunk_key((0,))
-    dtype = np.dtype(array.dtype).newbyteorder("<")
-    nbytes = array.shape[0] * dtype.itemsize
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise OSError(f"{path}: the chunk file is missing (damaged store)") from None
-    if size != nbytes + 4 * checked:
-        raise OSError(f"{path}: holds {size} bytes, expected {nbytes + 4 * checked} (damaged store)")
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
-    if checked and google_crc32c.value(raw[:nbytes]) != _U32.unpack(raw[nbytes:].tobytes())[0]:
-        raise OSError(f"{path}: checksum mismatch (damaged store)")
-    return np.memmap(path, dtype=dtype, mode="r", shape=array.shape)
-
-
-def unwritten_chunks(array: zarr.Array, start: int = 0, stop: int | None = None) -> list[str] | None:
-    """:meth:`DirectArray.unwritten` of a zarr array; ``None`` for layouts :class:`DirectArray` does not read."""
-    reader = DirectArray.open(array)
-    if reader is None:
-        return None
-    try:
-        return reader.unwritten(start, stop)
-    finally:
-        reader.close()
-
-
-def missing_chunk_files(array: zarr.Array) -> list[str]:
-    """Chunk (or shard) files of a local zarr v3 array that are not on disk, for any codecs.
-
-    Lists the array's directory once and compares it with the keys its
-    chunk grid implies. Inner chunks of shards are :func:`unwritten_chunks`'s.
-    """
-    meta = array.metadata
-    if meta.zarr_format != 3 or not isinstance(array.store, zarr.storage.LocalStore):
-        return []
-    root = Path(array.store.root) / array.path
-    grid = tuple(meta.chunk_grid.chunk_shape)
-    counts = [-(-size // chunk) for size, chunk in zip(array.shape, grid)]
-    if any(c == 0 for c in counts):
-        return []
-    present = set()
-    for directory, _, files in os.walk(root):
-        rel = os.path.relpath(directory, root)
-        present.update(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in files)
-    return [
-        str(root / key)
-        for coords in np.ndindex(*counts)
-        if (key := meta.encode_chunk_key(tuple(int(c) for c in coords))) not in present
-    ]

@@ -261,7 +261,8 @@ def check_files(store: Path, manifest: StoreManifest) -> None:
     StoreError
         Naming the store (or file) and the manifest field or array at fault.
     """
-    from .shards import COMPLETE_ATTRIBUTE, missing_chunk_files
+    from .shards import COMPLETE_ATTRIBUTE
+    from .zarr_layout import missing_chunk_files
 
     def edited(field: str, detail: str) -> StoreError:
         return StoreError(f"{store}: the manifest's {field} {detail} (edited or damaged {MANIFEST_NAME})")

@@ -39,6 +39,7 @@ if __name__ == "__main__":  # a worker: ignore Ctrl-C before the slow imports be
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 import os
+import pickle
 import queue
 import subprocess
 import sys
@@ -49,14 +50,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, Pipe, wait
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .disk_layout import DirectX
 from .errors import WorkerError
 from .load import RowFormat, load_nnz
 from .plan import Load
 from .ring import IndptrTable, SlotLayout, map_indptrs, map_segment, populate
-from .store import XSource
+
+if TYPE_CHECKING:
+    from .store import XSource
 
 __all__ = ["Failed", "Filled", "SlotDecoder", "Started", "Task", "WorkerConfig", "WorkerPool", "exit_description"]
 
@@ -69,11 +74,19 @@ WARM_AFTER_S = 1.0  # a worker never idle loads the compiled loop after this lon
 
 @dataclass(frozen=True)
 class WorkerConfig:
+    """What a worker reads: each file's X, and obsm arrays, as a :class:`~arrayloaders.disk_layout.DirectX` where
+    it can be read directly (the worker then needs no zarr: :func:`~arrayloaders.zarr_layout.direct_sources`), else
+    as its store."""
+
     worker: int
-    sources: tuple[XSource, ...]
+    sources: tuple[XSource | DirectX, ...]
     fmt: RowFormat  # the genes to keep, dense or CSR
-    obsm: tuple[tuple[str, tuple[XSource, ...]], ...] = ()  # (key, its array in every file) of each obsm yielded
+    obsm: tuple[tuple[str, tuple[XSource | DirectX, ...]], ...] = ()  # (key, its array in every file) of each obsm yielded
     indptrs: IndptrTable | None = None  # the files' row pointers, shared: mapped, not read again
+
+    @property
+    def needs_zarr(self) -> bool:
+        return not all(isinstance(s, DirectX) for s in (*self.sources, *(s for _, ss in self.obsm for s in ss)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -392,18 +405,21 @@ def _serve(tasks: Connection, replies: Connection, parent: int) -> bool:
     """Serve tasks until told to stop (returns True) or the parent is gone (False)."""
     if os.getppid() != parent:
         return False  # it died while we imported
-    config: WorkerConfig = tasks.recv()
+    message = tasks.recv_bytes()
+    config: WorkerConfig | None = None
     try:
+        config = pickle.loads(message)  # here: unpickling imports what the sources need, which may fail
         import numcodecs.blosc
 
         numcodecs.blosc.set_nthreads(1)
         numcodecs.blosc.use_threads = False
-        from .store import use_zarrs
+        if config.needs_zarr:
+            from .store import use_zarrs
 
-        use_zarrs(threads=1)
+            use_zarrs(threads=1)
         decoder = SlotDecoder(config)
     except Exception:
-        replies.send(Failed(config.worker, -1, -1, traceback.format_exc()))
+        replies.send(Failed(-1 if config is None else config.worker, -1, -1, traceback.format_exc()))
         return True  # the main process reads the failure and closes the pool
     replies.send(Started(config.worker, os.getpid()))
     # A thread takes tasks off the pipe as soon as they come: a task carries its load's take (8 bytes

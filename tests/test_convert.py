@@ -27,8 +27,9 @@ from arrayloaders.buckets import csr_row_positions
 from arrayloaders.convert import parse_bytes, plan_output_files
 from arrayloaders.example_data import make_example_adata, write_example_h5ads
 from arrayloaders.rows import open_rows
-from arrayloaders.shards import COMPLETE_ATTRIBUTE, missing_chunk_files, unwritten_chunks
+from arrayloaders.shards import COMPLETE_ATTRIBUTE
 from arrayloaders.store import XSource, read_obs
+from arrayloaders.zarr_layout import missing_chunk_files, unwritten_chunks
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,8 +20,9 @@ from test_convert import damaged_copy, flip_byte
 
 from arrayloaders import ConversionWarning, InputFileError, StoreError, XLayout, create_store_from_h5ads, read_manifest
 from arrayloaders.rows import open_rows
-from arrayloaders.shards import COMPLETE_ATTRIBUTE, DirectArray, missing_chunk_files
+from arrayloaders.shards import COMPLETE_ATTRIBUTE, DirectArray
 from arrayloaders.store import XSource
+from arrayloaders.zarr_layout import missing_chunk_files
 
 N_VARS = 30
 SIZES = (37, 61, 25)

@@ -33,8 +33,9 @@ from zarr.codecs import (
 from arrayloaders import shards
 from arrayloaders.open_files import OpenFiles
 from arrayloaders.rows import CsrRows, DenseRows, open_rows
-from arrayloaders.shards import COMPLETE_ATTRIBUTE, DirectArray, missing_chunk_files, unwritten_chunks
+from arrayloaders.shards import COMPLETE_ATTRIBUTE, DirectArray
 from arrayloaders.store import XSource
+from arrayloaders.zarr_layout import array_layout, missing_chunk_files, unwritten_chunks
 
 PIPELINES = {
     "zarr-python": {"codec_pipeline.path": "zarr.core.codec_pipeline.BatchedCodecPipeline"},
@@ -95,6 +96,10 @@ LAYOUTS: dict[str, dict] = {
     "shard-v2-key-encoding": dict(
         chunks=(CHUNK,), shards=(SHARD,), compressors=ZstdCodec(level=3), chunk_key_encoding={"name": "v2"}
     ),
+    "shard-default-keys-dot": dict(
+        chunks=(CHUNK,), shards=(SHARD,), compressors=lz4("shuffle"), chunk_key_encoding={"name": "default", "separator": "."}
+    ),
+    "unsharded-v2-keys-slash": dict(chunks=(CHUNK,), compressors=None, chunk_key_encoding={"name": "v2", "separator": "/"}),
     "unsharded-blosc": dict(chunks=(CHUNK,), compressors=lz4("shuffle")),
     "unsharded-zstd": dict(chunks=(CHUNK,), compressors=ZstdCodec(level=3)),
     "unsharded-raw": dict(chunks=(CHUNK,), compressors=None),
@@ -467,7 +472,26 @@ LAYOUTS_2D = {
     ),
     "unsharded-zstd": dict(chunks=(7, COLS), compressors=ZstdCodec(level=3)),
     "unsharded-one-row-chunks": dict(chunks=(1, COLS), compressors=lz4("shuffle")),
+    # a 2-d chunk key has two coordinates: nested directories with "/", one name with "."
+    "sharded-default-keys-dot": dict(
+        chunks=(8, COLS), shards=(24, COLS), compressors=lz4("shuffle"), chunk_key_encoding={"name": "default", "separator": "."}
+    ),
+    "unsharded-v2-keys-slash": dict(chunks=(7, COLS), compressors=None, chunk_key_encoding={"name": "v2", "separator": "/"}),
+    "unsharded-v2-keys-dot": dict(chunks=(7, COLS), compressors=None, chunk_key_encoding={"name": "v2"}),
 }
+
+
+@pytest.mark.parametrize("layout", ["sharded-blosc", "sharded-default-keys-dot", "unsharded-v2-keys-slash", "unsharded-v2-keys-dot"])
+def test_a_layout_names_every_file_as_zarr_does(tmp_path, layout):
+    """Workers find the files from the layout alone (no zarr): its names must be zarr's, for every key encoding."""
+    data = make_values("float32", ROWS * COLS, seed=5).reshape(ROWS, COLS)
+    array = write_array(tmp_path, "x", data, **LAYOUTS_2D[layout])
+    got = array_layout(array)
+    assert got is not None
+    on_disk = sorted(str(p) for p in (tmp_path / "x").rglob("*") if p.is_file() and p.name != "zarr.json")
+    named = sorted(str(got.file_path(f)) for f in range(-(-got.n_elements // got.file_elements)))
+    assert named == on_disk and named
+    assert [str(got.file_path(f)) for f in (0, 1)] == [str(tmp_path / "x" / array.metadata.encode_chunk_key((f, 0))) for f in (0, 1)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "uint16"])
