@@ -22,9 +22,8 @@ this module imports numba (~0.13 s after numpy and zarr), and the first
 call in a process loads the compiled code from numba's disk cache (~0.3 s,
 0.14 s in a worker: :func:`warm`). A sampler's loads need the loop and
 pay that at their first gather; chunked access uses it only once
-:func:`warm` has run (a worker calls it in a thread of its own when it
-first waits for a task, or after a second of decoding), so no load waits
-for it.
+:func:`warm` has run (a worker of a CSR store calls it in a thread of
+its own as it starts), so no load waits for it.
 """
 
 from __future__ import annotations

@@ -42,6 +42,12 @@ def store(h5ads, tmp_path_factory) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def dense_store(dense_h5ads, tmp_path_factory) -> Path:
+    """A shuffled store of ``dense_h5ads`` (dense X) in three files."""
+    return create_store_from_h5ads(dense_h5ads, tmp_path_factory.mktemp("dense") / "s", n_obs_per_file=80, progress=False)
+
+
 def read_store(path: Path) -> ad.AnnData:
     """The whole store in memory, files concatenated in order (a back door: plain anndata)."""
     files = sorted(path.glob("chunk_*.zarr"), key=lambda p: int(p.stem.split("_")[1]))

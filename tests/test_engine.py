@@ -70,11 +70,6 @@ def until_workers_are_up(ds) -> None:
         assert len(list(ds)) == len(ds)
 
 
-@pytest.fixture(scope="module")
-def dense_store(dense_h5ads, tmp_path_factory):
-    return create_store_from_h5ads(dense_h5ads, tmp_path_factory.mktemp("dense") / "s", n_obs_per_file=80, progress=False)
-
-
 @pytest.mark.parametrize("kind", ["sparse", "dense", "densified"])
 @pytest.mark.parametrize(
     ("batch_size", "chunk_size", "preload_nchunks", "drop_last"),
