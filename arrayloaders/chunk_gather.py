@@ -18,7 +18,7 @@ a blosc error), so both paths fail with the same message.
 The loop also serves chunked access (runs of rows), where it saves the
 Python around each chunk and each row (a load of 8,192 cells: 139 ms on
 the Python path, 119 ms here; ``scripts/load_paths.py``). But importing
-this module imports numba (~0.13 s after numpy and zarr), and the first
+this module imports numba (~0.13 s after numpy), and the first
 call in a process loads the compiled code from numba's disk cache (~0.3 s,
 0.14 s in a worker: :func:`warm`). A sampler's loads need the loop and
 pay that at their first gather; chunked access uses it only once

@@ -20,9 +20,9 @@ to drop batches.
 
 Loads while the workers start
 -----------------------------
-Workers start when the dataset is filled, without waiting (~0.6 s: an
-interpreter, numpy, zarr, the stores), and get tasks only once they have
-reported. Until one has, this process decodes the loads the loop asks
+Workers start when the dataset is filled, without waiting (~0.3 s: an
+interpreter, numpy, the stores' layouts this process learnt from zarr and
+sent them), and get tasks only once they have reported. Until one has, this process decodes the loads the loop asks
 for itself, one at a time, into their slots: the first batch waits for
 one load's decoding, not for the workers too. Once workers are up, the
 run's first load is split among the idle ones instead.
@@ -502,8 +502,8 @@ class Engine:
             spec = run.plan.loads[load]
             take = run.plan.take(spec)
             if not up:
-                # No worker is up yet (each starts an interpreter, imports numpy and zarr, opens the
-                # stores: ~0.6 s), and they get tasks only once up: decode this load here, one at a time.
+                # No worker is up yet (each starts an interpreter, imports numpy, opens the stores:
+                # ~0.3 s), and they get tasks only once up: decode this load here, one at a time.
                 self._tickets += 1
                 task = Task(self._tickets, run.plan.epoch, load, free, ring.name(free), ring.layout, spec.runs, take)
                 self._slots[free] = _Slot("filling", task.ticket)

@@ -50,9 +50,9 @@ class _ZarrArrays:
         self.arrays = self._loop.run_until_complete(open_all())
 
     def read(self, name: str, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
-        array = self.arrays[name]
-
         import asyncio
+
+        array = self.arrays[name]
 
         async def gather():
             return await asyncio.gather(*(array.getitem(slice(a, b)) for a, b in ranges))
