@@ -112,9 +112,10 @@ class ChunkGather:
 
 @functools.cache
 def chunk_gather() -> ChunkGather | None:
-    """The compiled gather, or ``None`` where the native codecs or libc's ``pread`` cannot be found."""
+    """The compiled gather, or ``None`` where the native codecs or libc's ``pread`` cannot be found, or where
+    numba compiles nothing (``NUMBA_DISABLE_JIT=1`` leaves a plain Python function, which cannot call them)."""
     native = native_codecs()
-    if native is None:
+    if native is None or not hasattr(_gather_chunks, "signatures"):
         return None
     try:
         pread = ctypes.CDLL(None).pread

@@ -166,20 +166,31 @@ def test_a_worker_loads_the_compiled_loop_in_the_background_for_sparse_stores_on
         assert len(list(ds)) == len(ds)  # and goes on serving
 
 
-def test_workers_with_numba_jit_disabled_stay_on_the_python_loop(store):
-    """NUMBA_DISABLE_JIT=1 leaves plain Python functions: a worker that warms then must not take them for loaded."""
+@pytest.mark.parametrize("sampled", [False, True], ids=["chunked", "sampler"])
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_with_numba_jit_disabled_loads_take_the_python_loop(store, sampled, num_workers):
+    """NUMBA_DISABLE_JIT=1 leaves plain Python functions, which cannot call the C functions: neither a worker
+    that warms nor a sampler's gather may take them for the compiled loop (a sampler's loads all failed)."""
     import os
     import subprocess
     import sys
 
     script = f"""
-import time, numpy as np
+import time, numpy as np, anndata as ad, scipy.sparse as sp
 from arrayloaders import ZarrSparseDataset
-with ZarrSparseDataset(50, 8, 12, num_workers=1, return_index=True).add_store({str(store)!r}) as ds:
+store = {str(store)!r}
+want = ad.concat([ad.read_zarr(f"{{store}}/chunk_{{i}}.zarr") for i in range(4)]).X
+sampler = list(range(0, 1000, 3)) + [5, 5] if {sampled} else None
+with ZarrSparseDataset(50, 8, 12, num_workers={num_workers}, return_index=True, sampler=sampler).add_store(store) as ds:
     for epoch in range(2):
-        rows = np.concatenate([index.numpy() for _, _, index in ds])
-        assert np.array_equal(np.sort(rows), np.arange(ds.n_obs)), epoch
-        time.sleep(0.5)  # the worker warms meanwhile (and finds nothing compiled)
+        got = [(X, index.numpy()) for X, _, index in ds]
+        rows = np.concatenate([i for _, i in got])
+        assert np.array_equal(np.sort(rows), np.sort(sampler) if sampler else np.arange(ds.n_obs)), epoch
+        for X, index in got:
+            X = X.to_sparse_csr()
+            csr = sp.csr_matrix((X.values().numpy(), X.col_indices().numpy(), X.crow_indices().numpy()), shape=X.shape)
+            assert (csr != want[index]).nnz == 0
+        time.sleep(0.5)  # a worker warms meanwhile (and finds nothing compiled)
 print("ok")
 """
     res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "NUMBA_DISABLE_JIT": "1"},
