@@ -96,7 +96,16 @@ def _decoder(codec: str) -> Callable[[memoryview, np.ndarray], None]:
         return blosc
     if codec == "zstd":
         zstd = numcodecs.zstd.Zstd()
-        return lambda src, out: zstd.decode(src, out=out)
+
+        def decode_zstd(src: memoryview, out: np.ndarray) -> None:
+            # Decoded into ``out``, a frame of fewer bytes would leave stale bytes after it, unseen
+            # (numcodecs does not compare sizes): decode whole, check, then copy.
+            decoded = zstd.decode(src)
+            if len(decoded) != out.nbytes:
+                raise ValueError(f"a zstd chunk holds {len(decoded)} bytes, expected {out.nbytes}")
+            out.view(np.uint8)[:] = np.frombuffer(decoded, dtype=np.uint8)
+
+        return decode_zstd
     raise ValueError(f"no decoder for codec {codec!r}")
 
 

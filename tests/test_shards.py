@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -576,6 +577,21 @@ UNSUPPORTED = {
         compressors=None,
     ),
 }
+
+
+@pytest.mark.parametrize("codec", ["blosc", "zstd", "raw"])
+def test_a_chunk_holding_fewer_elements_than_the_layout_says_is_an_error(tmp_path, codec):
+    """A reader's layout said 32 elements per chunk, and the array was rewritten in place with chunks of 16
+    (checksums valid): each codec must notice, or the rest of the buffer keeps stale values (zstd did not)."""
+    compressor = {"blosc": lz4("shuffle"), "zstd": ZstdCodec(level=3), "raw": None}[codec]
+    codecs = [Crc32cCodec()] if compressor is None else [compressor, Crc32cCodec()]
+    array = zarr.create_array(tmp_path / "a", shape=(64,), chunks=(32,), dtype="float32", compressors=codecs)
+    array[:] = np.arange(64, dtype="float32")
+    layout = array_layout(array)
+    again = zarr.create_array(tmp_path / "a", shape=(64,), chunks=(16,), dtype="float32", compressors=codecs, overwrite=True)
+    again[:] = np.arange(100, 164, dtype="float32")
+    with pytest.raises(OSError, match=re.escape(str(tmp_path / "a" / "c" / "0")) + r".*(holds \d+ bytes|blosc header)"):
+        read(DirectArray(layout), 0, 32)
 
 
 @pytest.mark.parametrize("case", list(UNSUPPORTED))
