@@ -92,6 +92,8 @@ def array_layout(array: zarr.Array) -> ArrayLayout | None:
         index_codecs = list(sharding.index_codecs)
         if not index_codecs or not isinstance(index_codecs[0], BytesCodec):
             return None
+        if not np.little_endian or _setting(index_codecs[0].endian) not in (None, "little"):
+            return None  # the index is read as little-endian uint64
         if not all(isinstance(c, Crc32cCodec) for c in index_codecs[1:]) or len(index_codecs) > 2:
             return None
         inner = tuple(sharding.chunk_shape)

@@ -540,6 +540,11 @@ UNSUPPORTED = {
     ),
     "2d-chunks-wider-than-rows": lambda root: create(root, "a", (ROWS, COLS), "float32", chunks=(8, 16)),
     "3d": lambda root: create(root, "a", (4, 5, 6), "float32", chunks=(2, 5, 6)),
+    # a big-endian shard index was read as little-endian and reported as a truncated file
+    "big-endian-shard-index": lambda root: create(
+        root, "a", (N,), "float32", chunks=(SHARD,), compressors=None,
+        serializer=ShardingCodec(chunk_shape=(CHUNK,), codecs=[BytesCodec()], index_codecs=[BytesCodec(endian="big"), Crc32cCodec()]),
+    ),  # fmt: skip
     "zarr-v2": lambda root: zarr.create_array(
         zarr.storage.LocalStore(root),
         name="a",
