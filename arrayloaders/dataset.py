@@ -45,13 +45,14 @@ from .batches import Batch, BatchMaker, MixedWindow, ObsColumns, keep
 from .class_runs import ClassRunSampler
 from .convert import parse_bytes
 from .distributed import check_same_on_every_rank, local_world_size, rank_and_world_size
+from .errors import StoreError
 from .engine import Engine, EpochRun, slot_layout
 from .genes import choose_genes
 from .load import LoadedRows, RowFormat, read_load
 from .pinned_slots import PinnedSlots
 from .plan import EpochPlan, PlanConfig, batch_rows, plan_epoch
 from .rows import CsrRows, DenseRows, open_rows, read_indptr
-from .store import MANIFEST_NAME, XSource, read_manifest, read_obs, use_zarrs
+from .store import MANIFEST_NAME, XSource, manifest_stamp, read_manifest, read_obs, use_zarrs
 
 __all__ = ["EpochIterator", "ZarrDenseDataset", "ZarrSparseDataset"]
 
@@ -384,6 +385,8 @@ class EpochIterator(Iterator[Batch]):
             spec = plan.loads[load]
             readers = state.readers
             got = read_load(readers.x, spec, plan.take(spec), fmt=ds._row_format(), obsm=readers.obsm), keep
+        # After the load is read: rows read from a store converted again before this point are never yielded.
+        ds._check_stores_unchanged()
         got[0].rows = plan.rows_of_load(plan.loads[load])
         return got
 
@@ -462,6 +465,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         self._cells_checked: np.ndarray | None = None  # sorted distinct rows, once checked against n_obs
         self.sampler = sampler
         self._sources: list[XSource] = []
+        self._stores: list[tuple[Path, tuple | None]] = []  # (store, its manifest's stamp) of each add_store
         self._shuffled: list[bool] = []  # per source: known to be shuffled at conversion
         self._var_names: pd.Index | None = None
         self._obs: ObsColumns | None = None
@@ -575,6 +579,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         (not a store, or an unfinished conversion) is refused. ``obs_keys``,
         ``obsm_keys`` and ``obs_codes`` as for :meth:`add_anndatas`.
         """
+        stamp = manifest_stamp(path)  # before reading: a store converted again from now on is noticed
         manifest = read_manifest(path)  # checks the files against it: shapes, dtypes, every chunk there
         keys = _key_list(obs_keys)
         missing = [k for k in keys if k not in manifest.obs_schema]
@@ -584,7 +589,22 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         # only the columns asked for; names a damaged array
         frames = [read_obs(path, f["name"], columns=keys, index=False) for f in manifest.files]
         obsm = {key: [_store_obsm_source(path, f["name"], key) for f in manifest.files] for key in _key_list(obsm_keys)}
-        return self._add(sources, frames, pd.Index(manifest.var_names), obs_keys, obsm, obs_codes)
+        self._add(sources, frames, pd.Index(manifest.var_names), obs_keys, obsm, obs_codes)
+        self._stores = self._stores + [(Path(path), stamp)]
+        return self
+
+    def _check_stores_unchanged(self) -> None:
+        """Raise if a store added with :meth:`add_store` was converted again since (a new manifest).
+
+        Its row pointers, read when it was added, would then point into other
+        files: every row read wrong, checksums valid.
+        """
+        for path, stamp in self._stores:
+            if manifest_stamp(path) != stamp:
+                raise StoreError(
+                    f"{path}: the store was converted again (or removed) since it was added: its {MANIFEST_NAME} "
+                    "is not the one read then, and neither are its files; add it to a new dataset"
+                )
 
     def _obs_keys(self, obs_keys, obs_codes=None) -> list[str]:
         keys, codes = _key_list(obs_keys), tuple(_key_list(obs_codes))

@@ -19,12 +19,13 @@ import zarr
 from .errors import StoreError
 
 __all__ = [
-    "MANIFEST_NAME",
     "FORMAT_VERSION",
+    "MANIFEST_NAME",
     "XLayout",
     "StoreManifest",
     "XSource",
     "check_files",
+    "manifest_stamp",
     "read_manifest",
     "read_obs",
     "use_zarrs",
@@ -215,6 +216,20 @@ def write_manifest(store: Path, manifest: StoreManifest) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, store / MANIFEST_NAME)
+
+
+def manifest_stamp(store: str | os.PathLike) -> tuple[int, int, int] | None:
+    """(inode, mtime in ns, size) of the manifest of ``store``, ``None`` if it has none.
+
+    A conversion writes the manifest last, into a new file (``write_manifest``):
+    a store converted again at the same path has another stamp. The device is
+    left out, so that the stamp holds in another machine over a shared file system.
+    """
+    try:
+        st = os.stat(Path(store) / MANIFEST_NAME)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def read_manifest(store: str | os.PathLike, verify: bool = True) -> StoreManifest:
