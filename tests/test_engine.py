@@ -604,10 +604,23 @@ def test_the_first_load_is_decoded_here_while_the_workers_start(store, dense_sto
     decoded its load; resumed, they decode the rest, and the epoch equals one read without workers."""
     source, cls = (store, ZarrSparseDataset) if kind == "sparse" else (dense_store, ZarrDenseDataset)
     expected = batches(cls(50, 8, 12, num_workers=0, return_index=True).add_store(source))
-    ds = cls(50, 8, 12, num_workers=2, return_index=True).add_store(source)
-    pids = worker_pids()
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)  # still importing: the pool has not waited for them
+    for _ in range(5):  # a worker starts in ~0.15 s: on a busy machine one may be up before it is stopped
+        ds = cls(50, 8, 12, num_workers=2, return_index=True).add_store(source)
+        pids = worker_pids()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)  # still importing: the pool has not waited for them
+        deadline = time.monotonic() + 30  # a runnable process stops only once it next gets a core
+        while any(psutil.Process(pid).status() != psutil.STATUS_STOPPED for pid in pids):
+            assert time.monotonic() < deadline, [psutil.Process(pid).status() for pid in pids]
+            time.sleep(0.01)
+        pool = ds._runtime.engine.pool
+        if not any(t is not None or reply.poll() for t, reply in zip(pool.started_at, pool._replies)):
+            break
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        ds.close()
+    else:
+        pytest.fail("a worker was up before it could be stopped, five times")
     try:
         loop = iter(ds)
         X, _, idx = next(loop)
