@@ -122,6 +122,29 @@ def test_batches_are_zero_copy_views_that_outlive_the_next_step(store):
     ds.close()
 
 
+def stopped_while_starting(make, which: tuple[int, ...] | None = None):
+    """``(dataset, pids)``: a dataset from ``make()`` whose workers ``which`` (default: all) were stopped (SIGSTOP)
+    before they reported that they started. A worker starts in ~0.15 s, so on a busy machine one may be up before
+    it is stopped: then the dataset is closed and made again."""
+    for _ in range(5):
+        ds = make()
+        pool = ds._runtime.engine.pool
+        ks = range(len(pool)) if which is None else which
+        pids = [pool.processes[k].pid for k in ks]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 30  # a runnable process stops only once it next gets a core
+        while any(psutil.Process(pid).status() != psutil.STATUS_STOPPED for pid in pids):
+            assert time.monotonic() < deadline, [psutil.Process(pid).status() for pid in pids]
+            time.sleep(0.01)
+        if not any(pool.started_at[k] is not None or pool._replies[k].poll() for k in ks):
+            return ds, pids
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        ds.close()
+    pytest.fail("a worker was up before it could be stopped, five times")
+
+
 def test_workers_do_not_import_torch(store):
     ds = ZarrSparseDataset(50, 8, 12, num_workers=1).add_store(store)
     with ds:
@@ -604,23 +627,7 @@ def test_the_first_load_is_decoded_here_while_the_workers_start(store, dense_sto
     decoded its load; resumed, they decode the rest, and the epoch equals one read without workers."""
     source, cls = (store, ZarrSparseDataset) if kind == "sparse" else (dense_store, ZarrDenseDataset)
     expected = batches(cls(50, 8, 12, num_workers=0, return_index=True).add_store(source))
-    for _ in range(5):  # a worker starts in ~0.15 s: on a busy machine one may be up before it is stopped
-        ds = cls(50, 8, 12, num_workers=2, return_index=True).add_store(source)
-        pids = worker_pids()
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)  # still importing: the pool has not waited for them
-        deadline = time.monotonic() + 30  # a runnable process stops only once it next gets a core
-        while any(psutil.Process(pid).status() != psutil.STATUS_STOPPED for pid in pids):
-            assert time.monotonic() < deadline, [psutil.Process(pid).status() for pid in pids]
-            time.sleep(0.01)
-        pool = ds._runtime.engine.pool
-        if not any(t is not None or reply.poll() for t, reply in zip(pool.started_at, pool._replies)):
-            break
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
-        ds.close()
-    else:
-        pytest.fail("a worker was up before it could be stopped, five times")
+    ds, pids = stopped_while_starting(lambda: cls(50, 8, 12, num_workers=2, return_index=True).add_store(source))
     try:
         loop = iter(ds)
         X, _, idx = next(loop)
@@ -663,11 +670,9 @@ def test_the_first_worker_up_is_not_given_every_load_while_the_others_start(stor
         return submit(pool, worker, task, doing)
 
     monkeypatch.setattr(WorkerPool, "submit", counted)
-    with ZarrSparseDataset(50, 8, 12, num_workers=3, return_index=True).add_store(store) as ds:
+    ds, late = stopped_while_starting(lambda: ZarrSparseDataset(50, 8, 12, num_workers=3, return_index=True).add_store(store), (1, 2))
+    with ds:
         engine = ds._runtime.engine
-        late = [engine.pool.processes[k].pid for k in (1, 2)]
-        for pid in late:
-            os.kill(pid, signal.SIGSTOP)
         try:
             deadline = time.monotonic() + 60
             while 0 not in engine.pool.started():
@@ -694,10 +699,7 @@ def test_a_damaged_first_load_decoded_here_is_a_worker_error_naming_the_file(sto
         stored = len(raw) - 16 * (XLayout().shard_elements // XLayout().chunk_elements) - 4  # before the shard index
         raw[: stored // 2] = bytes(stored // 2)  # every inner chunk stored in the first half: zeros
         shard.write_bytes(bytes(raw))
-    ds = ZarrSparseDataset(50, 8, 12, num_workers=2).add_store(damaged)
-    pids = worker_pids()
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+    ds, pids = stopped_while_starting(lambda: ZarrSparseDataset(50, 8, 12, num_workers=2).add_store(damaged))
     try:
         with pytest.raises(WorkerError, match=r"the main process failed decoding load 0 of epoch 0 while the workers "
                                               r"were starting:\nTraceback(.|\n)*OSError: .*damaged.*X/data/c/\d+: inner chunk"):
