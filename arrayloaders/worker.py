@@ -166,6 +166,7 @@ class WorkerPool:
         self._replies: list[Connection] = []
         self.started_at: list[float | None] = []  # when each worker reported it had started (None: not yet)
         self.spawned_at: list[float] = []
+        self._senders: list[threading.Thread] = []  # each worker's config, sent while it imports
         self._closed = False
         try:
             for config in configs:
@@ -199,7 +200,11 @@ class WorkerPool:
         self._replies.append(reply_r)
         self.started_at.append(None)
         self.spawned_at.append(time.monotonic())
-        task_w.send(config)
+        # From a thread: a config over the pipe's buffer (64 KiB: ~100 files) would block here until the
+        # worker had imported and read it, worker after worker (16 workers: ~2.5 s in add_store).
+        sender = threading.Thread(target=_send_quietly, args=(task_w, config), name="arrayloaders-config", daemon=True)
+        self._senders.append(sender)
+        sender.start()
 
     def _message(self, k: int, message):
         """``message`` of worker ``k``, or ``None`` for its :class:`Started` (consumed here: starting does not block)."""
@@ -297,7 +302,13 @@ class WorkerPool:
         """Stop every worker: ask, wait briefly, then kill (idempotent; a no-op in a forked child)."""
         if self._closed or os.getpid() != self.owner:
             return
-        for conn in self._tasks:
+        for process, sender in zip(self.processes, self._senders):
+            if sender.is_alive():  # it has not read its config: nothing to wait for, and no other write to its pipe
+                process.kill()
+                sender.join(STOP_TIMEOUT_S)  # the pipe's reader is gone: the send fails at once
+        for conn, sender in zip(self._tasks, self._senders):
+            if sender.is_alive():
+                continue  # (never seen) a write still under way: another would interleave with it
             try:
                 conn.send(None)
             except (OSError, ValueError):
@@ -321,6 +332,14 @@ class WorkerPool:
             for conn in self._tasks + self._replies:
                 conn.close()
             self._closed = True  # only now: a close cut short by Ctrl-C is retried
+
+
+def _send_quietly(conn: Connection, message) -> None:
+    """Send ``message``; a worker that died first is the pool's to report (EOF on its reply pipe)."""
+    try:
+        conn.send(message)
+    except (OSError, ValueError):
+        pass
 
 
 _PROC_STATES = {"R": "running", "S": "sleeping", "D": "waiting for the disk", "T": "stopped", "t": "stopped by a debugger",

@@ -145,6 +145,32 @@ def stopped_while_starting(make, which: tuple[int, ...] | None = None):
     pytest.fail("a worker was up before it could be stopped, five times")
 
 
+def test_a_config_larger_than_the_pipe_neither_blocks_starting_nor_closing(tmp_path, monkeypatch):
+    """A worker's config names every file of the stores (~600 bytes each): past the pipe's 64 KiB, starting the
+    pool blocked until each worker in turn had imported and read it (16 workers: seconds in add_store). Here the
+    workers never read it (a "python" that only sleeps): starting returns, and close() stops them."""
+    from arrayloaders.load import ALL_GENES
+    from arrayloaders.worker import WorkerConfig
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexec sleep 600\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    big = tuple(range(100_000))  # sources: never unpickled here, only as large as a store of ~1,000 files
+    box, done = {}, threading.Event()
+
+    def start():
+        box["pool"] = WorkerPool([WorkerConfig(k, big, ALL_GENES) for k in range(2)])
+        done.set()
+
+    threading.Thread(target=start, daemon=True).start()
+    assert done.wait(60), "starting the pool blocked on sending the configs"
+    pool = box["pool"]
+    assert all(p.poll() is None for p in pool.processes)
+    pool.close()
+    assert all(p.poll() is not None for p in pool.processes)
+
+
 def test_workers_do_not_import_torch(store):
     ds = ZarrSparseDataset(50, 8, 12, num_workers=1).add_store(store)
     with ds:
