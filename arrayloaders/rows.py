@@ -24,8 +24,6 @@ from .errors import StoreError
 from .shards import COMPLETE_ATTRIBUTE, DirectArray
 
 if TYPE_CHECKING:
-    import zarr
-
     from .store import XSource
 
 __all__ = ["CsrRows", "DenseRows", "open_rows", "read_indptr"]
@@ -75,17 +73,14 @@ class CsrRows:
         if isinstance(source, DirectX):
             if indptr is None:
                 raise ValueError(f"{source.where}: a reader of a DirectX needs its indptr")
-            layouts, group = source.arrays, None
+            layouts = source.arrays
         else:
-            import zarr
+            from .zarr_layout import array_layout, open_x
 
-            from .zarr_layout import array_layout
-
-            group = zarr.open_group(store=source.store, path=source.path, mode="r")
-            layouts = (array_layout(group["data"]), array_layout(group["indices"]))
+            layouts = tuple(array_layout(a) for a in open_x(source, ("data", "indices")))
         # 8 bytes per row, needed for every run: read once (or given, shared by the readers of
         # one process), and checked, since a damaged indptr would send every run to the wrong entries.
-        self.indptr = read_indptr(source, group) if indptr is None else indptr
+        self.indptr = read_indptr(source) if indptr is None else indptr
         self._zarr = None
         if None in layouts:
             self._direct = (None, None)
@@ -227,10 +222,8 @@ def _where(source: XSource | DirectX, name: str) -> str:
     return str(Path(root) / source.path / name) if root is not None else f"{source.label}/{name}"
 
 
-def read_indptr(source: XSource, group: zarr.Group | None = None) -> np.ndarray:
+def read_indptr(source: XSource) -> np.ndarray:
     """A CSR X's ``indptr`` (int64), checked against ``data``; raise naming the file if it is damaged.
-
-    ``group`` is the X group, if already open.
 
     Raises
     ------
@@ -241,14 +234,10 @@ def read_indptr(source: XSource, group: zarr.Group | None = None) -> np.ndarray:
         The values are not a row pointer over ``data``: wrong length, not
         starting at 0, decreasing, or not ending at the length of ``data``.
     """
-    import zarr
+    from .zarr_layout import map_whole_array, open_x, unwritten_chunks
 
-    from .zarr_layout import map_whole_array, unwritten_chunks
-
-    if group is None:
-        group = zarr.open_group(store=source.store, path=source.path, mode="r")
     where = _where(source, "indptr")
-    array = group["indptr"]
+    array, data = open_x(source, ("indptr", "data"))
     if array.attrs.get(COMPLETE_ATTRIBUTE) is True:
         missing = unwritten_chunks(array)
         if missing:
@@ -263,7 +252,7 @@ def read_indptr(source: XSource, group: zarr.Group | None = None) -> np.ndarray:
             indptr = np.asarray(array[:], dtype=np.int64)
         except Exception as e:  # noqa: BLE001 - zarr and zarrs raise ValueError or RuntimeError for a bad checksum
             raise OSError(f"{where}: cannot be read ({type(e).__name__}: {e}); damaged file") from e
-    nnz = group["data"].shape[0]
+    nnz = data.shape[0]
     problem = None
     if indptr.shape != (source.n_obs + 1,):
         problem = f"has {indptr.size} entries, expected n_obs + 1 = {source.n_obs + 1}"
@@ -296,9 +285,9 @@ class DenseRows:
         if isinstance(source, DirectX):
             self._direct, self._zarr = DirectArray(source.arrays[0]), None
         else:
-            import zarr
+            from .zarr_layout import open_x
 
-            array = zarr.open_array(store=source.store, path=source.path, mode="r")
+            (array,) = open_x(source)
             self._direct = DirectArray.open(array)
             self._zarr = _ZarrArrays(source, ("",)) if self._direct is None else None
         dtype = self._direct.dtype if self._direct is not None else self._zarr.arrays[""].dtype

@@ -19,10 +19,11 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
 from .disk_layout import ArrayLayout, DirectX
+from .errors import StoreError
 from .shards import COMPLETE_ATTRIBUTE, DirectArray
 from .store import XSource
 
-__all__ = ["array_layout", "direct_sources", "direct_x", "map_whole_array", "missing_chunk_files", "unwritten_chunks"]
+__all__ = ["array_layout", "direct_sources", "direct_x", "map_whole_array", "missing_chunk_files", "open_x", "unwritten_chunks"]
 
 _U32 = struct.Struct("<I")  # a stored crc32c
 _KEY_PREFIXES = {"default": ("c",), "v2": ()}  # zarr v3's chunk key encodings: what precedes the coordinates
@@ -125,13 +126,28 @@ def array_layout(array: zarr.Array) -> ArrayLayout | None:
     )
 
 
+def open_x(source: XSource, names: tuple[str, ...] = ()) -> list[zarr.Array]:
+    """The arrays ``names`` of a CSR X (``data``, ``indices``, ``indptr``), or a dense X itself (no names).
+
+    Raises
+    ------
+    StoreError
+        Naming the X, when its metadata cannot be read (a ``zarr.json`` removed or damaged since the store was
+        checked): zarr's own error (``KeyError: 'data'``) names no file.
+    """
+    try:
+        if not names:
+            return [zarr.open_array(store=source.store, path=source.path, mode="r")]
+        group = zarr.open_group(store=source.store, path=source.path, mode="r")
+        return [group[name] for name in names]
+    except Exception as e:  # noqa: BLE001 - zarr raises KeyError, ValueError, JSONDecodeError... for damaged metadata
+        where = f"{source.store.root}/{source.path}" if hasattr(source.store, "root") else source.label
+        raise StoreError(f"{where}: cannot be opened ({type(e).__name__}: {e}); damaged or changed store") from e
+
+
 def direct_x(source: XSource) -> DirectX | None:
     """``source`` as a worker reads it without zarr, or ``None`` if one of its arrays is not read directly."""
-    if source.kind == "csr":
-        group = zarr.open_group(store=source.store, path=source.path, mode="r")
-        layouts = (array_layout(group["data"]), array_layout(group["indices"]))
-    else:
-        layouts = (array_layout(zarr.open_array(store=source.store, path=source.path, mode="r")),)
+    layouts = tuple(array_layout(a) for a in open_x(source, ("data", "indices") if source.kind == "csr" else ()))
     if any(layout is None for layout in layouts):
         return None
     where = str(Path(source.store.root) / source.path)  # a direct layout is a LocalStore's

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -362,3 +364,20 @@ def test_a_store_converted_again_under_a_dataset_is_refused_not_read_wrong(h5ads
     for X, _, index in fresh:
         assert_bit_identical(sp.csr_matrix(X.to_dense().numpy()), new.X[index.numpy()])
     fresh.close()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("damage", ["removed", "garbled"])
+def test_x_metadata_damaged_after_add_store_is_a_store_error_naming_it(store, tmp_path, num_workers, damage):
+    """An X array's zarr.json removed or garbled once the store was checked: zarr's own error (KeyError: 'data',
+    a JSONDecodeError) named no file."""
+    import shutil
+
+    path = Path(shutil.copytree(store, tmp_path / "s"))
+    ds = ZarrSparseDataset(50, 8, 12, num_workers=num_workers).add_store(path)
+    meta = path / "chunk_1.zarr" / "X" / "data" / "zarr.json"
+    meta.unlink() if damage == "removed" else meta.write_text("{not json")
+    ds.close()  # the next loop opens the store again (new workers, or new readers)
+    with pytest.raises(StoreError, match=f"{path / 'chunk_1.zarr' / 'X'}: cannot be opened .*damaged or changed store"):
+        next(iter(ds))
+    ds.close()
