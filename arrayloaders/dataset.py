@@ -45,8 +45,8 @@ from .batches import Batch, BatchMaker, MixedWindow, ObsColumns, keep
 from .class_runs import ClassRunSampler
 from .convert import parse_bytes
 from .distributed import check_same_on_every_rank, local_world_size, rank_and_world_size
-from .errors import StoreError
 from .engine import Engine, EpochRun, slot_layout
+from .errors import StoreError
 from .genes import choose_genes
 from .load import LoadedRows, RowFormat, read_load
 from .pinned_slots import PinnedSlots

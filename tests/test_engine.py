@@ -26,7 +26,7 @@ from conftest import tensor_parts, with_compressed_indptr, worker_pids
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from arrayloaders import WorkerError, ZarrDenseDataset, ZarrSparseDataset, create_store_from_h5ads
+from arrayloaders import WorkerError, ZarrDenseDataset, ZarrSparseDataset
 from arrayloaders.engine import DEFAULT_TIMEOUT_MARGIN_S, TASKS_PER_WORKER, Engine, split_points
 from arrayloaders.ring import Segment, SlotLayout, segment_names
 from arrayloaders.store import XLayout
