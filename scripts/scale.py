@@ -7,9 +7,12 @@ and measures in fresh processes:
   process's RSS before it (the kernel's peak of this process on Linux, and
   sampled every 50 ms with its worker processes);
 - **loader, main process**: private memory (USS) growth from before
-  ``add_store`` to the end of one epoch (2 workers, ``obs_keys="cell_type"``);
-- **loader, each worker**: its private memory at the end of the epoch (the
-  ring and the shared row pointers are shared memory, so not counted);
+  ``add_store`` to the end of two epochs (2 workers, ``obs_keys="cell_type"``);
+- **loader, each worker**: its private memory at the end of the second epoch
+  (the ring and the shared row pointers are shared memory, so not counted).
+  A worker loads numba's compiled loop in a thread as it starts (~15 MB);
+  a small store's first epoch can end while it does, which once showed as
+  10-17 bytes per cell: after a second epoch both sizes have it;
 - **planning**: seconds to plan one epoch of 100M cells (3M chunks of 32).
 
 Bytes per cell are the growth between the two sizes divided by the cells
@@ -115,9 +118,10 @@ def child_load(args) -> dict:
     proc = psutil.Process()
     before = proc.memory_full_info().uss
     ds = ZarrSparseDataset(4096, num_workers=2).add_store(args.store, obs_keys="cell_type")
-    cells = 0
-    for X, _ in ds:
-        cells += X.shape[0]
+    for epoch in range(2):  # the first may end while the workers still load numba (see above)
+        cells = 0
+        for X, _ in ds:
+            cells += X.shape[0]
     main = proc.memory_full_info().uss - before
     workers = []
     for child in proc.children(recursive=True):
