@@ -12,7 +12,8 @@ Neither package has a lower-level public API, but both ship the C
 libraries they wrap: numcodecs' blosc extension links c-blosc and exports
 its functions, and google-crc32c's extension is linked to libcrc32c. This
 module finds ``blosc_decompress_ctx`` and ``crc32c_value`` there (``dlsym``
-on each extension, which also searches the libraries it links). It is the
+on each extension, which also searches the libraries it links; numcodecs'
+is found and loaded without importing numcodecs). It is the
 only place that does: if either is missing (another build of either
 package), :func:`native_codecs` returns ``None`` and readers decode through
 numcodecs, with the same checks and results (tests compare both paths).
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.machinery
+import importlib.util
 from dataclasses import dataclass
 
 __all__ = ["NativeCodecs", "native_codecs"]
@@ -50,11 +53,11 @@ def native_codecs() -> NativeCodecs | None:
     try:
         import google_crc32c
         import google_crc32c._crc32c
-        import numcodecs.blosc
 
-        if google_crc32c.implementation != "c":
+        blosc_file = _extension_file("numcodecs", "blosc")
+        if google_crc32c.implementation != "c" or blosc_file is None:
             return None
-        decompress_ctx = ctypes.CDLL(numcodecs.blosc.__file__).blosc_decompress_ctx
+        decompress_ctx = ctypes.CDLL(blosc_file).blosc_decompress_ctx
         crc32c_value = ctypes.CDLL(google_crc32c._crc32c.__file__).crc32c_value
     except (ImportError, OSError, AttributeError):
         return None
@@ -69,3 +72,20 @@ def native_codecs() -> NativeCodecs | None:
         return decompress_ctx(src, dest, nbytes, 1)  # one thread: workers are the parallelism
 
     return NativeCodecs(blosc_decompress=blosc_decompress, crc32c=crc32c_value, blosc_decompress_ctx=decompress_ctx)
+
+
+def _extension_file(package: str, module: str) -> str | None:
+    """The file of ``package.module``, a compiled extension, found without importing ``package``.
+
+    Importing numcodecs runs its codec registry (entry points, a dozen
+    extensions): ~35 ms of a worker's ~0.15 s start, for one C function.
+    Loaded with ``ctypes`` only, the extension's module is not initialised:
+    ``blosc_decompress_ctx`` needs no ``blosc_init``, unlike blosc's global calls.
+    """
+    spec = importlib.util.find_spec(package)  # a top-level package: found, not imported
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = importlib.machinery.PathFinder.find_spec(f"{package}.{module}", list(spec.submodule_search_locations))
+    if found is None or not isinstance(found.loader, importlib.machinery.ExtensionFileLoader):
+        return None
+    return found.origin

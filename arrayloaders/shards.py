@@ -45,8 +45,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import google_crc32c
-import numcodecs.blosc
-import numcodecs.zstd
 import numpy as np
 
 from .disk_layout import ArrayLayout
@@ -84,6 +82,7 @@ def _decoder(codec: str) -> Callable[[memoryview, np.ndarray], None]:
 
         return copy
     if codec == "blosc":
+        import numcodecs.blosc  # here: a reader with the native codecs never needs it (numcodecs' import: ~35 ms)
 
         def blosc(src: memoryview, out: np.ndarray) -> None:
             # blosc fills only as many bytes as the chunk holds (bytes 4-8 of its
@@ -95,6 +94,8 @@ def _decoder(codec: str) -> Callable[[memoryview, np.ndarray], None]:
 
         return blosc
     if codec == "zstd":
+        import numcodecs.zstd
+
         zstd = numcodecs.zstd.Zstd()
 
         def decode_zstd(src: memoryview, out: np.ndarray) -> None:
@@ -121,7 +122,6 @@ class DirectArray:
         self.layout = layout
         self.path, self.dtype, self.fill_value = layout.path, np.dtype(layout.dtype), layout.fill_value
         self.n_elements, self.file_elements, self.chunk_elements = layout.n_elements, layout.file_elements, layout.chunk_elements
-        self._decode = _decoder(layout.codec)
         self._index_at = layout.index  # (where, bytes per entry) of a shard index, None if unsharded
         self.complete = layout.complete  # every chunk was written: a missing one is damage
         self.checked = layout.checked  # every stored chunk ends in its crc32c
@@ -134,6 +134,7 @@ class DirectArray:
         self._tables: dict[int, np.ndarray | None] = {}
         # blosc chunks decoded by blosc's C function (``None``: through ``decode``)
         self._native = native_codecs() if layout.codec == "blosc" else None
+        self._decode = _decoder(layout.codec) if self._native is None else None
         self._scratch = np.empty(self.chunk_elements, self.dtype)
         self._scratch_addr = self._scratch.ctypes.data
         self._set_compressed(bytearray(self.chunk_elements * self.dtype.itemsize + 1024))

@@ -428,10 +428,13 @@ def _serve(tasks: Connection, replies: Connection, parent: int) -> bool:
     config: WorkerConfig | None = None
     try:
         config = pickle.loads(message)  # here: unpickling imports what the sources need, which may fail
-        import numcodecs.blosc
+        from .native_codecs import native_codecs
 
-        numcodecs.blosc.set_nthreads(1)
-        numcodecs.blosc.use_threads = False
+        if config.needs_zarr or native_codecs() is None:  # numcodecs decodes blosc here: one thread
+            import numcodecs.blosc
+
+            numcodecs.blosc.set_nthreads(1)
+            numcodecs.blosc.use_threads = False
         if config.needs_zarr:
             from .store import use_zarrs
 
