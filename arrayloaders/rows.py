@@ -14,7 +14,6 @@ is used, so such a worker never imports it.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -216,10 +215,7 @@ def _index_past(source: XSource, value: int, a: int, b: int) -> OSError:
 
 def _where(source: XSource | DirectX, name: str) -> str:
     """The path of an array of ``source`` for messages: its directory for a local store."""
-    if isinstance(source, DirectX):
-        return f"{source.where}/{name}"
-    root = getattr(source.store, "root", None)
-    return str(Path(root) / source.path / name) if root is not None else f"{source.label}/{name}"
+    return f"{source.where}/{name}"
 
 
 def read_indptr(source: XSource) -> np.ndarray:

@@ -483,3 +483,9 @@ class XSource:
     @property
     def label(self) -> str:
         return f"{self.store}/{self.path}"
+
+    @property
+    def where(self) -> str:
+        """The X's directory, for messages (as :attr:`arrayloaders.disk_layout.DirectX.where`); else its label."""
+        root = getattr(self.store, "root", None)
+        return str(Path(root) / self.path) if root is not None else self.label

@@ -141,8 +141,7 @@ def open_x(source: XSource, names: tuple[str, ...] = ()) -> list[zarr.Array]:
         group = zarr.open_group(store=source.store, path=source.path, mode="r")
         return [group[name] for name in names]
     except Exception as e:  # noqa: BLE001 - zarr raises KeyError, ValueError, JSONDecodeError... for damaged metadata
-        where = f"{source.store.root}/{source.path}" if hasattr(source.store, "root") else source.label
-        raise StoreError(f"{where}: cannot be opened ({type(e).__name__}: {e}); damaged or changed store") from e
+        raise StoreError(f"{source.where}: cannot be opened ({type(e).__name__}: {e}); damaged or changed store") from e
 
 
 def direct_x(source: XSource) -> DirectX | None:
@@ -150,8 +149,7 @@ def direct_x(source: XSource) -> DirectX | None:
     layouts = tuple(array_layout(a) for a in open_x(source, ("data", "indices") if source.kind == "csr" else ()))
     if any(layout is None for layout in layouts):
         return None
-    where = str(Path(source.store.root) / source.path)  # a direct layout is a LocalStore's
-    return DirectX(where, source.kind, source.n_obs, source.n_vars, source.dtype, layouts)
+    return DirectX(source.where, source.kind, source.n_obs, source.n_vars, source.dtype, layouts)
 
 
 def direct_sources(sources: tuple[XSource, ...], indptrs: bool) -> tuple[XSource | DirectX, ...]:
