@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -643,6 +644,7 @@ def create_store_from_h5ads(
                 source_key=source_key,
                 layers={n: {"format": formats[p.path], "dtype": str(p.dtype)} for n, p in layer_parts.items()},
                 obsm={k: {"k": p.n_cols, "dtype": str(p.dtype)} for k, p in obsm_parts.items()},
+                store_id=uuid.uuid4().hex,
             ),
         )
         staged.commit()

@@ -21,9 +21,11 @@ The rules (the README states them for users):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
+import operator
 import os
 import threading
 import warnings
@@ -137,6 +139,15 @@ def _element_source(X, where: str) -> XSource:
     )
 
 
+def _anndatas_id(adatas: Sequence[ad.AnnData]) -> str:
+    """What a checkpoint records of added AnnData objects: a digest of their sizes and obs names, in order."""
+    digest = hashlib.sha1()
+    for a in adatas:
+        digest.update(f"{a.n_obs}x{a.n_vars};".encode())
+        digest.update(pd.util.hash_array(np.asarray(a.obs_names, dtype=object)).tobytes())
+    return f"{len(adatas)} AnnData objects sha1 {digest.hexdigest()[:16]}"
+
+
 def _label(source: XSource) -> str:
     """Where the data of ``source`` is, for messages: its store's directory."""
     root = getattr(source.store, "root", None)
@@ -146,6 +157,9 @@ def _label(source: XSource) -> str:
 def _row_format(var: pd.Index, genes_given: np.ndarray | None, dense: bool, where: str) -> RowFormat:
     return RowFormat(None if genes_given is None else choose_genes(var, genes_given, where), dense)
 
+
+# Settings a restored epoch keeps from its state: the sizes its batches were cut with (``load_state_dict``).
+SHAPE = ("batch_size", "chunk_size", "preload_nchunks", "shuffle", "drop_last", "equalize", "window")
 
 DEFAULT_WINDOW = 8  # loads a batch mixes when the store is not known to be shuffled (see plan.py)
 
@@ -162,8 +176,11 @@ def _shuffled_at_conversion(source: XSource) -> bool:
         return False
 
 
-def _checked_cells(cells: np.ndarray, n_obs: int) -> np.ndarray:
-    """``cells`` (a boolean mask over all cells, or row indices) as sorted distinct int64 rows; or a clear error."""
+def _checked_cells(cells: np.ndarray, n_obs: int, within: np.ndarray | None = None) -> np.ndarray:
+    """``cells`` (a boolean mask over all cells, or row indices) as sorted distinct int64 rows; or a clear error.
+
+    ``within``: the sorted rows of the dataset a subset is made from; ``cells`` must lie among them.
+    """
     if cells.dtype == bool:
         if cells.ndim != 1 or cells.size != n_obs:
             raise ValueError(f"cells is a boolean mask of shape {cells.shape}; the dataset has {n_obs} cells")
@@ -171,6 +188,9 @@ def _checked_cells(cells: np.ndarray, n_obs: int) -> np.ndarray:
     elif cells.ndim != 1 or (cells.size and not np.issubdtype(cells.dtype, np.integer)):
         raise ValueError(f"cells must be a boolean mask or a 1-d array of row indices, got {cells.dtype} of shape {cells.shape}")
     else:
+        big = _beyond_int64(cells)
+        if big is not None:
+            raise IndexError(f"cells holds row {big}, outside the dataset's {n_obs} cells")
         rows = np.sort(cells.astype(np.int64))
     if rows.size == 0:
         raise ValueError("cells selects no cells")
@@ -179,7 +199,114 @@ def _checked_cells(cells: np.ndarray, n_obs: int) -> np.ndarray:
         raise IndexError(f"cells holds row {bad}, outside the dataset's {n_obs} cells")
     if (np.diff(rows) == 0).any():
         raise ValueError("cells repeats rows; to yield rows more than once per epoch, use sampler=")
+    outside = _outside(rows, within)
+    if outside is not None:
+        raise ValueError(
+            f"cells holds row {outside}, outside the selection of the dataset it is a subset of "
+            f"({within.size} cells): a subset narrows its parent's selection"
+        )
     return rows
+
+
+def _beyond_int64(rows: np.ndarray) -> int | None:
+    """The first unsigned index int64 cannot hold (cast, it would wrap to a negative row), if any."""
+    if rows.size and rows.dtype.kind == "u" and rows.dtype.itemsize == 8:
+        big = rows[rows > np.iinfo(np.int64).max]
+        if big.size:
+            return int(big[0])
+    return None
+
+
+def _outside(rows: np.ndarray, within: np.ndarray | None) -> int | None:
+    """The first of ``rows`` not among the sorted ``within`` (``None``: all are, or no constraint)."""
+    if within is None or rows.size == 0:
+        return None
+    at = np.minimum(np.searchsorted(within, rows), within.size - 1)
+    bad = within[at] != rows
+    return int(rows[bad][0]) if bad.any() else None
+
+
+def _sampled_rows(sampler, epoch: int, n_obs: int) -> np.ndarray:
+    """One epoch of ``sampler``'s indices as int64 rows; anything that is not a row index is refused.
+
+    A float would be truncated, a boolean mask read as the rows 0 and 1, a
+    2-d array flattened: each is a different selection than meant.
+    """
+    def refuse(what: str) -> ValueError:
+        return ValueError(
+            f"the sampler yielded {what} in epoch {epoch}; a sampler yields row indices (ints), as "
+            "return_index numbers them (for a boolean mask or a fixed subset, use cells=)"
+        )
+
+    if isinstance(sampler, torch.Tensor):
+        sampler = sampler.detach().cpu().numpy()
+    if isinstance(sampler, np.ndarray | list | tuple | range):
+        values = np.asarray(sampler)
+        if values.dtype == object:  # e.g. a list of 0-d tensors: each checked below
+            values = None
+    else:
+        values = None
+    if values is None:
+        values = []
+        for i in sampler:
+            if isinstance(i, bool | np.bool_) or (isinstance(i, torch.Tensor) and i.dtype == torch.bool):
+                raise refuse(f"the boolean {i!r}")
+            try:
+                values.append(operator.index(i))
+            except TypeError:
+                raise refuse(f"{i!r} ({type(i).__name__})") from None
+        big = max(values, default=0)
+        if big > np.iinfo(np.int64).max:
+            raise IndexError(f"the sampler yielded index {big} in epoch {epoch}, outside the dataset's {n_obs} cells")
+        values = np.asarray(values, dtype=np.int64)
+    if values.dtype == bool:
+        raise refuse(f"a boolean mask ({values.size} entries)")
+    if values.ndim != 1:
+        raise refuse(f"a {values.ndim}-d array of shape {values.shape}")
+    if values.size and values.dtype.kind not in "iu":
+        raise refuse(f"{values.dtype} values such as {values.ravel()[0].item()!r}")
+    big = _beyond_int64(values)
+    if big is not None:
+        raise IndexError(f"the sampler yielded index {big} in epoch {epoch}, outside the dataset's {n_obs} cells")
+    return values.astype(np.int64, copy=False)
+
+
+def _check_sampler(sampler) -> None:
+    """Refuse, at construction, what cannot be a sampler (its output is checked each epoch)."""
+    if sampler is None:
+        return
+    if not hasattr(sampler, "__len__"):
+        raise ValueError(f"sampler must have a length (len(sampler) rows per epoch); {type(sampler).__name__} has none")
+    if iter(sampler) is sampler:
+        raise ValueError("sampler must be re-iterable (a Sampler, list or array), not an iterator: every epoch iterates it anew")
+    shape = getattr(sampler, "shape", None)
+    if shape is not None and len(shape) != 1:
+        raise ValueError(f"sampler is an array of shape {tuple(shape)}; a sampler of row indices is 1-d")
+
+
+def _split_sizes(fractions: float | Sequence[float], n: int) -> list[int]:
+    """Cells per part of ``split(fractions)`` over ``n`` cells; every part must get at least one."""
+    if isinstance(fractions, int | float | np.number) and not isinstance(fractions, bool):
+        if not 0 < fractions < 1:
+            raise ValueError(f"split({fractions!r}): the fraction must be between 0 and 1")
+        k = int(round(fractions * n))
+        sizes, shown = [k, n - k], [fractions, 1 - fractions]
+    else:
+        shown = list(fractions)
+        if len(shown) < 2 or not all(isinstance(f, int | float | np.number) and 0 < f < 1 for f in shown):
+            raise ValueError(f"split({fractions!r}): give a fraction, or a list of two or more fractions, each in (0, 1)")
+        if not np.isclose(sum(shown), 1.0):
+            raise ValueError(f"split({fractions!r}): the fractions sum to {sum(shown):g}, not 1")
+        sizes = [int(np.floor(f * n)) for f in shown]
+        for i in range(n - sum(sizes)):  # as torch.utils.data.random_split: the rest one by one, from the first
+            sizes[i % len(sizes)] += 1
+    empty = [i for i, k in enumerate(sizes) if k == 0]
+    if empty:
+        raise ValueError(
+            f"split({fractions!r}): part {empty[0]} (fraction {shown[empty[0]]:g}) gets no cell of the {n} "
+            "being split; use a larger fraction"
+        )
+    return sizes
 
 
 class _Readers:
@@ -279,8 +406,9 @@ class EpochIterator(Iterator[Batch]):
     dropping the iterator) ends the loop early; the workers stay up.
     """
 
-    def __init__(self, dataset: _ZarrDataset, epoch: int, start: int, seq: int):
+    def __init__(self, dataset: _ZarrDataset, epoch: int, start: int, seq: int, shape: dict | None = None):
         self.dataset, self.epoch, self._seq = dataset, epoch, seq
+        self._shape = shape  # the sizes its start was counted in, if a restored state's differ from the dataset's
         self._state = _LoopState(epoch, start)
         self._plan: EpochPlan | None = None
         self._make: BatchMaker | None = None
@@ -300,7 +428,10 @@ class EpochIterator(Iterator[Batch]):
 
     def __len__(self) -> int:
         """Batches this loop has left."""
-        return 0 if self._state.done else self.dataset._plan_config().n_batches - self._state.position
+        if self._state.done:
+            return 0
+        config = self._plan.config if self._plan is not None else self.dataset._plan_config(self._shape)
+        return config.n_batches - self._state.position
 
     def __next__(self) -> Batch:
         state = self._state
@@ -351,11 +482,11 @@ class EpochIterator(Iterator[Batch]):
                 "worker processes of its own: wrap it as DataLoader(ds, batch_size=None) with num_workers=0 (or "
                 f"iterate it directly) and set {type(ds).__name__}(num_workers=...) instead"
             )
-        config = ds._plan_config()
+        config = ds._plan_config(self._shape)
         cells = ds._cells()
         sequence = ds._sample(self.epoch) if ds.sampler is not None else None
         if ds.rank is None and config.world_size > 1:  # rank and world size from torch.distributed
-            settings = {**ds._settings(config), "epoch": self.epoch, "resume_at": self._state.position}
+            settings = {**ds._settings(config), **ds._values_settings(), "epoch": self.epoch, "resume_at": self._state.position}
             if sequence is not None:  # a sampler must give every rank the same sequence
                 settings["sampled"] = hashlib.sha1(sequence.tobytes()).hexdigest()
             check_same_on_every_rank(settings)
@@ -431,10 +562,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         # Validate now, not at the first iteration.
         if cells is not None and sampler is not None:
             raise ValueError("give cells= (chunked access over a subset) or sampler= (your own order), not both")
-        if sampler is not None and not hasattr(sampler, "__len__"):
-            raise ValueError(f"sampler must have a length (len(sampler) rows per epoch); {type(sampler).__name__} has none")
-        if sampler is not None and iter(sampler) is sampler:
-            raise ValueError("sampler must be re-iterable (a Sampler, list or array), not an iterator: every epoch iterates it anew")
+        _check_sampler(sampler)
         explicit = rank_and_world_size(rank, world_size) if rank is not None or world_size is not None else (0, 1)
         PlanConfig((), batch_size, chunk_size, preload_nchunks, shuffle, seed, drop_last, *explicit, equalize)
         self.rank, self.world_size, self.equalize = rank, world_size, equalize
@@ -463,6 +591,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         self._fmt: RowFormat | None = None  # what workers make of rows, once the genes are known
         self._cells_given = None if cells is None else np.asarray(cells)
         self._cells_checked: np.ndarray | None = None  # sorted distinct rows, once checked against n_obs
+        self._within: np.ndarray | None = None  # a subset's parent's cells: its selection must lie within
         self.sampler = sampler
         self._sources: list[XSource] = []
         self._stores: list[tuple[Path, tuple | None]] = []  # (store, its manifest's stamp) of each add_store
@@ -471,8 +600,10 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         self._obs: ObsColumns | None = None
         self._obsm: dict[str, list[XSource]] | None = None  # key -> its array in every added file
         self._single_key = True
-        # The current epoch: where the next loop starts (epoch, first batch).
-        self._epoch, self._start = 0, 0
+        # The current epoch: where the next loop starts (epoch, first batch, and the sizes that batch counts
+        # in when a restored state's differ from the dataset's own: the rest of that epoch keeps them).
+        self._epoch, self._start, self._start_shape = 0, 0, None
+        self._data_ids: list[str] = []  # what each add_store/add_anndatas added, for checkpoints
         self._runtime = _Runtime()
         use_zarrs()
 
@@ -518,12 +649,22 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
                     f"AnnData #{len(self._sources) + i} has different var ({a.n_vars} genes) from the first "
                     f"({len(var)} genes); every AnnData of a dataset must share var_names"
                 )
+        if self._genes_given is not None and self._genes_given.dtype != bool:
+            for i, a in enumerate(adatas):
+                if a.var_names.equals(pd.RangeIndex(a.n_vars).astype(str)):
+                    raise ValueError(
+                        f"AnnData #{len(self._sources) + i} has no gene names (its var_names are '0'...'{a.n_vars - 1}', "
+                        "as AnnData numbers genes when var is not given), so var_names= cannot choose genes: "
+                        "build it with var=, e.g. var=ad.io.read_elem(zarr.open(path)['var'])"
+                    )
         sources = [_x_source(a, len(self._sources) + i, self.layer) for i, a in enumerate(adatas)]
         obsm = {
             key: [_obsm_source(a, len(self._sources) + i, key) for i, a in enumerate(adatas)]
             for key in _key_list(obsm_keys)
         }
-        return self._add(sources, [a.obs for a in adatas], var, obs_keys, obsm, obs_codes)
+        self._add(sources, [a.obs for a in adatas], var, obs_keys, obsm, obs_codes)
+        self._data_ids = self._data_ids + [_anndatas_id(adatas)]
+        return self
 
     def _add(
         self, sources: list[XSource], frames: list[pd.DataFrame], var: pd.Index, obs_keys, obsm: dict[str, list[XSource]],
@@ -542,10 +683,14 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
                 if s.n_obs != x.n_obs:
                     raise ValueError(f"{s.label}: obsm {key!r} has {s.n_obs} rows, but X has {x.n_obs}")
         kinds = {s.kind for s in self._sources + sources}
+        what = "X" if self.layer is None else f"layers[{self.layer!r}]"
         if len(kinds) > 1:
-            raise ValueError("the AnnData objects mix sparse (CSR) and dense X; add one kind per dataset")
+            dense = next(s for s in self._sources + sources if s.kind == "dense")
+            raise ValueError(f"{dense.where}: {what} is dense, but others added are sparse (CSR); add one kind per dataset")
         if kinds == {"dense"} and not self._dense_output:
-            raise ValueError("X is dense; use ZarrDenseDataset for dense stores")
+            raise ValueError(
+                f"{sources[0].where}: {what} is dense; ZarrSparseDataset yields CSR batches: use ZarrDenseDataset"
+            )
         if self._var_names is not None and not var.equals(self._var_names):
             raise ValueError(
                 f"AnnData #{len(self._sources)} has different var ({len(var)} genes) from the first "
@@ -591,6 +736,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         obsm = {key: [_store_obsm_source(path, f["name"], key) for f in manifest.files] for key in _key_list(obsm_keys)}
         self._add(sources, frames, pd.Index(manifest.var_names), obs_keys, obsm, obs_codes)
         self._stores = self._stores + [(Path(path), stamp)]
+        self._data_ids = self._data_ids + [manifest.identity]
         return self
 
     def _check_stores_unchanged(self) -> None:
@@ -658,23 +804,25 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         the same epoch on every rank, as with ``torch.utils.data.DistributedSampler``.
         """
         with self._rt().lock:
-            self._epoch, self._start = int(epoch), 0
+            self._epoch, self._start, self._start_shape = int(epoch), 0, None
 
     def _epoch_complete(self, epoch: int) -> None:
         with self._rt().lock:
             if self._epoch == epoch:
-                self._epoch, self._start = epoch + 1, 0
+                self._epoch, self._start, self._start_shape = epoch + 1, 0, None
 
-    def _plan_config(self) -> PlanConfig:
+    def _plan_config(self, shape: dict | None = None) -> PlanConfig:
+        """The plan's settings now; ``shape``: sizes to use instead (a restored epoch's, see ``SHAPE``)."""
         if not self._sources:
             raise ValueError("the dataset is empty: call add_anndatas(...) or add_store(...) first")
         rank, world_size = rank_and_world_size(self.rank, self.world_size)
         cells = self._cells()
         n_selected = len(self.sampler) if self.sampler is not None else None if cells is None else cells.size
-        return PlanConfig(
+        config = PlanConfig(
             tuple(s.n_obs for s in self._sources), self.batch_size, self.chunk_size, self.preload_nchunks,
             self.shuffle, self.seed, self.drop_last, rank, world_size, self.equalize, n_selected, self._window(),
         )  # fmt: skip
+        return dataclasses.replace(config, **shape) if shape else config
 
     def _window(self) -> int:
         """Loads a batch mixes: ``window`` if given; 1 for stores shuffled at conversion, else DEFAULT_WINDOW."""
@@ -700,7 +848,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         if self._cells_given is None:
             return None
         if self._cells_checked is None:
-            self._cells_checked = _checked_cells(self._cells_given, self.n_obs)
+            self._cells_checked = _checked_cells(self._cells_given, self.n_obs, self._within)
         return self._cells_checked
 
     def _selection_id(self) -> str | None:
@@ -724,10 +872,7 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
             sampler.set_epoch(epoch)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(np.random.default_rng([self.seed, epoch, 2]).integers(2**63)))
-            if isinstance(sampler, np.ndarray | torch.Tensor | list | tuple | range):
-                sequence = np.asarray(sampler, dtype=np.int64).ravel()
-            else:
-                sequence = np.fromiter((int(i) for i in sampler), dtype=np.int64)
+            sequence = _sampled_rows(sampler, epoch, n_obs)
         if sequence.size != len(sampler):
             raise ValueError(f"the sampler yielded {sequence.size} indices in epoch {epoch}, but len(sampler) is {len(sampler)}")
         bad = (sequence < 0) | (sequence >= n_obs)
@@ -735,6 +880,12 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
             raise IndexError(
                 f"the sampler yielded index {int(sequence[bad][0])} in epoch {epoch}, outside the dataset's "
                 f"{n_obs} cells (rows are numbered as return_index numbers them)"
+            )
+        outside = _outside(np.unique(sequence), self._within)
+        if outside is not None:
+            raise ValueError(
+                f"the sampler yielded index {outside} in epoch {epoch}, outside the selection of the dataset "
+                f"this one is a subset of ({self._within.size} cells): a subset narrows its parent's selection"
             )
         return sequence
 
@@ -749,7 +900,13 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         return None
 
     def subset(self, cells=None, sampler: Iterable[int] | None = None) -> _ZarrDataset:
-        """A dataset over the same sources and settings with another selection (``cells`` or ``sampler``).
+        """A dataset over the same sources and settings that narrows this one's selection.
+
+        ``cells`` (a boolean mask or row indices, numbered as ``return_index``
+        numbers them) must lie within this dataset's cells (its ``cells=``
+        subset, or every cell); a ``sampler`` must draw only from them
+        (checked each epoch). Without either, the subset has this one's
+        selection. A dataset with a sampler cannot be narrowed further.
 
         Nothing is read again: the new dataset shares the sources, the obs
         columns in memory and the worker processes (one of them iterating at
@@ -757,34 +914,42 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         """
         if cells is not None and sampler is not None:
             raise ValueError("give cells= (chunked access over a subset) or sampler= (your own order), not both")
-        if sampler is not None and not hasattr(sampler, "__len__"):
-            raise ValueError(f"sampler must have a length; {type(sampler).__name__} has none")
+        _check_sampler(sampler)
+        if self.sampler is not None:
+            raise ValueError(
+                "subset() narrows a selection of cells; this dataset draws with a sampler, which selects no fixed "
+                "cells: make subsets (or split) first, then give the sampler to the last one"
+            )
+        parent = self._cells()
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)  # the runtime too: one set of workers for both
-        new._cells_given = None if cells is None else np.asarray(cells)
+        new._within = parent
+        new._cells_given = np.asarray(cells) if cells is not None else parent if sampler is None else None
         new._cells_checked = None
         new.sampler = sampler
         new._obs = self._obs.copy() if self._obs is not None else None
-        new._epoch, new._start = 0, 0
+        new._epoch, new._start, new._start_shape = 0, 0, None
         new._cells()  # refuse bad cells now
         return new
 
-    def split(self, fraction: float, seed: int = 0) -> tuple[_ZarrDataset, _ZarrDataset]:
-        """Split the cells (of the subset, if any) at random into two datasets: ``train, val = ds.split(0.9)``.
+    def split(self, fractions: float | Sequence[float], seed: int = 0) -> tuple[_ZarrDataset, ...]:
+        """Split the cells (of the subset, if any) at random into disjoint datasets.
 
-        ``round(fraction * n)`` cells go to the first, the rest to the
-        second; the same ``seed`` gives the same split. Both share the
-        sources, the obs columns and the workers (see :meth:`subset`).
+        ``train, val = ds.split(0.9)``: ``round(0.9 * n)`` cells go to the
+        first, the rest to the second. ``train, val, test = ds.split([0.8,
+        0.1, 0.1])``: as ``torch.utils.data.random_split`` with fractions
+        (summing to 1): ``floor(f * n)`` cells each, the remainder one by one
+        to the first parts. The same ``seed`` gives the same split. All share
+        the sources, the obs columns and the workers (see :meth:`subset`).
         """
-        if not 0 < fraction < 1:
-            raise ValueError(f"fraction must be between 0 and 1, got {fraction!r}")
         if self.sampler is not None:
             raise ValueError("split() divides cells; this dataset has a sampler: split before choosing one")
         cells = self._cells()
         pool = np.arange(self.n_obs, dtype=np.int64) if cells is None else cells
+        sizes = _split_sizes(fractions, pool.size)
         order = np.random.default_rng(seed).permutation(pool.size)
-        k = int(round(fraction * pool.size))
-        return self.subset(cells=np.sort(pool[order[:k]])), self.subset(cells=np.sort(pool[order[k:]]))
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        return tuple(self.subset(cells=np.sort(pool[order[lo:hi]])) for lo, hi in zip(bounds[:-1], bounds[1:]))
 
     def class_weights(self, key: str) -> torch.Tensor:
         """Per-cell weights that give every class of obs column ``key`` the same total, for ``WeightedRandomSampler``.
@@ -792,7 +957,9 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         A float64 tensor with one weight per cell of the dataset (numbered
         as ``return_index`` numbers them): ``1 / (cells of its class)`` for
         cells of this dataset's selection, 0 for cells outside it and for
-        cells with a missing label. ``key`` must be one of the ``obs_keys``.
+        cells with a missing label, whatever the column's dtype (a
+        categorical's missing code, NaN, ``pd.NA`` in a nullable ``Int64``).
+        ``key`` must be one of the ``obs_keys``.
 
         Examples
         --------
@@ -818,7 +985,8 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         Cells of this dataset's selection with a label are drawn; each class
         of obs column ``key`` (one of the ``obs_keys``; codes as in
         ``categories[key]``, or the sorted distinct values of a numeric
-        column) gets an equal share of the cells, or ``class_weights``'s.
+        column; NaN and ``pd.NA`` are no class) gets an equal share of the
+        cells, or ``class_weights``'s; cells without a label are never drawn.
         On a store that is not grouped by class (converted with shuffling)
         runs are single cells: it warns, and ``class_weights()`` with
         ``WeightedRandomSampler`` is the way there.
@@ -835,11 +1003,14 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         if self._obs is None or key not in self._obs.keys:
             keys = [] if self._obs is None else self._obs.keys
             raise ValueError(f"{caller}({key!r}): {key!r} is not among the obs_keys given when adding data ({keys})")
-        labels = self._obs.values[key]
-        if key not in self._obs.categories:  # numeric: each distinct value is a class
-            labels = np.unique(labels, return_inverse=True)[1]
-        labels = labels.astype(np.int64, copy=True)
-        cells = self._cells()
+        values = self._obs.values[key]
+        if key in self._obs.categories:
+            labels = values.astype(np.int64, copy=True)  # -1 where missing
+        else:  # numeric: each distinct value is a class; NaN (a float's or a nullable column's missing value) is none
+            labels = np.full(values.size, -1, dtype=np.int64)
+            present = ~np.isnan(values) if values.dtype.kind == "f" else np.ones(values.size, dtype=bool)
+            labels[present] = np.unique(values[present], return_inverse=True)[1]
+        cells = self._cells() if self.sampler is None else self._within
         if cells is not None:
             inside = np.zeros(labels.size, dtype=bool)
             inside[cells] = True
@@ -854,21 +1025,28 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
         Holds the seed, the current epoch and how many of its batches the
         furthest *running* loop over it has handed out (a loop left early or
         a peek no longer counts: the next loop starts the epoch again, and so
-        does a restored one). After a complete epoch it points at the start
-        of the next. Also holds the settings the batch sequence depends on,
-        to refuse a mismatch. Take it on every rank; under DDP each rank
-        restores its own.
+        does a restored one), with the sizes that loop runs with (a
+        ``batch_size`` changed while it runs applies from the next epoch).
+        After a complete epoch it points at the start of the next. Also
+        holds what the batch sequence depends on, to refuse a mismatch: the
+        data's identity (each store's ``store_id``; a digest of added
+        AnnData objects' obs names), sizes and selection. Take it on every
+        rank; under DDP each rank restores its own.
         """
-        config = self._plan_config()
         rt = self._rt()
         with rt.lock:
-            epoch, start = self._epoch, self._start
+            epoch, start, shape = self._epoch, self._start, self._start_shape
             loops = [it for it in list(rt.loops) if it.dataset is self and it.epoch == epoch]
-        running = [it.position for it in loops if it._state.handed and not it._state.done]
+        running = [it for it in loops if it._state.handed and not it._state.done and it._plan is not None]
+        furthest = max(running, key=lambda it: it.position, default=None)
+        if furthest is not None:
+            start, config = furthest.position, furthest._plan.config
+        else:
+            config = self._plan_config(shape)
         return {
             "epoch": epoch,
-            "batches_yielded": max(running, default=start),
-            "seed": self.seed,
+            "batches_yielded": start,
+            "seed": config.seed,
             "rank": config.rank,
             "world_size": config.world_size,
             "settings": self._settings(config),
@@ -877,41 +1055,80 @@ class _ZarrDataset(torch.utils.data.IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         """Continue from a :meth:`state_dict`: the next loop yields the batches its epoch had left.
 
-        Raises ``ValueError`` if the dataset differs in anything the batch
-        sequence depends on (cells, sizes, shuffle, world size, rank).
+        The rest of that epoch is cut with the sizes the state was saved
+        with (``batch_size``, ``chunk_size``...), as the interrupted run
+        would have cut it; later epochs use the dataset's own.
+
+        Raises
+        ------
+        ValueError
+            If ``state`` is not a dataset's state, or the dataset differs in
+            what the batch sequence depends on: the data (another store, or
+            the same inputs converted again), cells, file sizes, selection,
+            world size, rank.
         """
+        keys = ("epoch", "batches_yielded", "seed", "rank", "world_size", "settings")
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            lacking = [k for k in keys if not isinstance(state, dict) or k not in state]
+            raise ValueError(
+                f"cannot resume: not a state_dict() of a {type(self).__name__} (it lacks {lacking}); "
+                "a StoreDataModule's state holds one under 'train'"
+            )
         config = self._plan_config()
         mine = {**self._settings(config), "rank": config.rank, "world_size": config.world_size}
         theirs = {**state["settings"], "rank": state["rank"], "world_size": state["world_size"]}
-        differing = sorted(k for k in mine if k != "seed" and mine[k] != theirs.get(k))
+        if theirs.get("data") is None:
+            warnings.warn(
+                "the state records no identity of its data (saved by an earlier arrayloaders): it cannot be "
+                "checked to come from this store",
+                stacklevel=2,
+            )
+        elif theirs["data"] != mine["data"]:
+            raise ValueError(
+                f"cannot resume: the state was saved on other data ({'; '.join(theirs['data'])}), this dataset reads "
+                f"{'; '.join(mine['data'])}: a state resumes only the stores it was taken on (a store converted "
+                "again has a new store_id)"
+            )
+        differing = sorted(k for k in mine if k not in ("seed", "data", *SHAPE) and mine[k] != theirs.get(k))
         if differing:
             detail = ", ".join(f"{k}: saved {theirs.get(k)!r}, now {mine[k]!r}" for k in differing)
             raise ValueError(f"cannot resume: the state was saved with other settings ({detail})")
         self.seed = state["seed"]
         epoch, yielded = int(state["epoch"]), int(state["batches_yielded"])
-        if yielded >= config.n_batches:  # saved after a complete epoch: go on with the next
+        shape = {k: theirs[k] for k in SHAPE if k in theirs and theirs[k] != mine[k]}
+        if yielded >= self._plan_config(shape).n_batches:  # saved after a complete epoch: go on with the next
             epoch, yielded = epoch + 1, 0
         with self._rt().lock:
-            self._epoch, self._start = epoch, yielded
+            self._epoch, self._start, self._start_shape = epoch, yielded, shape if yielded and shape else None
 
     def _settings(self, config: PlanConfig) -> dict:
         return {
             "seed": config.seed, "n_obs": config.n_obs, "file_n_obs": list(config.file_n_obs),
             "batch_size": config.batch_size, "chunk_size": config.chunk_size,
             "preload_nchunks": config.preload_nchunks, "shuffle": config.shuffle, "drop_last": config.drop_last,
-            "equalize": config.equalize, "n_selected": config.n_selected, "selection": self._selection_id(),
+            "equalize": config.equalize, "window": config.window, "n_selected": config.n_selected,
+            "selection": self._selection_id(), "data": list(self._data_ids),
+        }  # fmt: skip
+
+    def _values_settings(self) -> dict:
+        """What the ranks must agree on besides the plan: what each batch holds."""
+        genes = self._row_format().genes
+        chosen = None if genes is None else hashlib.sha1(genes.columns.tobytes()).hexdigest()
+        return {
+            "genes": chosen, "layer": self.layer, "obs_keys": list(self._obs.keys) if self._obs else [],
+            "obsm_keys": list(self._obsm or ()), "dense": self._dense_output,
         }  # fmt: skip
 
     def __len__(self) -> int:
-        """Batches per epoch (on this rank)."""
-        return self._plan_config().n_batches
+        """Batches of the current epoch (on this rank): the same every epoch, unless a size was changed."""
+        return self._plan_config(self._start_shape).n_batches
 
     # ------------------------------------------------------------------ iteration
 
     def __iter__(self) -> EpochIterator:
         rt = self._rt()
         with rt.lock:
-            it = EpochIterator(self, self._epoch, self._start, next(rt.seq))
+            it = EpochIterator(self, self._epoch, self._start, next(rt.seq), self._start_shape)
             rt.loops.add(it)
         return it
 
@@ -1102,9 +1319,10 @@ class ZarrSparseDataset(_ZarrDataset):
         read with their chunk and skipped.
     sampler
         Your own sampling strategy instead of chunked access: any
-        ``torch.utils.data.Sampler`` or re-iterable of row indices with a
-        length. Batch ``b`` holds its ``b``-th run of ``batch_size``
-        indices, in its order, repeats included. Not with ``cells``.
+        ``torch.utils.data.Sampler`` or re-iterable of row indices (ints:
+        floats, booleans and 2-d arrays are refused) with a length. Batch
+        ``b`` holds its ``b``-th run of ``batch_size`` indices, in its
+        order, repeats included. Not with ``cells``.
     window
         Loads a batch mixes (``None``: 1 for stores shuffled at conversion,
         8 for others, whose neighbouring cells are alike).

@@ -7,6 +7,7 @@ directory without it is never taken for a store.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -173,12 +174,22 @@ class StoreManifest:
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     # ... and obsm/<key>, a dense (n_obs, k) array: {key: {"k": k, "dtype": ...}}
     obsm: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # A random id given at conversion: a checkpoint resumes only the store it was taken on, not the same
+    # inputs converted again (with another seed, or other data of the same sizes). None: written before it.
+    store_id: str | None = None
     format_version: int = FORMAT_VERSION
     format: str = "arrayloaders-store"
     created_by: str = field(default_factory=lambda: f"arrayloaders {_version()}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
+
+    @property
+    def identity(self) -> str:
+        """What a checkpoint records of this store: its ``store_id`` (or, written before it, a digest of the manifest)."""
+        if self.store_id is not None:
+            return f"store {self.store_id}"
+        return "store (no store_id) sha1 " + hashlib.sha1(self.to_json().encode()).hexdigest()[:16]
 
     @classmethod
     def from_json(cls, text: str, path: Path) -> StoreManifest:
