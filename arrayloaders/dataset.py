@@ -240,25 +240,19 @@ def _sampled_rows(sampler, epoch: int, n_obs: int) -> np.ndarray:
 
     if isinstance(sampler, torch.Tensor):
         sampler = sampler.detach().cpu().numpy()
-    if isinstance(sampler, np.ndarray | list | tuple | range):
-        values = np.asarray(sampler)
-        if values.dtype == object:  # e.g. a list of 0-d tensors: each checked below
-            values = None
-    else:
-        values = None
-    if values is None:
-        values = []
-        for i in sampler:
+    listed = not isinstance(sampler, np.ndarray)
+    items = list(sampler) if listed else sampler
+    values = np.asarray(items) if len(items) else np.zeros(0, np.int64)
+    if listed and values.dtype.kind not in "biu":  # floats, mixed objects, ints beyond 64 bits: find the culprit
+        for i in items:
             if isinstance(i, bool | np.bool_) or (isinstance(i, torch.Tensor) and i.dtype == torch.bool):
                 raise refuse(f"the boolean {i!r}")
             try:
-                values.append(operator.index(i))
+                i = operator.index(i)
             except TypeError:
                 raise refuse(f"{i!r} ({type(i).__name__})") from None
-        big = max(values, default=0)
-        if big > np.iinfo(np.int64).max:
-            raise IndexError(f"the sampler yielded index {big} in epoch {epoch}, outside the dataset's {n_obs} cells")
-        values = np.asarray(values, dtype=np.int64)
+            if not -(2**63) <= i < 2**63:
+                raise IndexError(f"the sampler yielded index {i} in epoch {epoch}, outside the dataset's {n_obs} cells")
     if values.dtype == bool:
         raise refuse(f"a boolean mask ({values.size} entries)")
     if values.ndim != 1:

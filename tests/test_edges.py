@@ -187,14 +187,15 @@ class _Yielding(torch.utils.data.Sampler):
     [
         (np.array([0.5, 3.7, 9.0]), r"float64 values such as 0\.5"),
         (torch.tensor([1.0, 2.0, 3.0]), r"float32 values such as 1\.0"),
-        ([1.0, 2.0], r"float64 values such as 1\.0"),
+        ([1.0, 2.0], r"1\.0 \(float\)"),
         (np.zeros(N_CELLS, dtype=bool), r"a boolean mask \(240 entries\)"),
         (torch.ones(N_CELLS, dtype=torch.bool), r"a boolean mask \(240 entries\)"),
         ([True, False, True], r"a boolean mask \(3 entries\)"),
         (_Yielding([3, 4.5]), r"4\.5 \(float\)"),
         (_Yielding([torch.tensor(1.5)]), r"tensor\(1\.5000\) \(Tensor\)"),
-        (_Yielding([np.True_]), r"the boolean"),
-        (_Yielding([True, False]), r"the boolean True"),
+        (_Yielding([np.True_]), r"a boolean mask \(1 entries\)"),
+        (_Yielding([True, False]), r"a boolean mask \(2 entries\)"),
+        (_Yielding([4, np.True_, "x"]), r"the boolean (np\.)?True"),
     ],
 )
 def test_sampler_output_that_is_not_row_indices_is_refused(labelled, sampler, message):
@@ -211,6 +212,7 @@ def test_a_2d_sampler_is_refused_at_construction(sampler):
 
 @pytest.mark.parametrize("make_sampler", [
     lambda: np.array([1, 2**64 - 1], dtype=np.uint64), lambda: _Yielding([1, 2**64 - 1]), lambda: _Yielding([2**70]),
+    lambda: _Yielding([-1, 2**64 - 1]),
 ])  # fmt: skip
 def test_sampler_indices_beyond_int64_are_refused_not_wrapped(labelled, make_sampler):
     with pytest.raises(IndexError, match=r"the sampler yielded index \d{19,}.* outside the dataset's 240 cells"):
