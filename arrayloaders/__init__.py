@@ -21,7 +21,7 @@ _PUBLIC = {
     "read_manifest": ".store",
     "create_store_from_h5ads": ".convert",
     "ClassRunSampler": ".class_runs",
-    "EpochIterator": ".dataset",
+    "EpochIterator": ".epoch_iterator",
     "ZarrDenseDataset": ".dataset",
     "ZarrSparseDataset": ".dataset",
 }
@@ -31,7 +31,8 @@ __all__ = sorted(_PUBLIC)
 if TYPE_CHECKING:
     from .class_runs import ClassRunSampler
     from .convert import create_store_from_h5ads
-    from .dataset import EpochIterator, ZarrDenseDataset, ZarrSparseDataset
+    from .dataset import ZarrDenseDataset, ZarrSparseDataset
+    from .epoch_iterator import EpochIterator
     from .errors import ArrayloadersError, ConversionWarning, InputFileError, StoreError, WorkerError
     from .store import StoreManifest, XLayout, read_manifest
 
