@@ -422,6 +422,12 @@ def create_store_from_h5ads(
       of strings. Values are rendered with ``str`` (so ``3`` and ``"3"`` are
       one category), categories come in first-seen order, missing values
       stay missing (code -1).
+    - That categorical is ordered iff every input holding the column holds
+      it as an ordered categorical with the same categories in the same
+      order (inputs without the column do not count). If one input has it
+      ordered and another differs, it is stored unordered with a
+      :class:`~arrayloaders.errors.ConversionWarning` naming the column, the
+      first ordered input and the first input that differs.
     - Otherwise it stays numeric: bool if bool everywhere; ints (and bools,
       as 0/1) widen to the narrowest int holding all; any float gives the
       float numpy promotes to (ints must be exactly representable), missing
@@ -434,7 +440,8 @@ def create_store_from_h5ads(
       :class:`~arrayloaders.errors.InputFileError` naming file and column.
 
     Each column's result is recorded in the manifest's ``obs_schema`` (kind,
-    dtype, categories, whether it has missing values). Every file opens with
+    dtype, categories, whether it has missing values, ``"ordered": true``
+    for an ordered categorical). Every file opens with
     ``anndata.read_zarr`` on anndata 0.12 and 0.13 without changing anndata
     settings (names and categories are written as plain strings).
 

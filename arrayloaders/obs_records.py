@@ -66,7 +66,7 @@ class InputObs:
             raise InputFileError(f"{path}: obs has no index (obs_names); not an AnnData file")
         self._index = str(index)
         self._whole: dict[str, pd.Series] = {}  # columns of an encoding read whole
-        self._categories: dict[str, pd.Index] = {}  # read once per column, not once per block
+        self._categories: dict[str, pd.CategoricalDtype] = {}  # read once per column, not once per block
         self.n_obs = self._length(self._index)
 
     def _length(self, key: str) -> int:
@@ -97,10 +97,11 @@ class InputObs:
                 return pd.Series(node.asstr()[r0:r1], dtype=object)
             if encoding == "categorical":
                 if key not in self._categories:
-                    self._categories[key] = pd.Index(ad.io.read_elem(node["categories"]))
-                categories = self._categories[key]
+                    categories = pd.Index(ad.io.read_elem(node["categories"]))
+                    ordered = bool(node.attrs.get("ordered", False))
+                    self._categories[key] = pd.CategoricalDtype(categories, ordered=ordered)
                 codes = node["codes"][r0:r1]
-                return pd.Series(pd.Categorical.from_codes(codes, categories=categories))
+                return pd.Series(pd.Categorical.from_codes(codes, dtype=self._categories[key]))
             if encoding in ("nullable-integer", "nullable-boolean"):
                 values, mask = node["values"][r0:r1], node["mask"][r0:r1].astype(bool)
                 array = pd.arrays.BooleanArray if encoding == "nullable-boolean" else pd.arrays.IntegerArray

@@ -395,6 +395,62 @@ def test_var_columns_are_harmonised(tmp_path):
     assert all(type(v) is str for v in var.index)
 
 
+# ------------------------------------------------------------------ ordered categoricals
+
+STAGES = ["early", "mid", "late"]
+
+
+def staged(tmp_path: Path, name: str, n: int, categories=STAGES, ordered=True, seed=0) -> Path:
+    """A small .h5ad whose obs ``stage`` and var ``level`` are categoricals (ordered unless told)."""
+    adata = make_example_adata(n, 6, nnz_per_cell=2, seed=seed, name_prefix=name)
+    values = np.random.default_rng(seed).choice([*categories[:2], None], n)
+    adata.obs["stage"] = pd.Categorical(values, categories=list(categories), ordered=ordered)
+    adata.var["level"] = pd.Categorical(["low", "high"] * 3, categories=["low", "high"], ordered=ordered)
+    return write_h5ad(adata, tmp_path / f"{name}.h5ad")
+
+
+def test_ordered_categoricals_round_trip_ordered(tmp_path):
+    paths = [staged(tmp_path, "a", 30, seed=1), staged(tmp_path, "b", 20, seed=2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConversionWarning)
+        out = convert(paths, tmp_path / "s", n_obs_per_file=16)
+    source = pd.concat([ad.read_h5ad(p).obs["stage"] for p in paths])
+    for f in sorted(out.glob("chunk_*.zarr")):  # anndata reads each file back ordered, with the same values
+        part = ad.read_zarr(f)
+        pd.testing.assert_series_equal(part.obs["stage"], source[part.obs_names])
+        assert part.obs["stage"].dtype == pd.CategoricalDtype(STAGES, ordered=True)
+        assert part.var["level"].dtype == pd.CategoricalDtype(["low", "high"], ordered=True)
+        assert not part.obs["source_file"].cat.ordered
+    assert read_manifest(out).obs_schema["stage"] == {
+        "kind": "categorical", "dtype": "category", "categories": STAGES, "missing": True, "ordered": True
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("other", "how"),
+    [
+        ({"categories": ["mid", "early", "late"]}, "has other categories or another order"),
+        ({"ordered": False}, "is not an ordered categorical"),
+    ],
+    ids=["other-order", "unordered"],
+)
+def test_inputs_that_disagree_on_the_order_give_an_unordered_column_and_one_warning(tmp_path, other, how):
+    paths = [staged(tmp_path, "a", 12, seed=1), staged(tmp_path, "b", 8, seed=2, **other)]
+    with pytest.warns(ConversionWarning) as caught:
+        out = convert(paths, tmp_path / "s")
+    ours = [str(w.message) for w in caught if "'stage'" in str(w.message)]
+    assert ours == [
+        f"obs column 'stage' is an ordered categorical in {paths[0]} but {how} in {paths[1]}: the store holds it "
+        "unordered; make the inputs agree to keep the order"
+    ]
+    assert "ordered" not in read_manifest(out).obs_schema["stage"]
+    source = pd.concat([ad.read_h5ad(p).obs["stage"].astype(object) for p in paths])
+    for f in sorted(out.glob("chunk_*.zarr")):
+        got = ad.read_zarr(f).obs["stage"]
+        assert not got.cat.ordered
+        assert got.astype(object).fillna("-").tolist() == source[got.index].fillna("-").tolist()
+
+
 # ------------------------------------------------------------------ files from newer anndata and pandas
 
 FIXTURES = [REPO / "tests" / "data" / "anndata013_a.h5ad", REPO / "tests" / "data" / "anndata013_b.h5ad"]
@@ -1285,3 +1341,4 @@ def test_a_second_ctrl_c_while_a_failed_conversion_cleans_up_leaves_nothing(h5ad
     finally:
         signal.signal(signal.SIGINT, previous)
     assert interrupted and list(tmp_path.iterdir()) == []
+
