@@ -48,7 +48,7 @@ import pandas as pd
 from .errors import ConversionWarning, InputFileError
 
 __all__ = [
-    "ColumnPlan", "ColumnSchema", "PartSummary", "assemble", "decide", "encode", "harmonise_column",
+    "ColumnPlan", "ColumnSchema", "PartSummary", "assemble", "check_name", "decide", "encode", "harmonise_column",
     "harmonise_frames", "join_columns", "mixes_text", "summarise", "value_kind",
 ]  # fmt: skip
 
@@ -91,6 +91,37 @@ class ColumnSchema:
         if not self.ordered:
             del out["ordered"]
         return out
+
+
+def check_name(label: str, what: str, name: str, leave_out: str | None = None) -> None:
+    """Refuse a name the store cannot hold as a key of its zarr hierarchy: one with a ``/``, or an empty one.
+
+    zarr (as HDF5) takes ``/`` for the separator of its hierarchy, so
+    ``obs/a/b`` would be a group ``a`` holding ``b``, and anndata refuses to
+    write it; escaping the ``/`` would rename the user's column. The empty
+    name is the group itself.
+
+    Parameters
+    ----------
+    label
+        The input's name (its path), for the message.
+    what
+        What the name is, for the message: ``"obs column"``, ``"layers key"``...
+    name
+        The name to check.
+    leave_out
+        How the caller may leave the element out (``"obs_columns=[...]"``), if it can.
+
+    Raises
+    ------
+    InputFileError
+        Naming the file and the key.
+    """
+    if name and "/" not in name:
+        return
+    problem = "has an empty name" if not name else "has a '/' in its name, which zarr takes for a path separator"
+    fix = f"rename it, or leave it out with {leave_out}" if leave_out else "rename it"
+    raise InputFileError(f"{label}: {what} {name!r} {problem}, so a store cannot hold it; {fix}")
 
 
 def value_kind(s: pd.Series) -> Kind | None:

@@ -36,6 +36,7 @@ from .columns import (
     ColumnSchema,
     PartSummary,
     assemble,
+    check_name,
     decide,
     encode,
     join_columns,
@@ -44,10 +45,16 @@ from .columns import (
 )
 from .errors import InputFileError
 
-__all__ = ["InputObs", "ObsPlan", "plan_obs"]
+__all__ = ["InputObs", "ObsPlan", "column_order", "plan_obs"]
 
 #: rows of obs read at once (names and every kept column): a few MiB
 BLOCK_ROWS = 2**17
+
+
+def column_order(group: h5py.Group) -> list[str]:
+    """The column names of a dataframe stored by anndata (its ``column-order``), without reading a column."""
+    order = group.attrs.get("column-order", [])
+    return [str(c) for c in (order.tolist() if isinstance(order, np.ndarray) else order)]
 
 
 class InputObs:
@@ -59,8 +66,7 @@ class InputObs:
         if not isinstance(group, h5py.Group):
             raise InputFileError(f"{path}: not an AnnData file (no obs group)")
         self._group = group
-        order = group.attrs.get("column-order", [])
-        self.columns = [str(c) for c in (order.tolist() if isinstance(order, np.ndarray) else order)]
+        self.columns = column_order(group)
         index = group.attrs.get("_index")
         if index is None or index not in group:
             raise InputFileError(f"{path}: obs has no index (obs_names); not an AnnData file")
@@ -201,8 +207,9 @@ def plan_obs(
     Raises
     ------
     InputFileError
-        An obs column the rule cannot store, or that cannot be read; a
-        ``source_key`` that is also an obs column. The message names the file.
+        An obs column the rule cannot store, or that cannot be read, or whose
+        name has a ``/`` or is empty (:func:`~arrayloaders.columns.check_name`);
+        a ``source_key`` that is also an obs column. The message names the file.
     """
     columns_of, n_obs, width = [], [], 1
     for path in paths:
@@ -216,6 +223,9 @@ def plan_obs(
                     width = max(width, max(map(len, names)))
     frames = [pd.DataFrame(columns=pd.Index(c, dtype=object)) for c in columns_of]
     kept = join_columns(frames, labels, obs_join, obs_columns)
+    for c in kept:  # before any value is read: the first input holding a name the store cannot hold is named
+        first = next(label for label, names in zip(labels, columns_of) if c in names)
+        check_name(first, "obs column", c, "obs_columns=[...]")
     if source_key is not None and source_key in kept:
         raise InputFileError(
             f"obs column {source_key!r} exists in the inputs and would be overwritten by the source "

@@ -9,6 +9,7 @@ must open, with the same values).
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import anndata as ad
@@ -328,3 +329,14 @@ def test_inputs_that_differ_give_an_unordered_column_and_a_warning_naming_both(o
     assert not values.ordered and not schema.ordered
     assert values[1] == "late" and values[-1] == "early"
 
+
+@pytest.mark.parametrize("name", ["a/b", "/", "counts/", ""], ids=["inner-slash", "slash", "trailing-slash", "empty"])
+def test_names_zarr_cannot_hold_are_refused_naming_file_and_key(name):
+    from arrayloaders.columns import check_name
+
+    problem = "has an empty name" if not name else "has a '/' in its name"
+    expected = rf"^a\.h5ad: obs column {re.escape(repr(name))} {problem}.*obs_columns="
+    with pytest.raises(InputFileError, match=expected) as info:
+        check_name("a.h5ad", "obs column", name, "obs_columns=[...]")
+    assert "\n" not in str(info.value)
+    check_name("a.h5ad", "obs column", "a.b c-é", "obs_columns=[...]")
