@@ -20,6 +20,7 @@ _PUBLIC = {
     "XLayout": ".store",
     "read_manifest": ".store",
     "create_store_from_h5ads": ".convert",
+    "Categories": ".batches",
     "ClassRunSampler": ".class_runs",
     "EpochIterator": ".epoch_iterator",
     "ZarrDenseDataset": ".dataset",
@@ -29,6 +30,7 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 if TYPE_CHECKING:
+    from .batches import Categories
     from .class_runs import ClassRunSampler
     from .convert import create_store_from_h5ads
     from .dataset import ZarrDenseDataset, ZarrSparseDataset

@@ -305,7 +305,8 @@ class _ZarrDataset(SelectionMixin, ResumeMixin, WorkerLifecycleMixin, torch.util
 
     @property
     def categories(self) -> dict[str, list]:
-        """Categories behind the int64 codes of categorical obs keys."""
+        """Categories behind the int64 codes of categorical obs keys: per key a list of labels in code order
+        (:class:`~arrayloaders.Categories`, whose ``ordered`` says whether the column is an ordered categorical)."""
         return dict(self._obs.categories) if self._obs else {}
 
     @property
