@@ -343,3 +343,269 @@ def test_a_state_of_another_world_size_or_rank_is_refused_naming_the_difference(
     with make(store, 0, rank=saved[0], world_size=saved[1]) as same:  # the matching dataset takes it
         same.load_state_dict(state)
         assert (same.state_dict()["epoch"], same.state_dict()["batches_yielded"]) == (1, 3)
+
+
+# =========================================================================== e. X of other dtypes
+# README, "Exact": X bit-identical (CSR stays CSR, dense stays dense, dtype kept). Inputs of several
+# dtypes: X's dtype is promoted over the inputs as numpy promotes them (np.result_type; the docstring of
+# create_store_from_h5ads says a layer's "dtype is promoted over the inputs as X's is"), values exact.
+
+N_GENES = 24
+
+
+def _values(rng: np.random.Generator, dtype: np.dtype, n: int) -> np.ndarray:
+    """Values that only ``dtype`` holds exactly: ints past float32's (and, for int64, int32's) range, floats past float32's precision."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        hi = {1: 100, 2: 30_000, 4: 2**31 - 1, 8: 2**52}[dtype.itemsize]  # int64: still exact as float64
+        return rng.integers(1, hi, n, endpoint=True).astype(dtype)
+    return rng.standard_normal(n).astype(dtype) * dtype.type(1000)
+
+
+def _write_h5ad(path: Path, X, names: list[str], **kw) -> Path:
+    obs = pd.DataFrame({"cell": names}, index=names)
+    ad.AnnData(X, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(N_GENES)]), **kw).write_h5ad(path)
+    return path
+
+
+def _dtype_inputs(d: Path, dtypes: tuple[str, ...], dense: bool) -> list[Path]:
+    paths = []
+    for i, dtype in enumerate(dtypes):
+        rng = np.random.default_rng(i)
+        n = 70 + 13 * i
+        X = sp.random(n, N_GENES, density=0.3, format="csr", random_state=i, dtype=np.float64)
+        X = sp.csr_matrix((_values(rng, dtype, X.nnz), X.indices, X.indptr), shape=X.shape)
+        names = [f"f{i}_c{j}" for j in range(n)]
+        paths.append(_write_h5ad(d / f"{i}.h5ad", X.toarray() if dense else X, names))
+    return paths
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["csr", "dense"])
+@pytest.mark.parametrize(
+    "dtypes",
+    [("int32",), ("int64",), ("float64",), ("float32", "float64"), ("float32", "int32"), ("int16", "float32"),
+     ("int32", "int64"), ("uint16", "int16")],  # fmt: skip
+    ids=lambda d: "+".join(d),
+)
+def test_x_of_any_numeric_dtype_is_converted_and_loaded_exactly(tmp_path, dtypes, dense):
+    from arrayloaders import read_manifest
+
+    paths = _dtype_inputs(tmp_path, dtypes, dense)
+    store = create_store_from_h5ads(paths, tmp_path / "store", n_obs_per_file=64, progress=False)
+    want = np.result_type(*dtypes)
+    assert read_manifest(store).dtype == str(want)
+    sources = [ad.read_h5ad(p) for p in paths]
+    source = ad.concat(sources)
+    assert all(str(s.X.dtype) == d for s, d in zip(sources, dtypes))
+    expected = source.X.astype(want)
+    if len(dtypes) > 1:  # the promoted values are the sources' own: casting back gives every value again
+        for s in sources:
+            back = expected[source.obs_names.get_indexer(s.obs_names)].astype(s.X.dtype)
+            assert_bit_identical(back, s.X)
+    # The store, read by plain anndata.
+    stored = read_store(store)
+    assert sp.issparse(stored.X) != dense
+    assert_bit_identical(stored.X, expected[source.obs_names.get_indexer(stored.obs_names)])
+    # The loader, with workers, on every row once.
+    cls = ZarrDenseDataset if dense else ZarrSparseDataset
+    ds = cls(batch_size=16, chunk_size=4, preload_nchunks=4, num_workers=2, return_index=True).add_store(store)
+    seen = []
+    with ds:
+        for X, _, index in ds:
+            rows = source.obs_names.get_indexer(stored.obs_names[index.numpy()])
+            assert X.dtype == getattr(torch, str(want)), X.dtype
+            got = X.numpy() if dense else csr_of(X)
+            assert_bit_identical(got, expected[rows])
+            seen.append(index.numpy())
+    assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(source.n_obs))
+
+
+# =========================================================================== f. numba's cache unusable
+# README: "NUMBA_DISABLE_JIT=1 or a read-only cache keep the Python loop, with the same values (samplers
+# too)". The compiled code (chunk_gather.py, kernels.py) is cached on disk (cache=True). Here numba may
+# cache only in NUMBA_CACHE_DIR (NUMBA_CACHE_LOCATOR_CLASSES=UserProvidedCacheLocator: as in a container
+# whose package directory and home are read-only), and that directory is read-only or unusable.
+
+
+def _read_only_wrapper(directory: Path) -> list[str] | None:
+    """A command prefix that makes ``directory`` read-only for the command, root included (a read-only bind
+    mount in a mount namespace of its own), or None where that cannot be made."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return None
+    script = f'mount --bind "{directory}" "{directory}" && mount -o remount,bind,ro "{directory}" && exec "$@"'
+    for flags in (["--mount"], ["--user", "--map-root-user", "--mount"]):
+        wrapper = [unshare, *flags, "sh", "-c", script, "sh"]
+        probe = subprocess.run([*wrapper, "sh", "-c", f'touch "{directory}/probe"'], capture_output=True)
+        if probe.returncode != 0 and not (directory / "probe").exists():
+            ok = subprocess.run([*wrapper, "true"], capture_output=True).returncode == 0
+            if ok:
+                return wrapper
+    return None
+
+
+@pytest.fixture(scope="module")
+def numba_reference(store):
+    from promises_child import numba_loops
+
+    return numba_loops(str(store), 0)
+
+
+@pytest.mark.parametrize("how", ["read-only", "unusable", "jit-disabled"])
+def test_an_unusable_numba_cache_keeps_the_python_loop_with_the_same_values(store, tmp_path, numba_reference, how):
+    env = {"NUMBA_CACHE_LOCATOR_CLASSES": "UserProvidedCacheLocator"}
+    wrapper: list[str] = []
+    if how == "read-only":
+        cache = tmp_path / "numba-cache"
+        cache.mkdir()
+        cache.chmod(0o555)  # read-only for anyone but root
+        if os.geteuid() == 0:  # root writes anywhere a mount allows: make it a read-only mount
+            wrapper = _read_only_wrapper(cache)
+            if wrapper is None:
+                pytest.skip("running as root without mount namespaces: 'unusable' covers this")
+        env["NUMBA_CACHE_DIR"] = str(cache)
+    elif how == "unusable":
+        (tmp_path / "a-file").write_text("")
+        env["NUMBA_CACHE_DIR"] = str(tmp_path / "a-file" / "numba-cache")  # under a file: no one can create it
+    else:
+        env["NUMBA_DISABLE_JIT"] = "1"
+    out = run_child("numba_cache", store, tmp_path / "out", wrapper=wrapper, env=env, timeout=400)
+    assert out["compiled_loop"] is False  # the scenario took effect: no compiled gather in the child
+    for num_workers, loops in out["loops"].items():
+        for name, batches in loops.items():
+            want = numba_reference[name]
+            assert batches == want, f"{how}, num_workers={num_workers}: {name} differs from the compiled run"
+    assert out["end"] == {"segments": [], "workers": []}
+
+
+# =========================================================================== g. samplers: set_epoch, torch's RNG
+# README, "Samplers and randomness": the loader runs the sampler with torch's global generator seeded from
+# (seed, epoch) and restores it afterwards, and calls sampler.set_epoch(epoch) if the sampler has one.
+
+
+class GlobalRandomSampler(torch.utils.data.Sampler):
+    """``k`` random rows drawn from torch's global generator; records the epochs it is given."""
+
+    def __init__(self, n: int, k: int):
+        self.n, self.k, self.epochs = n, k, []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n)[: self.k].tolist())
+
+    def __len__(self) -> int:
+        return self.k
+
+
+def _rows(ds) -> list[int]:
+    return torch.cat([index for _, _, index in ds]).tolist()
+
+
+def test_a_sampler_gets_set_epoch_and_torchs_global_generator_is_restored(store):
+    a_sampler, b_sampler = GlobalRandomSampler(1000, 300), GlobalRandomSampler(1000, 300)
+    truth = read_store(store).X
+    with make(store, 2, sampler=a_sampler) as a, make(store, 0, sampler=b_sampler) as b:
+        torch.manual_seed(1)
+        state = torch.get_rng_state()
+        first = []
+        for X, _, index in a:  # epoch 0
+            assert_bit_identical(csr_of(X), truth[index.numpy()])
+            first += index.tolist()
+        assert torch.equal(torch.get_rng_state(), state), "iterating changed torch's global generator"
+        second = _rows(a)  # epoch 1
+        assert torch.equal(torch.get_rng_state(), state)
+        torch.manual_seed(1)
+        want = torch.rand(5)
+        torch.manual_seed(1)
+        _rows(a)  # epoch 2
+        assert torch.equal(torch.rand(5), want)  # the user's random stream goes on as if the loop had not run
+        assert a_sampler.epochs == [0, 1, 2]
+        assert len(first) == 300 and len(set(first)) == 300 and first != second
+
+        # Another dataset, another sampler, the global generator elsewhere: the same sequence per epoch.
+        torch.manual_seed(12345)
+        torch.rand(17)
+        assert _rows(b) == first
+        b.set_epoch(1)
+        assert _rows(b) == second
+        b.set_epoch(7)
+        seventh = _rows(b)
+        assert b_sampler.epochs == [0, 1, 7]
+        a.set_epoch(7)
+        assert _rows(a) == seventh and a_sampler.epochs == [0, 1, 2, 7]
+
+
+def test_a_peek_and_a_resumed_loop_call_set_epoch_with_their_epoch(store):
+    sampler = GlobalRandomSampler(1000, 300)
+    with make(store, 0, sampler=sampler) as ds:
+        ds.set_epoch(3)
+        next(iter(ds))  # a peek: epoch 3
+        it = iter(ds)
+        head = [next(it)[2] for _ in range(2)]
+        state = ds.state_dict()
+        it.close()
+    assert sampler.epochs == [3, 3]
+    resumed_sampler = GlobalRandomSampler(1000, 300)
+    with make(store, 2, sampler=resumed_sampler) as resumed:
+        resumed.load_state_dict(state)
+        rest = _rows(resumed)
+    assert resumed_sampler.epochs == [3]
+    with make(store, 0, sampler=GlobalRandomSampler(1000, 300)) as full:
+        full.set_epoch(3)
+        assert torch.cat(head).tolist() + rest == _rows(full)
+
+
+# =========================================================================== h. subset() and split() keep layer and obsm
+# README, "Choosing values": subset() and split() keep the genes, the layer and the obsm keys.
+
+
+@pytest.fixture(scope="module")
+def layered_store(tmp_path_factory):
+    """Two .h5ad inputs with layers "counts" (CSR) and "scaled" (dense float64) and obsm "X_pca", their store,
+    and the inputs read back by anndata."""
+    d = tmp_path_factory.mktemp("layered_promises")
+    paths = []
+    for i, n in enumerate((130, 110)):
+        rng = np.random.default_rng(10 + i)
+        X = sp.random(n, N_GENES, density=0.2, format="csr", dtype=np.float32, random_state=i)
+        counts = sp.random(n, N_GENES, density=0.3, format="csr", dtype=np.float32, random_state=50 + i)
+        counts.data = rng.integers(1, 60, counts.nnz).astype(np.float32)
+        names = [f"in{i}_{j}" for j in range(n)]
+        layers = {"counts": counts, "scaled": rng.standard_normal((n, N_GENES))}
+        obsm = {"X_pca": rng.standard_normal((n, 6)).astype(np.float32)}
+        paths.append(_write_h5ad(d / f"{i}.h5ad", X, names, layers=layers, obsm=obsm))
+    store = create_store_from_h5ads(paths, d / "store", n_obs_per_file=100, progress=False)
+    return store, ad.concat([ad.read_h5ad(p) for p in paths], merge="same")
+
+
+@pytest.mark.parametrize("layer", ["counts", "scaled"])
+def test_subset_and_split_keep_the_layer_and_the_obsm_keys(layered_store, layer):
+    store, source = layered_store
+    names = read_store(store).obs_names  # each store row's name, read by anndata
+    n = source.n_obs
+    cls = ZarrDenseDataset if layer == "scaled" else ZarrSparseDataset
+    ds = cls(batch_size=16, chunk_size=4, preload_nchunks=4, num_workers=2, return_index=True, layer=layer)
+    ds.add_store(store, obs_keys="cell", obsm_keys="X_pca")
+    train, val = ds.split(0.6, seed=1)
+    parts = {
+        "subset": ds.subset(cells=np.arange(0, n, 3)),
+        "train": train,
+        "val": val,
+        "sampled": ds.subset(sampler=[5, 200, 5, 17, 239, 0] * 5),
+        "split of a subset": ds.subset(cells=np.arange(1, n, 2)).split(0.5, seed=2)[1],
+    }
+    with ds:
+        for what, part in parts.items():
+            seen = 0
+            for X, obs, index in part:
+                rows = source.obs_names.get_indexer(names[index.numpy()])
+                want = source.layers[layer][rows]
+                assert_bit_identical(X.numpy() if layer == "scaled" else csr_of(X), want)  # the layer, not X
+                assert set(obs) == {"cell", "X_pca"}, what
+                assert_bit_identical(obs["X_pca"].numpy(), source.obsm["X_pca"][rows])
+                np.testing.assert_array_equal(np.asarray(part.categories["cell"], dtype=object)[obs["cell"].numpy()],
+                                              source.obs["cell"].to_numpy()[rows])  # fmt: skip
+                seen += index.numel()
+            assert seen == part.n_cells if what != "sampled" else seen == 30, what
