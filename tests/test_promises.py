@@ -574,7 +574,7 @@ def layered_store(tmp_path_factory):
         counts.data = rng.integers(1, 60, counts.nnz).astype(np.float32)
         names = [f"in{i}_{j}" for j in range(n)]
         layers = {"counts": counts, "scaled": rng.standard_normal((n, N_GENES))}
-        obsm = {"X_pca": rng.standard_normal((n, 6)).astype(np.float32)}
+        obsm = {"X_pca": rng.standard_normal((n, 5)).astype(np.float32)}
         paths.append(_write_h5ad(d / f"{i}.h5ad", X, names, layers=layers, obsm=obsm))
     store = create_store_from_h5ads(paths, d / "store", n_obs_per_file=100, progress=False)
     return store, ad.concat([ad.read_h5ad(p) for p in paths], merge="same")
@@ -608,4 +608,185 @@ def test_subset_and_split_keep_the_layer_and_the_obsm_keys(layered_store, layer)
                 np.testing.assert_array_equal(np.asarray(part.categories["cell"], dtype=object)[obs["cell"].numpy()],
                                               source.obs["cell"].to_numpy()[rows])  # fmt: skip
                 seen += index.numel()
-            assert seen == part.n_cells if what != "sampled" else seen == 30, what
+            assert seen == (30 if what == "sampled" else part.n_cells), what
+
+
+# =========================================================================== i. the conversion's defaults
+# README, "Parallel": n_jobs defaults to every core once the inputs hold 2^25 values of X or more (one
+# process below that). "Out-of-core": working memory bounded by memory_budget (default: a quarter of free
+# RAM, at most 2 GiB). "Layers and obsm": they go through the same two passes as X, one element after the
+# other, so working memory stays within memory_budget.
+
+
+class _JobsMade(Exception):
+    """Raised by the Jobs spy: the conversion is stopped once it has chosen its number of processes."""
+
+
+def _unwritten_h5ad(path: Path, n_obs: int, n_vars: int, n_values: int, dense: bool = False, layer_values: int = 0):
+    """An .h5ad whose X holds ``n_values`` stored values (CSR entries, or a dense n_obs x n_vars array) that were
+    never written: HDF5 allocates no storage for them, so the file is small however many values it declares.
+    ``layer_values``: a CSR layer "counts" of that many entries too."""
+    import h5py
+
+    names = [f"{path.stem}_{i}" for i in range(n_obs)]
+    ad.AnnData(obs=pd.DataFrame(index=names), var=pd.DataFrame(index=[f"g{i}" for i in range(n_vars)])).write_h5ad(path)
+
+    def csr(group, nnz):
+        group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": (n_obs, n_vars)})
+        group.create_dataset("data", shape=(nnz,), dtype="f4", chunks=(min(nnz, 2**16),))
+        group.create_dataset("indices", shape=(nnz,), dtype="i4", chunks=(min(nnz, 2**16),))
+        group.create_dataset("indptr", data=np.linspace(0, nnz, n_obs + 1).astype(np.int64))
+
+    with h5py.File(path, "a") as f:
+        if "X" in f:
+            del f["X"]
+        if dense:
+            assert n_values == n_obs * n_vars
+            x = f.create_dataset("X", shape=(n_obs, n_vars), dtype="f4", chunks=(256, n_vars))
+            x.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        else:
+            csr(f.create_group("X"), n_values)
+        if layer_values:
+            csr(f.require_group("layers").create_group("counts"), layer_values)
+    assert path.stat().st_size < 8 * 2**20  # 2^25 values written would take 256 MiB
+    return path
+
+
+@pytest.mark.parametrize(
+    ("inputs", "n_jobs", "expected"),
+    [
+        ([2**25 - 1], None, 1),  # below: one process
+        ([2**25], None, "cores"),  # from 2^25 values of X: every core
+        ([2**24, 2**24], None, "cores"),  # the inputs together
+        ([2**24, 2**24 - 1], None, 1),
+        (["dense 2**25"], None, "cores"),  # a dense X counts all its values
+        ([(2**20, 2**26)], None, 1),  # a layer's values do not count: X's only
+        ([2**25], 3, 3),  # an explicit n_jobs is kept
+        ([2**10], 4, 4),
+    ],
+    ids=["below", "at", "two-inputs-at", "two-inputs-below", "dense-at", "big-layer", "explicit-big", "explicit-small"],
+)
+def test_n_jobs_defaults_to_every_core_from_2_to_the_25_values_of_x(tmp_path, monkeypatch, inputs, n_jobs, expected):
+    import arrayloaders.convert as convert
+
+    n_obs, n_vars = 2**15, 2**10  # 2^25 entries fill every row of 1,024 genes
+    paths = []
+    for i, spec in enumerate(inputs):
+        path = tmp_path / f"in{i}.h5ad"
+        if spec == "dense 2**25":
+            paths.append(_unwritten_h5ad(path, n_obs, n_vars, n_obs * n_vars, dense=True))
+        elif isinstance(spec, tuple):
+            paths.append(_unwritten_h5ad(path, n_obs, n_vars, spec[0], layer_values=spec[1]))
+        else:
+            paths.append(_unwritten_h5ad(path, n_obs, n_vars, spec))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(5)), raising=False)  # a 5-core machine
+    made = []
+
+    class Jobs(convert.Jobs):  # the real class, stopped at once: the inputs' values were never written
+        def __init__(self, n):
+            made.append(n)
+            raise _JobsMade
+
+    monkeypatch.setattr(convert, "Jobs", Jobs)
+    with pytest.raises(_JobsMade):
+        create_store_from_h5ads(paths, tmp_path / "store", progress=False, n_jobs=n_jobs)
+    assert made == [5 if expected == "cores" else expected]
+    assert not (tmp_path / "store").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)  # the staging is gone
+
+
+@pytest.mark.parametrize(("available", "budget"), [(4 * 2**30, 2**30), (64 * 2**30, 2 * 2**30), (2**30, 2**28)])
+def test_the_conversion_budget_defaults_to_a_quarter_of_free_memory_at_most_2_gib(monkeypatch, available, budget):
+    import types
+
+    import arrayloaders.convert as convert
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=available))
+    assert convert._default_budget() == budget
+
+
+# Small shards, so that a small memory_budget is allowed and every element spans many row blocks.
+SMALL_LAYOUT_KW = {"chunk_elements": 64, "shard_elements": 256, "dense_chunk_bytes": 4 * N_GENES * 8,
+                   "dense_shard_bytes": 16 * N_GENES * 8}  # fmt: skip
+
+
+def _shards(layout, obsm_k: int = 5) -> dict[str, int]:
+    """Uncompressed bytes of one shard of each element of the layered_store inputs, as the conversion sizes them."""
+    return {
+        "X": layout.shard_bytes("csr", N_GENES, 4),
+        "layers/counts": layout.shard_bytes("csr", N_GENES, 4),
+        "layers/scaled": layout.shard_bytes("dense", N_GENES, 8),
+        "obsm/X_pca": layout.shard_bytes("dense", obsm_k, 4),
+    }
+
+
+@pytest.mark.parametrize(
+    ("kept", "largest"),
+    [({"layers": None, "obsm_keys": None}, "layers/scaled"), ({"layers": [], "obsm_keys": None}, "obsm/X_pca"),
+     ({"layers": [], "obsm_keys": []}, "X")],  # fmt: skip
+)
+def test_the_budget_must_hold_the_largest_shard_of_x_layers_and_obsm(layered_store, tmp_path, kept, largest):
+    """The smallest budget allowed is 64 MiB + 8 shards of the largest element carried, a layer or obsm too."""
+    import arrayloaders.convert as convert
+    from arrayloaders import XLayout
+
+    store, _ = layered_store
+    inputs = sorted(store.parent.glob("*.h5ad"))
+    layout = XLayout(**SMALL_LAYOUT_KW)
+    carried = {"X": True, "layers": kept["layers"] is None, "obsm": kept["obsm_keys"] is None}
+    shards = {k: v for k, v in _shards(layout).items() if carried[k.split("/")[0]]}
+    others = [v for k, v in shards.items() if k != largest]
+    assert all(shards[largest] > v for v in others)  # the element named is the one with the largest shard
+    minimum = convert._RESERVE + 8 * shards[largest]
+    message = f"memory_budget={minimum - 1} bytes is too small for {largest} shards of {shards[largest]} bytes: it must be at least {minimum}"
+    kw = {"layout": layout, "progress": False, **kept}
+    with pytest.raises(ValueError, match=message):
+        create_store_from_h5ads(inputs, tmp_path / "refused", memory_budget=minimum - 1, **kw)
+    assert not (tmp_path / "refused").exists()
+    create_store_from_h5ads(inputs, tmp_path / "store", memory_budget=minimum, **kw)
+
+
+def test_a_conversion_with_layers_and_obsm_under_the_smallest_budget_is_exact(layered_store, tmp_path, monkeypatch):
+    """Every element (X, each layer, each obsm array) is read in row blocks of at most 1/16 of the working
+    memory (the budget less 64 MiB kept for the libraries), one element after the other; the store is exact."""
+    import itertools
+
+    import arrayloaders.buckets as buckets
+    import arrayloaders.convert as convert
+    from arrayloaders import XLayout
+
+    store, source = layered_store
+    inputs = sorted(store.parent.glob("*.h5ad"))
+    layout = XLayout(**SMALL_LAYOUT_KW)
+    budget = convert._RESERVE + 8 * max(_shards(layout).values())
+    block_bytes = (budget - convert._RESERVE) // 16
+    blocks = []  # (element, rows, bytes in memory) of every block read in pass 1
+    real = buckets._read_block
+
+    def read_block(inp, m, indptr, f, r0, r1, n_cols, dtype):
+        block = real(inp, m, indptr, f, r0, r1, n_cols, dtype)
+        size = block.nbytes if m.format == "dense" else block[0].nbytes + 4 * block[1].size + 8 * (r1 - r0)
+        blocks.append((m.path, r1 - r0, size))
+        return block
+
+    monkeypatch.setattr(buckets, "_read_block", read_block)
+    out = create_store_from_h5ads(inputs, tmp_path / "store", layout=layout, memory_budget=budget, n_jobs=1,
+                                  n_obs_per_file=100, progress=False)  # fmt: skip
+    elements = [k for k, _ in itertools.groupby(path for path, _, _ in blocks)]
+    assert elements == ["X", "layers/counts", "layers/scaled", "obsm/X_pca"]  # one after the other, each once
+    for element in elements:
+        mine = [(rows, size) for path, rows, size in blocks if path == element]
+        assert sum(rows for rows, _ in mine) == source.n_obs
+        assert len(mine) >= 4, element  # the budget binds: many blocks per element
+        # _blocks cuts at multiples of block_bytes of the rows' running total: a block is at most one row over
+        row = N_GENES * 8 + 8 if element != "obsm/X_pca" else 5 * 4
+        assert all(size <= block_bytes + row for _, size in mine), (element, block_bytes, mine)
+        assert max(size for _, size in mine) > block_bytes // 2, element  # each element has the whole budget
+
+    stored = read_store(out)
+    rows = source.obs_names.get_indexer(stored.obs_names)
+    assert sorted(rows) == list(range(source.n_obs))
+    assert_bit_identical(stored.X, source.X[rows])
+    for name in ("counts", "scaled"):
+        assert_bit_identical(stored.layers[name], source.layers[name][rows])
+    assert_bit_identical(stored.obsm["X_pca"], source.obsm["X_pca"][rows])
