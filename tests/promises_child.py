@@ -107,6 +107,28 @@ def main(scenario: str, store: str, outdir: Path, args: dict, rank: int, world_s
             else:
                 expected = want
             out["fixed"][name] = {"equal": got == expected and len(got) > 0, "slots": slots}
+        # Batches held across epochs keep their slots' memory: the ring gives those slots new segments until
+        # /dev/shm is full, and must then say so, not let a worker die of SIGBUS filling one.
+        small = {**kw, "preload_nchunks": 16}
+        with ZarrDenseDataset(num_workers=0, **small).add_store(store) as reference:
+            epochs = [digest(reference) for _ in range(6)]
+        ds = ZarrDenseDataset(num_workers=2, memory_budget="24MiB", **small).add_store(store)
+        held, sums = [], []
+        try:
+            for _ in range(6):  # 6 epochs of 4 loads in 6 MiB slots: more than 64 MiB
+                for batch in ds:
+                    held.append(batch)
+                    sums.append(digest([batch]))
+            out["held_error"] = None
+        except Exception as e:  # noqa: BLE001
+            out["held_error"], out["held_error_type"] = str(e), type(e).__name__
+        out["held_batches"] = len(held)
+        out["held_unchanged"] = [digest([b]) for b in held] == sums
+        out["held_as_reference"] = [d for (d,) in sums] == [d for e in epochs for d in e][: len(held)]
+        del held, batch
+        ds.set_epoch(0)
+        out["after_dropping"] = digest(ds) == epochs[0]  # the next loop starts afresh
+        ds.close()
         out["end"] = leftovers()
     elif scenario in ("ddp_epoch_mismatch", "ddp_batch_size_mismatch"):
         from ddp_child import dataset, epoch

@@ -115,6 +115,14 @@ def test_a_docker_sized_dev_shm_is_refused_saying_how_to_fix_it(wide_store, tmp_
     # Following the advice works, with the same batches as reading in-process.
     assert out["fixed"]["memory_budget"] == {"equal": True, "slots": 2}
     assert out["fixed"]["preload_nchunks"] == {"equal": True, "slots": 6}
+    # Batches held across epochs fill /dev/shm: the loader says so (not a worker killed by SIGBUS).
+    assert out["held_error_type"] == "RuntimeError", out["held_error"]
+    assert "batches you still hold keep their slots' memory" in out["held_error"], out["held_error"]
+    for advice in ("hold fewer batches", "lower memory_budget or preload_nchunks", "docker run --shm-size"):
+        assert advice in out["held_error"], out["held_error"]
+    assert out["held_batches"] > 32  # more than the ring's slots hold: slots were replaced before it ran out
+    assert out["held_unchanged"] and out["held_as_reference"]  # the held batches keep their values
+    assert out["after_dropping"]  # once they are dropped, the next loop runs
     assert out["end"] == {"segments": [], "workers": []}
     assert not any(psutil.pid_exists(p) for p in out["workers_before"])
 
