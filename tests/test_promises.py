@@ -478,7 +478,8 @@ def test_an_unusable_numba_cache_keeps_the_python_loop_with_the_same_values(stor
     else:
         env["NUMBA_DISABLE_JIT"] = "1"
     out = run_child("numba_cache", store, tmp_path / "out", wrapper=wrapper, env=env, timeout=400)
-    assert out["compiled_loop"] is False  # the scenario took effect: no compiled gather in the child
+    # The scenario took effect: no compiled gather in the child (else numba found a cache elsewhere).
+    assert out["compiled_loop"] is False, f"numba compiled with {env}: NUMBA_CACHE_LOCATOR_CLASSES not honoured?"
     for num_workers, loops in out["loops"].items():
         for name, batches in loops.items():
             want = numba_reference[name]
