@@ -428,6 +428,34 @@ def test_x_of_any_numeric_dtype_is_converted_and_loaded_exactly(tmp_path, dtypes
     assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(source.n_obs))
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["csr", "dense"])
+@pytest.mark.parametrize("element", ["X", "layers/counts"])
+def test_integers_the_promoted_float_cannot_hold_are_refused_not_rounded(tmp_path, dense, element):
+    """int64 with float32 inputs promote to float64, which holds integers exactly only up to 2**53."""
+    from arrayloaders import InputFileError
+
+    def inputs(value: int) -> list[Path]:
+        big = np.zeros((5, N_GENES), np.int64)
+        big[3, 2] = value
+        paths = []
+        for i, values in enumerate((np.ones((4, N_GENES), np.float32), big)):
+            values = values if dense else sp.csr_matrix(values)
+            X, kw = values, {}
+            if element != "X":  # X float32 in both; the layer holds the ints
+                X, kw = values.astype(np.float32), {"layers": {"counts": values}}
+            paths.append(_write_h5ad(tmp_path / f"{i}.h5ad", X, [f"f{i}_c{j}" for j in range(X.shape[0])], **kw))
+        return paths
+
+    with pytest.raises(InputFileError, match=rf"1\.h5ad: {element} holds the integer 9007199254740993 in rows 0-4, "
+                                             r"which the store's float64 \(the inputs' dtypes promoted\) cannot hold"):  # fmt: skip
+        create_store_from_h5ads(inputs(2**53 + 1), tmp_path / "store", progress=False)  # float64 would store 2**53
+    assert not (tmp_path / "store").exists()
+    store = create_store_from_h5ads(inputs(2**53), tmp_path / "store", progress=False)  # exact in float64
+    stored = read_store(store)
+    values = stored.X if element == "X" else stored.layers["counts"]
+    assert (values.toarray() if sp.issparse(values) else values).max() == 2**53
+
+
 # =========================================================================== f. numba's cache unusable
 # README: "NUMBA_DISABLE_JIT=1 or a read-only cache keep the Python loop, with the same values (samplers
 # too)". The compiled code (chunk_gather.py, kernels.py) is cached on disk (cache=True). Here numba may
