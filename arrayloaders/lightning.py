@@ -154,6 +154,7 @@ class StoreDataModule(pl.LightningDataModule):
         self.set_batch_size(batch_size)
         if train_size is None and validation_size is None:
             return
+        self._refuse_while_fitting("set_split()")
         train_size = 1.0 - validation_size if train_size is None else train_size
         if not 0 < train_size <= 1 or (validation_size is not None and not 0 <= validation_size < 1):
             raise ValueError(f"train_size must be in (0, 1] and validation_size in [0, 1), got {train_size}, {validation_size}")
@@ -185,15 +186,34 @@ class StoreDataModule(pl.LightningDataModule):
         self.set_batch_size(self.batch_size)
 
     def set_batch_size(self, batch_size: int | None = None) -> None:
-        """Cells per batch of both datasets, from their next epoch on (``None``: unchanged)."""
+        """Cells per batch of both datasets, from their next epoch on (``None``: unchanged).
+
+        While a ``Trainer.fit`` runs, only with ``Trainer(reload_dataloaders_every_n_epochs=1)``: Lightning
+        counts an epoch's batches when it loads the dataloaders, and would cut later epochs short.
+        """
         if batch_size is None:
             return
         if not isinstance(batch_size, int | np.integer) or isinstance(batch_size, bool) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if int(batch_size) != self.batch_size:
+            self._refuse_while_fitting(f"set_batch_size({batch_size})")
         self.batch_size = int(batch_size)
         for ds in (self.dataset, self.train_dataset, self.val_dataset):
             if ds is not None:
                 ds.batch_size = self.batch_size
+
+    def _refuse_while_fitting(self, call: str) -> None:
+        """Refuse a change Lightning would not see while it fits: it counted each epoch's batches, and holds
+        the datasets, when it loaded the dataloaders (a smaller batch size would cut every later epoch short,
+        its last batches never delivered, and the next epoch would repeat it)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.reload_dataloaders_every_n_epochs:
+            return
+        if trainer.state.fn == "fit" and trainer.state.status == "running":
+            raise RuntimeError(
+                f"{call} while Trainer.fit runs: Lightning counted each epoch's batches when fit began; set it "
+                "before fit (as scvi-tools does), or make the Trainer with reload_dataloaders_every_n_epochs=1"
+            )
 
     @property
     def n_train(self) -> int:
