@@ -29,12 +29,12 @@ import pandas as pd
 import zarr
 from tqdm.auto import tqdm
 
+from .disk_layout import COMPLETE_ATTRIBUTE
 from .errors import InputFileError
 from .jobs import Jobs
 from .obs_records import InputObs, ObsPlan
-from .shards import COMPLETE_ATTRIBUTE, DirectArray
 from .store import XLayout
-from .zarr_layout import missing_chunk_files, unwritten_chunks
+from .zarr_layout import direct_array, missing_chunk_files, unwritten_chunks
 
 __all__ = ["InputFile", "Matrix", "Part", "check_indptr", "csr_row_positions", "output_file_of", "scatter", "write_output_file"]
 
@@ -518,7 +518,7 @@ def write_complete(array: zarr.Array, start: int, stop: int, values: np.ndarray)
         still = unwritten_chunks(array, start * row, stop * row)
         if still:
             raise RuntimeError(f"internal error: {len(still)} chunk(s) were not written: {still[:3]}")
-    direct = DirectArray.open(array)
+    direct = direct_array(array)
     if direct is not None:
         try:
             direct.order_chunks(start * row, stop * row)

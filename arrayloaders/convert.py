@@ -13,7 +13,6 @@ per cell), which then waits on disk.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import uuid
 import warnings
@@ -29,6 +28,7 @@ import pandas as pd
 import psutil
 
 from .buckets import InputFile, Matrix, Part, check_indptr, output_file_of, read_indptr, scatter, write_output_file
+from .byte_sizes import parse_bytes
 from .columns import check_name, harmonise_frames, join_columns
 from .errors import ConversionWarning, InputFileError, StoreError
 from .interrupts import sigint_deferred
@@ -37,7 +37,7 @@ from .obs_records import InputObs, column_order, plan_obs
 from .output import StagedOutput, check_output, remove_tree, scratch_directory
 from .store import StoreManifest, XLayout, chunk_file_name, use_zarrs, write_manifest
 
-__all__ = ["create_store_from_h5ads", "parse_bytes"]
+__all__ = ["create_store_from_h5ads"]
 
 VarJoin = Literal["same", "inner", "outer"]
 ObsJoin = Literal["outer", "inner"]
@@ -390,18 +390,6 @@ def plan_output_files(n_obs: int, n_obs_per_file: int, shuffle: bool, seed: int)
     bounds = np.linspace(0, n_obs, n_files + 1).round().astype(np.int64)
     order = np.random.default_rng(seed).permutation(n_obs) if shuffle else np.arange(n_obs)
     return order, bounds
-
-
-def parse_bytes(value: int | str) -> int:
-    """``"512MB"``, ``"2GiB"``, ``"1.5G"`` or an int of bytes -> bytes."""
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(value))
-    if not m:
-        raise ValueError(f"cannot parse a size from {value!r} (examples: 512MB, 2GiB, 1000000)")
-    number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
-    base = 1024 if binary else 1000
-    return int(number * base ** " KMGT".index(unit or " "))
 
 
 # --------------------------------------------------------------------------- the conversion

@@ -35,7 +35,8 @@ import pandas as pd
 import torch
 
 from .batches import BatchMaker, ObsColumns
-from .convert import parse_bytes
+from .byte_sizes import parse_bytes
+from .disk_layout import XSource
 from .distributed import rank_and_world_size
 from .epoch_iterator import EpochIterator
 from .errors import StoreError
@@ -55,7 +56,7 @@ from .sources import (
     store_source,
     x_source,
 )  # fmt: skip
-from .store import MANIFEST_NAME, XSource, manifest_stamp, read_manifest, read_obs, use_zarrs
+from .store import MANIFEST_NAME, manifest_stamp, read_manifest, read_obs, use_zarrs
 
 __all__ = ["ZarrDenseDataset", "ZarrSparseDataset"]
 

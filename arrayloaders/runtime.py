@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import psutil
 
+from .disk_layout import XSource
 from .distributed import local_world_size
 from .engine import Engine, EpochRun, slot_layout
 from .pinned_slots import PinnedSlots
 from .plan import EpochPlan
 from .rows import CsrRows, DenseRows, open_rows, read_indptr
-from .store import XSource
 
 __all__ = ["ReaderSet", "Readers", "Runtime", "WorkerLifecycleMixin", "default_memory_budget", "default_num_workers"]
 

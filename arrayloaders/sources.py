@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .store import MANIFEST_NAME, XSource
+from .disk_layout import XSource
+from .store import MANIFEST_NAME
 
 __all__ = [
     "anndatas_id", "data_label", "key_list", "obsm_source", "shuffled_at_conversion", "store_obsm_source",

@@ -17,14 +17,15 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 
+from .disk_layout import COMPLETE_ATTRIBUTE
 from .errors import StoreError
+from .zarr_layout import missing_chunk_files
 
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "XLayout",
     "StoreManifest",
-    "XSource",
     "check_files",
     "manifest_stamp",
     "read_manifest",
@@ -279,7 +280,7 @@ def check_files(store: Path, manifest: StoreManifest) -> None:
 
     The totals add up, names are unique, every file exists with the shape and
     dtype of X, obs, var, layers and obsm arrays the manifest says, and every chunk file of an
-    array written with all its chunks (:data:`~arrayloaders.shards.COMPLETE_ATTRIBUTE`)
+    array written with all its chunks (:data:`~arrayloaders.disk_layout.COMPLETE_ATTRIBUTE`)
     is on disk.
 
     Raises
@@ -287,9 +288,6 @@ def check_files(store: Path, manifest: StoreManifest) -> None:
     StoreError
         Naming the store (or file) and the manifest field or array at fault.
     """
-    from .shards import COMPLETE_ATTRIBUTE
-    from .zarr_layout import missing_chunk_files
-
     def edited(field: str, detail: str) -> StoreError:
         return StoreError(f"{store}: the manifest's {field} {detail} (edited or damaged {MANIFEST_NAME})")
 
@@ -475,28 +473,3 @@ def _metadata_or_chunk(parts: tuple[str, ...], name: str) -> bool:
 
 
 # --------------------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class XSource:
-    """Where one AnnData's X lives: enough to reopen it in another process.
-
-    zarr stores pickle by location, so a worker opens its own handles.
-    """
-
-    store: Any  # a zarr.abc.store.Store
-    path: str  # of the X group (CSR) or array (dense) inside the store
-    kind: Literal["csr", "dense"]
-    n_obs: int
-    n_vars: int
-    dtype: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.store}/{self.path}"
-
-    @property
-    def where(self) -> str:
-        """The X's directory, for messages (as :attr:`arrayloaders.disk_layout.DirectX.where`); else its label."""
-        root = getattr(self.store, "root", None)
-        return str(Path(root) / self.path) if root is not None else self.label

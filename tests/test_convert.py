@@ -24,11 +24,12 @@ from conftest import N_VARS, SIZES, assert_bit_identical, read_sources, read_sto
 
 from arrayloaders import ConversionWarning, InputFileError, StoreError, XLayout, create_store_from_h5ads, read_manifest
 from arrayloaders.buckets import csr_row_positions
-from arrayloaders.convert import parse_bytes, plan_output_files
+from arrayloaders.byte_sizes import parse_bytes
+from arrayloaders.convert import plan_output_files
+from arrayloaders.disk_layout import COMPLETE_ATTRIBUTE, XSource
 from arrayloaders.example_data import make_example_adata, write_example_h5ads
 from arrayloaders.rows import open_rows
-from arrayloaders.shards import COMPLETE_ATTRIBUTE
-from arrayloaders.store import XSource, read_obs
+from arrayloaders.store import read_obs
 from arrayloaders.zarr_layout import missing_chunk_files, unwritten_chunks
 
 REPO = Path(__file__).resolve().parents[1]
