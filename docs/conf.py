@@ -7,8 +7,8 @@ repository root (``tests/test_docs.py`` does, with warnings as errors).
 
 from __future__ import annotations
 
-import sys
 import importlib.metadata
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,29 @@ autodoc_member_order = "bysource"
 napoleon_numpy_docstring = True
 napoleon_google_docstring = False
 napoleon_use_rtype = False
+napoleon_use_param = False  # "batch_key, labels_key" stay one entry with one description
 
 html_theme = "furo"
 html_title = f"arrayloaders {release}"
 html_static_path: list[str] = []
+
+
+# napoleon reads a property's first line "X: Y" as type X, description Y; our properties' docstrings are
+# prose that uses colons ("The current epoch: the one the next loop runs."), so they bypass napoleon:
+# kept before it runs (priority 400 < its 500) and put back after (600).
+_property_docstrings: dict[str, list[str]] = {}
+
+
+def _keep_property_docstring(app, what, name, obj, options, lines):
+    if what == "property":
+        _property_docstrings[name] = list(lines)
+
+
+def _restore_property_docstring(app, what, name, obj, options, lines):
+    if what == "property" and name in _property_docstrings:
+        lines[:] = _property_docstrings.pop(name)
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", _keep_property_docstring, priority=400)
+    app.connect("autodoc-process-docstring", _restore_property_docstring, priority=600)

@@ -39,7 +39,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import pytest
 
@@ -72,11 +71,25 @@ def test_the_docs_build_with_warnings_as_errors(tmp_path):
         assert (out / f"{page.stem}.html").is_file(), f"{page.name} was not built"
 
 
-def test_the_version_comes_from_the_package_metadata():
-    from importlib.metadata import version
+def test_the_version_comes_from_the_package_metadata(monkeypatch):
+    import importlib.metadata
 
-    assert arrayloaders.__version__ == version("arrayloaders")
+    assert arrayloaders.__version__ == importlib.metadata.version("arrayloaders")
     assert "__version__" in dir(arrayloaders) and "__version__" not in arrayloaders.__all__
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert arrayloaders._version() == "0+unknown"  # a checkout on sys.path that is not installed
+
+
+def test_the_readme_fits_on_a_few_screens_and_its_links_resolve():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 150, "README.md is longer than 150 lines: move the details to a page in docs/"
+    links = re.findall(r"\]\(((?:docs/)?[\w./-]+\.(?:md|png))(?:#[\w-]*)?\)", text)
+    assert "docs/getting-started.md" in links and "docs/benchmark.png" in links
+    assert [link for link in links if not (ROOT / link).is_file()] == []
 
 
 # ---------------------------------------------------------------------- the examples
@@ -88,8 +101,8 @@ class Block:
     number: int  # 1-based among the page's Python blocks
     line: int  # of the opening fence, 1-based
     code: str
-    skip: str | None = None  # why it never runs
-    needs: str | None = None  # a module it needs (or "cuda"), and why in ``skip``
+    reason: str | None = None  # of its marker: why it is skipped (always, or where ``needs`` is missing)
+    needs: str | None = None  # a module it needs (or "cuda")
 
     @property
     def id(self) -> str:
@@ -106,7 +119,8 @@ def python_blocks(text: str, page: str) -> list[Block]:
             i += 1
             continue
         indent, start = fence["indent"], i
-        end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == "```" and lines[j].startswith(indent)), None)
+        closes = (j for j in range(i + 1, len(lines)) if lines[j].strip() == "```" and lines[j].startswith(indent))
+        end = next(closes, None)
         assert end is not None, f"{page}:{start + 1}: a ```python block that is never closed"
         code = textwrap.dedent("\n".join(lines[start + 1 : end]))
         before = lines[start - 1] if start else ""
@@ -115,12 +129,11 @@ def python_blocks(text: str, page: str) -> list[Block]:
             f"{page}:{start}: a docs-test marker must read <!-- docs-test: skip (reason) --> or "
             f"<!-- docs-test: needs MODULE (reason) -->, not {before.strip()!r}"
         )
-        skip = needs = None
+        reason = needs = None
         if marker:
-            skip = marker["reason"].strip()
-            needs = marker["needs"]
-            assert skip, f"{page}:{start}: a docs-test marker needs a reason in brackets"
-        blocks.append(Block(page, len(blocks) + 1, start + 1, code, skip, needs))
+            reason, needs = marker["reason"].strip(), marker["needs"]
+            assert reason, f"{page}:{start}: a docs-test marker needs a reason in brackets"
+        blocks.append(Block(page, len(blocks) + 1, start + 1, code, reason, needs))
         i = end + 1
     return blocks
 
@@ -139,7 +152,7 @@ def test_markers_are_read():
         "  <!-- docs-test: needs scvi (scvi-tools, Python 3.12) -->\n  ```python\n  z = 2\n  ```\n"
     )
     blocks = python_blocks(text, "probe.md")
-    assert [(b.number, b.line, b.code, b.skip, b.needs) for b in blocks] == [
+    assert [(b.number, b.line, b.code, b.reason, b.needs) for b in blocks] == [
         (1, 1, "x = 1", None, None),
         (2, 5, "y", "needs a GPU", None),
         (3, 10, "z = 2", "scvi-tools, Python 3.12", "scvi"),
@@ -207,16 +220,17 @@ def converts_into_the_store(block: Block) -> bool:
 
 
 def skip_reason(block: Block) -> str | None:
+    """Why the block does not run here, or ``None``."""
     if block.needs is None:
-        return block.skip
+        return block.reason
     if block.needs == "cuda":
         import torch
 
-        return None if torch.cuda.is_available() else block.skip
+        return None if torch.cuda.is_available() else block.reason
     try:
         __import__(block.needs)
     except ImportError:
-        return block.skip
+        return block.reason
     return None
 
 
