@@ -1,8 +1,8 @@
 """arrayloaders: fast shuffled minibatches for PyTorch from AnnData zarr stores.
 
-The public names are imported on first use (PEP 562), so that worker
-processes, which import ``arrayloaders.worker``, never import torch,
-anndata or pandas.
+The public names (and ``__version__``) are imported on first use (PEP 562),
+so that worker processes, which import ``arrayloaders.worker``, never import
+torch, anndata or pandas.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # read on first use: importlib.metadata would slow every worker's start
+        globals()[name] = _version()
+        return globals()[name]
     if name not in _PUBLIC:
         raise AttributeError(f"module 'arrayloaders' has no attribute {name!r}")
     value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
@@ -48,4 +51,14 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
+    return sorted(set(globals()) | set(_PUBLIC) | {"__version__"})
+
+
+def _version() -> str:
+    """The installed distribution's version; ``"0+unknown"`` for a checkout on ``sys.path`` that is not installed."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("arrayloaders")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"

@@ -505,6 +505,8 @@ class ZarrSparseDataset(_ZarrDataset):
         Read ``layers[layer]`` of every added AnnData (or store file)
         instead of X; ``None``: X.
 
+    Notes
+    -----
     Iterating yields ``(X, obs)`` (``(X, obs, index)`` with ``return_index``).
     Each loop (``iter(ds)``, an :class:`EpochIterator`) runs the current
     epoch; the current epoch advances once a loop has handed out its last
