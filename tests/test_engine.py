@@ -22,7 +22,7 @@ import psutil
 import pytest
 import torch
 import zarr
-from conftest import tensor_parts, with_compressed_indptr, worker_pids
+from conftest import in_the_ring, tensor_parts, with_compressed_indptr, worker_pids
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -110,14 +110,22 @@ def test_workers_stay_up_across_epochs_and_close_cleans_up(store):
     assert worker_pids() == []
 
 
-def test_batches_are_zero_copy_views_that_outlive_the_next_step(store):
-    ds = ZarrSparseDataset(50, 8, 12, num_workers=2, return_index=True).add_store(store)
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_batches_are_zero_copy_views_that_outlive_the_next_step(store, dense_store, kind):
+    cls, path, n = (ZarrSparseDataset, store, 50) if kind == "sparse" else (ZarrDenseDataset, dense_store, 20)
+    with cls(n, 8, 12, num_workers=0).add_store(path) as ds:
+        X, _ = next(iter(ds))
+        assert not any(in_the_ring(t) for t in tensor_parts(X))  # the check tells a copy from a view
+    ds = cls(n, 8, 12, num_workers=2, return_index=True).add_store(path)
     it = iter(ds)
     X, _, idx = next(it)
-    values = X.values().clone()
+    # values and column indices (or dense X) are views of a ring slot; crow is a new array (rebased to 0)
+    viewed = (X.values(), X.col_indices()) if kind == "sparse" else (X,)
+    assert all(in_the_ring(t) for t in viewed)
+    values = X.values().clone() if kind == "sparse" else X.clone()
     for _ in range(5):
         next(it)  # the first batch's slot must not be reused while X is alive
-    assert torch.equal(X.values(), values)
+    assert torch.equal(X.values() if kind == "sparse" else X, values)
     del it
     ds.close()
 
@@ -576,24 +584,45 @@ def test_a_forked_child_leaving_with_os_exit_leaves_no_segments(store):
 
 
 def test_lending_and_counting_from_several_threads_loses_no_view():
+    """Threads lend views and drop some at once while other threads count them (``lent`` prunes the dead
+    ones, replacing the list): every view still alive must still be counted. Without the lock, a count that
+    replaced the list after another count had, lost the views lent in between (most rounds, here)."""
     seg = Segment(f"al_test_{os.getpid()}_race", SlotLayout("csr", "float32", max_rows=4, max_nnz=64))
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads take turns every few bytecodes: the interleavings a race needs
     try:
-        kept, stop = [], threading.Event()
+        for _ in range(20):
+            kept: list[list[np.ndarray]] = [[] for _ in range(3)]
+            start, counts = threading.Barrier(6), []
 
-        def count():
-            while not stop.is_set():
-                seg.lent
+            def lend(mine: list) -> None:
+                start.wait()
+                for k in range(1_500):
+                    view = seg.lend(seg.arrays.data[:3])
+                    if k % 3:  # two views in three are kept; the third is dropped (released) at once
+                        mine.append(view)
+                    del view
 
-        counter = threading.Thread(target=count)
-        counter.start()
-        # 2,000, not 20,000: a lend waiting for the lock can wait a whole switch interval while the
-        # counter holds the GIL, so 20,000 took from 0.1 s to 7 minutes, depending on scheduling.
-        for _ in range(2_000):
-            kept.append(seg.lend(seg.arrays.data[:3]))
-        stop.set()
-        counter.join()
-        assert seg.lent == len(kept)
+            def count() -> None:
+                start.wait()
+                while any(t.is_alive() for t in lenders):
+                    counts.append(seg.lent)
+
+            lenders = [threading.Thread(target=lend, args=(mine,)) for mine in kept]
+            counters = [threading.Thread(target=count) for _ in range(3)]
+            for t in lenders + counters:
+                t.start()
+            for t in lenders + counters:
+                t.join(timeout=300)  # a hang guard only
+            assert not any(t.is_alive() for t in lenders + counters)
+            assert counts  # counting ran while views were lent
+            assert seg.lent == sum(len(mine) for mine in kept) == 3 * 1_000
+            kept[0].clear()
+            assert seg.lent == 2 * 1_000  # released views are no longer counted
+            del kept
+            assert seg.lent == 0
     finally:
+        sys.setswitchinterval(switch)
         seg.unlink()
 
 

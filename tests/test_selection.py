@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 from scipy.stats import chi2 as chi2_dist
 import torch
-from conftest import SIZES, assert_bit_identical, read_store, worker_pids
+from conftest import SIZES, assert_bit_identical, in_the_ring, read_store, worker_pids
 
 from arrayloaders import ZarrDenseDataset, ZarrSparseDataset
 
@@ -292,3 +292,8 @@ def test_stores_shuffled_at_conversion_keep_zero_copy_batches(store, sorted_stor
     assert ZarrSparseDataset().add_anndatas(adatas)._plan_config().window == 1  # its manifest says shuffled
     with pytest.raises(ValueError, match="window must be a positive integer"):
         ZarrSparseDataset(window=0)
+    # zero copy: a shuffled store's batches are views of the ring; a window of loads gathers its rows (a copy)
+    for path, viewed in ((store, True), (sorted_store, False)):
+        with make(path, 1) as ds:
+            X, _, _ = next(iter(ds))
+            assert [in_the_ring(X.values()), in_the_ring(X.col_indices())] == [viewed, viewed]
