@@ -357,12 +357,14 @@ def test_sigkilled_worker_raises_and_leaves_nothing(store, repeat):
 
 @pytest.mark.parametrize("repeat", REPEATS)
 def test_stopped_worker_is_reported_after_the_timeout(store, repeat):
-    # SIGSTOP: the worker is alive but makes no progress. With timeout=2 the loop raises (rather than
-    # hang: the child's own timeout fails the test), naming the worker, its state and its loads.
+    # SIGSTOP: the workers are alive but make no progress. With timeout=2 the loop raises (rather than
+    # hang: the child's own timeout fails the test), naming a worker, its state and its loads. Every worker
+    # is stopped (and 2 s applies only then): a healthy one slowed by a busy machine cannot be the one named.
     out = run_child("sigstop", store)
     error = out["error"]
-    assert error is not None, "the epoch finished although a worker was stopped"
-    assert f"pid {out['victim']}, stopped)" in error and "has made no progress" in error, error
+    assert error is not None, "the epoch finished although the workers were stopped"
+    assert len(out["victims"]) == 2 and "has made no progress" in error, error
+    assert any(f"pid {pid}, stopped)" in error for pid in out["victims"]), error
     assert "decoding load(s) [" in error and "timeout=2" in error, error
     assert out["held_unchanged"]
     assert out["segments"] == [] and out["children"] == []  # the stopped worker was killed too
