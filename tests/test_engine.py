@@ -33,7 +33,6 @@ from arrayloaders.store import XLayout
 from arrayloaders.worker import WorkerPool
 
 CHILD = Path(__file__).with_name("engine_child.py")
-REPEATS = range(3)  # fault scenarios run several times: a flake shows up in CI, not at a user's
 
 
 def run_child(scenario: str, store: Path, timeout: float = 120) -> dict:
@@ -88,7 +87,9 @@ def test_batches_do_not_depend_on_num_workers(store, dense_store, kind, batch_si
     reference = run(0)
     rows = np.concatenate([i for _, i in reference[: len(reference) // 2]])
     assert np.unique(rows).size == rows.size > 0
-    for num_workers in (1, 2, 4):
+    # 2 workers everywhere (loads may finish out of order); once 3, a number of workers that divides neither
+    # the loads nor a load's runs. One worker (tasks done in order) is a simpler case of these.
+    for num_workers in (2, 3) if (kind, chunk_size) == ("sparse", 7) else (2,):
         got = run(num_workers)
         assert len(got) == len(reference)
         for (x, i), (x0, i0) in zip(got, reference):
@@ -344,8 +345,7 @@ def test_bad_num_workers_is_refused():
 # --------------------------------------------------------------------------- faults, in child processes
 
 
-@pytest.mark.parametrize("repeat", REPEATS)
-def test_sigkilled_worker_raises_and_leaves_nothing(store, repeat):
+def test_sigkilled_worker_raises_and_leaves_nothing(store):
     out = run_child("sigkill", store)  # a hang fails here, at the child's timeout
     assert out["error"] is not None, "the epoch finished although a worker was killed"
     assert "SIGKILL" in out["error"] and f"pid {out['victim']}" in out["error"] and "worker " in out["error"]
@@ -355,8 +355,7 @@ def test_sigkilled_worker_raises_and_leaves_nothing(store, repeat):
     assert out["after_close"] == {"segments": [], "children": []}
 
 
-@pytest.mark.parametrize("repeat", REPEATS)
-def test_stopped_worker_is_reported_after_the_timeout(store, repeat):
+def test_stopped_worker_is_reported_after_the_timeout(store):
     # SIGSTOP: the workers are alive but make no progress. With timeout=2 the loop raises (rather than
     # hang: the child's own timeout fails the test), naming a worker, its state and its loads. Every worker
     # is stopped (and 2 s applies only then): a healthy one slowed by a busy machine cannot be the one named.
@@ -508,8 +507,7 @@ def assert_nothing_left(started: dict) -> None:
     assert segment_names(started["pid"]) == []
 
 
-@pytest.mark.parametrize("repeat", REPEATS)
-def test_ctrl_c_caught_in_the_loop_then_the_next_loop_works(store, repeat):
+def test_ctrl_c_caught_in_the_loop_then_the_next_loop_works(store):
     res, started = interrupt(store, "interrupt", 1, 0)
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["interrupted"] and out["next_epoch_rows"] == list(range(1000)), res.stderr
@@ -523,9 +521,8 @@ def tracebacks(stderr: str) -> list[str]:
     return [p for p in parts if "Traceback (most recent call last):" in p]
 
 
-@pytest.mark.parametrize("repeat", REPEATS)
 @pytest.mark.parametrize("n_signals", [1, 2, 3])
-def test_ctrl_c_pressed_again_and_again_leaves_nothing_and_one_traceback_of_ours(store, n_signals, repeat):
+def test_ctrl_c_pressed_again_and_again_leaves_nothing_and_one_traceback_of_ours(store, n_signals):
     # Presses 30 ms apart (faster than a person presses twice). The first stops the loop with one
     # traceback; the others land in our cleanup (deferred until it is done) or in the interpreter's
     # own exit, where CPython may print a traceback of its own (threading, concurrent.futures: a plain
@@ -539,8 +536,7 @@ def test_ctrl_c_pressed_again_and_again_leaves_nothing_and_one_traceback_of_ours
     assert_nothing_left(started)
 
 
-@pytest.mark.parametrize("repeat", REPEATS)
-def test_ctrl_c_in_a_burst_still_leaves_nothing(store, repeat):
+def test_ctrl_c_in_a_burst_still_leaves_nothing(store):
     # Three signals back to back can land inside the interpreter's own teardown, where CPython prints
     # what it can (a plain torch + zarr script does the same); our cleanup must still complete.
     res, started = interrupt(store, "interrupt_uncaught", 3, 0)
