@@ -75,13 +75,14 @@ def assert_bit_identical(a, b) -> None:
 
 @pytest.fixture
 def run_quick(tmp_path):
-    """Run ``scripts/<name> --quick`` on data in tmp_path with no annbatch venv; return its results folder."""
+    """Run ``scripts/<name> --quick [options]`` on data in tmp_path with no annbatch venv; return its results
+    folder (the default one: ``--out`` elsewhere is the caller's to read)."""
 
-    def run(name: str) -> Path:
+    def run(name: str, *options: str) -> Path:
         script = Path(__file__).resolve().parents[1] / "scripts" / name
         env = {**os.environ, "ANNBATCH_PYTHON": str(tmp_path / "no-annbatch-venv" / "python")}
         res = subprocess.run(
-            [sys.executable, str(script), "--quick", "--data", str(tmp_path / "data")],
+            [sys.executable, str(script), "--quick", "--data", str(tmp_path / "data"), *options],
             capture_output=True, text=True, env=env, timeout=600,
         )  # fmt: skip
         assert res.returncode == 0, res.stderr[-3000:]
