@@ -1,8 +1,8 @@
 """arrayloaders: fast shuffled minibatches for PyTorch from AnnData zarr stores.
 
-The public names are imported on first use (PEP 562), so that worker
-processes, which import ``arrayloaders.worker``, never import torch,
-anndata or pandas.
+The public names (and ``__version__``) are imported on first use (PEP 562),
+so that worker processes, which import ``arrayloaders.worker``, never import
+torch, anndata or pandas.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ _PUBLIC = {
     "XLayout": ".store",
     "read_manifest": ".store",
     "create_store_from_h5ads": ".convert",
+    "Categories": ".batches",
     "ClassRunSampler": ".class_runs",
-    "EpochIterator": ".dataset",
+    "EpochIterator": ".epoch_iterator",
     "ZarrDenseDataset": ".dataset",
     "ZarrSparseDataset": ".dataset",
 }
@@ -29,14 +30,19 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 if TYPE_CHECKING:
+    from .batches import Categories
     from .class_runs import ClassRunSampler
     from .convert import create_store_from_h5ads
-    from .dataset import EpochIterator, ZarrDenseDataset, ZarrSparseDataset
+    from .dataset import ZarrDenseDataset, ZarrSparseDataset
+    from .epoch_iterator import EpochIterator
     from .errors import ArrayloadersError, ConversionWarning, InputFileError, StoreError, WorkerError
     from .store import StoreManifest, XLayout, read_manifest
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # read on first use: importlib.metadata would slow every worker's start
+        globals()[name] = _version()
+        return globals()[name]
     if name not in _PUBLIC:
         raise AttributeError(f"module 'arrayloaders' has no attribute {name!r}")
     value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
@@ -45,4 +51,14 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
+    return sorted(set(globals()) | set(_PUBLIC) | {"__version__"})
+
+
+def _version() -> str:
+    """The installed distribution's version; ``"0+unknown"`` for a checkout on ``sys.path`` that is not installed."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("arrayloaders")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"

@@ -23,7 +23,7 @@ import torch
 
 from .load import LoadedRows
 
-__all__ = ["Batch", "BatchMaker", "MixedWindow", "ObsColumns", "keep"]
+__all__ = ["Batch", "BatchMaker", "Categories", "MixedWindow", "ObsColumns", "keep"]
 
 Batch = tuple[torch.Tensor, Any] | tuple[torch.Tensor, Any, torch.Tensor]
 Lend = Callable[[np.ndarray], np.ndarray]
@@ -34,6 +34,25 @@ def keep(view: np.ndarray) -> np.ndarray:
     return view
 
 
+class Categories(list):
+    """The labels behind the codes of one obs column, in code order: a ``list``, plus whether they are ordered.
+
+    It compares, indexes and converts (``len``, ``np.array``) as the list of
+    labels does; ``ordered`` says whether the labels have an order (the
+    column is an ordered categorical), and :attr:`dtype` gives the pandas
+    dtype that turns codes back into the column
+    (``pd.Categorical.from_codes(codes, dtype=ds.categories[key].dtype)``).
+    """
+
+    def __init__(self, labels=(), ordered: bool = False):
+        super().__init__(labels)
+        self.ordered = bool(ordered)
+
+    @property
+    def dtype(self) -> pd.CategoricalDtype:
+        return pd.CategoricalDtype(list(self), ordered=self.ordered)
+
+
 class ObsColumns:
     """The requested obs columns of all added AnnData objects, concatenated.
 
@@ -41,6 +60,9 @@ class ObsColumns:
       (first-seen order), so one label has one code across files; a
       missing label is code ``-1``. They are held in the smallest int dtype
       that fits (1 byte per cell for up to 127 labels) and yielded as int64.
+      Their :class:`Categories` are ordered iff every added part of the
+      column is an ordered categorical with the same categories in the same
+      order.
     - Columns in ``as_codes`` become codes whatever their dtype: numbers
       (a batch or donor id stored as an int) get their distinct values,
       sorted, as categories.
@@ -53,7 +75,7 @@ class ObsColumns:
 
     def __init__(self, keys: list[str], as_codes: tuple[str, ...] = ()):
         self.keys, self.as_codes = keys, as_codes
-        self.categories: dict[str, list] = {}
+        self.categories: dict[str, Categories] = {}
         self._parts: dict[str, list[pd.Series]] = {k: [] for k in keys}
         self.values: dict[str, np.ndarray] = {}
 
@@ -81,7 +103,7 @@ class ObsColumns:
                 cats = pd.Index(pd.unique(np.concatenate([_categories(p) for p in parts])))
                 if not text:  # numbers: in increasing order, so batch 3 has a lower code than batch 10
                     cats = cats.sort_values()
-                self.categories[k] = list(cats)
+                self.categories[k] = Categories(cats, ordered=_all_ordered_alike(parts))
                 dtype = next(t for t in (np.int8, np.int16, np.int32, np.int64) if len(cats) <= np.iinfo(t).max)
                 self.values[k] = np.concatenate([_codes(p, cats, dtype) for p in parts])
             elif any(isinstance(p.dtype, pd.api.extensions.ExtensionDtype) for p in parts):
@@ -95,6 +117,14 @@ class ObsColumns:
 
     def _yielded(self, key: str, values: np.ndarray) -> np.ndarray:
         return values.astype(np.int64) if key in self.categories else values  # codes as torch's losses take them
+
+
+def _all_ordered_alike(parts: list[pd.Series]) -> bool:
+    """Whether every part is an ordered categorical with the same categories in the same order."""
+    dtypes = [p.dtype for p in parts]
+    if not dtypes or not all(isinstance(d, pd.CategoricalDtype) and d.ordered for d in dtypes):
+        return False
+    return all(d.categories.equals(dtypes[0].categories) for d in dtypes[1:])
 
 
 def _nullable_as_float(s: pd.Series, key: str) -> np.ndarray:

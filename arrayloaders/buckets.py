@@ -29,12 +29,12 @@ import pandas as pd
 import zarr
 from tqdm.auto import tqdm
 
+from .disk_layout import COMPLETE_ATTRIBUTE
 from .errors import InputFileError
 from .jobs import Jobs
 from .obs_records import InputObs, ObsPlan
-from .shards import COMPLETE_ATTRIBUTE, DirectArray
 from .store import XLayout
-from .zarr_layout import missing_chunk_files, unwritten_chunks
+from .zarr_layout import direct_array, missing_chunk_files, unwritten_chunks
 
 __all__ = ["InputFile", "Matrix", "Part", "check_indptr", "csr_row_positions", "output_file_of", "scatter", "write_output_file"]
 
@@ -225,12 +225,31 @@ def read_indptr(inp: InputFile, f: h5py.File, m: Matrix) -> np.ndarray:
     return indptr
 
 
+def _exactly(values: np.ndarray, dtype: np.dtype, inp: InputFile, m: Matrix, r0: int, r1: int) -> np.ndarray:
+    """``values`` as the store's ``dtype``; integers a float dtype cannot hold exactly are refused.
+
+    The store's dtype is promoted over the inputs (int64 with float32 gives
+    float64), and a float holds every integer only up to 2**(mantissa + 1):
+    2**53 for float64. Past that, a count would be stored rounded.
+    """
+    out = values.astype(dtype, copy=False)
+    if values.dtype.kind in "iu" and dtype.kind == "f" and values.dtype.itemsize * 8 > np.finfo(dtype).nmant + 1:
+        with np.errstate(invalid="ignore", over="ignore"):
+            wrong = out.astype(values.dtype) != values
+        if wrong.any():
+            raise InputFileError(
+                f"{inp.path}: {m.path} holds the integer {values[wrong][0]} in rows {r0}-{r1 - 1}, which the store's "
+                f"{dtype} (the inputs' dtypes promoted) cannot hold exactly; convert the inputs to one dtype first"
+            )
+    return out
+
+
 def _read_block(inp: InputFile, m: Matrix, indptr, f: h5py.File, r0: int, r1: int, n_cols: int, dtype: np.dtype):
     """Rows ``r0:r1`` of one element of an input, genes mapped onto the output var (X and layers)."""
     gene_map = inp.gene_map if m.genes else None
     identity = gene_map is None or np.array_equal(gene_map, np.arange(n_cols))
     if m.format == "dense":
-        block = f[m.path][r0:r1].astype(dtype, copy=False)
+        block = _exactly(f[m.path][r0:r1], dtype, inp, m, r0, r1)
         if identity:
             return block
         out = np.zeros((r1 - r0, n_cols), dtype=dtype)
@@ -238,7 +257,7 @@ def _read_block(inp: InputFile, m: Matrix, indptr, f: h5py.File, r0: int, r1: in
         out[:, gene_map[keep]] = block[:, keep]
         return out
     a, b = indptr[r0], indptr[r1]
-    data = f[f"{m.path}/data"][a:b].astype(dtype, copy=False)
+    data = _exactly(f[f"{m.path}/data"][a:b], dtype, inp, m, r0, r1)
     indices = f[f"{m.path}/indices"][a:b]
     if indices.size and (indices.min() < 0 or indices.max() >= m.n_cols):
         bad = int(indices.max() if indices.max() >= m.n_cols else indices.min())
@@ -499,7 +518,7 @@ def write_complete(array: zarr.Array, start: int, stop: int, values: np.ndarray)
         still = unwritten_chunks(array, start * row, stop * row)
         if still:
             raise RuntimeError(f"internal error: {len(still)} chunk(s) were not written: {still[:3]}")
-    direct = DirectArray.open(array)
+    direct = direct_array(array)
     if direct is not None:
         try:
             direct.order_chunks(start * row, stop * row)

@@ -43,12 +43,24 @@ __all__ = ["ChunkGather", "chunk_gather", "is_warm", "warm"]
 DONE = -1  # returned by the loop when every chunk was done
 
 
-@numba.njit(cache=True, nogil=True)
+def _compiled(function: Callable) -> Callable:
+    """``function`` compiled with numba, its machine code cached on disk; ``function`` itself where numba has
+    no directory it may write the cache to (``NUMBA_CACHE_DIR`` and every other place numba looks read-only):
+    :func:`chunk_gather` then gives ``None``, and every load takes the Python path, with the same values."""
+    try:
+        return numba.njit(cache=True, nogil=True)(function)
+    except RuntimeError as e:  # numba: "cannot cache function ...: no locator available for file ..."
+        if "cannot cache" not in str(e):
+            raise
+        return function
+
+
+@_compiled
 def _u32(buf, at):  # pragma: no cover - compiled
     return np.uint32(buf[at]) | np.uint32(buf[at + 1]) << 8 | np.uint32(buf[at + 2]) << 16 | np.uint32(buf[at + 3]) << 24
 
 
-@numba.njit(cache=True, nogil=True)
+@_compiled
 def _gather_chunks(pread, crc32c, blosc, fd, offsets, nbytes, group_ends, at, src, dst, sizes, out, scratch, compressed,
                    checked, in_place):  # fmt: skip  # pragma: no cover - compiled
     """Chunks ``0..offsets.size - 1`` of one file, read group by group (``group_ends``: one past each group's last chunk).
@@ -113,9 +125,10 @@ class ChunkGather:
 @functools.cache
 def chunk_gather() -> ChunkGather | None:
     """The compiled gather, or ``None`` where the native codecs or libc's ``pread`` cannot be found, or where
-    numba compiles nothing (``NUMBA_DISABLE_JIT=1`` leaves a plain Python function, which cannot call them)."""
+    numba compiles nothing (``NUMBA_DISABLE_JIT=1``, or no writable cache directory, leaves plain Python
+    functions, which cannot call them)."""
     native = native_codecs()
-    if native is None or not hasattr(_gather_chunks, "signatures"):
+    if native is None or not all(hasattr(f, "signatures") for f in (_u32, _gather_chunks)):
         return None
     try:
         pread = ctypes.CDLL(None).pread

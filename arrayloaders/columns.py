@@ -9,6 +9,13 @@ docstring of ``create_store_from_h5ads`` and in the README):
   the int ``3`` and the string ``"3"`` are one category; categories come in
   first-seen order (an input's categorical in its category order, other
   inputs in order of appearance); missing values stay missing (code -1).
+- **Order is kept when every input agrees.** The categorical is ordered
+  iff every input that holds the column holds it as an ordered categorical
+  with the same categories in the same order (inputs without the column do
+  not count). If one input has it ordered and another differs (unordered,
+  text, numbers, other categories or another order), it is stored unordered
+  with a :class:`~arrayloaders.errors.ConversionWarning` naming the column,
+  the first ordered input and the first input that differs.
 - **Otherwise numbers.** All bool: bool. Bools and ints: the narrowest int
   holding every input's int dtype (bool counts as 0/1). Any float: the float
   dtype numpy promotes to (``float64`` as soon as an int or a float64 is
@@ -30,6 +37,7 @@ and bools as anndata's ``nullable-integer``/``nullable-boolean``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -37,10 +45,10 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from .errors import InputFileError
+from .errors import ConversionWarning, InputFileError
 
 __all__ = [
-    "ColumnPlan", "ColumnSchema", "PartSummary", "assemble", "decide", "encode", "harmonise_column",
+    "ColumnPlan", "ColumnSchema", "PartSummary", "assemble", "check_name", "decide", "encode", "harmonise_column",
     "harmonise_frames", "join_columns", "mixes_text", "summarise", "value_kind",
 ]  # fmt: skip
 
@@ -62,20 +70,58 @@ class ColumnSchema:
         The labels of a categorical column (strings), else ``None``.
     missing
         Whether some cells have no value (categorical code -1, NaN, or NA).
+    ordered
+        Whether a categorical's categories are ordered (``pandas.Categorical(..., ordered=True)``).
     """
 
     kind: Literal["categorical", "numeric"]
     dtype: str
     categories: tuple[str, ...] | None = None
     missing: bool = False
+    ordered: bool = False
 
     def to_json(self) -> dict[str, Any]:
+        """The manifest's entry: ``categories`` only for a categorical, ``ordered`` only when true
+        (so entries of unordered columns are as manifests written before ``ordered`` existed)."""
         out = asdict(self)
         if self.categories is None:
             del out["categories"]
         else:
             out["categories"] = list(self.categories)
+        if not self.ordered:
+            del out["ordered"]
         return out
+
+
+def check_name(label: str, what: str, name: str, leave_out: str | None = None) -> None:
+    """Refuse a name the store cannot hold as a key of its zarr hierarchy: one with a ``/``, or an empty one.
+
+    zarr (as HDF5) takes ``/`` for the separator of its hierarchy, so
+    ``obs/a/b`` would be a group ``a`` holding ``b``, and anndata refuses to
+    write it; escaping the ``/`` would rename the user's column. The empty
+    name is the group itself.
+
+    Parameters
+    ----------
+    label
+        The input's name (its path), for the message.
+    what
+        What the name is, for the message: ``"obs column"``, ``"layers key"``...
+    name
+        The name to check.
+    leave_out
+        How the caller may leave the element out (``"obs_columns=[...]"``), if it can.
+
+    Raises
+    ------
+    InputFileError
+        Naming the file and the key.
+    """
+    if name and "/" not in name:
+        return
+    problem = "has an empty name" if not name else "has a '/' in its name, which zarr takes for a path separator"
+    fix = f"rename it, or leave it out with {leave_out}" if leave_out else "rename it"
+    raise InputFileError(f"{label}: {what} {name!r} {problem}, so a store cannot hold it; {fix}")
 
 
 def value_kind(s: pd.Series) -> Kind | None:
@@ -162,6 +208,7 @@ class PartSummary:
     missing: bool
     exact_in: frozenset[str] = frozenset()  # ints: the floats that hold every value exactly
     above_int64: bool = False  # uint64 values above 2**63 - 1
+    ordered: bool = False  # text: an ordered categorical whose categories are ``labels``, in that order
 
     def merge(self, other: PartSummary) -> PartSummary:
         labels = None
@@ -170,7 +217,18 @@ class PartSummary:
         return PartSummary(
             self.kind, self.dtype, labels, self.missing or other.missing,
             self.exact_in & other.exact_in, self.above_int64 or other.above_int64,
+            self.ordered and other.ordered and labels == self.labels == other.labels,
         )  # fmt: skip
+
+
+def _keeps_order(part: pd.Series, labels: list[str]) -> bool:
+    """Whether ``part`` is an ordered categorical whose order its text ``labels`` keep: one label per category.
+
+    Categories that render to one text (``1`` and ``"1"``) would merge into
+    one label, which has no place in their order.
+    """
+    dtype = part.dtype
+    return isinstance(dtype, pd.CategoricalDtype) and bool(dtype.ordered) and len(labels) == len(dtype.categories)
 
 
 def mixes_text(summaries: Sequence[PartSummary | None]) -> bool:
@@ -198,7 +256,8 @@ def summarise(name: str, part: pd.Series, label: str, what: str = "obs", as_text
         )
     if kind == "text" or as_text:
         codes, labels = _text_codes(part)
-        return PartSummary("text", np.dtype(object), tuple(labels), bool((codes < 0).any()))
+        missing = bool((codes < 0).any())
+        return PartSummary("text", np.dtype(object), tuple(labels), missing, ordered=_keeps_order(part, labels))
     dtype = _numpy_dtype(part)
     missing = bool(_missing(part).any())
     if dtype.kind not in "iu":
@@ -261,7 +320,9 @@ def decide(
             new = [c for c in s.labels if c not in seen]
             categories += new
             seen.update(new)
-        return ColumnPlan(name, ColumnSchema("categorical", "category", tuple(categories), missing), np.dtype(np.int32))
+        ordered = _is_ordered(name, present, what)
+        schema = ColumnSchema("categorical", "category", tuple(categories), missing, ordered)
+        return ColumnPlan(name, schema, np.dtype(np.int32))
     dtypes = [s.dtype for s, _ in present]
     if any(k in ("float", "nullable-float") for k in kinds):
         dtype = np.result_type(*dtypes)
@@ -293,6 +354,30 @@ def decide(
     return ColumnPlan(name, ColumnSchema("numeric", shown, missing=missing), dtype, nullable=True)
 
 
+def _is_ordered(name: str, present: Sequence[tuple[PartSummary, str]], what: str) -> bool:
+    """The rule's order of a text column, from the (summary, file) of each input holding it: ordered iff every
+    one is an ordered categorical with the same categories in the same order.
+
+    When some input has it ordered and another differs, the column is
+    stored unordered and a :class:`ConversionWarning` names both files.
+    """
+    first = next(((s, label) for s, label in present if s.ordered), None)
+    if first is None:
+        return False
+    differs = next(((s, label) for s, label in present if not s.ordered or s.labels != first[0].labels), None)
+    if differs is None:
+        return True
+    s, label = differs
+    how = "has other categories or another order" if s.ordered else "is not an ordered categorical"
+    warnings.warn(
+        f"{what} column {name!r} is an ordered categorical in {first[1]} but {how} in {label}: "
+        "the store holds it unordered; make the inputs agree to keep the order",
+        ConversionWarning,
+        stacklevel=2,
+    )
+    return False
+
+
 def encode(plan: ColumnPlan, part: pd.Series | None, n: int) -> tuple[np.ndarray, np.ndarray | None]:
     """One input's column (or rows of it; ``None``: the input lacks it, ``n`` rows) as ``(values, mask)``.
 
@@ -321,7 +406,7 @@ def assemble(plan: ColumnPlan, values: np.ndarray, mask: np.ndarray | None):
     """The column pandas holds, from :func:`encode`'s values (concatenated or gathered): a ``Categorical``,
     a numpy array, or a nullable ``BooleanArray``/``IntegerArray``."""
     if plan.schema is not None and plan.schema.kind == "categorical":
-        return pd.Categorical.from_codes(values, categories=plan.categories)
+        return pd.Categorical.from_codes(values, categories=plan.categories, ordered=plan.schema.ordered)
     if not plan.nullable:
         return values
     return pd.arrays.BooleanArray(values, mask) if values.dtype == np.bool_ else pd.arrays.IntegerArray(values, mask)

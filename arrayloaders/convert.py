@@ -13,10 +13,10 @@ per cell), which then waits on disk.
 from __future__ import annotations
 
 import os
-import re
 import shutil
+import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -28,15 +28,16 @@ import pandas as pd
 import psutil
 
 from .buckets import InputFile, Matrix, Part, check_indptr, output_file_of, read_indptr, scatter, write_output_file
-from .columns import harmonise_frames, join_columns
+from .byte_sizes import parse_bytes
+from .columns import check_name, harmonise_frames, join_columns
 from .errors import ConversionWarning, InputFileError, StoreError
 from .interrupts import sigint_deferred
 from .jobs import Jobs, available_cores
-from .obs_records import InputObs, plan_obs
+from .obs_records import InputObs, column_order, plan_obs
 from .output import StagedOutput, check_output, remove_tree, scratch_directory
 from .store import StoreManifest, XLayout, chunk_file_name, use_zarrs, write_manifest
 
-__all__ = ["create_store_from_h5ads", "parse_bytes"]
+__all__ = ["create_store_from_h5ads"]
 
 VarJoin = Literal["same", "inner", "outer"]
 ObsJoin = Literal["outer", "inner"]
@@ -93,12 +94,15 @@ def _scan_input(path: Path, label: str) -> InputFile:
     with f:
         if "X" not in f:
             raise InputFileError(f"{path}: has no X matrix")
-        if "obs" not in f or "var" not in f:
+        if not isinstance(f.get("obs"), h5py.Group) or not isinstance(f.get("var"), h5py.Group):
+            # anndata 0.12 writes a column named "" over its whole dataframe
             raise InputFileError(f"{path}: not an AnnData file (no obs/var groups)")
         node = f["X"]
         encoding = node.attrs.get("encoding-type", "array" if isinstance(node, h5py.Dataset) else None)
         dropped = _not_carried(f)
         n_obs = InputObs(path, f).n_obs  # obs itself is read in row blocks, when planned (obs_records.py)
+        for name in column_order(f["var"]):  # every var column is kept (var columns are joined outer)
+            check_name(str(path), "var column", name)
         try:
             var = ad.io.read_elem(f["var"])
         except Exception as e:  # anndata raises many types for malformed elements
@@ -153,11 +157,14 @@ def _scan_elements(path: Path, f: h5py.File, kind: str, n_obs: int, n_vars: int)
     raised, naming the file.
     """
     group = f.get(kind)
-    if not isinstance(group, h5py.Group):
+    if group is None:
         return {}
+    if not isinstance(group, h5py.Group):
+        # anndata 0.12 writes a key "" over the whole element
+        raise InputFileError(f"{path}: {kind} is not a group (a damaged file, or one written with an empty {kind} key)")
     out: dict[str, Matrix | str] = {}
-    for key in group:
-        node, where = group[key], f"{kind}/{key}"
+    for key, node in _entries(group):
+        where = f"{kind}/{key}"
         encoding = node.attrs.get("encoding-type", "array" if isinstance(node, h5py.Dataset) else None)
         try:
             if encoding == "csr_matrix" and kind == "layers":
@@ -187,6 +194,17 @@ def _scan_elements(path: Path, f: h5py.File, kind: str, n_obs: int, n_vars: int)
         else:
             out[key] = Matrix(where, fmt, dtype, shape[1])
     return out
+
+
+def _entries(group: h5py.Group, prefix: str = "") -> Iterator[tuple[str, h5py.Group | h5py.Dataset]]:
+    """The elements of a ``layers``/``obsm`` group by their AnnData key: an element anndata 0.12 wrote under a
+    key with a ``/`` is nested in groups without an encoding (``layers/a/b`` for key ``"a/b"``)."""
+    for name in group:
+        node = group[name]
+        if isinstance(node, h5py.Group) and "encoding-type" not in node.attrs and len(node):
+            yield from _entries(node, f"{prefix}{name}/")
+        else:
+            yield f"{prefix}{name}", node
 
 
 # Elements of an AnnData that the store never holds: the conversion says so.
@@ -233,6 +251,8 @@ def _choose(inputs: list[InputFile], kind: Kind, requested: list[str] | None) ->
     if requested is None:
         first = inputs[0]
         keep = [k for k in getattr(first, kind) if all(isinstance(getattr(i, kind).get(k), Matrix) for i in inputs)]
+        for key in keep:  # requested keys are checked as arguments (_requested)
+            check_name(str(first.path), f"{kind} key", key, f"{'layers' if kind == 'layers' else 'obsm_keys'}=[...]")
     else:
         keep = requested
         for key in requested:
@@ -372,18 +392,6 @@ def plan_output_files(n_obs: int, n_obs_per_file: int, shuffle: bool, seed: int)
     return order, bounds
 
 
-def parse_bytes(value: int | str) -> int:
-    """``"512MB"``, ``"2GiB"``, ``"1.5G"`` or an int of bytes -> bytes."""
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(value))
-    if not m:
-        raise ValueError(f"cannot parse a size from {value!r} (examples: 512MB, 2GiB, 1000000)")
-    number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
-    base = 1024 if binary else 1000
-    return int(number * base ** " KMGT".index(unit or " "))
-
-
 # --------------------------------------------------------------------------- the conversion
 
 
@@ -422,6 +430,12 @@ def create_store_from_h5ads(
       of strings. Values are rendered with ``str`` (so ``3`` and ``"3"`` are
       one category), categories come in first-seen order, missing values
       stay missing (code -1).
+    - That categorical is ordered iff every input holding the column holds
+      it as an ordered categorical with the same categories in the same
+      order (inputs without the column do not count). If one input has it
+      ordered and another differs, it is stored unordered with a
+      :class:`~arrayloaders.errors.ConversionWarning` naming the column, the
+      first ordered input and the first input that differs.
     - Otherwise it stays numeric: bool if bool everywhere; ints (and bools,
       as 0/1) widen to the narrowest int holding all; any float gives the
       float numpy promotes to (ints must be exactly representable), missing
@@ -432,9 +446,16 @@ def create_store_from_h5ads(
       its width), so values stay exact.
     - Other dtypes (dates, complex numbers) are refused with an
       :class:`~arrayloaders.errors.InputFileError` naming file and column.
+    - So are names a zarr store cannot hold as keys, before anything is
+      written: an obs or var column, a layer or an obsm key that holds a
+      ``/`` (zarr's path separator; anndata 0.12 wrote such keys to
+      ``.h5ad`` files as nested groups) or is empty. Escaping the ``/``
+      would rename the column, so it is refused: rename it, or leave it out
+      (``obs_columns``, ``layers``, ``obsm_keys``).
 
     Each column's result is recorded in the manifest's ``obs_schema`` (kind,
-    dtype, categories, whether it has missing values). Every file opens with
+    dtype, categories, whether it has missing values, ``"ordered": true``
+    for an ordered categorical). Every file opens with
     ``anndata.read_zarr`` on anndata 0.12 and 0.13 without changing anndata
     settings (names and categories are written as plain strings).
 
@@ -469,7 +490,7 @@ def create_store_from_h5ads(
         values; under ``"inner"`` every input must have it.
     source_key
         Name of an added categorical obs column holding each cell's input
-        path; ``None`` to leave it out.
+        path (non-empty, without ``/``); ``None`` to leave it out.
     memory_budget
         Working memory of the conversion, in bytes or as ``"512MB"``/``"2GiB"``.
         Default: a quarter of available memory, at most 2 GiB. On top come
@@ -523,8 +544,9 @@ def create_store_from_h5ads(
     ------
     InputFileError
         An input is missing, not an ``.h5ad``, empty, CSC, damaged, given
-        twice, has an obs column the rule cannot store, or is inconsistent
-        with the others; the message names the file.
+        twice, has an obs column the rule cannot store, a key zarr cannot
+        hold (with ``/``, or empty), or is inconsistent with the others; the
+        message names the file (and the column or key).
     StoreError
         ``output_path`` is or contains an input, is a file, or is a non-empty
         directory and ``overwrite`` is false or it is not an arrayloaders
@@ -533,6 +555,8 @@ def create_store_from_h5ads(
     use_zarrs()
     if n_jobs is not None and (not isinstance(n_jobs, (int, np.integer)) or n_jobs < 1):
         raise ValueError(f"n_jobs must be a positive int or None (all cores), got {n_jobs!r}")
+    if source_key is not None and (not isinstance(source_key, str) or not source_key or "/" in source_key):
+        raise ValueError(f"source_key must be a non-empty name without '/' (or None), got {source_key!r}")
     layout = layout or XLayout()
     budget = parse_bytes(memory_budget) if memory_budget is not None else _default_budget()
     if n_obs_per_file <= 0:
@@ -643,6 +667,7 @@ def create_store_from_h5ads(
                 source_key=source_key,
                 layers={n: {"format": formats[p.path], "dtype": str(p.dtype)} for n, p in layer_parts.items()},
                 obsm={k: {"k": p.n_cols, "dtype": str(p.dtype)} for k, p in obsm_parts.items()},
+                store_id=uuid.uuid4().hex,
             ),
         )
         staged.commit()

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["ArrayLayout", "DirectX"]
+__all__ = ["COMPLETE_ATTRIBUTE", "ArrayLayout", "DirectX", "XSource"]
+
+#: zarr attribute (value ``True``) of an array whose every chunk was written.
+COMPLETE_ATTRIBUTE = "arrayloaders:every_chunk_written"
 
 
 @dataclass(frozen=True)
@@ -61,3 +64,28 @@ class DirectX:
     n_vars: int
     dtype: str  # what the loader yields (the values' stored dtype may differ)
     arrays: tuple[ArrayLayout, ...]  # (data, indices) for CSR, (X,) for dense
+
+
+@dataclass(frozen=True)
+class XSource:
+    """Where one AnnData's X lives: enough to reopen it in another process.
+
+    zarr stores pickle by location, so a worker opens its own handles.
+    """
+
+    store: Any  # a zarr.abc.store.Store
+    path: str  # of the X group (CSR) or array (dense) inside the store
+    kind: Literal["csr", "dense"]
+    n_obs: int
+    n_vars: int
+    dtype: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.store}/{self.path}"
+
+    @property
+    def where(self) -> str:
+        """The X's directory, for messages (as :attr:`arrayloaders.disk_layout.DirectX.where`); else its label."""
+        root = getattr(self.store, "root", None)
+        return str(Path(root) / self.path) if root is not None else self.label

@@ -64,13 +64,13 @@ from typing import Literal
 
 import numpy as np
 
+from .disk_layout import XSource
 from .errors import WorkerError
 from .interrupts import sigint_deferred
 from .load import ALL_GENES, LoadedRows, RowFormat, load_nnz, splittable
 from .pinned_slots import PinnedSlots
 from .plan import EpochPlan
 from .ring import Ring, SharedIndptrs, SlotLayout, map_indptrs
-from .store import XSource
 from .worker import POLL_S, Failed, Filled, SlotDecoder, Task, WorkerConfig, WorkerPool
 from .zarr_layout import direct_sources
 

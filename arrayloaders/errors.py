@@ -23,4 +23,5 @@ class WorkerError(RuntimeError):
 
 
 class ConversionWarning(UserWarning):
-    """Something of the inputs is not carried into the store (raw, obsp, layers or obsm not every input has), or cleanup was incomplete."""
+    """Something of the inputs is not carried into the store (raw, obsp, layers or obsm not every input has, the order
+    of a categorical the inputs disagree on), or cleanup was incomplete."""

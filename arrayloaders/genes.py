@@ -60,12 +60,17 @@ def choose_genes(var_names: pd.Index, chosen: Sequence[str] | np.ndarray | pd.In
             raise ValueError(f"{where}: var_names mask has {values.size} entries, but var has {len(var_names)} genes")
         columns = np.flatnonzero(values)
     else:
+        if values.dtype.kind in "iuf":
+            raise ValueError(
+                f"{where}: var_names holds {values.dtype} numbers ({values.ravel()[:3].tolist()} ...), not gene "
+                "names: give names, or a boolean mask over var (np.asarray(mask, dtype=bool))"
+            )
         names = pd.Index([str(v) for v in values.ravel()])
         if not var_names.is_unique:
             dup = var_names[var_names.duplicated()][:5].tolist()
             raise ValueError(f"{where}: var_names are not unique ({dup} ...), so genes cannot be chosen by name")
         if names.has_duplicates:
-            raise ValueError(f"var_names lists genes twice: {names[names.duplicated()][:5].tolist()}")
+            raise ValueError(f"{where}: var_names lists genes twice: {names[names.duplicated()][:5].tolist()}")
         columns = var_names.get_indexer(names)
         if (columns < 0).any():
             unknown = names[columns < 0]

@@ -7,10 +7,15 @@ sort, a scatter), in one compiled loop it is one, and the kept entries go
 straight to their row of the slot. Workers import this module only when a
 dataset chooses genes or densifies, so loaders of whole CSR rows pay
 neither numba's import nor its compilation. Compiled code is cached on
-disk (``cache=True``), so each later process only loads it.
+disk (``cache=True``), so each later process only loads it; where numba
+has no directory it may write that cache to (``NUMBA_CACHE_DIR`` and every
+other place it looks read-only), each process compiles the loops itself
+(a second or two, once) instead.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numba
 import numpy as np
@@ -18,7 +23,17 @@ import numpy as np
 __all__ = ["densify_rows", "pick_rows"]
 
 
-@numba.njit(cache=True, nogil=True)
+def _compiled(function: Callable) -> Callable:
+    """``function`` compiled with numba, cached on disk; compiled without the cache where numba cannot write one."""
+    try:
+        return numba.njit(cache=True, nogil=True)(function)
+    except RuntimeError as e:  # numba: "cannot cache function ...: no locator available for file ..."
+        if "cannot cache" not in str(e):
+            raise
+        return numba.njit(cache=False, nogil=True)(function)
+
+
+@_compiled
 def densify_rows(bounds, data, indices, take, position, out):  # pragma: no cover - compiled
     """Dense row ``p`` of ``out`` from read row ``take[p]``; its entry of store column ``j`` goes to column ``position[j]``.
 
@@ -42,7 +57,7 @@ def densify_rows(bounds, data, indices, take, position, out):  # pragma: no cove
     return 0
 
 
-@numba.njit(cache=True, nogil=True)
+@_compiled
 def pick_rows(bounds, data, indices, take, position, n_columns, ordered, indptr, data_out, indices_out):  # pragma: no cover
     """CSR row ``p`` (``indptr``, ``data_out``, ``indices_out``) from read row ``take[p]``, renumbered by ``position``.
 
@@ -72,7 +87,7 @@ def pick_rows(bounds, data, indices, take, position, n_columns, ordered, indptr,
     return o
 
 
-@numba.njit(cache=True, nogil=True)
+@_compiled
 def _sort_rows(indptr, data, columns, n_columns):  # pragma: no cover - compiled
     # Each row's entries by column: a least-significant-digit radix sort of 6-bit digits per
     # row, in place through two row-sized buffers. Linear in a row's ~100 entries and cache

@@ -62,8 +62,9 @@ class StoreDataModule(pl.LightningDataModule):
         and ``extra_continuous_covs`` (float32).
     train_size, validation_size
         Fractions of the cells for training and validation (default: 90 %
-        and the rest); the cells are drawn at random with ``seed``. Both
-        datasets read the same store and share the worker processes.
+        and the rest); the cells are drawn at random with ``seed``, from
+        the ``cells=`` selection if one is given. Both datasets read the
+        same store and share the worker processes.
     seed
         Seed of the split and of the training shuffle.
     layer
@@ -74,7 +75,12 @@ class StoreDataModule(pl.LightningDataModule):
         Passed to :class:`~arrayloaders.ZarrSparseDataset` (or
         ``ZarrDenseDataset`` for a dense store): ``chunk_size``,
         ``preload_nchunks``, ``num_workers``, ``memory_budget``,
-        ``pin_memory``, ``var_names``...
+        ``pin_memory``, ``var_names``... ``cells=`` selects the cells that
+        are split into training and validation (the others are in neither);
+        ``sampler=`` draws the training cells itself, so it needs
+        ``train_size=1.0`` (``model.train(train_size=1.0)`` with scvi-tools):
+        a split it would ignore is refused. :meth:`inference_dataloader`
+        gives every cell of the store whatever these select.
 
     Examples
     --------
@@ -109,9 +115,14 @@ class StoreDataModule(pl.LightningDataModule):
         codes = [k for k in (batch_key, labels_key, *self.categorical_covariate_keys) if k is not None]
         keys = list(dict.fromkeys(codes + self.continuous_covariate_keys))
         kind = ZarrDenseDataset if manifest.x_format == "dense" else ZarrSparseDataset
+        cells, self.sampler = dataset_kwargs.pop("cells", None), dataset_kwargs.pop("sampler", None)
+        if cells is not None and self.sampler is not None:
+            raise ValueError("give cells= (the cells to split and train on) or sampler= (your own order), not both")
         dataset_kwargs = {"return_index": True, "shuffle": True, **dataset_kwargs}
+        # Every cell of the store: the inference loader's, and what the training and validation datasets narrow.
         self.dataset: _ZarrDataset = kind(batch_size, seed=seed, layer=layer, **dataset_kwargs)
         self.dataset.add_store(store, obs_keys=keys, obs_codes=codes)
+        self.cells: np.ndarray | None = None if cells is None else self.dataset.subset(cells=cells).cells
         self._var_names = list(manifest.var_names)
         self._obs_names: pd.Index | None = None
         if batch_key is not None and (self._codes(batch_key) < 0).any():
@@ -133,27 +144,41 @@ class StoreDataModule(pl.LightningDataModule):
     ) -> None:
         """Split the cells into training, validation and the rest (the test set, not loaded).
 
+        Of the ``n`` cells (the ``cells=`` selection, or every cell),
         ``ceil(train_size * n)`` cells train and ``floor(validation_size *
         n)`` validate (default: all the others), drawn at random with the
         module's seed, or the first and next ones in store order if not
         ``shuffle_set_split``. ``batch_size`` as :meth:`set_batch_size`.
+        With ``sampler=`` only ``train_size=1`` is accepted.
         """
         self.set_batch_size(batch_size)
         if train_size is None and validation_size is None:
             return
+        self._refuse_while_fitting("set_split()")
         train_size = 1.0 - validation_size if train_size is None else train_size
         if not 0 < train_size <= 1 or (validation_size is not None and not 0 <= validation_size < 1):
             raise ValueError(f"train_size must be in (0, 1] and validation_size in [0, 1), got {train_size}, {validation_size}")
-        n = self.dataset.n_obs
+        pool = np.arange(self.dataset.n_obs, dtype=np.int64) if self.cells is None else self.cells
+        n = pool.size
         n_train = math.ceil(train_size * n)
         n_val = n - n_train if validation_size is None else math.floor(validation_size * n)
         if n_train + n_val > n:
             raise ValueError(f"train_size + validation_size = {train_size + validation_size} is more than 1")
+        if self.sampler is not None and n_train < n:
+            raise ValueError(
+                f"train_size={train_size}: sampler= draws the training cells itself and would ignore a split; "
+                "pass train_size=1.0 (model.train(train_size=1.0) with scvi-tools), or cells= to split a selection"
+            )
         order = np.random.default_rng(self.seed).permutation(n) if shuffle_set_split else np.arange(n)
-        self.train_idx = np.sort(order[:n_train])
-        self.val_idx = np.sort(order[n_train : n_train + n_val])
-        self.test_idx = np.sort(order[n_train + n_val :])
-        self.train_dataset = self.dataset if n_train == n else self.dataset.subset(cells=self.train_idx)
+        self.train_idx = np.sort(pool[order[:n_train]])
+        self.val_idx = np.sort(pool[order[n_train : n_train + n_val]])
+        self.test_idx = np.sort(pool[order[n_train + n_val :]])
+        if self.sampler is not None:
+            self.train_dataset = self.dataset.subset(sampler=self.sampler)
+        elif n_train == self.dataset.n_obs:
+            self.train_dataset = self.dataset
+        else:
+            self.train_dataset = self.dataset.subset(cells=self.train_idx)
         self.val_dataset = None
         if n_val:
             self.val_dataset = self.dataset.subset(cells=self.val_idx)
@@ -161,15 +186,34 @@ class StoreDataModule(pl.LightningDataModule):
         self.set_batch_size(self.batch_size)
 
     def set_batch_size(self, batch_size: int | None = None) -> None:
-        """Cells per batch of both datasets, from their next epoch on (``None``: unchanged)."""
+        """Cells per batch of both datasets, from their next epoch on (``None``: unchanged).
+
+        While a ``Trainer.fit`` runs, only with ``Trainer(reload_dataloaders_every_n_epochs=1)``: Lightning
+        counts an epoch's batches when it loads the dataloaders, and would cut later epochs short.
+        """
         if batch_size is None:
             return
         if not isinstance(batch_size, int | np.integer) or isinstance(batch_size, bool) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if int(batch_size) != self.batch_size:
+            self._refuse_while_fitting(f"set_batch_size({batch_size})")
         self.batch_size = int(batch_size)
         for ds in (self.dataset, self.train_dataset, self.val_dataset):
             if ds is not None:
                 ds.batch_size = self.batch_size
+
+    def _refuse_while_fitting(self, call: str) -> None:
+        """Refuse a change Lightning would not see while it fits: it counted each epoch's batches, and holds
+        the datasets, when it loaded the dataloaders (a smaller batch size would cut every later epoch short,
+        its last batches never delivered, and the next epoch would repeat it)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.reload_dataloaders_every_n_epochs:
+            return
+        if trainer.state.fn == "fit" and trainer.state.status == "running":
+            raise RuntimeError(
+                f"{call} while Trainer.fit runs: Lightning counted each epoch's batches when fit began; set it "
+                "before fit (as scvi-tools does), or make the Trainer with reload_dataloaders_every_n_epochs=1"
+            )
 
     @property
     def n_train(self) -> int:
@@ -227,14 +271,16 @@ class StoreDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ inference
 
     def inference_dataloader(self, cells: np.ndarray | Sequence[int] | None = None, batch_size: int | None = None):
-        """Every cell once (or those of ``cells``), in store order, as dense scvi-tools dicts.
+        """Every cell of the store once (or those of ``cells``), in store order, as dense scvi-tools dicts.
 
         For ``model.get_latent_representation(dataloader=...)``: row ``i`` of
         the result is cell ``i`` of :attr:`obs_names` (of
-        ``obs_names[cells]``, with ``cells`` sorted, if given).
+        ``obs_names[cells]``, with ``cells`` sorted, if given). Whatever
+        the training settings (``cells=``, ``sampler=``, ``drop_last``, DDP
+        ranks), it yields every cell asked for, in this process.
         """
         ds = self.dataset.subset(cells=cells)
-        ds.shuffle = False
+        ds.shuffle, ds.drop_last, ds.rank, ds.world_size = False, False, 0, 1
         ds.batch_size = batch_size or self.batch_size
         return _DictBatches(ds, self)
 

@@ -36,6 +36,7 @@ from .columns import (
     ColumnSchema,
     PartSummary,
     assemble,
+    check_name,
     decide,
     encode,
     join_columns,
@@ -44,10 +45,16 @@ from .columns import (
 )
 from .errors import InputFileError
 
-__all__ = ["InputObs", "ObsPlan", "plan_obs"]
+__all__ = ["InputObs", "ObsPlan", "column_order", "plan_obs"]
 
 #: rows of obs read at once (names and every kept column): a few MiB
 BLOCK_ROWS = 2**17
+
+
+def column_order(group: h5py.Group) -> list[str]:
+    """The column names of a dataframe stored by anndata (its ``column-order``), without reading a column."""
+    order = group.attrs.get("column-order", [])
+    return [str(c) for c in (order.tolist() if isinstance(order, np.ndarray) else order)]
 
 
 class InputObs:
@@ -59,14 +66,13 @@ class InputObs:
         if not isinstance(group, h5py.Group):
             raise InputFileError(f"{path}: not an AnnData file (no obs group)")
         self._group = group
-        order = group.attrs.get("column-order", [])
-        self.columns = [str(c) for c in (order.tolist() if isinstance(order, np.ndarray) else order)]
+        self.columns = column_order(group)
         index = group.attrs.get("_index")
         if index is None or index not in group:
             raise InputFileError(f"{path}: obs has no index (obs_names); not an AnnData file")
         self._index = str(index)
         self._whole: dict[str, pd.Series] = {}  # columns of an encoding read whole
-        self._categories: dict[str, pd.Index] = {}  # read once per column, not once per block
+        self._categories: dict[str, pd.CategoricalDtype] = {}  # read once per column, not once per block
         self.n_obs = self._length(self._index)
 
     def _length(self, key: str) -> int:
@@ -97,10 +103,11 @@ class InputObs:
                 return pd.Series(node.asstr()[r0:r1], dtype=object)
             if encoding == "categorical":
                 if key not in self._categories:
-                    self._categories[key] = pd.Index(ad.io.read_elem(node["categories"]))
-                categories = self._categories[key]
+                    categories = pd.Index(ad.io.read_elem(node["categories"]))
+                    ordered = bool(node.attrs.get("ordered", False))
+                    self._categories[key] = pd.CategoricalDtype(categories, ordered=ordered)
                 codes = node["codes"][r0:r1]
-                return pd.Series(pd.Categorical.from_codes(codes, categories=categories))
+                return pd.Series(pd.Categorical.from_codes(codes, dtype=self._categories[key]))
             if encoding in ("nullable-integer", "nullable-boolean"):
                 values, mask = node["values"][r0:r1], node["mask"][r0:r1].astype(bool)
                 array = pd.arrays.BooleanArray if encoding == "nullable-boolean" else pd.arrays.IntegerArray
@@ -200,8 +207,9 @@ def plan_obs(
     Raises
     ------
     InputFileError
-        An obs column the rule cannot store, or that cannot be read; a
-        ``source_key`` that is also an obs column. The message names the file.
+        An obs column the rule cannot store, or that cannot be read, or whose
+        name has a ``/`` or is empty (:func:`~arrayloaders.columns.check_name`);
+        a ``source_key`` that is also an obs column. The message names the file.
     """
     columns_of, n_obs, width = [], [], 1
     for path in paths:
@@ -215,6 +223,9 @@ def plan_obs(
                     width = max(width, max(map(len, names)))
     frames = [pd.DataFrame(columns=pd.Index(c, dtype=object)) for c in columns_of]
     kept = join_columns(frames, labels, obs_join, obs_columns)
+    for c in kept:  # before any value is read: the first input holding a name the store cannot hold is named
+        first = next(label for label, names in zip(labels, columns_of) if c in names)
+        check_name(first, "obs column", c, "obs_columns=[...]")
     if source_key is not None and source_key in kept:
         raise InputFileError(
             f"obs column {source_key!r} exists in the inputs and would be overwritten by the source "

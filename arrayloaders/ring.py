@@ -179,16 +179,31 @@ def segment_names(pid: int | None = None) -> list[str]:
     return sorted(p.name for p in SHM_DIR.glob(prefix + "*")) if SHM_DIR.is_dir() else []
 
 
-def _check_room(n_slots: int, layout: SlotLayout) -> None:
+_MORE_SHM = "give the machine (or container: docker run --shm-size) more shared memory"
+
+
+def _free() -> int:
     stat = os.statvfs(SHM_DIR)
-    free = stat.f_bavail * stat.f_frsize
+    return stat.f_bavail * stat.f_frsize
+
+
+def _check_room(n_slots: int, layout: SlotLayout) -> None:
+    free = _free()
     if n_slots * layout.nbytes > free:
         # tmpfs accepts the segment and then kills the writer with SIGBUS: refuse now.
         raise RuntimeError(
             f"the ring needs {n_slots} x {layout.nbytes / 2**20:.0f} MiB of shared memory but {SHM_DIR} has "
-            f"{free / 2**20:.0f} MiB free; lower memory_budget or preload_nchunks, or give the machine "
-            "(or container: docker run --shm-size) more shared memory"
+            f"{free / 2**20:.0f} MiB free; lower memory_budget or preload_nchunks, or {_MORE_SHM}"
         )
+
+
+def _unwritten(segment: Segment) -> int:
+    """Bytes of ``segment`` not yet in memory: what it may still take of ``/dev/shm`` (tmpfs allocates a page
+    when it is first written)."""
+    try:
+        return max(0, segment.layout.nbytes - os.stat(SHM_DIR / segment.name).st_blocks * 512)
+    except FileNotFoundError:
+        return 0
 
 
 class Segment:
@@ -278,7 +293,26 @@ class Ring:
         return self.segments[k].name
 
     def replace(self, k: int) -> None:
-        """Give slot ``k`` a new segment; the old one is unlinked and lives on only in the user's views."""
+        """Give slot ``k`` a new segment; the old one is unlinked and lives on only in the user's views.
+
+        The batches the user holds keep their old segments' memory in
+        ``/dev/shm``: if the new segment, and what the ring's other slots may
+        still fill, do not fit beside them, raise (a ``RuntimeError`` saying
+        so) rather than let the worker that fills it die of SIGBUS.
+        """
+        # What the other slots may still take first: a worker filling one meanwhile only lowers the free space.
+        pending = sum(_unwritten(s) for i, s in enumerate(self.segments) if i != k)
+        free = _free()
+        if self.layout.nbytes + pending > free:
+            raise RuntimeError(
+                f"the ring needs another slot of {self.layout.nbytes / 2**20:.0f} MiB of shared memory, because "
+                f"batches you still hold keep their slots' memory, but {SHM_DIR} has {free / 2**20:.0f} MiB free "
+                f"(and the ring's other slots may still fill {pending / 2**20:.0f} MiB of that); hold fewer batches "
+                f"(copy those you keep: X.clone()), lower memory_budget or preload_nchunks, or {_MORE_SHM}"
+            )
+        self._swap(k)
+
+    def _swap(self, k: int) -> None:
         old = self.segments[k]
         self.segments[k] = self._new(k)
         Ring._unlink_all([old], self._retire)
@@ -288,7 +322,7 @@ class Ring:
         _check_room(len(self.segments), layout)
         self.layout = layout
         for k in range(len(self.segments)):
-            self.replace(k)
+            self._swap(k)
 
     @property
     def nbytes(self) -> int:

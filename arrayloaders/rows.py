@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .disk_layout import DirectX
+from .disk_layout import COMPLETE_ATTRIBUTE, DirectX
 from .errors import StoreError
-from .shards import COMPLETE_ATTRIBUTE, DirectArray
+from .shards import DirectArray
 
 if TYPE_CHECKING:
-    from .store import XSource
+    from .disk_layout import XSource
 
 __all__ = ["CsrRows", "DenseRows", "open_rows", "read_indptr"]
 
@@ -281,10 +281,10 @@ class DenseRows:
         if isinstance(source, DirectX):
             self._direct, self._zarr = DirectArray(source.arrays[0]), None
         else:
-            from .zarr_layout import open_x
+            from .zarr_layout import direct_array, open_x
 
             (array,) = open_x(source)
-            self._direct = DirectArray.open(array)
+            self._direct = direct_array(array)
             self._zarr = _ZarrArrays(source, ("",)) if self._direct is None else None
         dtype = self._direct.dtype if self._direct is not None else self._zarr.arrays[""].dtype
         self._rows = np.empty((0, source.n_vars), dtype)

@@ -47,17 +47,15 @@ from typing import TYPE_CHECKING
 import google_crc32c
 import numpy as np
 
-from .disk_layout import ArrayLayout
+from .disk_layout import COMPLETE_ATTRIBUTE, ArrayLayout
 from .native_codecs import native_codecs
 from .open_files import shard_files
 
 if TYPE_CHECKING:
-    import zarr
+    pass
 
 __all__ = ["COMPLETE_ATTRIBUTE", "DirectArray"]
 
-#: zarr attribute (value ``True``) of an array whose every chunk was written.
-COMPLETE_ATTRIBUTE = "arrayloaders:every_chunk_written"
 
 _MISSING = 2**64 - 1  # shard index entry of a chunk that was never written
 _U32 = struct.Struct("<I")  # a stored crc32c
@@ -147,14 +145,6 @@ class DirectArray:
     def compiled(self) -> bool:
         """Whether :meth:`gather` runs compiled now: blosc chunks, and the loop already loaded in this process."""
         return self._native is not None and _compiled_loop_warm()
-
-    @classmethod
-    def open(cls, array: zarr.Array) -> DirectArray | None:
-        """A direct reader of ``array``, or ``None`` if its storage or codecs are not supported."""
-        from .zarr_layout import array_layout
-
-        layout = array_layout(array)
-        return None if layout is None else cls(layout)
 
     # ------------------------------------------------------------------ files
 

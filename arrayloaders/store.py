@@ -7,6 +7,7 @@ directory without it is never taken for a store.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -16,14 +17,15 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 
+from .disk_layout import COMPLETE_ATTRIBUTE
 from .errors import StoreError
+from .zarr_layout import missing_chunk_files
 
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "XLayout",
     "StoreManifest",
-    "XSource",
     "check_files",
     "manifest_stamp",
     "read_manifest",
@@ -173,12 +175,22 @@ class StoreManifest:
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     # ... and obsm/<key>, a dense (n_obs, k) array: {key: {"k": k, "dtype": ...}}
     obsm: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # A random id given at conversion: a checkpoint resumes only the store it was taken on, not the same
+    # inputs converted again (with another seed, or other data of the same sizes). None: written before it.
+    store_id: str | None = None
     format_version: int = FORMAT_VERSION
     format: str = "arrayloaders-store"
     created_by: str = field(default_factory=lambda: f"arrayloaders {_version()}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
+
+    @property
+    def identity(self) -> str:
+        """What a checkpoint records of this store: its ``store_id`` (or, written before it, a digest of the manifest)."""
+        if self.store_id is not None:
+            return f"store {self.store_id}"
+        return "store (no store_id) sha1 " + hashlib.sha1(self.to_json().encode()).hexdigest()[:16]
 
     @classmethod
     def from_json(cls, text: str, path: Path) -> StoreManifest:
@@ -268,7 +280,7 @@ def check_files(store: Path, manifest: StoreManifest) -> None:
 
     The totals add up, names are unique, every file exists with the shape and
     dtype of X, obs, var, layers and obsm arrays the manifest says, and every chunk file of an
-    array written with all its chunks (:data:`~arrayloaders.shards.COMPLETE_ATTRIBUTE`)
+    array written with all its chunks (:data:`~arrayloaders.disk_layout.COMPLETE_ATTRIBUTE`)
     is on disk.
 
     Raises
@@ -276,9 +288,6 @@ def check_files(store: Path, manifest: StoreManifest) -> None:
     StoreError
         Naming the store (or file) and the manifest field or array at fault.
     """
-    from .shards import COMPLETE_ATTRIBUTE
-    from .zarr_layout import missing_chunk_files
-
     def edited(field: str, detail: str) -> StoreError:
         return StoreError(f"{store}: the manifest's {field} {detail} (edited or damaged {MANIFEST_NAME})")
 
@@ -464,28 +473,3 @@ def _metadata_or_chunk(parts: tuple[str, ...], name: str) -> bool:
 
 
 # --------------------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class XSource:
-    """Where one AnnData's X lives: enough to reopen it in another process.
-
-    zarr stores pickle by location, so a worker opens its own handles.
-    """
-
-    store: Any  # a zarr.abc.store.Store
-    path: str  # of the X group (CSR) or array (dense) inside the store
-    kind: Literal["csr", "dense"]
-    n_obs: int
-    n_vars: int
-    dtype: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.store}/{self.path}"
-
-    @property
-    def where(self) -> str:
-        """The X's directory, for messages (as :attr:`arrayloaders.disk_layout.DirectX.where`); else its label."""
-        root = getattr(self.store, "root", None)
-        return str(Path(root) / self.path) if root is not None else self.label

@@ -63,7 +63,7 @@ from .plan import Load
 from .ring import IndptrTable, SlotLayout, map_indptrs, map_segment, populate
 
 if TYPE_CHECKING:
-    from .store import XSource
+    from .disk_layout import XSource
 
 __all__ = ["Failed", "Filled", "SlotDecoder", "Started", "Task", "WorkerConfig", "WorkerPool", "exit_description"]
 

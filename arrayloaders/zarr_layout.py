@@ -18,12 +18,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
-from .disk_layout import ArrayLayout, DirectX
+from .disk_layout import COMPLETE_ATTRIBUTE, ArrayLayout, DirectX, XSource
 from .errors import StoreError
-from .shards import COMPLETE_ATTRIBUTE, DirectArray
-from .store import XSource
+from .shards import DirectArray
 
-__all__ = ["array_layout", "direct_sources", "direct_x", "map_whole_array", "missing_chunk_files", "open_x", "unwritten_chunks"]
+__all__ = ["array_layout", "direct_array", "direct_sources", "direct_x", "map_whole_array", "missing_chunk_files", "open_x", "unwritten_chunks"]
 
 _U32 = struct.Struct("<I")  # a stored crc32c
 _KEY_PREFIXES = {"default": ("c",), "v2": ()}  # zarr v3's chunk key encodings: what precedes the coordinates
@@ -69,6 +68,12 @@ def _key_prefix(meta, ndim: int) -> tuple[tuple[str, ...], str] | None:
         if meta.encode_chunk_key(coords) != separator.join((*prefix, *map(str, coords))):
             return None
     return prefix, separator
+
+
+def direct_array(array: zarr.Array) -> DirectArray | None:
+    """A direct reader of ``array``, or ``None`` if its storage or codecs are not supported."""
+    layout = array_layout(array)
+    return None if layout is None else DirectArray(layout)
 
 
 def array_layout(array: zarr.Array) -> ArrayLayout | None:
@@ -199,7 +204,7 @@ def map_whole_array(array: zarr.Array) -> np.ndarray | None:
 
 def unwritten_chunks(array: zarr.Array, start: int = 0, stop: int | None = None) -> list[str] | None:
     """:meth:`DirectArray.unwritten` of a zarr array; ``None`` for layouts :class:`DirectArray` does not read."""
-    reader = DirectArray.open(array)
+    reader = direct_array(array)
     if reader is None:
         return None
     try:

@@ -85,8 +85,8 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import importlib.util
+import json
 import os
 import shutil
 import statistics
@@ -130,9 +130,7 @@ def run_arrayloaders(store: Path, args) -> dict:
     import numpy as np
     import torch
 
-    from arrayloaders import ZarrDenseDataset, ZarrSparseDataset
-
-    from arrayloaders import read_manifest
+    from arrayloaders import ZarrDenseDataset, ZarrSparseDataset, read_manifest
 
     setup = time.perf_counter()  # from here (imports done) to the first next(): the loader's set-up
     kind = ZarrDenseDataset if args.dense or args.values == "genes2000-dense" else ZarrSparseDataset

@@ -27,9 +27,10 @@ import numpy as np
 import zarr
 
 from arrayloaders import XLayout, create_store_from_h5ads, read_manifest
+from arrayloaders.disk_layout import XSource
 from arrayloaders.example_data import write_example_h5ads
 from arrayloaders.rows import CsrRows
-from arrayloaders.store import XSource, use_zarrs
+from arrayloaders.store import use_zarrs
 
 
 def open_files(store: Path) -> list[tuple[XSource, np.ndarray]]:

@@ -41,11 +41,11 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
+from benchmark import measure, parse_args, prepare_annbatch
+from train import LogisticRegression
 
 from arrayloaders import ZarrSparseDataset, create_store_from_h5ads
 from arrayloaders.example_data import write_example_h5ads
-from benchmark import measure, parse_args, prepare_annbatch
-from train import LogisticRegression
 
 
 def throttled(batches: Iterable, cells_per_s: float) -> Iterator:

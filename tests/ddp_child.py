@@ -139,6 +139,16 @@ def main(scenario: str, store: str, outdir: Path, args: dict, rank: int, world_s
             out["error"] = None
         except ValueError as e:
             out["error"] = str(e)
+    elif scenario == "values_mismatch":
+        # Ranks that would yield other genes, another layer or other obsm arrays: refused on every rank.
+        out["errors"] = []
+        for kw, add in args["cases"]:
+            kw, add = (kw, add) if rank == 1 else ({}, {})
+            ds = ZarrSparseDataset(**{**DATASET_KW, "num_workers": 0, **kw}).add_store(store, obs_keys="cell_type", **add)
+            try:
+                out["errors"].append(f"no error: {sum(1 for _ in ds)} batches")
+            except ValueError as e:
+                out["errors"].append(str(e))
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     return out

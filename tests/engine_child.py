@@ -25,7 +25,6 @@ from arrayloaders.engine import _grown, slot_layout
 from arrayloaders.plan import plan_epoch
 from arrayloaders.ring import segment_names
 
-
 faulthandler.register(signal.SIGUSR1)  # the parent asks for our stacks before it gives up on us
 
 

@@ -20,6 +20,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from arrayloaders import ZarrDenseDataset, ZarrSparseDataset, chunk_gather, shards
 from arrayloaders.shards import DirectArray
+from arrayloaders.zarr_layout import direct_array
 
 N, CHUNK, SHARD = 4000, 64, 512
 
@@ -68,12 +69,12 @@ def test_blosc_arrays_are_gathered_by_the_compiled_loop_bit_identically(tmp_path
     array, values = make_array(tmp_path / "a", stored)
     ranges = random_ranges(1) + [(0, N), (CHUNK, 2 * CHUNK), (N - 1, N)]
     want = np.concatenate([values[a:b] for a, b in ranges]).astype(into)
-    reader = DirectArray.open(array)
+    reader = direct_array(array)
     got = gather(reader, ranges, into)
     assert calls and set(calls) == {chunk_gather.DONE}  # every file done by the compiled loop
     np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
     monkeypatch.setattr(DirectArray, "_compiled", lambda *args: None)
-    np.testing.assert_array_equal(gather(DirectArray.open(array), ranges, into).view(np.uint8), want.view(np.uint8))
+    np.testing.assert_array_equal(gather(direct_array(array), ranges, into).view(np.uint8), want.view(np.uint8))
 
 
 def shard_chunks(shard_path) -> np.ndarray:
@@ -100,11 +101,11 @@ def test_a_fault_mid_file_stops_the_loop_and_the_python_loop_names_it(tmp_path, 
     shard.write_bytes(bytes(raw))
     ranges = [(SHARD + c * CHUNK + 3, SHARD + c * CHUNK + 9) for c in range(1, 8)]
     with pytest.raises(OSError) as compiled:
-        gather(DirectArray.open(zarr.open_array(str(tmp_path / "a"), mode="r")), ranges, "float32")
+        gather(direct_array(zarr.open_array(str(tmp_path / "a"), mode="r")), ranges, "float32")
     assert calls == [bad - 1]  # stopped at the damaged chunk: the 5th wanted (0-based 4)
     monkeypatch.setattr(DirectArray, "_compiled", lambda *args: None)
     with pytest.raises(OSError) as python:
-        gather(DirectArray.open(zarr.open_array(str(tmp_path / "a"), mode="r")), ranges, "float32")
+        gather(direct_array(zarr.open_array(str(tmp_path / "a"), mode="r")), ranges, "float32")
     assert str(compiled.value) == str(python.value)
     assert str(shard) in str(compiled.value)
 

@@ -9,6 +9,7 @@ must open, with the same values).
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import anndata as ad
@@ -19,7 +20,7 @@ import zarr
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from arrayloaders import InputFileError
+from arrayloaders import ConversionWarning, InputFileError
 from arrayloaders.columns import ColumnSchema, harmonise_column, harmonise_frames, join_columns
 
 PANDAS_3 = int(pd.__version__.split(".")[0]) >= 3
@@ -292,3 +293,66 @@ def test_outer_join_fills_missing_by_kind():
     assert schema["a"].dtype == "Int64" and schema["c"].dtype == "boolean"
     assert list(values["a"].isna()) == [False, True] and list(values["c"].isna()) == [False, True]
     assert schema["a"].to_json() == {"kind": "numeric", "dtype": "Int64", "missing": True}
+
+
+# ------------------------------------------------------------------ ordered categoricals
+
+STAGES = ["early", "mid", "late"]
+
+
+def stages(values, categories=STAGES, ordered=True) -> pd.Series:
+    return pd.Series(pd.Categorical(values, categories=categories, ordered=ordered))
+
+
+def test_ordered_categorical_stays_ordered_when_every_input_agrees():
+    """Inputs without the column do not count; the order survives anndata's zarr round trip."""
+    parts = [stages(["late", "early"]), None, stages(["mid", None, "late"])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConversionWarning)
+        values, schema = harmonise_column("stage", parts, [2, 4, 3], ["a.h5ad", "b.h5ad", "c.h5ad"])
+    assert schema == ColumnSchema("categorical", "category", tuple(STAGES), True, ordered=True)
+    assert schema.to_json() == {"kind": "categorical", "dtype": "category", "categories": STAGES, "missing": True,
+                                "ordered": True}  # fmt: skip
+    assert values.ordered and list(values.categories) == STAGES
+    assert list(values.codes) == [2, 0, -1, -1, -1, -1, 1, -1, 2]
+    back = write_and_read(values)
+    assert back.cat.ordered and list(back.cat.categories) == STAGES and list(back.cat.codes) == list(values.codes)
+
+
+def test_an_unordered_column_has_no_ordered_entry():
+    values, schema = harmonise_column("stage", [stages(["mid"], ordered=False)], [1], ["a.h5ad"])
+    assert not values.ordered and not schema.ordered and "ordered" not in schema.to_json()
+
+
+@pytest.mark.parametrize(
+    ("other", "how"),
+    [
+        (stages(["mid"], categories=["mid", "early", "late"]), "has other categories or another order"),
+        (stages(["mid"], categories=["early", "mid"]), "has other categories or another order"),
+        (stages(["mid"], ordered=False), "is not an ordered categorical"),
+        (pd.Series(np.array(["mid", "early"], dtype=object)), "is not an ordered categorical"),
+        (pd.Series(np.array([3, 1])), "is not an ordered categorical"),
+    ],
+    ids=["other-order", "other-categories", "unordered", "strings", "ints"],
+)
+def test_inputs_that_differ_give_an_unordered_column_and_a_warning_naming_both(other, how):
+    parts = [None, stages(["late"]), other, stages(["early"])]
+    labels = ["a.h5ad", "b.h5ad", "c.h5ad", "d.h5ad"]
+    expected = rf"obs column 'stage' is an ordered categorical in b\.h5ad but {how} in c\.h5ad"
+    with pytest.warns(ConversionWarning, match=expected) as w:
+        values, schema = harmonise_column("stage", parts, [1, 1, len(other), 1], labels)
+    assert len(w) == 1 and "\n" not in str(w[0].message)
+    assert not values.ordered and not schema.ordered
+    assert values[1] == "late" and values[-1] == "early"
+
+
+@pytest.mark.parametrize("name", ["a/b", "/", "counts/", ""], ids=["inner-slash", "slash", "trailing-slash", "empty"])
+def test_names_zarr_cannot_hold_are_refused_naming_file_and_key(name):
+    from arrayloaders.columns import check_name
+
+    problem = "has an empty name" if not name else "has a '/' in its name"
+    expected = rf"^a\.h5ad: obs column {re.escape(repr(name))} {problem}.*obs_columns="
+    with pytest.raises(InputFileError, match=expected) as info:
+        check_name("a.h5ad", "obs column", name, "obs_columns=[...]")
+    assert "\n" not in str(info.value)
+    check_name("a.h5ad", "obs column", "a.b c-é", "obs_columns=[...]")

@@ -24,11 +24,12 @@ from conftest import N_VARS, SIZES, assert_bit_identical, read_sources, read_sto
 
 from arrayloaders import ConversionWarning, InputFileError, StoreError, XLayout, create_store_from_h5ads, read_manifest
 from arrayloaders.buckets import csr_row_positions
-from arrayloaders.convert import parse_bytes, plan_output_files
+from arrayloaders.byte_sizes import parse_bytes
+from arrayloaders.convert import plan_output_files
+from arrayloaders.disk_layout import COMPLETE_ATTRIBUTE, XSource
 from arrayloaders.example_data import make_example_adata, write_example_h5ads
 from arrayloaders.rows import open_rows
-from arrayloaders.shards import COMPLETE_ATTRIBUTE
-from arrayloaders.store import XSource, read_obs
+from arrayloaders.store import read_obs
 from arrayloaders.zarr_layout import missing_chunk_files, unwritten_chunks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -395,6 +396,62 @@ def test_var_columns_are_harmonised(tmp_path):
     assert all(type(v) is str for v in var.index)
 
 
+# ------------------------------------------------------------------ ordered categoricals
+
+STAGES = ["early", "mid", "late"]
+
+
+def staged(tmp_path: Path, name: str, n: int, categories=STAGES, ordered=True, seed=0) -> Path:
+    """A small .h5ad whose obs ``stage`` and var ``level`` are categoricals (ordered unless told)."""
+    adata = make_example_adata(n, 6, nnz_per_cell=2, seed=seed, name_prefix=name)
+    values = np.random.default_rng(seed).choice([*categories[:2], None], n)
+    adata.obs["stage"] = pd.Categorical(values, categories=list(categories), ordered=ordered)
+    adata.var["level"] = pd.Categorical(["low", "high"] * 3, categories=["low", "high"], ordered=ordered)
+    return write_h5ad(adata, tmp_path / f"{name}.h5ad")
+
+
+def test_ordered_categoricals_round_trip_ordered(tmp_path):
+    paths = [staged(tmp_path, "a", 30, seed=1), staged(tmp_path, "b", 20, seed=2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConversionWarning)
+        out = convert(paths, tmp_path / "s", n_obs_per_file=16)
+    source = pd.concat([ad.read_h5ad(p).obs["stage"] for p in paths])
+    for f in sorted(out.glob("chunk_*.zarr")):  # anndata reads each file back ordered, with the same values
+        part = ad.read_zarr(f)
+        pd.testing.assert_series_equal(part.obs["stage"], source[part.obs_names])
+        assert part.obs["stage"].dtype == pd.CategoricalDtype(STAGES, ordered=True)
+        assert part.var["level"].dtype == pd.CategoricalDtype(["low", "high"], ordered=True)
+        assert not part.obs["source_file"].cat.ordered
+    assert read_manifest(out).obs_schema["stage"] == {
+        "kind": "categorical", "dtype": "category", "categories": STAGES, "missing": True, "ordered": True
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("other", "how"),
+    [
+        ({"categories": ["mid", "early", "late"]}, "has other categories or another order"),
+        ({"ordered": False}, "is not an ordered categorical"),
+    ],
+    ids=["other-order", "unordered"],
+)
+def test_inputs_that_disagree_on_the_order_give_an_unordered_column_and_one_warning(tmp_path, other, how):
+    paths = [staged(tmp_path, "a", 12, seed=1), staged(tmp_path, "b", 8, seed=2, **other)]
+    with pytest.warns(ConversionWarning) as caught:
+        out = convert(paths, tmp_path / "s")
+    ours = [str(w.message) for w in caught if "'stage'" in str(w.message)]
+    assert ours == [
+        f"obs column 'stage' is an ordered categorical in {paths[0]} but {how} in {paths[1]}: the store holds it "
+        "unordered; make the inputs agree to keep the order"
+    ]
+    assert "ordered" not in read_manifest(out).obs_schema["stage"]
+    source = pd.concat([ad.read_h5ad(p).obs["stage"].astype(object) for p in paths])
+    for f in sorted(out.glob("chunk_*.zarr")):
+        got = ad.read_zarr(f).obs["stage"]
+        assert not got.cat.ordered
+        assert got.astype(object).fillna("-").tolist() == source[got.index].fillna("-").tolist()
+
+
 # ------------------------------------------------------------------ files from newer anndata and pandas
 
 FIXTURES = [REPO / "tests" / "data" / "anndata013_a.h5ad", REPO / "tests" / "data" / "anndata013_b.h5ad"]
@@ -589,6 +646,78 @@ def test_the_same_file_twice_is_refused(h5ads, tmp_path, spelling):
 def test_mixed_dense_and_csr_is_refused(h5ads, dense_h5ads, tmp_path):
     with pytest.raises(InputFileError, match="mix CSR and dense"):
         convert([h5ads[0], dense_h5ads[0]], tmp_path / "s", var_join="outer")
+
+
+def _with_keys(path: Path) -> None:
+    """A small valid .h5ad with an obs column, a var column, a CSR layer and an obsm array, each named ``x``."""
+    adata = make_example_adata(12, 6, nnz_per_cell=2, seed=4, name_prefix="k")
+    adata.obs["x"], adata.var["x"] = np.arange(12), np.arange(6)
+    adata.layers["x"], adata.obsm["x"] = adata.X.copy(), np.ones((12, 2), np.float32)
+    adata.write_h5ad(path)
+
+
+def _renamed(kind: str, key: str):
+    """``kind``'s ``x`` as anndata 0.12 writes it under ``key`` (0.13 refuses to): a key with '/' is nested
+    in groups (``obs/a/b``); a dataframe's column order is edited by hand."""
+
+    def make(path):
+        _with_keys(path)
+        with h5py.File(path, "r+") as f:
+            f.move(f"{kind}/x", f"{kind}/{key or 'y'}")
+            if kind in ("obs", "var"):
+                order = [str(c) for c in f[kind].attrs["column-order"]]
+                f[kind].attrs["column-order"] = np.array([key if c == "x" else c for c in order], dtype=object)
+
+    return make
+
+
+def _overwritten(kind: str):
+    """``kind`` as anndata 0.12 writes it for a key '': the element's value written over the whole group."""
+
+    def make(path):
+        _with_keys(path)
+        with h5py.File(path, "r+") as f:
+            del f[kind]
+            f[kind] = np.ones((12, 6) if kind != "var" else 6, np.float32)
+
+    return make
+
+
+# id -> (makes the file, the key's description in the message, how to leave it out: extra arguments, or None)
+BAD_KEYS = {
+    **{f"{kind}-slash": (_renamed(kind, "a/b"), f"{what} 'a/b' has a '/' in its name", leave)
+       for kind, what, leave in (("obs", "obs column", {"obs_columns": []}), ("var", "var column", None),
+                                 ("layers", "layers key", {"layers": []}), ("obsm", "obsm key", {"obsm_keys": []}))},
+    "obs-nested-slashes": (_renamed("obs", "a/b/c"), "obs column 'a/b/c' has a '/'", {"obs_columns": []}),
+    "obs-empty": (_renamed("obs", ""), "obs column '' has an empty name", {"obs_columns": []}),
+    "var-empty": (_renamed("var", ""), "var column '' has an empty name", None),
+    "var-overwritten": (_overwritten("var"), "not an AnnData file (no obs/var groups)", None),
+    **{f"{kind}-overwritten": (_overwritten(kind), f"{kind} is not a group (a damaged file, or one written with an "
+                                f"empty {kind} key)", None) for kind in ("layers", "obsm")},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_KEYS))
+def test_a_key_zarr_cannot_hold_is_refused_before_any_output_naming_file_and_key(tmp_path, case):
+    make, text, leave_out = BAD_KEYS[case]
+    bad = tmp_path / "bad.h5ad"
+    make(bad)
+    with pytest.raises(InputFileError) as info:
+        convert([bad], tmp_path / "s")
+    message = str(info.value)
+    assert message.startswith(f"{bad}: {text}") and "\n" not in message, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5ad"]  # no output, no staging directory
+    if leave_out is not None:  # what the message suggests works
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConversionWarning)
+            assert read_manifest(convert([bad], tmp_path / "s", **leave_out)).n_obs == 12
+
+
+@pytest.mark.parametrize("key", ["a/b", ""])
+def test_a_source_key_zarr_cannot_hold_is_refused(h5ads, tmp_path, key):
+    with pytest.raises(ValueError, match=rf"source_key must be a non-empty name without '/' \(or None\), got {key!r}"):
+        convert(h5ads[:1], tmp_path / "s", source_key=key)
+    assert not (tmp_path / "s").exists() and not siblings(tmp_path)
 
 
 # ------------------------------------------------------------------ the output directory
@@ -1239,6 +1368,21 @@ def test_cli_reports_each_error_in_one_line(cli_main, h5ads, tmp_path, capsys, c
     assert "internal error" not in line
 
 
+@pytest.mark.parametrize("case", [*BAD_KEYS, "source-key"])
+def test_cli_refuses_a_key_zarr_cannot_hold_in_one_line(cli_main, h5ads, tmp_path, capsys, case):
+    if case == "source-key":
+        args = [str(h5ads[0]), "--source-key", "a/b"]
+        text = "source_key must be a non-empty name without '/' (or None), got 'a/b'"
+    else:
+        make, what, _ = BAD_KEYS[case]
+        make(tmp_path / "bad.h5ad")
+        args, text = [str(tmp_path / "bad.h5ad")], f"{tmp_path / 'bad.h5ad'}: {what}"
+    assert cli_main.main([*args, "-o", str(tmp_path / "s"), "-q"]) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"convert.py: error: {text}") and "internal error" not in line, line
+    assert not (tmp_path / "s").exists() and not siblings(tmp_path)
+
+
 def test_cli_prints_the_warning_in_one_line(cli_main, tmp_path, capsys):
     assert cli_main.main([*map(str, FIXTURES), "-o", str(tmp_path / "s"), "-q"]) == 0
     line = _one_line(capsys.readouterr().err)
@@ -1304,3 +1448,4 @@ def test_a_second_ctrl_c_while_a_failed_conversion_cleans_up_leaves_nothing(h5ad
     finally:
         signal.signal(signal.SIGINT, previous)
     assert interrupted and list(tmp_path.iterdir()) == []
+

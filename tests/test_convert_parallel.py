@@ -3,6 +3,7 @@ dying process stops the conversion with nothing left behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -17,7 +18,11 @@ from arrayloaders.jobs import JobFailed, Jobs
 
 
 def files_of(store: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+    """Every file's bytes; the manifest's random store_id left out (each conversion gets its own)."""
+    files = {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+    manifest = json.loads(files.pop("arrayloaders.json"))
+    assert len(manifest.pop("store_id")) == 32
+    return {**files, "arrayloaders.json": json.dumps(manifest).encode()}
 
 
 @pytest.fixture(scope="module")

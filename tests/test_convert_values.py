@@ -19,10 +19,9 @@ from hypothesis import strategies as st
 from test_convert import damaged_copy, flip_byte
 
 from arrayloaders import ConversionWarning, InputFileError, StoreError, XLayout, create_store_from_h5ads, read_manifest
+from arrayloaders.disk_layout import COMPLETE_ATTRIBUTE, XSource
 from arrayloaders.rows import open_rows
-from arrayloaders.shards import COMPLETE_ATTRIBUTE, DirectArray
-from arrayloaders.store import XSource
-from arrayloaders.zarr_layout import missing_chunk_files
+from arrayloaders.zarr_layout import direct_array, missing_chunk_files
 
 N_VARS = 30
 SIZES = (37, 61, 25)
@@ -134,7 +133,7 @@ def read_rows(source: XSource, runs=None):
 def read_obsm(store: Path, name: str, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
     """Rows ``start:stop`` of an obsm array through ``DirectArray`` (as the loader reads obsm rows)."""
     array = zarr.open_array(store / name / "obsm" / key, mode="r")
-    direct = DirectArray.open(array)
+    direct = direct_array(array)
     assert direct is not None and direct.complete and direct.checked
     stop = array.shape[0] if stop is None else stop
     k = array.shape[1]

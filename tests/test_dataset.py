@@ -176,7 +176,7 @@ def test_different_var_is_refused(store, h5ads, tmp_path):
 def test_mixed_sparse_and_dense_is_refused(store, dense_h5ads, tmp_path):
     dense = create_store_from_h5ads(dense_h5ads, tmp_path / "d", progress=False)
     ds = ZarrDenseDataset().add_store(store)
-    with pytest.raises(ValueError, match="mix sparse"):
+    with pytest.raises(ValueError, match=r"chunk_0\.zarr/X: X is dense, but others added are sparse \(CSR\)"):
         ds.add_store(dense)
     with pytest.raises(ValueError, match="use ZarrDenseDataset"):
         ZarrSparseDataset().add_store(dense)
@@ -318,6 +318,73 @@ def test_obs_codes_are_held_compact_and_yielded_as_int64(n_labels, held):
     cats = np.array(obs.categories["c"] + [None], dtype=object)
     want = pd.concat([a.astype(object), b], ignore_index=True).to_numpy()[rows]
     assert (cats[got.numpy()] == want).all()
+
+
+# ------------------------------------------------------------------ ordered categoricals
+
+
+@pytest.fixture(scope="module")
+def ordered_store(tmp_path_factory):
+    """A store of two inputs whose obs ``stage`` is an ordered categorical (``early < mid < late``)."""
+    from test_convert import staged
+
+    d = tmp_path_factory.mktemp("ordered")
+    paths = [staged(d, "a", 30, seed=1), staged(d, "b", 20, seed=2)]
+    return create_store_from_h5ads(paths, d / "store", n_obs_per_file=16, progress=False)
+
+
+def _stage_adatas(store: Path, reorder: bool = False) -> list[ad.AnnData]:
+    """The store's files as zarr-backed AnnData objects; ``reorder``: the second one's stage in another order."""
+    adatas = []
+    for i, p in enumerate(sorted(store.glob("chunk_*.zarr"))):
+        obs = ad.io.read_elem(zarr.open(p)["obs"])
+        if reorder and i == 1:
+            obs["stage"] = obs["stage"].cat.reorder_categories(["mid", "early", "late"])
+        adatas.append(ad.AnnData(X=ad.io.sparse_dataset(zarr.open(p)["X"]), obs=obs))
+    return adatas
+
+
+def test_categories_of_an_ordered_column_are_ordered(ordered_store):
+    from arrayloaders import Categories
+
+    ds = ZarrSparseDataset(8, 4, 2, return_index=True, num_workers=0)
+    ds.add_store(ordered_store, obs_keys=["stage", "source_file"])
+    stage = ds.categories["stage"]
+    assert isinstance(stage, Categories) and stage.ordered and not ds.categories["source_file"].ordered
+    # still the list of labels it was: compared, measured and converted as one
+    assert stage == ["early", "mid", "late"] and len(stage) == 3 and np.array(stage).tolist() == stage
+    assert stage.dtype == pd.CategoricalDtype(["early", "mid", "late"], ordered=True)
+    codes, rows = [], []
+    for _, obs, idx in ds:
+        codes.append(obs["stage"].numpy()), rows.append(idx.numpy())
+    got = pd.Series(pd.Categorical.from_codes(np.concatenate(codes), dtype=stage.dtype))
+    expected = read_store(ordered_store).obs["stage"].iloc[np.concatenate(rows)]
+    assert got.astype(object).fillna("-").tolist() == expected.astype(object).fillna("-").tolist()
+
+
+@pytest.mark.parametrize("reorder", [False, True], ids=["same-order", "another-order"])
+def test_categories_from_add_anndatas_are_ordered_iff_every_part_agrees(ordered_store, reorder):
+    ds = ZarrSparseDataset(8, 4, 2).add_anndatas(_stage_adatas(ordered_store, reorder), obs_keys="stage")
+    assert ds.categories["stage"].ordered is not reorder
+    assert ds.categories["stage"] == ["early", "mid", "late"]
+
+
+def test_a_store_whose_manifest_has_no_ordered_entry_loads(ordered_store, store, tmp_path):
+    """Manifests written before ``ordered`` existed: its files decide (ordered here), and an unordered store's
+    categories are unordered."""
+    import json
+    import pickle
+    import shutil
+
+    copy = Path(shutil.copytree(ordered_store, tmp_path / "old"))
+    manifest = json.loads((copy / "arrayloaders.json").read_text())
+    del manifest["obs_schema"]["stage"]["ordered"]
+    (copy / "arrayloaders.json").write_text(json.dumps(manifest))
+    ds = ZarrSparseDataset(8, 4, 2, num_workers=0).add_store(copy, obs_keys="stage")
+    assert ds.categories["stage"].ordered and len(list(ds)) == len(ds)
+    plain = ZarrSparseDataset(8, 4, 2).add_store(store, obs_keys="cell_type").categories["cell_type"]
+    assert not plain.ordered and plain.dtype == pd.CategoricalDtype(list(plain), ordered=False)
+    assert pickle.loads(pickle.dumps(ds.categories))["stage"].ordered  # travels to DDP ranks and checkpoints
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["chunked", "sampler"])

@@ -242,3 +242,50 @@ def test_arrayloaders_imports_without_lightning():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert 'pip install "arrayloaders[lightning]"' in res.stdout
+
+
+class GrowBatches(pl.Callback):
+    """Sets the data module's batch size at a step mid-epoch, as scvi-tools or a user's callback may."""
+
+    def __init__(self, step: int, batch_size: int):
+        self.step, self.batch_size = step, batch_size
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.datamodule.set_batch_size(self.batch_size)
+
+
+@pytest.mark.parametrize("grown", [128, 40])
+def test_a_batch_size_changed_mid_epoch_resumes_exactly_from_a_checkpoint(store, tmp_path, grown):
+    """The running epoch keeps its batch size; a checkpoint taken after the change must resume that epoch as it
+    was cut (it used to record the new size with the old position: cells repeated or skipped). Lightning
+    counts an epoch's batches when it loads the dataloaders: it must reload them to see the new size."""
+    kw = {"max_epochs": 2, "num_sanity_val_steps": 0, "reload_dataloaders_every_n_epochs": 1}
+    reference = Recorder(module(store).n_vars)
+    trainer(**kw, callbacks=[GrowBatches(3, grown)]).fit(reference, module(store))
+    assert len(reference.rows["train", 0]) == len(reference.rows["train", 1]) == 800
+    first = Recorder(reference.lin.in_features)
+    every = pl.callbacks.ModelCheckpoint(tmp_path, every_n_train_steps=6, save_top_k=-1, filename="{step}")
+    with pytest.raises(Preempted):
+        trainer(**kw, enable_checkpointing=True, callbacks=[GrowBatches(3, grown), every, Crash(7)]).fit(first, module(store))
+    resumed = Recorder(reference.lin.in_features)
+    trainer(**kw).fit(resumed, module(store), ckpt_path=tmp_path / "step=6.ckpt")
+    done = first.rows["train", 0][: 6 * 64]
+    assert done + resumed.rows.get(("train", 0), []) == reference.rows["train", 0]  # neither repeated nor skipped
+    assert resumed.rows["train", 1] == reference.rows["train", 1]  # the next epoch at the new size
+
+
+def test_a_batch_size_change_lightning_would_not_see_is_refused(store):
+    """Without reloading, Lightning keeps the batch count it took at the start: a smaller batch size would
+    leave each later epoch unfinished, and the next would repeat it."""
+    with pytest.raises(RuntimeError, match=r"set_batch_size\(40\) while Trainer.fit runs: .*reload_dataloaders_every_n_epochs=1"):
+        trainer(max_epochs=2, num_sanity_val_steps=0, callbacks=[GrowBatches(3, 40)]).fit(Recorder(400), module(store))
+    dm = module(store)
+    dm.set_batch_size(40)  # outside a fit: as before
+    with pytest.raises(RuntimeError, match=r"set_split\(\) while Trainer.fit runs"):
+        trainer(max_epochs=1, callbacks=[Resplit()]).fit(Recorder(400), dm)
+
+
+class Resplit(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        trainer.datamodule.set_split(train_size=0.5)

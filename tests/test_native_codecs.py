@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from arrayloaders.native_codecs import native_codecs
-from arrayloaders.shards import DirectArray
+from arrayloaders.zarr_layout import direct_array
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_readers_of_blosc_arrays_decode_natively(native, tmp_path, compressors, 
     array = zarr.create_array(tmp_path, name="a", shape=(1000,), chunks=(64,), shards=(256,), dtype="float32",
                               compressors=compressors)  # fmt: skip
     array[:] = np.arange(1000, dtype=np.float32)
-    reader = DirectArray.open(array)
+    reader = direct_array(array)
     assert (reader._native is not None) == uses_native
     out = np.empty(900, np.float32)
     reader.read_into(50, 950, out)

@@ -117,3 +117,42 @@ def test_damaged_category_codes_are_refused_naming_the_file_and_column(tmp_path)
         f["obs/cell_type/codes"][3] = 42  # 4 categories
     with pytest.raises(InputFileError, match=r"a\.h5ad: cannot read obs column 'cell_type'"):
         create_store_from_h5ads([path], tmp_path / "s", progress=False)
+
+
+def ordered_h5ad(path: Path, n: int, prefix: str, categories=("early", "mid", "late")) -> Path:
+    """An .h5ad whose obs column ``stage`` is an ordered categorical (with an unused category and missing values)."""
+    rng = np.random.default_rng(len(prefix) + n)
+    obs = pd.DataFrame(
+        {"stage": pd.Categorical(rng.choice([*categories[:2], None], n), categories=list(categories), ordered=True)},
+        index=pd.Index([f"{prefix}{i}" for i in range(n)], dtype=object),
+    )
+    ad.AnnData(X=sp.random(n, 3, density=0.5, format="csr", dtype=np.float32, random_state=n), obs=obs).write_h5ad(path)
+    return path
+
+
+@pytest.mark.parametrize("block", [1, 7, 2**17])
+def test_an_ordered_categorical_read_in_blocks_stays_ordered(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(obs_records, "BLOCK_ROWS", block)
+    paths = [ordered_h5ad(tmp_path / "a.h5ad", 20, "a"), ordered_h5ad(tmp_path / "b.h5ad", 9, "b")]
+    with h5py.File(paths[0], "r") as f:
+        obs = InputObs(paths[0], f)
+        got = pd.concat([obs.column("stage", r0, r1) for r0, r1 in obs.blocks()], ignore_index=True)
+    want = whole(paths[0])["stage"].reset_index(drop=True)
+    assert want.cat.ordered
+    pd.testing.assert_series_equal(got, want, check_names=False)
+    labels = [str(p) for p in paths]
+    plan = plan_obs(paths, labels, "outer", None, "source_file")
+    assert plan.schema["stage"] == {
+        "kind": "categorical", "dtype": "category", "categories": ["early", "mid", "late"], "missing": True,
+        "ordered": True,
+    }  # fmt: skip
+    records = []
+    for i, path in enumerate(paths):
+        with h5py.File(path, "r") as f:
+            obs = InputObs(path, f)
+            records += [plan.records(obs, i, r0, r1) for r0, r1 in obs.blocks()]
+    stage = plan.frame(np.concatenate(records))["stage"]
+    assert stage.cat.ordered and list(stage.cat.categories) == ["early", "mid", "late"]
+    expected = pd.concat([whole(p)["stage"].astype(object) for p in paths], ignore_index=True)
+    assert stage.astype(object).fillna("-").tolist() == expected.fillna("-").tolist()
+    assert not plan.frame(records[0])["source_file"].cat.ordered

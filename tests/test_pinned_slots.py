@@ -19,7 +19,7 @@ import torch
 from conftest import tensor_parts
 
 import arrayloaders.batches
-import arrayloaders.dataset
+import arrayloaders.runtime
 from arrayloaders import ZarrDenseDataset, ZarrSparseDataset
 from arrayloaders.engine import _grown, slot_layout
 from arrayloaders.pinned_slots import PinnedSlots
@@ -96,7 +96,7 @@ class FakeCuda:
 def fake_cuda(monkeypatch):
     """Datasets made with ``pin_memory=True`` page-lock their ring with a :class:`FakeCuda` (lag set by the test)."""
     cuda = FakeCuda(lag=1)
-    monkeypatch.setattr(arrayloaders.dataset, "PinnedSlots", lambda: PinnedSlots(cuda))
+    monkeypatch.setattr(arrayloaders.runtime, "PinnedSlots", lambda: PinnedSlots(cuda))
     monkeypatch.setattr(arrayloaders.batches, "pinned", lambda batch: batch)  # torch's pinning needs a GPU
     return cuda
 

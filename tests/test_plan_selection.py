@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from test_plan import PROPS, configs, epochs, epoch_rows, global_rows
+from test_plan import PROPS, configs, epoch_rows, epochs, global_rows
 
 from arrayloaders.plan import EpochPlan, PlanConfig, batch_rows, plan_epoch, runs_of_rows
 

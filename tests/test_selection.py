@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from scipy.stats import chi2 as chi2_dist
 import torch
 from conftest import SIZES, assert_bit_identical, in_the_ring, read_store, worker_pids
+from scipy.stats import chi2 as chi2_dist
 
 from arrayloaders import ZarrDenseDataset, ZarrSparseDataset
 

@@ -32,11 +32,11 @@ from zarr.codecs import (
 )
 
 from arrayloaders import shards
+from arrayloaders.disk_layout import COMPLETE_ATTRIBUTE, XSource
 from arrayloaders.open_files import OpenFiles
 from arrayloaders.rows import CsrRows, DenseRows, open_rows
-from arrayloaders.shards import COMPLETE_ATTRIBUTE, DirectArray
-from arrayloaders.store import XSource
-from arrayloaders.zarr_layout import array_layout, missing_chunk_files, unwritten_chunks
+from arrayloaders.shards import DirectArray
+from arrayloaders.zarr_layout import array_layout, direct_array, missing_chunk_files, unwritten_chunks
 
 PIPELINES = {
     "zarr-python": {"codec_pipeline.path": "zarr.core.codec_pipeline.BatchedCodecPipeline"},
@@ -285,7 +285,7 @@ def layout_arrays(tmp_path_factory) -> dict[tuple[str, str, str], tuple[zarr.Arr
 def test_layout_ranges_bit_identical(layout_arrays, layout, dtype, writer, blosc_decoder):
     array, data, expected = layout_arrays[layout, dtype, writer]
     assert_bits_equal(expected, data)  # the back door itself reads what was written
-    reader = DirectArray.open(array)
+    reader = direct_array(array)
     assert reader is not None, f"{layout} should be read directly"
     if blosc_decoder == "native":  # the layouts run with one decoder are those no decoder setting changes
         assert (reader._native is not None) == uses_blosc(LAYOUTS[layout]), layout
@@ -306,7 +306,7 @@ def test_layout_fresh_reader_per_range(layout_arrays):
     """No state carried between reads: each range through a new reader gives the same bits."""
     array, _, expected = layout_arrays["shard-blosc-lz4-bitshuffle", "float32", "zarr-python"]
     for start, stop in RANGES:
-        reader = DirectArray.open(array)
+        reader = direct_array(array)
         assert_bits_equal(read(reader, start, stop), expected[start:stop])
         reader.close()
 
@@ -320,7 +320,7 @@ def test_layout_fresh_reader_per_range(layout_arrays):
 def test_random_ranges_bit_identical(layout_arrays, key, bounds):
     array, _, expected = layout_arrays[key]
     start, stop = sorted(bounds)
-    reader = DirectArray.open(array)
+    reader = direct_array(array)
     try:
         assert_bits_equal(read(reader, start, stop), expected[start:stop])
     finally:
@@ -333,7 +333,7 @@ def test_random_ranges_bit_identical(layout_arrays, key, bounds):
 def test_random_range_sequences_one_reader(layout_arrays, data):
     """Many ranges in a row through one reader (its file cache and buffers reused)."""
     array, _, expected = layout_arrays["shard-zstd", "int32", "zarr-python"]
-    reader = DirectArray.open(array)
+    reader = direct_array(array)
     try:
         for bounds in data.draw(st.lists(st.tuples(st.integers(0, N), st.integers(0, N)), min_size=1, max_size=8)):
             start, stop = sorted(bounds)
@@ -360,7 +360,7 @@ def test_readers_share_one_budget_of_open_files(tmp_path, monkeypatch, threads):
         assert len(os.listdir(tmp_path / name / "c")) == 72
         expected[name] = back_door(tmp_path, name)
     fds = open_fds()
-    readers = {name: DirectArray.open(reopen(tmp_path, name)) for name in "abc"}
+    readers = {name: direct_array(reopen(tmp_path, name)) for name in "abc"}
     order = np.random.default_rng(14).permutation(75)
     steps = [(name, f) for f in list(order) + list(order[::-1]) for name in "abc"]
     errors = []
@@ -400,7 +400,7 @@ def test_a_dropped_reader_closes_its_files(tmp_path, monkeypatch):
     write_array(tmp_path, "a", make_values("int32", 200, seed=3), chunks=(4,), shards=(16,), compressors=None)
     files = OpenFiles(100)
     monkeypatch.setattr(shards, "shard_files", lambda: files)
-    reader = DirectArray.open(reopen(tmp_path, "a"))
+    reader = direct_array(reopen(tmp_path, "a"))
     assert_bits_equal(read(reader, 0, 200), make_values("int32", 200, seed=3))
     assert len(files) == 13
     del reader
@@ -416,7 +416,7 @@ def test_a_dropped_reader_closes_its_files(tmp_path, monkeypatch):
 def test_gather_bit_identical(layout_arrays, key, ranges):
     """gather: ranges in any order, repeated and overlapping, each inner chunk decoded once."""
     array, _, expected = layout_arrays[key]
-    reader = DirectArray.open(array)
+    reader = direct_array(array)
     try:
         assert_bits_equal(gathered(reader, ranges), wanted(expected, ranges))
         if key[1] == "uint16":  # stored uint16 column indices are gathered into int32
@@ -432,7 +432,7 @@ def test_gather_of_single_elements_from_every_chunk(layout_arrays):
     rng = np.random.default_rng(3)
     ranges = [(int(i), int(i) + 1) for i in rng.integers(0, N, 500)] + [(CHUNK, 2 * CHUNK), (0, N)]
     ranges = [ranges[i] for i in rng.permutation(len(ranges))]
-    reader = DirectArray.open(array)
+    reader = direct_array(array)
     assert_bits_equal(gathered(reader, ranges), wanted(expected, ranges))
     reader.close()
 
@@ -468,7 +468,7 @@ def test_unwritten_regions_read_as_fill_value(tmp_path, dtype, sharded):
     else:
         assert sorted(os.listdir(files), key=int) == ["4", "5", "6"]
 
-    reader = DirectArray.open(reopen(tmp_path, "a"))
+    reader = direct_array(reopen(tmp_path, "a"))
     assert reader is not None
     assert_bits_equal(np.array([reader.fill_value], dtype), np.array([fill], dtype))
     ranges = RANGES + [(290, 430), (420, 512), (448, 512), (250, 310), (419, 421)]
@@ -502,7 +502,7 @@ def test_regions_written_with_the_fill_value(tmp_path, sharded):
     else:
         assert not (files / "1").exists() and not any((files / str(c)).exists() for c in range(8, 12))
         assert (files / "5").exists()
-    reader = DirectArray.open(reopen(tmp_path, "a"))
+    reader = direct_array(reopen(tmp_path, "a"))
     for start, stop in RANGES + [(CHUNK - 5, 2 * CHUNK + 5), (2 * SHARD - 1, 3 * SHARD + 1), (5 * CHUNK, 6 * CHUNK)]:
         assert_bits_equal(read(reader, start, stop), expected[start:stop])
     reader.close()
@@ -548,7 +548,7 @@ def test_2d_row_spanning_chunks(tmp_path, layout, dtype):
     write_array(tmp_path, "x", data, **LAYOUTS_2D[layout])
     expected = back_door(tmp_path, "x")
     assert_bits_equal(expected, data)
-    reader = DirectArray.open(reopen(tmp_path, "x"))
+    reader = direct_array(reopen(tmp_path, "x"))
     assert reader is not None and reader.n_elements == ROWS * COLS
     flat = expected.reshape(-1)
     row_runs = [(0, 0), (0, 1), (ROWS - 1, ROWS), (0, ROWS), (7, 9), (8, 16), (5, 30), (23, 25), (49, 50), (20, 20)]
@@ -569,7 +569,7 @@ def test_2d_missing_rows_read_as_fill_value(tmp_path):
     expected = back_door(tmp_path, "x")
     assert (expected[:30] == np.float32(4.25)).all() and (expected[40:] == np.float32(4.25)).all()
     assert sorted(os.listdir(tmp_path / "x" / "c")) == ["1"]  # only shard row 1 was written
-    reader = DirectArray.open(reopen(tmp_path, "x"))
+    reader = direct_array(reopen(tmp_path, "x"))
     for a, b in [(0, ROWS), (0, 24), (28, 41), (40, 50), (29, 30)]:
         assert_bits_equal(read(reader, a * COLS, b * COLS).reshape(b - a, COLS), expected[a:b])
     reader.close()
@@ -653,7 +653,7 @@ def test_open_returns_none_when_unsupported(tmp_path, case):
     data = make_values("float32", int(np.prod(array.shape)), seed=8).reshape(array.shape)
     array[...] = data
     assert_bits_equal(array[...], data)
-    assert DirectArray.open(array) is None
+    assert direct_array(array) is None
 
 
 def test_supported_counterparts_open(tmp_path):
@@ -665,7 +665,7 @@ def test_supported_counterparts_open(tmp_path):
         create(tmp_path, "d", (N,), "float32", chunks=(CHUNK,), serializer=BytesCodec(endian="little")),
     ]
     for array in cases:
-        assert DirectArray.open(array) is not None, array.metadata
+        assert direct_array(array) is not None, array.metadata
 
 
 # --------------------------------------------------------------------------- 4. errors
@@ -673,7 +673,7 @@ def test_supported_counterparts_open(tmp_path):
 
 def test_out_of_range_reads_raise_index_error(layout_arrays):
     array, _, _ = layout_arrays["shard-blosc-lz4-shuffle", "float32", "zarr-python"]
-    reader = DirectArray.open(array)
+    reader = direct_array(array)
     out = np.empty(N + 2, reader.dtype)
     for start, stop in [(-1, 5), (0, N + 1), (N, N + 1), (N + 1, N + 1), (10, 9), (-3, -1)]:
         with pytest.raises(IndexError):
@@ -710,7 +710,7 @@ def test_truncated_shard_raises_oserror_naming_the_file(tmp_path, location, keep
         # fill value (zarr 3.1: a partial read of it fails), so there it is no back door
         with pytest.raises((ValueError, RuntimeError)):
             back_door(tmp_path, "a")
-    reader = DirectArray.open(reopen(tmp_path, "a"))
+    reader = direct_array(reopen(tmp_path, "a"))
     assert_bits_equal(read(reader, 0, SHARD), data[:SHARD])  # shard 0 is intact
     fds = open_fds()
     with pytest.raises(OSError, match=str(shard)):
@@ -726,7 +726,7 @@ def test_shard_cut_inside_its_data_raises_oserror(tmp_path):
     shards = {"shape": (SHARD,), "index_location": "start"}
     write_array(tmp_path, "a", data, chunks=(CHUNK,), shards=shards, compressors=lz4("shuffle"))
     os.truncate(tmp_path / "a" / "c" / "1", INDEX_BYTES + 10)
-    reader = DirectArray.open(reopen(tmp_path, "a"))
+    reader = direct_array(reopen(tmp_path, "a"))
     assert_bits_equal(read(reader, SHARD - 3, SHARD), data[SHARD - 3 : SHARD])
     with pytest.raises(OSError, match=str(tmp_path / "a" / "c" / "1")):
         read(reader, SHARD + 3 * CHUNK, SHARD + 4 * CHUNK)  # the last chunk of the shard is gone
@@ -743,7 +743,7 @@ def test_corrupt_shard_index_is_not_read_silently(tmp_path):
     os.truncate(shard, 3 * CHUNK * 4 + 16 * 8 + INDEX_BYTES)
     with pytest.raises(ValueError, match="checksum"):
         back_door(tmp_path, "a")  # zarr notices
-    reader = DirectArray.open(reopen(tmp_path, "a"))
+    reader = direct_array(reopen(tmp_path, "a"))
     try:
         got = read(reader, 0, SHARD)
     except OSError:
@@ -795,7 +795,7 @@ def test_a_flipped_byte_is_detected_naming_file_and_chunk(tmp_path, where):
     flip(shard, FLIPS[where](shard_index(shard, CHUNKS_PER_SHARD), size))
     with pytest.raises((ValueError, RuntimeError)):
         back_door(tmp_path, "a")  # zarr notices too: the damage is real
-    reader = DirectArray.open(array)
+    reader = direct_array(array)
     assert_bits_equal(read(reader, 0, SHARD), data[:SHARD])  # shard 0 is intact
     with pytest.raises(OSError, match=str(shard)) as info:
         read(reader, SHARD, 2 * SHARD)
@@ -812,13 +812,13 @@ def test_a_flipped_byte_in_an_unsharded_chunk_is_detected(tmp_path):
     chunk = tmp_path / "a" / "c" / "3"
     for offset in (1, 20, chunk.stat().st_size - 1):
         flip(chunk, offset)
-        reader = DirectArray.open(reopen(tmp_path, "a"))
+        reader = direct_array(reopen(tmp_path, "a"))
         with pytest.raises(OSError, match=f"{chunk}: the chunk .* checksum mismatch"):
             read(reader, 3 * CHUNK + 5, 3 * CHUNK + 6)
         assert_bits_equal(read(reader, 0, 3 * CHUNK), data[: 3 * CHUNK])
         reader.close()
         flip(chunk, offset)  # repaired: reads again
-        assert_bits_equal(read(DirectArray.open(reopen(tmp_path, "a")), 0, N), data)
+        assert_bits_equal(read(direct_array(reopen(tmp_path, "a")), 0, N), data)
 
 
 # A blosc header (bytes 4-8: bytes held; 12-16: bytes stored) that lies, in a store without checksums:
@@ -835,7 +835,7 @@ def test_a_chunk_that_does_not_decode_is_named_without_a_checksum(tmp_path, lie)
     at, value = HEADER_LIES[lie]
     raw[int(index[1, 0]) + at : int(index[1, 0]) + at + 4] = value.to_bytes(4, "little")
     shard.write_bytes(bytes(raw))
-    reader = DirectArray.open(reopen(tmp_path, "a"))
+    reader = direct_array(reopen(tmp_path, "a"))
     with pytest.raises(OSError, match=f"{shard}: inner chunk 1 .*cannot be decoded"):
         read(reader, CHUNK, CHUNK + 1)
     with pytest.raises(OSError, match=f"{shard}: inner chunk 1 .*cannot be decoded"):
@@ -851,7 +851,7 @@ def test_a_missing_file_of_a_complete_array_is_an_error(tmp_path, sharded):
     gone.unlink()
     assert unwritten_chunks(reopen(tmp_path, "a")) == [str(gone)]
     assert missing_chunk_files(reopen(tmp_path, "a")) == [str(gone)]
-    reader = DirectArray.open(reopen(tmp_path, "a"))
+    reader = direct_array(reopen(tmp_path, "a"))
     assert reader.complete
     with pytest.raises(OSError, match=f"{gone}: the file is missing"):
         read(reader, 0, N)
@@ -860,7 +860,7 @@ def test_a_missing_file_of_a_complete_array_is_an_error(tmp_path, sharded):
     reader.close()
     # The same array without the mark (an older store): the missing file reads as fill values.
     del zarr.open_array(zarr.storage.LocalStore(tmp_path), path="a", mode="r+").attrs[COMPLETE_ATTRIBUTE]
-    reader = DirectArray.open(reopen(tmp_path, "a"))
+    reader = direct_array(reopen(tmp_path, "a"))
     assert not reader.complete
     got = read(reader, 0, N)
     lo, hi = (SHARD, 2 * SHARD) if sharded else (5 * CHUNK, 6 * CHUNK)
@@ -876,9 +876,9 @@ def test_a_missing_inner_chunk_of_a_complete_array_is_an_error(tmp_path):
     shard = tmp_path / "a" / "c" / "1"
     assert (shard_index(shard, CHUNKS_PER_SHARD)[1] == MISSING).all()
     assert unwritten_chunks(reopen(tmp_path, "a")) == [f"{shard} (inner chunk 1)"]
-    assert_bits_equal(read(DirectArray.open(reopen(tmp_path, "a")), 0, N), data)  # unmarked: fill values
+    assert_bits_equal(read(direct_array(reopen(tmp_path, "a")), 0, N), data)  # unmarked: fill values
     zarr.open_array(zarr.storage.LocalStore(tmp_path), path="a", mode="r+").attrs[COMPLETE_ATTRIBUTE] = True
-    reader = DirectArray.open(reopen(tmp_path, "a"))
+    reader = direct_array(reopen(tmp_path, "a"))
     assert_bits_equal(read(reader, SHARD, SHARD + CHUNK), data[SHARD : SHARD + CHUNK])
     with pytest.raises(OSError, match=f"{shard}: inner chunk 1 .*is missing"):
         read(reader, SHARD + CHUNK + 3, SHARD + CHUNK + 4)
@@ -1174,7 +1174,7 @@ def test_order_chunks_rewrites_a_shard_laid_out_backwards(tmp_path):
 
     shard.write_bytes(body + table + google_crc32c.value(table).to_bytes(4, "little"))
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "a", mode="r")[:], values)  # a valid shard
-    direct = DirectArray.open(zarr.open_array(tmp_path / "a", mode="r"))
+    direct = direct_array(zarr.open_array(tmp_path / "a", mode="r"))
     assert direct.order_chunks(0, values.size) == 1
     assert direct.order_chunks(0, values.size) == 0  # in order now: left alone
     direct.close()

@@ -456,5 +456,5 @@ def test_layer_genes_and_obsm_from_h5ad_to_batches(converted, layer, num_workers
 
 def test_sparse_dataset_refuses_a_dense_layer(converted):
     store, _ = converted
-    with pytest.raises(ValueError, match="X is dense; use ZarrDenseDataset"):
+    with pytest.raises(ValueError, match=r"layers/scaled: layers\[.scaled.\] is dense; ZarrSparseDataset yields CSR batches: use ZarrDenseDataset"):
         ZarrSparseDataset(16, layer="scaled").add_store(store)

@@ -1,0 +1,123 @@
+"""Checkpoints: a dataset's ``state_dict`` and ``load_state_dict``, and what they compare.
+
+A state records the current epoch, how far the furthest running loop has
+come and the sizes that loop runs with, and what the batch sequence depends
+on (the data's identity, sizes, selection), so that a restored dataset yields
+exactly the rest of the epoch, or refuses a state of other data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+
+from .plan import PlanConfig
+
+__all__ = ["SHAPE", "ResumeMixin"]
+
+# Settings a restored epoch keeps from its state: the sizes its batches were cut with (``load_state_dict``).
+SHAPE = ("batch_size", "chunk_size", "preload_nchunks", "shuffle", "drop_last", "equalize", "window")
+
+
+class ResumeMixin:
+    """The checkpoint methods of a dataset (``ZarrSparseDataset``/``ZarrDenseDataset``)."""
+
+    def state_dict(self) -> dict:
+        """Where training stands: restore it with :meth:`load_state_dict` to yield exactly the rest.
+
+        Holds the seed, the current epoch and how many of its batches the
+        furthest *running* loop over it has handed out (a loop left early or
+        a peek no longer counts: the next loop starts the epoch again, and so
+        does a restored one), with the sizes that loop runs with (a
+        ``batch_size`` changed while it runs applies from the next epoch).
+        After a complete epoch it points at the start of the next. Also
+        holds what the batch sequence depends on, to refuse a mismatch: the
+        data's identity (each store's ``store_id``; a digest of added
+        AnnData objects' obs names), sizes and selection. Take it on every
+        rank; under DDP each rank restores its own.
+        """
+        rt = self._rt()
+        with rt.lock:
+            epoch, start, shape = self._epoch, self._start, self._start_shape
+            loops = [it for it in list(rt.loops) if it.dataset is self and it.epoch == epoch]
+        running = [it for it in loops if it._state.handed and not it._state.done and it._plan is not None]
+        furthest = max(running, key=lambda it: it.position, default=None)
+        if furthest is not None:
+            start, config = furthest.position, furthest._plan.config
+        else:
+            config = self._plan_config(shape)
+        return {
+            "epoch": epoch,
+            "batches_yielded": start,
+            "seed": config.seed,
+            "rank": config.rank,
+            "world_size": config.world_size,
+            "settings": self._settings(config),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict`: the next loop yields the batches its epoch had left.
+
+        The rest of that epoch is cut with the sizes the state was saved
+        with (``batch_size``, ``chunk_size``...), as the interrupted run
+        would have cut it; later epochs use the dataset's own.
+
+        Raises
+        ------
+        ValueError
+            If ``state`` is not a dataset's state, or the dataset differs in
+            what the batch sequence depends on: the data (another store, or
+            the same inputs converted again), cells, file sizes, selection,
+            world size, rank.
+        """
+        keys = ("epoch", "batches_yielded", "seed", "rank", "world_size", "settings")
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            lacking = [k for k in keys if not isinstance(state, dict) or k not in state]
+            raise ValueError(
+                f"cannot resume: not a state_dict() of a {type(self).__name__} (it lacks {lacking}); "
+                "a StoreDataModule's state holds one under 'train'"
+            )
+        config = self._plan_config()
+        mine = {**self._settings(config), "rank": config.rank, "world_size": config.world_size}
+        theirs = {**state["settings"], "rank": state["rank"], "world_size": state["world_size"]}
+        if theirs.get("data") is None:
+            warnings.warn(
+                "the state records no identity of its data (saved by an earlier arrayloaders): it cannot be "
+                "checked to come from this store",
+                stacklevel=2,
+            )
+        elif theirs["data"] != mine["data"]:
+            raise ValueError(
+                f"cannot resume: the state was saved on other data ({'; '.join(theirs['data'])}), this dataset reads "
+                f"{'; '.join(mine['data'])}: a state resumes only the stores it was taken on (a store converted "
+                "again has a new store_id)"
+            )
+        differing = sorted(k for k in mine if k not in ("seed", "data", *SHAPE) and mine[k] != theirs.get(k))
+        if differing:
+            detail = ", ".join(f"{k}: saved {theirs.get(k)!r}, now {mine[k]!r}" for k in differing)
+            raise ValueError(f"cannot resume: the state was saved with other settings ({detail})")
+        self.seed = state["seed"]
+        epoch, yielded = int(state["epoch"]), int(state["batches_yielded"])
+        shape = {k: theirs[k] for k in SHAPE if k in theirs and theirs[k] != mine[k]}
+        if yielded >= self._plan_config(shape).n_batches:  # saved after a complete epoch: go on with the next
+            epoch, yielded = epoch + 1, 0
+        with self._rt().lock:
+            self._epoch, self._start, self._start_shape = epoch, yielded, shape if yielded and shape else None
+
+    def _settings(self, config: PlanConfig) -> dict:
+        return {
+            "seed": config.seed, "n_obs": config.n_obs, "file_n_obs": list(config.file_n_obs),
+            "batch_size": config.batch_size, "chunk_size": config.chunk_size,
+            "preload_nchunks": config.preload_nchunks, "shuffle": config.shuffle, "drop_last": config.drop_last,
+            "equalize": config.equalize, "window": config.window, "n_selected": config.n_selected,
+            "selection": self._selection_id(), "data": list(self._data_ids),
+        }  # fmt: skip
+
+    def _values_settings(self) -> dict:
+        """What the ranks must agree on besides the plan: what each batch holds."""
+        genes = self._row_format().genes
+        chosen = None if genes is None else hashlib.sha1(genes.columns.tobytes()).hexdigest()
+        return {
+            "genes": chosen, "layer": self.layer, "obs_keys": list(self._obs.keys) if self._obs else [],
+            "obsm_keys": list(self._obsm or ()), "dense": self._dense_output,
+        }  # fmt: skip
