@@ -661,11 +661,13 @@ QUICK = {"n_files": 2, "cells_per_file": 5_000, "n_vars": 2_000, "nnz": 200, "ba
 
 
 def parse_args(p: argparse.ArgumentParser, quick: dict, quick_data: Path) -> argparse.Namespace:
-    """Parse; ``--quick`` sets the ``quick`` settings, and ``quick_data`` unless ``--data`` was given."""
+    """Parse; ``--quick`` sets the ``quick`` settings that were left at their defaults (an option given
+    explicitly, e.g. ``--quick --cells-per-file 1000``, wins), and ``quick_data`` unless ``--data`` was given."""
     args = p.parse_args()
     if args.quick:
         for k, v in quick.items():
-            setattr(args, k, v)
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
         if args.data == p.get_default("data"):
             args.data = quick_data
     return args

@@ -10,11 +10,51 @@
 #    CPU), so that venv is kept between runs in one place:
 #    ${ARRAYLOADERS_PY312_VENV:-~/.cache/arrayloaders/venv-py312}.
 #    Without a Python 3.12 (python3.12 on PATH or pyenv's 3.12.*) this step
-#    says so and is left out.
+#    says so and is left out, except under CI (CI=true, as CI services and
+#    .ci/run set it) or with ARRAYLOADERS_REQUIRE_PY312=1: there a missing
+#    3.12 fails the run at once, before any test (ARRAYLOADERS_REQUIRE_PY312=0
+#    allows it under CI).
 #
 # Arguments go to both pytest runs (e.g. `bash scripts/test.sh -k lightning`).
+# `bash scripts/test.sh --find-py312` only looks for the Python 3.12 (as the
+# run would) and prints it, or says why the run would go without it or fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+find_py312() {
+    local candidate
+    for candidate in "$(command -v python3.12 || true)" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python; do
+        if [ -x "$candidate" ] && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
+            echo "$candidate"
+            return
+        fi
+    done
+}
+
+py312_required() {
+    case "${ARRAYLOADERS_REQUIRE_PY312:-}" in
+        1) return 0 ;;
+        0) return 1 ;;
+    esac
+    case "${CI:-}" in
+        true | TRUE | True | 1) return 0 ;;
+    esac
+    return 1
+}
+
+py312=$(find_py312)
+if [ -z "$py312" ]; then
+    if py312_required; then
+        echo "== FAILED: no Python 3.12 found (python3.12 on PATH or \${PYENV_ROOT:-~/.pyenv}/versions/3.12.*), and under CI" \
+             "(CI=${CI:-}, ARRAYLOADERS_REQUIRE_PY312=${ARRAYLOADERS_REQUIRE_PY312:-}) the Python 3.12 step (and the scvi-tools test) must run" >&2
+        exit 1
+    fi
+    missing_py312="== no Python 3.12 found (python3.12 or pyenv's 3.12.*): the Python 3.12 step (and the scvi-tools test) is left out"
+fi
+if [ "${1:-}" = "--find-py312" ]; then
+    echo "${py312:-$missing_py312}"
+    exit 0
+fi
 
 echo "== tests on $(python3 --version)"
 python3 -m venv .venv
@@ -23,19 +63,8 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q -e ".[test]"
 .venv/bin/python -m pytest "$@"
 
-find_py312() {
-    local candidate
-    for candidate in "$(command -v python3.12 || true)" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python; do
-        if [ -x "$candidate" ] && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
-            echo "$candidate"
-            return
-        fi
-    done
-}
-
-py312=$(find_py312)
 if [ -z "$py312" ]; then
-    echo "== no Python 3.12 found (python3.12 or pyenv's 3.12.*): the Python 3.12 step (and the scvi-tools test) is left out"
+    echo "$missing_py312"
     exit 0
 fi
 venv312=${ARRAYLOADERS_PY312_VENV:-$HOME/.cache/arrayloaders/venv-py312}

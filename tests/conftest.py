@@ -75,13 +75,14 @@ def assert_bit_identical(a, b) -> None:
 
 @pytest.fixture
 def run_quick(tmp_path):
-    """Run ``scripts/<name> --quick`` on data in tmp_path with no annbatch venv; return its results folder."""
+    """Run ``scripts/<name> --quick [options]`` on data in tmp_path with no annbatch venv; return its results
+    folder (the default one: ``--out`` elsewhere is the caller's to read)."""
 
-    def run(name: str) -> Path:
+    def run(name: str, *options: str) -> Path:
         script = Path(__file__).resolve().parents[1] / "scripts" / name
         env = {**os.environ, "ANNBATCH_PYTHON": str(tmp_path / "no-annbatch-venv" / "python")}
         res = subprocess.run(
-            [sys.executable, str(script), "--quick", "--data", str(tmp_path / "data")],
+            [sys.executable, str(script), "--quick", "--data", str(tmp_path / "data"), *options],
             capture_output=True, text=True, env=env, timeout=600,
         )  # fmt: skip
         assert res.returncode == 0, res.stderr[-3000:]
@@ -111,6 +112,25 @@ def tensor_parts(t):
     import torch
 
     return (t.crow_indices(), t.col_indices(), t.values()) if t.layout == torch.sparse_csr else (t,)
+
+
+def ring_mappings(pid: int | None = None) -> list[tuple[int, int]]:
+    """Address ranges [start, end) of this process's mappings of process ``pid``'s ring segments (default: this
+    process's), read from /proc/self/maps: the names of ``/dev/shm`` files, whether or not they are unlinked yet."""
+    prefix = f"/dev/shm/al_{os.getpid() if pid is None else pid}_"
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith(prefix):
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            out.append((start, end))
+    return out
+
+
+def in_the_ring(t) -> bool:
+    """Whether every byte of tensor ``t`` lies in one mapping of this process's ring segments (a view, not a copy)."""
+    first, size = t.data_ptr(), t.numel() * t.element_size()
+    return size > 0 and any(start <= first and first + size <= end for start, end in ring_mappings())
 
 
 def batch_bytes(batch) -> bytes:

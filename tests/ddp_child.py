@@ -1,9 +1,9 @@
 """One rank of a torch.distributed (gloo, CPU) scenario, run in a child process by test_distributed.py.
 
 Usage: ``python ddp_child.py SCENARIO STORE OUTDIR [JSON_ARGS]``. With ``WORLD_SIZE`` > 1
-in the environment (plus ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) the process joins
-a process group with ``init_method="env://"``; otherwise it runs alone, without a
-group. It writes its findings as JSON to ``OUTDIR/rank{RANK}.json``; the parent
+in the environment (plus ``RANK`` and ``INIT_METHOD``, e.g. ``file:///tmp/x/rendezvous``;
+without it ``env://``: ``MASTER_ADDR``, ``MASTER_PORT``) the process joins a process
+group; otherwise it runs alone, without a group. It writes its findings as JSON to ``OUTDIR/rank{RANK}.json``; the parent
 asserts on them. A hang here is ended by the parent's timeout (and by the group's
 own collective timeout), so it fails one test, not the suite.
 """
@@ -160,7 +160,10 @@ if __name__ == "__main__":
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:
         # A collective that never completes raises after this long instead of hanging.
-        dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=args.get("timeout", 45)))
+        dist.init_process_group(
+            "gloo", init_method=os.environ.get("INIT_METHOD", "env://"), rank=int(os.environ["RANK"]),
+            world_size=world_size, timeout=timedelta(seconds=args.get("timeout", 45)),
+        )  # fmt: skip
     rank = dist.get_rank() if world_size > 1 else 0
     try:
         result = main(scenario, store, outdir, args, rank, world_size)

@@ -48,17 +48,28 @@ def main(scenario: str, store: str) -> dict:
     out: dict = {"scenario": scenario}
     ds = dataset(store)
     if scenario in ("sigkill", "sigstop"):
-        # A worker killed, or stopped (SIGSTOP: alive but making no progress), mid-epoch.
-        if scenario == "sigstop":
-            ds = dataset(store, timeout=2)
+        # A worker killed, or every worker stopped (SIGSTOP: alive but making no progress), mid-epoch.
         while None in ds._runtime.engine.pool.started_at:  # till the workers are up, this process decodes
             rows_of_epoch(ds)
         ds.set_epoch(1)
         it = iter(ds)
         held = [next(it)]
         before = [batch_bytes(b) for b in held]
-        victim = worker_pids()[0]
-        os.kill(victim, signal.SIGKILL if scenario == "sigkill" else signal.SIGSTOP)
+        if scenario == "sigkill":
+            victims = worker_pids()[:1]
+            os.kill(victims[0], signal.SIGKILL)
+        else:
+            victims = worker_pids()
+            for pid in victims:
+                os.kill(pid, signal.SIGSTOP)
+            deadline = time.monotonic() + 60  # a runnable process stops only once it next gets a core
+            while any(psutil.Process(pid).status() != psutil.STATUS_STOPPED for pid in victims):
+                assert time.monotonic() < deadline, "the workers did not stop"
+                time.sleep(0.01)
+            # Only now a short limit (the user's timeout=2, set on this loop's engine): every worker is certainly
+            # stopped, so only a stopped one can exceed it. The healthy loops before and after keep the default.
+            ds._runtime.engine.timeout = 2
+        victim = victims[0]
         t = time.monotonic()
         try:
             for batch in it:
@@ -67,7 +78,7 @@ def main(scenario: str, store: str) -> dict:
             out["error"] = None
         except WorkerError as e:
             out["error"], out["seconds"] = str(e), time.monotonic() - t
-        out["victim"] = victim
+        out["victim"], out["victims"] = victim, victims
         out["held_unchanged"] = [batch_bytes(b) for b in held] == before
         out.update(leftovers())
         out["next_epoch_rows"] = sorted(rows_of_epoch(ds))

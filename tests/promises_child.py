@@ -9,7 +9,8 @@ test, not the suite.
 - ``small_shm``: run inside a mount namespace whose ``/dev/shm`` is a 64 MiB
   tmpfs (Docker's default), made by the parent with ``unshare``.
 - ``ddp_epoch_mismatch``, ``ddp_batch_size_mismatch``: one rank of a gloo group
-  (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` in the environment).
+  (``WORLD_SIZE``, ``RANK`` and ``INIT_METHOD``, a ``file://`` rendezvous, in the environment; without
+  ``INIT_METHOD``, ``env://``: ``MASTER_ADDR``, ``MASTER_PORT``).
 - ``numba_cache``: loops that use numba's compiled code (chunked loads, a
   sampler's gathers, chosen genes, densified rows), run with whatever numba
   environment the parent set (a read-only cache directory, ...).
@@ -168,7 +169,10 @@ if __name__ == "__main__":
     if world_size > 1:
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=args.get("timeout", 45)))
+        dist.init_process_group(
+            "gloo", init_method=os.environ.get("INIT_METHOD", "env://"), rank=int(os.environ["RANK"]),
+            world_size=world_size, timeout=timedelta(seconds=args.get("timeout", 45)),
+        )  # fmt: skip
     rank = int(os.environ.get("RANK", "0")) if world_size > 1 else 0
     try:
         result = main(scenario, store, outdir, args, rank, world_size)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from arrayloaders import ConversionWarning, InputFileError
@@ -165,8 +165,15 @@ def write_and_read(values, name: str = "col") -> pd.Series:
         return ad.io.read_elem(group["obs"])[name]
 
 
+def ints_column(values: list, kind: str = "int64") -> tuple:
+    """The schema of one int column (``values``) beside a float64 column ``[0.5]`` (for ``@example``)."""
+    return [pd.Series(np.array(values, dtype=DTYPES[kind][0])), pd.Series([0.5])], [len(values), 1], [values, [0.5]], [kind, "float64"]
+
+
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(column_schemas())
+@example(ints_column([3, 2**63 - 1]))  # refused: float64 cannot hold 2**63 - 1
+@example(ints_column([-(2**63), 2**53]))  # kept: float64 holds both exactly
 def test_harmonised_column_keeps_every_value_with_the_rules_dtype(schema):
     parts, lengths, expected, kinds = schema
     if all(k is None for k in kinds):
@@ -175,8 +182,17 @@ def test_harmonised_column_keeps_every_value_with_the_rules_dtype(schema):
     try:
         values, result = harmonise_column("col", parts, lengths, labels)
     except InputFileError as e:
-        # the only refusal the drawn dtypes can meet: ints too wide for the float of another input
-        assert "cannot represent exactly" in str(e) and "'col'" in str(e) and "file_" in str(e)
+        # the only refusal the drawn dtypes can meet: ints too wide for the float of another input. Checked
+        # here: the rule's float, and the int inputs holding a value that does not come back from that float.
+        floats = np.dtype(rule_dtype(kinds, parts))
+        assert floats.kind == "f", (floats, str(e))
+        too_wide = [label for label, kind, part in zip(labels, kinds, expected)
+                    if kind in DTYPES and kind not in FLOATS | BOOLS | TEXT
+                    and any(v is not None and int(floats.type(v)) != v for v in part)]  # fmt: skip
+        assert too_wide, f"refused although every int round-trips through {floats}: {e}"
+        named = [label for label in labels if label in str(e)]
+        assert named and set(named) <= set(too_wide), str(e)  # names the file (one with such ints)...
+        assert "'col'" in str(e) and "cannot represent exactly" in str(e)  # ...the column and the problem
         return
     flat = [v for part in expected for v in part]
     assert result.dtype == rule_dtype(kinds, parts)

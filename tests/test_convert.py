@@ -900,20 +900,39 @@ def test_directory_without_manifest_is_not_a_store(tmp_path):
 
 
 def start_and_kill_conversion(paths, out: Path, **kwargs) -> None:
-    """Run a conversion in a subprocess and SIGKILL it once its staging directory has an X chunk file."""
+    """Run a conversion in a subprocess (a process group of its own) and, once its staging directory has an X
+    chunk file, freeze the group (SIGSTOP), check that it had not finished, and SIGKILL the group."""
+    import psutil
+
     script = f"""
         from arrayloaders import create_store_from_h5ads
         create_store_from_h5ads({[str(p) for p in paths]!r}, {str(out)!r}, progress=False, **{kwargs!r})
     """
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)])
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], start_new_session=True)
     pattern = f".{out.name}.arrayloaders-*/chunk_*.zarr/X/data/c/*"
+    children = []
     try:
         deadline = time.monotonic() + 60
         while not list(out.parent.glob(pattern)) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.poll() is None, "conversion finished before it could be killed"
+        # Frozen first, so that it cannot finish between the check that it has not and the kill.
+        os.killpg(proc.pid, signal.SIGSTOP)
+        main = psutil.Process(proc.pid)
+        children = main.children(recursive=True)
+        deadline = time.monotonic() + 60  # a runnable process stops only once it next gets a core
+        while main.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE):
+            assert time.monotonic() < deadline, main.status()
+            time.sleep(0.005)
+        assert main.status() == psutil.STATUS_STOPPED, "conversion finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
     finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         proc.wait()
+        psutil.wait_procs(children, timeout=30)
     assert proc.returncode == -signal.SIGKILL, "conversion finished before it could be killed"
 
 

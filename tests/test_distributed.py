@@ -1,9 +1,10 @@
 """Real torch.distributed process groups (gloo, CPU): sharding, epochs, seed checks, resuming, scripts/train.py.
 
-Every rank is a child process (``ddp_child.py``) started with ``MASTER_ADDR``,
-a free ``MASTER_PORT``, ``RANK`` and ``WORLD_SIZE`` and joining with
-``init_method="env://"``; each writes its findings as JSON into tmp_path. All
-children of a run are killed after a timeout, so a hang fails one test.
+Every rank is a child process (``ddp_child.py``) started with ``RANK``,
+``WORLD_SIZE`` and ``INIT_METHOD``, a ``file://`` rendezvous in tmp_path (no
+port: one picked free and released before the ranks bind it could be taken
+meanwhile); each writes its findings as JSON into tmp_path. All children of a
+run are killed after a timeout, so a hang fails one test.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -32,25 +32,17 @@ CHILD = Path(__file__).with_name("ddp_child.py")
 TRAIN = Path(__file__).parents[1] / "scripts" / "train.py"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(scenario: str, store: Path, outdir: Path, world_size: int, timeout: float = 60, **args) -> list[dict]:
     """Run ``scenario`` on ``world_size`` ranks (one process without a group for 1); their results by rank."""
     outdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    rendezvous = outdir / f"rendezvous-{os.urandom(4).hex()}"  # a new file: torch's FileStore must not find one
     procs = []
     for rank in range(world_size):
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "INIT_METHOD"):
+            env.pop(k, None)
         if world_size > 1:
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                       WORLD_SIZE=str(world_size))  # fmt: skip
-        else:
-            for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
-                env.pop(k, None)
+            env.update(INIT_METHOD=f"file://{rendezvous}", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
         log = open(outdir / f"log{rank}.txt", "w")
         cmd = [sys.executable, str(CHILD), scenario, str(store), str(outdir), json.dumps(args)]
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
@@ -290,7 +282,8 @@ def check_training(lines: list[tuple], summary: dict, world_size: int, epochs: i
 
 def test_train_script_under_torchrun_with_two_ranks(store):
     # No --num-workers: the default divides this process's cores between the node's two ranks.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+    # --standalone: torchrun's own store binds a free port itself (port 0) and the ranks join it: no port to race for.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(TRAIN), "--store", str(store), "--epochs", "2", "--batch-size", "64", "--lr", "0.05"]  # fmt: skip
     lines, summary = run_train(cmd)
     check_training(lines, summary, 2, 2)

@@ -22,7 +22,7 @@ import psutil
 import pytest
 import torch
 import zarr
-from conftest import tensor_parts, with_compressed_indptr, worker_pids
+from conftest import in_the_ring, tensor_parts, with_compressed_indptr, worker_pids
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,7 +33,6 @@ from arrayloaders.store import XLayout
 from arrayloaders.worker import WorkerPool
 
 CHILD = Path(__file__).with_name("engine_child.py")
-REPEATS = range(3)  # fault scenarios run several times: a flake shows up in CI, not at a user's
 
 
 def run_child(scenario: str, store: Path, timeout: float = 120) -> dict:
@@ -88,7 +87,9 @@ def test_batches_do_not_depend_on_num_workers(store, dense_store, kind, batch_si
     reference = run(0)
     rows = np.concatenate([i for _, i in reference[: len(reference) // 2]])
     assert np.unique(rows).size == rows.size > 0
-    for num_workers in (1, 2, 4):
+    # 2 workers everywhere (loads may finish out of order); once 3, a number of workers that divides neither
+    # the loads nor a load's runs. One worker (tasks done in order) is a simpler case of these.
+    for num_workers in (2, 3) if (kind, chunk_size) == ("sparse", 7) else (2,):
         got = run(num_workers)
         assert len(got) == len(reference)
         for (x, i), (x0, i0) in zip(got, reference):
@@ -110,14 +111,22 @@ def test_workers_stay_up_across_epochs_and_close_cleans_up(store):
     assert worker_pids() == []
 
 
-def test_batches_are_zero_copy_views_that_outlive_the_next_step(store):
-    ds = ZarrSparseDataset(50, 8, 12, num_workers=2, return_index=True).add_store(store)
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_batches_are_zero_copy_views_that_outlive_the_next_step(store, dense_store, kind):
+    cls, path, n = (ZarrSparseDataset, store, 50) if kind == "sparse" else (ZarrDenseDataset, dense_store, 20)
+    with cls(n, 8, 12, num_workers=0).add_store(path) as ds:
+        X, _ = next(iter(ds))
+        assert not any(in_the_ring(t) for t in tensor_parts(X))  # the check tells a copy from a view
+    ds = cls(n, 8, 12, num_workers=2, return_index=True).add_store(path)
     it = iter(ds)
     X, _, idx = next(it)
-    values = X.values().clone()
+    # values and column indices (or dense X) are views of a ring slot; crow is a new array (rebased to 0)
+    viewed = (X.values(), X.col_indices()) if kind == "sparse" else (X,)
+    assert all(in_the_ring(t) for t in viewed)
+    values = X.values().clone() if kind == "sparse" else X.clone()
     for _ in range(5):
         next(it)  # the first batch's slot must not be reused while X is alive
-    assert torch.equal(X.values(), values)
+    assert torch.equal(X.values() if kind == "sparse" else X, values)
     del it
     ds.close()
 
@@ -336,8 +345,7 @@ def test_bad_num_workers_is_refused():
 # --------------------------------------------------------------------------- faults, in child processes
 
 
-@pytest.mark.parametrize("repeat", REPEATS)
-def test_sigkilled_worker_raises_and_leaves_nothing(store, repeat):
+def test_sigkilled_worker_raises_and_leaves_nothing(store):
     out = run_child("sigkill", store)  # a hang fails here, at the child's timeout
     assert out["error"] is not None, "the epoch finished although a worker was killed"
     assert "SIGKILL" in out["error"] and f"pid {out['victim']}" in out["error"] and "worker " in out["error"]
@@ -347,14 +355,15 @@ def test_sigkilled_worker_raises_and_leaves_nothing(store, repeat):
     assert out["after_close"] == {"segments": [], "children": []}
 
 
-@pytest.mark.parametrize("repeat", REPEATS)
-def test_stopped_worker_is_reported_after_the_timeout(store, repeat):
-    # SIGSTOP: the worker is alive but makes no progress. With timeout=2 the loop raises (rather than
-    # hang: the child's own timeout fails the test), naming the worker, its state and its loads.
+def test_stopped_worker_is_reported_after_the_timeout(store):
+    # SIGSTOP: the workers are alive but make no progress. With timeout=2 the loop raises (rather than
+    # hang: the child's own timeout fails the test), naming a worker, its state and its loads. Every worker
+    # is stopped (and 2 s applies only then): a healthy one slowed by a busy machine cannot be the one named.
     out = run_child("sigstop", store)
     error = out["error"]
-    assert error is not None, "the epoch finished although a worker was stopped"
-    assert f"pid {out['victim']}, stopped)" in error and "has made no progress" in error, error
+    assert error is not None, "the epoch finished although the workers were stopped"
+    assert len(out["victims"]) == 2 and "has made no progress" in error, error
+    assert any(f"pid {pid}, stopped)" in error for pid in out["victims"]), error
     assert "decoding load(s) [" in error and "timeout=2" in error, error
     assert out["held_unchanged"]
     assert out["segments"] == [] and out["children"] == []  # the stopped worker was killed too
@@ -498,8 +507,7 @@ def assert_nothing_left(started: dict) -> None:
     assert segment_names(started["pid"]) == []
 
 
-@pytest.mark.parametrize("repeat", REPEATS)
-def test_ctrl_c_caught_in_the_loop_then_the_next_loop_works(store, repeat):
+def test_ctrl_c_caught_in_the_loop_then_the_next_loop_works(store):
     res, started = interrupt(store, "interrupt", 1, 0)
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["interrupted"] and out["next_epoch_rows"] == list(range(1000)), res.stderr
@@ -513,9 +521,8 @@ def tracebacks(stderr: str) -> list[str]:
     return [p for p in parts if "Traceback (most recent call last):" in p]
 
 
-@pytest.mark.parametrize("repeat", REPEATS)
 @pytest.mark.parametrize("n_signals", [1, 2, 3])
-def test_ctrl_c_pressed_again_and_again_leaves_nothing_and_one_traceback_of_ours(store, n_signals, repeat):
+def test_ctrl_c_pressed_again_and_again_leaves_nothing_and_one_traceback_of_ours(store, n_signals):
     # Presses 30 ms apart (faster than a person presses twice). The first stops the loop with one
     # traceback; the others land in our cleanup (deferred until it is done) or in the interpreter's
     # own exit, where CPython may print a traceback of its own (threading, concurrent.futures: a plain
@@ -529,8 +536,7 @@ def test_ctrl_c_pressed_again_and_again_leaves_nothing_and_one_traceback_of_ours
     assert_nothing_left(started)
 
 
-@pytest.mark.parametrize("repeat", REPEATS)
-def test_ctrl_c_in_a_burst_still_leaves_nothing(store, repeat):
+def test_ctrl_c_in_a_burst_still_leaves_nothing(store):
     # Three signals back to back can land inside the interpreter's own teardown, where CPython prints
     # what it can (a plain torch + zarr script does the same); our cleanup must still complete.
     res, started = interrupt(store, "interrupt_uncaught", 3, 0)
@@ -576,24 +582,45 @@ def test_a_forked_child_leaving_with_os_exit_leaves_no_segments(store):
 
 
 def test_lending_and_counting_from_several_threads_loses_no_view():
+    """Threads lend views and drop some at once while other threads count them (``lent`` prunes the dead
+    ones, replacing the list): every view still alive must still be counted. Without the lock, a count that
+    replaced the list after another count had, lost the views lent in between (most rounds, here)."""
     seg = Segment(f"al_test_{os.getpid()}_race", SlotLayout("csr", "float32", max_rows=4, max_nnz=64))
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads take turns every few bytecodes: the interleavings a race needs
     try:
-        kept, stop = [], threading.Event()
+        for _ in range(20):
+            kept: list[list[np.ndarray]] = [[] for _ in range(3)]
+            start, counts = threading.Barrier(6), []
 
-        def count():
-            while not stop.is_set():
-                seg.lent
+            def lend(mine: list) -> None:
+                start.wait()
+                for k in range(1_500):
+                    view = seg.lend(seg.arrays.data[:3])
+                    if k % 3:  # two views in three are kept; the third is dropped (released) at once
+                        mine.append(view)
+                    del view
 
-        counter = threading.Thread(target=count)
-        counter.start()
-        # 2,000, not 20,000: a lend waiting for the lock can wait a whole switch interval while the
-        # counter holds the GIL, so 20,000 took from 0.1 s to 7 minutes, depending on scheduling.
-        for _ in range(2_000):
-            kept.append(seg.lend(seg.arrays.data[:3]))
-        stop.set()
-        counter.join()
-        assert seg.lent == len(kept)
+            def count() -> None:
+                start.wait()
+                while any(t.is_alive() for t in lenders):
+                    counts.append(seg.lent)
+
+            lenders = [threading.Thread(target=lend, args=(mine,)) for mine in kept]
+            counters = [threading.Thread(target=count) for _ in range(3)]
+            for t in lenders + counters:
+                t.start()
+            for t in lenders + counters:
+                t.join(timeout=300)  # a hang guard only
+            assert not any(t.is_alive() for t in lenders + counters)
+            assert counts  # counting ran while views were lent
+            assert seg.lent == sum(len(mine) for mine in kept) == 3 * 1_000
+            kept[0].clear()
+            assert seg.lent == 2 * 1_000  # released views are no longer counted
+            del kept
+            assert seg.lent == 0
     finally:
+        sys.setswitchinterval(switch)
         seg.unlink()
 
 

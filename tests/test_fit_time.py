@@ -16,7 +16,8 @@ def test_quick_fit_time_against_loading_speed(run_quick):
     fastest = result["points"][0]
     # The unthrottled point is the loader's own measured speed (the same number, reported twice).
     assert fastest["unthrottled"] and fastest["speed"] == result["arrayloaders_cells_per_s"]
-    assert set(points) == {fastest["speed"], 2_000, 20_000}
+    # Throttled to each of --quick's speeds below the measured one (a busy machine may measure less than 20,000).
+    assert set(points) == {fastest["speed"]} | {s for s in (2_000, 20_000) if s < fastest["speed"]}
     for p in points.values():
         assert p["cells"] == 4_000  # a whole epoch at every speed
         assert p["last_loss"] < p["first_loss"]  # the model learns

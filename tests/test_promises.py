@@ -242,13 +242,16 @@ def test_ctrl_c_to_the_whole_process_group_caught_then_the_next_loop_works(store
 
 def launch(scenario: str, store: Path, outdir: Path, world_size: int, timeout: float = 90, **args) -> list[dict]:
     """``promises_child.py SCENARIO`` on ``world_size`` gloo ranks; their findings by rank."""
-    from test_distributed import free_port, logs
+    from test_distributed import logs
 
     outdir.mkdir(parents=True, exist_ok=True)
-    port, procs = free_port(), []
+    # A file:// rendezvous (as test_distributed's): no port picked free and released before the ranks bind it.
+    rendezvous, procs = outdir / f"rendezvous-{os.urandom(4).hex()}", []
     for rank in range(world_size):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)}  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "INIT_METHOD": f"file://{rendezvous}", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)}  # fmt: skip
+        for k in ("MASTER_ADDR", "MASTER_PORT"):
+            env.pop(k, None)
         with open(outdir / f"log{rank}.txt", "w") as log:
             cmd = [sys.executable, str(CHILD), scenario, str(store), str(outdir), json.dumps(args)]
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))

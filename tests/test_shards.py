@@ -51,11 +51,38 @@ CHUNK, SHARD = 64, 256
 DTYPES = ["float32", "float64", "int32", "uint16"]
 
 
-@pytest.fixture(autouse=True, params=["native", "native-python-loop", "numcodecs"])
+DECODERS = ("native", "native-python-loop", "numcodecs")
+# read_into never runs the compiled loop (only gather does): for a test that only reads, the Python loop's
+# variant runs the same code as "native".
+READS = ("native", "numcodecs")
+
+
+def decoders(*names: str):
+    """Run a test with only these of DECODERS (default: all three), where the others would run the same code
+    or a test's point does not depend on the decoder (it runs once, with the default one)."""
+
+    def mark(test):
+        test.decoders = names
+        return test
+
+    return mark
+
+
+def pytest_generate_tests(metafunc):
+    """Each test once per decoder it names (:func:`decoders`), unless its own parametrize names blosc_decoder."""
+    for m in metafunc.definition.iter_markers("parametrize"):
+        names = m.args[0].split(",") if isinstance(m.args[0], str) else m.args[0]
+        if "blosc_decoder" in [n.strip() for n in names]:
+            return
+    metafunc.parametrize("blosc_decoder", getattr(metafunc.function, "decoders", DECODERS), indirect=True)
+
+
+@pytest.fixture(autouse=True)
 def blosc_decoder(request, monkeypatch):
-    """Every test three times: blosc and crc32c called in C, a gather's chunks in a compiled loop (the
-    default); the same C calls from the Python loop (where the compiled loop hands over at a fault);
-    and through numcodecs/google_crc32c."""
+    """Every test three times unless it says otherwise: blosc and crc32c called in C, a gather's chunks in a
+    compiled loop (the default); the same C calls from the Python loop (where the compiled loop hands over at a
+    fault); and through numcodecs/google_crc32c. Arrays not compressed with blosc use neither: numcodecs'
+    decoders (zstd) and google_crc32c whatever the setting."""
     if request.param == "native-python-loop":
         monkeypatch.setattr(DirectArray, "_compiled", lambda *args: None)
     if request.param == "numcodecs":
@@ -108,6 +135,15 @@ LAYOUTS: dict[str, dict] = {
     "unsharded-raw-crc32c": dict(chunks=(CHUNK,), compressors=Crc32cCodec()),
     "unsharded-one-chunk-larger-than-array": dict(chunks=(2048,), compressors=lz4("bitshuffle")),
 }
+
+
+def uses_blosc(kwargs: dict) -> bool:
+    """Whether arrays made with these create_array keywords are blosc-compressed (the decoder setting matters)."""
+    compressors = kwargs.get("compressors")
+    codecs = list(compressors) if isinstance(compressors, (list, tuple)) else [compressors]
+    codecs += list(getattr(kwargs.get("serializer"), "codecs", ()))
+    return any(isinstance(c, BloscCodec) for c in codecs)
+
 
 # Named ranges of the 1-d arrays (N = 1000, chunks of 64, shards of 256).
 RANGES = [
@@ -241,12 +277,18 @@ def layout_arrays(tmp_path_factory) -> dict[tuple[str, str, str], tuple[zarr.Arr
 
 @pytest.mark.parametrize("writer", list(PIPELINES))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_ranges_bit_identical(layout_arrays, layout, dtype, writer):
+@pytest.mark.parametrize(
+    ("layout", "blosc_decoder"),
+    [(layout, d) for layout, kwargs in LAYOUTS.items() for d in (READS if uses_blosc(kwargs) else DECODERS[:1])],
+    indirect=["blosc_decoder"],
+)  # reads only: the decoders whose code differs for the layout
+def test_layout_ranges_bit_identical(layout_arrays, layout, dtype, writer, blosc_decoder):
     array, data, expected = layout_arrays[layout, dtype, writer]
     assert_bits_equal(expected, data)  # the back door itself reads what was written
     reader = direct_array(array)
     assert reader is not None, f"{layout} should be read directly"
+    if blosc_decoder == "native":  # the layouts run with one decoder are those no decoder setting changes
+        assert (reader._native is not None) == uses_blosc(LAYOUTS[layout]), layout
     try:
         assert reader.dtype == expected.dtype and reader.n_elements == N
         rng = np.random.default_rng(7)
@@ -269,6 +311,7 @@ def test_layout_fresh_reader_per_range(layout_arrays):
         reader.close()
 
 
+@decoders(*READS)  # reads only
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     key=st.sampled_from([(layout, dtype, writer) for layout in LAYOUTS for dtype in DTYPES for writer in PIPELINES]),
@@ -284,6 +327,7 @@ def test_random_ranges_bit_identical(layout_arrays, key, bounds):
         reader.close()
 
 
+@decoders(*DECODERS[:1])  # zstd: no decoder setting changes it
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_range_sequences_one_reader(layout_arrays, data):
@@ -298,6 +342,7 @@ def test_random_range_sequences_one_reader(layout_arrays, data):
         reader.close()
 
 
+@decoders(*DECODERS[:1])  # the files a reader opens do not depend on the decoder
 @needs_proc
 @pytest.mark.parametrize("threads", [1, 2])
 def test_readers_share_one_budget_of_open_files(tmp_path, monkeypatch, threads):
@@ -350,6 +395,7 @@ def test_readers_share_one_budget_of_open_files(tmp_path, monkeypatch, threads):
     assert open_fds() == fds  # close() closes every file
 
 
+@decoders(*DECODERS[:1])  # uncompressed; the point is the files
 def test_a_dropped_reader_closes_its_files(tmp_path, monkeypatch):
     write_array(tmp_path, "a", make_values("int32", 200, seed=3), chunks=(4,), shards=(16,), compressors=None)
     files = OpenFiles(100)
@@ -599,6 +645,7 @@ def test_a_chunk_holding_fewer_elements_than_the_layout_says_is_an_error(tmp_pat
         read(DirectArray(layout), 0, 32)
 
 
+@decoders(*DECODERS[:1])  # whether it opens does not depend on the decoder
 @pytest.mark.parametrize("case", list(UNSUPPORTED))
 def test_open_returns_none_when_unsupported(tmp_path, case):
     array = UNSUPPORTED[case](tmp_path)
