@@ -80,6 +80,11 @@ class ResumeMixin:
         config = self._plan_config()
         mine = {**self._settings(config), "rank": config.rank, "world_size": config.world_size}
         theirs = {**state["settings"], "rank": state["rank"], "world_size": state["world_size"]}
+        # Sizes first: they say the most about what differs; then the data's identity (same sizes, other cells).
+        differing = sorted(k for k in mine if k not in ("seed", "data", *SHAPE) and mine[k] != theirs.get(k))
+        if differing:
+            detail = ", ".join(f"{k}: saved {theirs.get(k)!r}, now {mine[k]!r}" for k in differing)
+            raise ValueError(f"cannot resume: the state was saved with other settings ({detail})")
         if theirs.get("data") is None:
             warnings.warn(
                 "the state records no identity of its data (saved by an earlier arrayloaders): it cannot be "
@@ -92,10 +97,6 @@ class ResumeMixin:
                 f"{'; '.join(mine['data'])}: a state resumes only the stores it was taken on (a store converted "
                 "again has a new store_id)"
             )
-        differing = sorted(k for k in mine if k not in ("seed", "data", *SHAPE) and mine[k] != theirs.get(k))
-        if differing:
-            detail = ", ".join(f"{k}: saved {theirs.get(k)!r}, now {mine[k]!r}" for k in differing)
-            raise ValueError(f"cannot resume: the state was saved with other settings ({detail})")
         self.seed = state["seed"]
         epoch, yielded = int(state["epoch"]), int(state["batches_yielded"])
         shape = {k: theirs[k] for k in SHAPE if k in theirs and theirs[k] != mine[k]}
