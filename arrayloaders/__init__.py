@@ -1,7 +1,7 @@
 """arrayloaders: fast shuffled minibatches for PyTorch from AnnData zarr stores.
 
 The public names (and ``__version__``) are imported on first use (PEP 562),
-so that worker processes, which import ``arrayloaders.worker``, never import
+so that worker processes, which import ``arrayloaders.loading.worker``, never import
 torch, anndata or pandas.
 """
 
@@ -16,27 +16,28 @@ _PUBLIC = {
     "StoreError": ".errors",
     "ConversionWarning": ".errors",
     "WorkerError": ".errors",
-    "StoreManifest": ".store",
-    "XLayout": ".store",
-    "read_manifest": ".store",
-    "create_store_from_h5ads": ".convert",
-    "Categories": ".batches",
-    "ClassRunSampler": ".class_runs",
-    "EpochIterator": ".epoch_iterator",
-    "ZarrDenseDataset": ".dataset",
-    "ZarrSparseDataset": ".dataset",
+    "StoreManifest": ".store.manifest",
+    "XLayout": ".store.format",
+    "read_manifest": ".store.manifest",
+    "create_store_from_h5ads": ".convert.create",
+    "Categories": ".loading.batches",
+    "ClassRunSampler": ".loading.class_runs",
+    "EpochIterator": ".loading.epoch_iterator",
+    "ZarrDenseDataset": ".loading.dataset",
+    "ZarrSparseDataset": ".loading.dataset",
 }
 
 __all__ = sorted(_PUBLIC)
 
 if TYPE_CHECKING:
-    from .batches import Categories
-    from .class_runs import ClassRunSampler
-    from .convert import create_store_from_h5ads
-    from .dataset import ZarrDenseDataset, ZarrSparseDataset
-    from .epoch_iterator import EpochIterator
+    from .convert.create import create_store_from_h5ads
     from .errors import ArrayloadersError, ConversionWarning, InputFileError, StoreError, WorkerError
-    from .store import StoreManifest, XLayout, read_manifest
+    from .loading.batches import Categories
+    from .loading.class_runs import ClassRunSampler
+    from .loading.dataset import ZarrDenseDataset, ZarrSparseDataset
+    from .loading.epoch_iterator import EpochIterator
+    from .store.format import XLayout
+    from .store.manifest import StoreManifest, read_manifest
 
 
 def __getattr__(name: str) -> Any:

@@ -35,8 +35,9 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         'arrayloaders.lightning needs Lightning: pip install "arrayloaders[lightning]" (or pip install lightning)'
     ) from e
 
-from .dataset import ZarrDenseDataset, ZarrSparseDataset, _ZarrDataset
-from .store import read_manifest, read_obs
+from .loading.dataset import ZarrDenseDataset, ZarrSparseDataset, _ZarrDataset
+from .store.manifest import read_manifest
+from .store.obs import read_obs
 
 __all__ = ["StoreDataModule"]
 

@@ -172,7 +172,7 @@ def run_sequential(store: Path, args) -> dict:
     import zarr
 
     from arrayloaders import read_manifest
-    from arrayloaders.store import use_zarrs
+    from arrayloaders.store.format import use_zarrs
 
     use_zarrs()
 
@@ -406,7 +406,7 @@ def prepare(args) -> tuple[list[Path], Path, dict]:
         args.reconvert = True  # new input: stores of the old one are stale
     if not (store / "arrayloaders.json").exists():
         args.reconvert = True
-    from arrayloaders.store import XLayout
+    from arrayloaders.store.format import XLayout
 
     # A store kept from a run with another default layout is rebuilt (alone), not measured as this one.
     stale = stored_chunk_elements(store) != (args.chunk_elements or XLayout().chunk_elements)

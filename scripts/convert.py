@@ -125,7 +125,7 @@ def _ours(error: BaseException) -> bool:
     """Whether the error was raised by arrayloaders itself (a checked argument), not deep inside a library."""
     frames = traceback.extract_tb(error.__traceback__)
     package = Path(arrayloaders.__file__).parent
-    return bool(frames) and Path(frames[-1].filename).parent == package
+    return bool(frames) and package in Path(frames[-1].filename).parents
 
 
 def main(argv: list[str] | None = None) -> int:

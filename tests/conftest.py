@@ -100,7 +100,7 @@ def worker_pids(pid: int | None = None) -> list[int]:
     out = []
     for p in children:
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and "arrayloaders.worker" in " ".join(p.cmdline()):
+            if p.status() != psutil.STATUS_ZOMBIE and "arrayloaders.loading.worker" in " ".join(p.cmdline()):
                 out.append(p.pid)
         except psutil.NoSuchProcess:
             pass

@@ -64,7 +64,7 @@ def test_first_batch_script_measures_each_step(store, tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "first_batch.py"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "measure" / "first_batch.py"
     out = tmp_path / "first.json"
     res = subprocess.run(
         [sys.executable, str(script), "--store", str(store), "--workers", "2", "--pauses", "0", "0.5", "--repeats", "1",
@@ -85,7 +85,7 @@ def test_worker_load_script_reports_every_process(store):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "worker_load.py"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "measure" / "worker_load.py"
     res = subprocess.run(
         [sys.executable, str(script), "--store", str(store), "--workers", "2", "--epochs", "1", "--to", "cpu"],
         capture_output=True, text=True, timeout=300,
@@ -101,7 +101,7 @@ def test_load_paths_script_reads_the_same_bytes_on_both_loops(store):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "load_paths.py"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "measure" / "load_paths.py"
     res = subprocess.run([sys.executable, str(script), "--store", str(store), "--chunk-size", "8", "--preload-nchunks", "12",
                           "--batch-size", "48", "--loads", "3"], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]  # it exits non-zero if the loops' bytes differ
