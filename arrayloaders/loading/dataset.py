@@ -386,8 +386,9 @@ class _ZarrDataset(SelectionMixin, ResumeMixin, WorkerLifecycleMixin, torch.util
 
 
     def __len__(self) -> int:
-        """Batches of the current epoch (on this rank): the same every epoch, unless a size was changed."""
-        return self._plan_config(self._start_shape).n_batches
+        """Batches of the current epoch (on this rank): the same every epoch, unless a size was changed (a
+        running loop keeps its sizes to its epoch's end, and so does an epoch restored by :meth:`load_state_dict`)."""
+        return self._current_epoch()[2].n_batches
 
     # ------------------------------------------------------------------ iteration
 

@@ -36,16 +36,7 @@ class ResumeMixin:
         AnnData objects' obs names), sizes and selection. Take it on every
         rank; under DDP each rank restores its own.
         """
-        rt = self._rt()
-        with rt.lock:
-            epoch, start, shape = self._epoch, self._start, self._start_shape
-            loops = [it for it in list(rt.loops) if it.dataset is self and it.epoch == epoch]
-        running = [it for it in loops if it._state.handed and not it._state.done and it._plan is not None]
-        furthest = max(running, key=lambda it: it.position, default=None)
-        if furthest is not None:
-            start, config = furthest.position, furthest._plan.config
-        else:
-            config = self._plan_config(shape)
+        epoch, start, config = self._current_epoch()
         return {
             "epoch": epoch,
             "batches_yielded": start,
@@ -54,6 +45,19 @@ class ResumeMixin:
             "world_size": config.world_size,
             "settings": self._settings(config),
         }
+
+    def _current_epoch(self) -> tuple[int, int, PlanConfig]:
+        """(epoch, next batch, plan settings) of the current epoch: the furthest running loop's, if one runs
+        (it keeps the sizes it started with), else where the next loop starts."""
+        rt = self._rt()
+        with rt.lock:
+            epoch, start, shape = self._epoch, self._start, self._start_shape
+            loops = [it for it in list(rt.loops) if it.dataset is self and it.epoch == epoch]
+        running = [it for it in loops if it._state.handed and not it._state.done and it._plan is not None]
+        furthest = max(running, key=lambda it: it.position, default=None)
+        if furthest is not None:
+            return epoch, furthest.position, furthest._plan.config
+        return epoch, start, self._plan_config(shape)
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a :meth:`state_dict`: the next loop yields the batches its epoch had left.
@@ -99,11 +103,12 @@ class ResumeMixin:
             )
         self.seed = state["seed"]
         epoch, yielded = int(state["epoch"]), int(state["batches_yielded"])
-        shape = {k: theirs[k] for k in SHAPE if k in theirs and theirs[k] != mine[k]}
+        # Every size the saved position counts in, so that sizes set after this call cannot move it either.
+        shape = {k: theirs.get(k, mine[k]) for k in SHAPE}
         if yielded >= self._plan_config(shape).n_batches:  # saved after a complete epoch: go on with the next
             epoch, yielded = epoch + 1, 0
         with self._rt().lock:
-            self._epoch, self._start, self._start_shape = epoch, yielded, shape if yielded and shape else None
+            self._epoch, self._start, self._start_shape = epoch, yielded, shape if yielded else None
 
     def _settings(self, config: PlanConfig) -> dict:
         return {
