@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Self
 
@@ -19,6 +20,8 @@ import torch
 from .class_runs import ClassRunSampler
 
 __all__ = ["SelectionMixin", "check_sampler", "checked_cells"]
+
+_GLOBAL_GENERATOR = threading.Lock()  # held while a sampler runs on torch's global generator (``_sample``)
 
 
 def checked_cells(cells: np.ndarray, n_obs: int, within: np.ndarray | None = None) -> np.ndarray:
@@ -185,11 +188,14 @@ class SelectionMixin:
         samplers that have it.
         """
         sampler, n_obs = self.sampler, self.n_obs
-        if callable(getattr(sampler, "set_epoch", None)):
-            sampler.set_epoch(epoch)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(np.random.default_rng([self.seed, epoch, 2]).integers(2**63)))
-            sequence = _sampled_rows(sampler, epoch, n_obs)
+        # One sampler run at a time in this process: the global generator is one for all threads, and two loops
+        # seeding and drawing from it at once (two threads) would each get a mix of both sequences.
+        with _GLOBAL_GENERATOR:
+            if callable(getattr(sampler, "set_epoch", None)):
+                sampler.set_epoch(epoch)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(np.random.default_rng([self.seed, epoch, 2]).integers(2**63)))
+                sequence = _sampled_rows(sampler, epoch, n_obs)
         if sequence.size != len(sampler):
             raise ValueError(f"the sampler yielded {sequence.size} indices in epoch {epoch}, but len(sampler) is {len(sampler)}")
         bad = (sequence < 0) | (sequence >= n_obs)
