@@ -51,7 +51,8 @@ napoleon_use_param = False  # "batch_key, labels_key" stay one entry with one de
 
 html_theme = "furo"
 html_title = f"arrayloaders {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["wrap.css"]
 
 
 # napoleon reads a property's first line "X: Y" as type X, description Y; our properties' docstrings are
