@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
@@ -70,12 +70,6 @@ class Settings:
     world_size: int = 1
     equalize: str = "drop"
     window: int = 1  # loads whose rows are shuffled together (1 without shuffle or with a sampler)
-
-    def sizes(self) -> tuple[int, int, int]:
-        return self.batch_size, self.chunk_size, self.preload_nchunks
-
-    def with_sizes(self, batch_size: int, chunk_size: int, preload_nchunks: int) -> Settings:
-        return replace(self, batch_size=batch_size, chunk_size=chunk_size, preload_nchunks=preload_nchunks)
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:

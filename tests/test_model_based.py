@@ -53,6 +53,7 @@ RULES = {
     "rule4": "a state_dict resumes only on the store it was taken on",
     "rule5": "StoreDataModule with cells=, sampler=, drop_last: split within the selection; inference gives every cell",
     "rule6": "class_weights / class_run_sampler: missing labels (NaN, NA, -1) weigh 0, for every dtype",
+    "rule3-len": "len(ds) while a loop runs with sizes changed since it started: that loop's (the current epoch's) count",
 }
 SKIP = {r.strip() for r in os.environ.get("ARRAYLOADERS_MODEL_SKIP", "").split(",") if r.strip()}
 
@@ -290,6 +291,7 @@ class Model:
     epoch: int = 0
     start: int = 0
     pinned: oracle.Settings | None = None  # sizes of the current epoch's rest, from load_state_dict (rule 3)
+    within: np.ndarray | None = None  # a sampler subset's parent's cells: what it may draw from
     loops: list[Loop] = field(default_factory=list)
 
     def _repr_pretty_(self, p, cycle) -> None:  # hypothesis prints draws with IPython's pretty printer
@@ -340,8 +342,6 @@ def make_dataset(stores, values: oracle.Values, s: oracle.Settings, window, cell
         rank=s.rank, world_size=s.world_size, equalize=s.equalize, cells=cells, sampler=sampler, window=window,
         var_names=values.var_names_arg(), layer=values.layer, memory_budget="256MiB",
     )  # fmt: skip
-    for name, t in sorted(TIMES.items(), key=lambda kv: -sum(kv[1])):
-        print(f"{name:22s} {len(t):5d} calls {sum(t):7.1f} s {1000 * sum(t) / len(t):8.1f} ms each")
     obs_keys = values.obs_keys if values.obs_keys is None or isinstance(values.obs_keys, str) else list(values.obs_keys)
     for store in stores:
         ds.add_store(store, obs_keys=obs_keys, obsm_keys=list(values.obsm_keys) or None, obs_codes=list(values.obs_codes) or None)
@@ -419,8 +419,25 @@ def settings_strategy(draw, n_max: int = 3) -> oracle.Settings:
         shuffle=draw(st.booleans()), seed=draw(st.integers(0, 3)), drop_last=draw(st.booleans()),
         rank=draw(st.integers(0, world - 1)), world_size=world, equalize=draw(st.sampled_from(["drop", "pad"])),
     )  # fmt: skip
-    for name, t in sorted(TIMES.items(), key=lambda kv: -sum(kv[1])):
-        print(f"{name:22s} {len(t):5d} calls {sum(t):7.1f} s {1000 * sum(t) / len(t):8.1f} ms each")
+
+
+def effective(s: oracle.Settings, window: int | None, sampler) -> oracle.Settings:
+    """``s`` with the window a dataset uses: 1 without shuffle or with a sampler, else the argument (default 1: a shuffled store)."""
+    return replace(s, window=1 if not s.shuffle or sampler is not None or window is None else window)
+
+
+def draw_shape(data, s: oracle.Settings, window: int | None) -> dict:
+    """New values of the settings that shape an epoch: ``batch_size`` always, the others sometimes."""
+    new = {"batch_size": data.draw(st.integers(1, 20), label="batch_size"), "chunk_size": s.chunk_size,
+           "preload_nchunks": s.preload_nchunks, "drop_last": s.drop_last, "shuffle": s.shuffle, "equalize": s.equalize,
+           "window": window}  # fmt: skip
+    if data.draw(st.booleans(), label="other sizes"):
+        new["chunk_size"], new["preload_nchunks"] = data.draw(st.integers(1, 8), label="chunk_size"), data.draw(st.integers(1, 4), label="preload_nchunks")
+    if data.draw(st.integers(0, 3), label="other settings") == 0:
+        new["drop_last"], new["shuffle"] = data.draw(st.booleans(), label="drop_last"), data.draw(st.booleans(), label="shuffle")
+        new["equalize"] = data.draw(st.sampled_from(["drop", "pad"]), label="equalize")
+        new["window"] = data.draw(st.sampled_from([None, 2, 3]), label="window")
+    return new
 
 
 def draw_cells(data, pool: np.ndarray, label: str) -> np.ndarray:
@@ -623,7 +640,7 @@ class LoaderMachine(RuleBasedStateMachine):
         if n < s.world_size:
             s = replace(s, rank=0, world_size=1)
         window = data.draw(st.sampled_from([None, None, None, 2, 3]), label="window")
-        s = replace(s, window=1 if not s.shuffle or sampler is not None or window is None else window)
+        s = effective(s, window, sampler)
         workers = self.workers_for(data, "num_workers")
         ds = make_dataset(stores, v, s, window, cells_arg, sampler, workers)
         model = Model(ds, f"ds{len(self.models)}", stores, v, s, window, cells, sampler, workers, self.new_family(workers))
@@ -697,6 +714,14 @@ class LoaderMachine(RuleBasedStateMachine):
         loop = data.draw(st.sampled_from(m.loops), label="loop")
         self.end(m, loop, data.draw(st.sampled_from(["drop", "close"]), label="how"))
 
+    @precondition(some(lambda m: m.num_workers))
+    @rule(data=st.data())
+    @timed
+    def close_and_go_on(self, data):
+        """``close()`` stops the workers (of every dataset sharing them); open loops go on, the next loop starts new ones."""
+        m = self.pick(data, "dataset", lambda m: m.num_workers)
+        m.ds.close()
+
     @rule(data=st.data())
     @timed
     def set_epoch(self, data):
@@ -709,14 +734,14 @@ class LoaderMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     @timed
     def change_sizes(self, data):
-        """New sizes (batch_size, maybe chunk_size / preload_nchunks): the next epoch's loops use them (rule 3 with a loop running)."""
+        """New sizes (``batch_size``, maybe ``chunk_size``, ``preload_nchunks``, ``drop_last``, ``shuffle``, ``equalize``,
+        ``window``): the next epoch's loops use them; a loop running keeps its own (rule 3)."""
         m = self.pick(data, "dataset", resizable)
-        bs = data.draw(st.integers(1, 20), label="batch_size")
-        cs, pn = m.settings.chunk_size, m.settings.preload_nchunks
-        if data.draw(st.booleans(), label="other sizes"):
-            cs, pn = data.draw(st.integers(1, 8), label="chunk_size"), data.draw(st.integers(1, 4), label="preload_nchunks")
-        m.ds.batch_size, m.ds.chunk_size, m.ds.preload_nchunks = bs, cs, pn
-        m.settings = m.settings.with_sizes(bs, cs, pn)
+        new = draw_shape(data, m.settings, m.window)
+        m.ds.batch_size, m.ds.chunk_size, m.ds.preload_nchunks = new["batch_size"], new["chunk_size"], new["preload_nchunks"]
+        m.ds.drop_last, m.ds.shuffle, m.ds.equalize, m.ds.window = new["drop_last"], new["shuffle"], new["equalize"], new["window"]
+        m.window = new.pop("window")
+        m.settings = effective(replace(m.settings, **new), m.window, m.sampler)
 
     # ------------------------------------------------------------------ resume
 
@@ -734,13 +759,18 @@ class LoaderMachine(RuleBasedStateMachine):
             assert (state["epoch"], state["batches_yielded"]) == (epoch, position), f"{m.name}: state {state}"
         workers = 0 if m.num_workers else self.workers_for(data, "num_workers")
         v = replace(m.values, return_index=data.draw(st.booleans(), label="return_index"))
-        ds = make_dataset(m.stores, v, m.settings, m.window, m.cells, m.sampler, workers)
+        own, window = m.settings, m.window
+        if on("rule3") and data.draw(st.booleans(), label="other sizes of its own"):
+            shape = draw_shape(data, own, window)
+            window = shape.pop("window")
+            own = effective(replace(own, **shape), window, m.sampler)
+        ds = make_dataset(m.stores, v, own, window, m.cells, m.sampler, workers)
         ds.load_state_dict(state)
-        fresh = Model(ds, f"{m.name}-resumed", m.stores, v, m.settings, m.window, m.cells, m.sampler, workers, self.new_family(workers))
-        if position >= oracle.n_batches(m.n_selected, saved):  # only an empty epoch: its state points at the next
-            epoch, position, saved = epoch + 1, 0, m.settings
+        fresh = Model(ds, f"{m.name}-resumed", m.stores, v, own, window, m.cells, m.sampler, workers, self.new_family(workers))
+        if position >= oracle.n_batches(m.n_selected, saved):  # an epoch resumed at its end (empty): the next one
+            epoch, position, saved = epoch + 1, 0, own
         fresh.epoch, fresh.start = epoch, position
-        fresh.pinned = saved if saved.sizes() != m.settings.sizes() else None
+        fresh.pinned = saved if position and saved != own else None  # the rest of the saved epoch keeps its sizes
         assert len(ds) == oracle.n_batches(fresh.n_selected, fresh.pinned or fresh.settings), f"{fresh.name}: len"
         self.run_loop(fresh, data.draw(st.one_of(st.none(), st.integers(1, 5)), label="batches"))
         if len(self.models) < MAX_DATASETS:
@@ -786,9 +816,9 @@ class LoaderMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------ selections
 
     def derived(self, m: Model, ds, name: str, cells, sampler=None) -> Model:
-        window = m.window
-        s = replace(m.settings, window=1 if not m.settings.shuffle or sampler is not None or window is None else window)
-        return Model(ds, name, m.stores, m.values, s, window, cells, sampler, m.num_workers, m.family)
+        model = Model(ds, name, m.stores, m.values, effective(m.settings, m.window, sampler), m.window, cells, sampler, m.num_workers, m.family)
+        model.within = m.cells if sampler is not None else None
+        return model
 
     def keep_or_close(self, model: Model) -> None:
         if len(self.models) < MAX_DATASETS:
@@ -954,7 +984,7 @@ class LoaderMachine(RuleBasedStateMachine):
         if not on("rule6") and key != "cell_type" and column.isna().any():
             return
         weights = m.ds.class_weights(key)
-        cells = m.cells if m.sampler is None else None
+        cells = m.cells if m.sampler is None else m.within  # a sampler subset weighs its parent's cells
         want = oracle.class_weights(column, cells)
         assert weights.dtype == torch.float64
         np.testing.assert_allclose(weights.numpy(), want, rtol=1e-12, err_msg=f"class_weights({key!r})")
@@ -966,6 +996,10 @@ class LoaderMachine(RuleBasedStateMachine):
         drawn = oracle.sampled_sequence(sampler, 0, data.draw(st.integers(0, 3), label="epoch"))
         allowed = want > 0
         assert allowed[drawn].all(), f"class_run_sampler({key!r}) drew cells {drawn[~allowed[drawn]]} without a label or outside"
+        if m.sampler is None and len(sampler) >= m.settings.world_size and data.draw(st.booleans(), label="iterate it"):
+            sub = m.ds.subset(sampler=sampler)
+            self.others.append(sub)
+            self.run_loop(self.derived(m, sub, f"{m.name}.subset(class_run_sampler)", None, sampler), data.draw(st.integers(1, 3)))
 
     # ------------------------------------------------------------------ Lightning
 
@@ -1020,13 +1054,32 @@ class LoaderMachine(RuleBasedStateMachine):
         train_cells = None if train.size == n and extra != "cells" else train
         if sampler is not None:
             train_cells = None
-        model = Model(dm.train_dataloader(), "dm.train", (store,), v, s, None, train_cells, sampler, 0, 0)
-        self.run_loop(model, data.draw(st.one_of(st.none(), st.integers(1, 4)), label="train batches"))
+        train_model = Model(dm.train_dataloader(), "dm.train", (store,), v, s, None, train_cells, sampler, 0, 0)
+        loop = self.start(train_model)
+        for _ in range(data.draw(st.integers(1, 4), label="train batches")):
+            if not self.take(train_model, loop):
+                break
+        if data.draw(st.booleans(), label="resume the module"):
+            # dm.state_dict() (what Lightning checkpoints) into a new module: the rest of the epoch, exactly
+            epoch, position, _ = train_model.state()
+            state = dm.state_dict()
+            again = StoreDataModule(store, batch_key="batch", labels_key="cell_type", train_size=train_size,
+                                    validation_size=validation_size, **kwargs)  # fmt: skip
+            self.others.append(again)
+            again.load_state_dict(state)
+            resumed = Model(again.train_dataloader(), "dm.train-resumed", (store,), v, s, None, train_cells, sampler, 0, 0,
+                            epoch=epoch, start=position)  # fmt: skip
+            self.run_loop(resumed, None)
+        self.end(train_model, loop, "close")
         if dm.val_dataset is not None:
             model = Model(dm.val_dataloader(), "dm.val", (store,), v, replace(s, shuffle=False), None, val, None, 0, 0)
             self.run_loop(model, None)
-        # inference: every cell of the store once, in store order, whatever the training settings
-        loader = dm.inference_dataloader(batch_size=data.draw(st.integers(1, 50), label="inference batch"))
+        # inference: every cell of the store once (or those asked for), in store order, whatever the training settings
+        asked = None
+        if data.draw(st.booleans(), label="inference of some cells"):
+            asked = np.random.default_rng(n).permutation(draw_cells(data, np.arange(n), "inference cells"))
+        loader = dm.inference_dataloader(cells=asked, batch_size=data.draw(st.integers(1, 50), label="inference batch"))
+        want_rows = np.arange(n) if asked is None else np.sort(asked)
         rows, xs = [], []
         for batch in loader:
             assert batch["X"].layout == torch.strided and batch["X"].dtype == torch.float32
@@ -1038,10 +1091,10 @@ class LoaderMachine(RuleBasedStateMachine):
             assert (labels == want).all()
             assert (dm.batch_labels[batch["batch"].numpy().ravel()] == truth.obs["batch"].iloc[index].to_numpy()).all()
         rows = np.concatenate(rows)
-        np.testing.assert_array_equal(rows, np.arange(n), err_msg=f"inference_dataloader ({extra}) is not every cell in store order")
-        assert_same_array(np.concatenate(xs), truth.X.toarray(), "inference X")
-        assert list(loader.obs_names) == list(truth.obs_names)
-        assert len(loader) == -(-n // loader.dataset.batch_size)
+        np.testing.assert_array_equal(rows, want_rows, err_msg=f"inference_dataloader ({extra}) is not every cell asked for, in store order")
+        assert_same_array(np.concatenate(xs), truth.X[want_rows].toarray(), "inference X")
+        assert list(loader.obs_names) == list(truth.obs_names[want_rows])
+        assert len(loader) == -(-want_rows.size // loader.dataset.batch_size)
 
     # ------------------------------------------------------------------ invariants and the end
 
@@ -1056,7 +1109,8 @@ class LoaderMachine(RuleBasedStateMachine):
         for m in self.models:
             running = m.running()
             s = max(running, key=lambda lp: lp.position).settings if running else (m.pinned or m.settings)
-            if not on("rule3") and (m.pinned or any(lp.settings != m.settings for lp in running)):
+            resized = any(lp.settings != m.settings for lp in running)
+            if (not on("rule3") and (m.pinned or resized)) or (resized and not on("rule3-len")):
                 continue
             assert len(m.ds) == oracle.n_batches(m.n_selected, s), f"{m.name}: len(ds) {len(m.ds)}, epoch {m.epoch}"
 
