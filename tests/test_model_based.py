@@ -334,7 +334,8 @@ class Model:
         return oracle.epoch_batches(self.truth.file_n_obs, s, epoch, self.cells, self.sequence(epoch))
 
 
-def make_dataset(stores, values: oracle.Values, s: oracle.Settings, window, cells, sampler, num_workers):
+def make_dataset(stores, values: oracle.Values, s: oracle.Settings, window, cells, sampler, num_workers, made: list):
+    """A dataset with these settings over ``stores``; appended to ``made`` (closed at the end, whatever happens)."""
     kind = ZarrDenseDataset if values.dense else ZarrSparseDataset
     ds = kind(
         batch_size=s.batch_size, chunk_size=s.chunk_size, preload_nchunks=s.preload_nchunks, shuffle=s.shuffle,
@@ -342,6 +343,7 @@ def make_dataset(stores, values: oracle.Values, s: oracle.Settings, window, cell
         rank=s.rank, world_size=s.world_size, equalize=s.equalize, cells=cells, sampler=sampler, window=window,
         var_names=values.var_names_arg(), layer=values.layer, memory_budget="256MiB",
     )  # fmt: skip
+    made.append(ds)
     obs_keys = values.obs_keys if values.obs_keys is None or isinstance(values.obs_keys, str) else list(values.obs_keys)
     for store in stores:
         ds.add_store(store, obs_keys=obs_keys, obsm_keys=list(values.obsm_keys) or None, obs_codes=list(values.obs_codes) or None)
@@ -642,7 +644,7 @@ class LoaderMachine(RuleBasedStateMachine):
         window = data.draw(st.sampled_from([None, None, None, 2, 3]), label="window")
         s = effective(s, window, sampler)
         workers = self.workers_for(data, "num_workers")
-        ds = make_dataset(stores, v, s, window, cells_arg, sampler, workers)
+        ds = make_dataset(stores, v, s, window, cells_arg, sampler, workers, self.others)
         model = Model(ds, f"ds{len(self.models)}", stores, v, s, window, cells, sampler, workers, self.new_family(workers))
         self.add(model)
         assert len(ds) == oracle.n_batches(n, s)
@@ -736,7 +738,9 @@ class LoaderMachine(RuleBasedStateMachine):
     def change_sizes(self, data):
         """New sizes (``batch_size``, maybe ``chunk_size``, ``preload_nchunks``, ``drop_last``, ``shuffle``, ``equalize``,
         ``window``): the next epoch's loops use them; a loop running keeps its own (rule 3)."""
-        m = self.pick(data, "dataset", resizable)
+        self.change_shape(self.pick(data, "dataset", resizable), data)
+
+    def change_shape(self, m: Model, data) -> None:
         new = draw_shape(data, m.settings, m.window)
         m.ds.batch_size, m.ds.chunk_size, m.ds.preload_nchunks = new["batch_size"], new["chunk_size"], new["preload_nchunks"]
         m.ds.drop_last, m.ds.shuffle, m.ds.equalize, m.ds.window = new["drop_last"], new["shuffle"], new["equalize"], new["window"]
@@ -753,6 +757,13 @@ class LoaderMachine(RuleBasedStateMachine):
         """``state_dict()`` into a fresh dataset (the other num_workers): its next loop yields what ``ds``'s would."""
         self.spend("resume")
         m = self.pick(data, "dataset", resumable)
+        if not m.running() and data.draw(st.booleans(), label="a loop runs"):  # a state taken mid-epoch
+            loop = self.start(m)
+            for _ in range(data.draw(st.integers(1, 3), label="batches")):
+                if not self.take(m, loop):
+                    break
+            if loop.done:
+                self.end(m, loop, "drop")
         state = m.ds.state_dict()
         epoch, position, saved = m.state()
         if "epoch" in state and "batches_yielded" in state:
@@ -764,13 +775,16 @@ class LoaderMachine(RuleBasedStateMachine):
             shape = draw_shape(data, own, window)
             window = shape.pop("window")
             own = effective(replace(own, **shape), window, m.sampler)
-        ds = make_dataset(m.stores, v, own, window, m.cells, m.sampler, workers)
+        ds = make_dataset(m.stores, v, own, window, m.cells, m.sampler, workers, self.others)
         ds.load_state_dict(state)
         fresh = Model(ds, f"{m.name}-resumed", m.stores, v, own, window, m.cells, m.sampler, workers, self.new_family(workers))
         if position >= oracle.n_batches(m.n_selected, saved):  # an epoch resumed at its end (empty): the next one
             epoch, position, saved = epoch + 1, 0, own
         fresh.epoch, fresh.start = epoch, position
-        fresh.pinned = saved if position and saved != own else None  # the rest of the saved epoch keeps its sizes
+        # The rest of the saved epoch keeps the sizes it was saved with, even if the dataset's own change meanwhile.
+        fresh.pinned = saved if position else None
+        if on("rule3") and data.draw(st.booleans(), label="sizes changed after loading"):
+            self.change_shape(fresh, data)
         assert len(ds) == oracle.n_batches(fresh.n_selected, fresh.pinned or fresh.settings), f"{fresh.name}: len"
         self.run_loop(fresh, data.draw(st.one_of(st.none(), st.integers(1, 5)), label="batches"))
         if len(self.models) < MAX_DATASETS:
@@ -793,8 +807,7 @@ class LoaderMachine(RuleBasedStateMachine):
             sampler = None
         else:
             s = replace(s, rank=(s.rank + 1) % 2, world_size=2)
-        ds = make_dataset(m.stores, m.values, s, m.window, cells, sampler, 0)
-        self.others.append(ds)
+        ds = make_dataset(m.stores, m.values, s, m.window, cells, sampler, 0, self.others)
         with pytest.raises(ValueError):
             ds.load_state_dict(state)
 
@@ -808,8 +821,7 @@ class LoaderMachine(RuleBasedStateMachine):
         m = self.pick(data, "dataset")
         state = m.ds.state_dict()
         stores = tuple(self.stores["B" if p == self.stores["A"] else "A"] for p in m.stores)
-        ds = make_dataset(stores, m.values, m.settings, m.window, m.cells, m.sampler, 0)
-        self.others.append(ds)
+        ds = make_dataset(stores, m.values, m.settings, m.window, m.cells, m.sampler, 0, self.others)
         with pytest.raises(ValueError):
             ds.load_state_dict(state)
 
@@ -946,7 +958,7 @@ class LoaderMachine(RuleBasedStateMachine):
         per_rank = []
         for r in range(world):
             s = replace(s0, rank=r)
-            ds = make_dataset(m.stores, v, s, m.window, m.cells, m.sampler, 0)
+            ds = make_dataset(m.stores, v, s, m.window, m.cells, m.sampler, 0, self.others)
             ds.set_epoch(epoch)
             model = Model(ds, f"{m.name}-rank{r}of{world}", m.stores, v, s, m.window, m.cells, m.sampler, 0, 0, epoch=epoch)
             per_rank.append(self.whole_epoch(model))
