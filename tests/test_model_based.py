@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -54,6 +55,7 @@ RULES = {
     "rule5": "StoreDataModule with cells=, sampler=, drop_last: split within the selection; inference gives every cell",
     "rule6": "class_weights / class_run_sampler: missing labels (NaN, NA, -1) weigh 0, for every dtype",
     "rule3-len": "len(ds) while a loop runs with sizes changed since it started: that loop's (the current epoch's) count",
+    "rule3-reload": "sizes changed after load_state_dict: the restored epoch still finishes with the saved ones",
 }
 SKIP = {r.strip() for r in os.environ.get("ARRAYLOADERS_MODEL_SKIP", "").split(",") if r.strip()}
 
@@ -63,8 +65,8 @@ def on(tag: str) -> bool:
 
 
 def resizable(m) -> bool:
-    """Sizes may change: always under rule 3, else only with no loop running."""
-    return on("rule3") or not m.running()
+    """Sizes may change: always under rule 3, else only with no loop running (and not in a restored epoch)."""
+    return (on("rule3") or not m.running()) and (on("rule3-reload") or not m.pinned)
 
 
 def resumable(m) -> bool:
@@ -89,7 +91,7 @@ def some(where):
 
 
 # Calls of the costly rules per example (each makes datasets: ~0.25 s each on 2 cores).
-BUDGET = {"all_ranks": 1, "datamodule": 1, "resume": 2, "resume_elsewhere": 1, "resume_on_another_store": 1}
+BUDGET = {"all_ranks": 1, "datamodule": 1, "resume": 2, "resume_elsewhere": 1, "resume_on_another_store": 1, "threads": 1}
 
 
 def within_budget(name: str):
@@ -676,6 +678,47 @@ class LoaderMachine(RuleBasedStateMachine):
         if taken == len(expected):
             self.completed(m, epoch)
 
+    @precondition(within_budget("threads"))
+    @rule(data=st.data())
+    @timed
+    def threads(self, data):
+        """Two loops at once, one in another thread: each gets every batch of the epoch (rows, order, values)."""
+        self.spend("threads")
+        m = self.pick(data, "dataset")
+        ks = [data.draw(st.one_of(st.none(), st.integers(1, 6)), label=f"batches of loop {i}") for i in range(2)]
+        s = m.pinned or m.settings
+        expected, epoch, start = m.batches(s, m.epoch)[m.start :], m.epoch, m.start
+        got, errors = [[], []], []
+
+        its = [iter(m.ds), iter(m.ds)]  # both made before either runs: the same epoch from the same start
+
+        def run(i):
+            try:
+                it = its[i]
+                for batch in it:
+                    got[i].append(batch)
+                    if ks[i] is not None and len(got[i]) == ks[i]:
+                        break
+                it.close()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        other = threading.Thread(target=run, args=(1,))
+        other.start()
+        run(0)
+        other.join(60)
+        assert not other.is_alive(), f"{m.name}: a loop in another thread did not end"
+        del its
+        if errors:
+            raise errors[0]
+        for i in range(2):
+            want = expected if ks[i] is None else expected[: ks[i]]
+            assert len(got[i]) == len(want), f"{m.name}: loop {i} yielded {len(got[i])} batches, expected {len(want)}"
+            for b, (batch, rows) in enumerate(zip(got[i], want)):
+                check_batch(batch, m.truth, rows, m.values, f"{m.name} thread loop {i} batch {start + b}")
+        if any(k is None or k >= len(expected) for k in ks):
+            self.completed(m, epoch)
+
     @rule(data=st.data())
     @timed
     def peek(self, data):
@@ -783,7 +826,7 @@ class LoaderMachine(RuleBasedStateMachine):
         fresh.epoch, fresh.start = epoch, position
         # The rest of the saved epoch keeps the sizes it was saved with, even if the dataset's own change meanwhile.
         fresh.pinned = saved if position else None
-        if on("rule3") and data.draw(st.booleans(), label="sizes changed after loading"):
+        if on("rule3") and on("rule3-reload") and data.draw(st.booleans(), label="sizes changed after loading"):
             self.change_shape(fresh, data)
         assert len(ds) == oracle.n_batches(fresh.n_selected, fresh.pinned or fresh.settings), f"{fresh.name}: len"
         self.run_loop(fresh, data.draw(st.one_of(st.none(), st.integers(1, 5)), label="batches"))
