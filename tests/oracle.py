@@ -278,9 +278,10 @@ class StoreTruth:
     """One or more stores read with plain anndata, files in manifest order, stores in the order given."""
 
     def __init__(self, stores: Sequence[Path]):
-        adatas, self.file_n_obs, self.schema = [], [], {}
+        adatas, self.file_n_obs, self.schema, self.shuffled = [], [], {}, True
         for store in stores:
             manifest = json.loads((Path(store) / "arrayloaders.json").read_text())
+            self.shuffled &= bool(manifest.get("shuffle", False))  # cells shuffled at conversion
             for f in manifest["files"]:
                 a = ad.read_zarr(Path(store) / f["name"])
                 assert a.n_obs == f["n_obs"]

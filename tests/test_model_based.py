@@ -103,7 +103,7 @@ MAX_WORKER_FAMILIES = 1  # datasets with workers per example (subsets share them
 MAX_OPEN_LOOPS = 2
 
 OBS = ("cell_type", "n_genes", "batch", "score", "flag", "doublet")  # categorical+missing, Int64+NA, int, float+NaN, bool, boolean+NA
-NUMERIC_CODES = ("n_genes", "batch", "flag")
+NUMERIC_CODES = ("n_genes", "batch", "score", "flag", "doublet")
 N_VARS = 24
 SIZES = (40, 33, 50)
 
@@ -150,12 +150,14 @@ def write_inputs(folder: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory) -> dict[str, Path]:
-    """Store "A" (three files), and "B": the same inputs converted with another seed (other cells in each row)."""
+    """Store "A" (three files); "B": the same inputs converted with another seed (other cells in each row);
+    "U": not shuffled (the inputs' cells in order: batches mix a window of 8 loads by default)."""
     folder = tmp_path_factory.mktemp("model")
     inputs = write_inputs(folder)
     return {
         "A": create_store_from_h5ads(inputs, folder / "A", n_obs_per_file=50, progress=False),
         "B": create_store_from_h5ads(inputs, folder / "B", n_obs_per_file=50, seed=1, progress=False),
+        "U": create_store_from_h5ads(inputs, folder / "U", n_obs_per_file=50, shuffle=False, progress=False),
     }
 
 
@@ -247,6 +249,8 @@ class Recorder(torch.utils.data.Sampler):
 
     def __init__(self, inner):
         self.inner, self.draws = inner, []
+        if callable(getattr(inner, "set_epoch", None)):
+            self.set_epoch = inner.set_epoch
 
     def __iter__(self):
         drawn = [int(i) for i in self.inner]
@@ -425,9 +429,12 @@ def settings_strategy(draw, n_max: int = 3) -> oracle.Settings:
     )  # fmt: skip
 
 
-def effective(s: oracle.Settings, window: int | None, sampler) -> oracle.Settings:
-    """``s`` with the window a dataset uses: 1 without shuffle or with a sampler, else the argument (default 1: a shuffled store)."""
-    return replace(s, window=1 if not s.shuffle or sampler is not None or window is None else window)
+def effective(s: oracle.Settings, window: int | None, sampler, stores: tuple[Path, ...]) -> oracle.Settings:
+    """``s`` with the window a dataset uses: 1 without shuffle or with a sampler, else the argument; by default
+    1 for stores shuffled at conversion, 8 for others."""
+    if not s.shuffle or sampler is not None:
+        return replace(s, window=1)
+    return replace(s, window=window if window is not None else 1 if truth_of(stores).shuffled else 8)
 
 
 def draw_shape(data, s: oracle.Settings, window: int | None) -> dict:
@@ -453,7 +460,7 @@ def draw_cells(data, pool: np.ndarray, label: str) -> np.ndarray:
 
 def draw_sampler(data, pool: np.ndarray, label: str):
     """A sampler of rows of ``pool``: a list (repeats), or torch's samplers drawing from the global generator."""
-    kind = data.draw(st.sampled_from(["list", "list", "random", "weighted", "subset-random"]), label=label)
+    kind = data.draw(st.sampled_from(["list", "list", "random", "weighted", "subset-random", "distributed"]), label=label)
     if kind == "list":
         return [int(pool[i]) for i in data.draw(st.lists(st.integers(0, pool.size - 1), min_size=1, max_size=60), label=label)]
     k = data.draw(st.integers(1, 60), label=label + " length")
@@ -462,6 +469,9 @@ def draw_sampler(data, pool: np.ndarray, label: str):
         inner = torch.utils.data.RandomSampler(pool.tolist(), replacement=replacement, num_samples=k if replacement else None)
         rows = torch.as_tensor(pool)
         return Recorder(_Mapped(inner, rows))
+    if kind == "distributed":  # a sampler with set_epoch and a generator of its own, seeded by its seed and the epoch
+        inner = torch.utils.data.DistributedSampler(pool.tolist(), num_replicas=1, rank=0, seed=k)
+        return Recorder(_Mapped(inner, torch.as_tensor(pool)))
     if kind == "weighted":
         weights = torch.zeros(int(pool.max()) + 1, dtype=torch.float64)
         weights[torch.as_tensor(pool)] = torch.rand(pool.size, generator=torch.Generator().manual_seed(k), dtype=torch.float64) + 0.01
@@ -474,6 +484,8 @@ class _Mapped(torch.utils.data.Sampler):
 
     def __init__(self, inner, rows: torch.Tensor):
         self.inner, self.rows = inner, rows
+        if callable(getattr(inner, "set_epoch", None)):
+            self.set_epoch = inner.set_epoch
 
     def __iter__(self):
         return (int(self.rows[i]) for i in self.inner)
@@ -622,7 +634,7 @@ class LoaderMachine(RuleBasedStateMachine):
     @timed
     def new_dataset(self, data):
         """A dataset with random settings, selection and values, over store A (or A then B)."""
-        names = data.draw(st.sampled_from([("A",), ("A",), ("A",), ("A", "B")]), label="stores")
+        names = data.draw(st.sampled_from([("A",), ("A",), ("A",), ("A", "B"), ("U",)]), label="stores")
         stores = tuple(self.stores[n] for n in names)
         truth = truth_of(stores)
         v = data.draw(values_strategy(), label="values")
@@ -644,7 +656,7 @@ class LoaderMachine(RuleBasedStateMachine):
         if n < s.world_size:
             s = replace(s, rank=0, world_size=1)
         window = data.draw(st.sampled_from([None, None, None, 2, 3]), label="window")
-        s = effective(s, window, sampler)
+        s = effective(s, window, sampler, stores)
         workers = self.workers_for(data, "num_workers")
         ds = make_dataset(stores, v, s, window, cells_arg, sampler, workers, self.others)
         model = Model(ds, f"ds{len(self.models)}", stores, v, s, window, cells, sampler, workers, self.new_family(workers))
@@ -788,7 +800,7 @@ class LoaderMachine(RuleBasedStateMachine):
         m.ds.batch_size, m.ds.chunk_size, m.ds.preload_nchunks = new["batch_size"], new["chunk_size"], new["preload_nchunks"]
         m.ds.drop_last, m.ds.shuffle, m.ds.equalize, m.ds.window = new["drop_last"], new["shuffle"], new["equalize"], new["window"]
         m.window = new.pop("window")
-        m.settings = effective(replace(m.settings, **new), m.window, m.sampler)
+        m.settings = effective(replace(m.settings, **new), m.window, m.sampler, m.stores)
 
     # ------------------------------------------------------------------ resume
 
@@ -817,7 +829,7 @@ class LoaderMachine(RuleBasedStateMachine):
         if on("rule3") and data.draw(st.booleans(), label="other sizes of its own"):
             shape = draw_shape(data, own, window)
             window = shape.pop("window")
-            own = effective(replace(own, **shape), window, m.sampler)
+            own = effective(replace(own, **shape), window, m.sampler, m.stores)
         ds = make_dataset(m.stores, v, own, window, m.cells, m.sampler, workers, self.others)
         ds.load_state_dict(state)
         fresh = Model(ds, f"{m.name}-resumed", m.stores, v, own, window, m.cells, m.sampler, workers, self.new_family(workers))
@@ -863,7 +875,7 @@ class LoaderMachine(RuleBasedStateMachine):
         self.spend("resume_on_another_store")
         m = self.pick(data, "dataset")
         state = m.ds.state_dict()
-        stores = tuple(self.stores["B" if p == self.stores["A"] else "A"] for p in m.stores)
+        stores = tuple(self.stores["B" if p == self.stores["A"] else "A"] for p in m.stores)  # U -> A: same sizes
         ds = make_dataset(stores, m.values, m.settings, m.window, m.cells, m.sampler, 0, self.others)
         with pytest.raises(ValueError):
             ds.load_state_dict(state)
@@ -871,7 +883,7 @@ class LoaderMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------ selections
 
     def derived(self, m: Model, ds, name: str, cells, sampler=None) -> Model:
-        model = Model(ds, name, m.stores, m.values, effective(m.settings, m.window, sampler), m.window, cells, sampler, m.num_workers, m.family)
+        model = Model(ds, name, m.stores, m.values, effective(m.settings, m.window, sampler, m.stores), m.window, cells, sampler, m.num_workers, m.family)
         model.within = m.cells if sampler is not None else None
         return model
 
