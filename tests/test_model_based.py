@@ -241,6 +241,47 @@ def test_the_oracle_keeps_the_rules_that_do_not_depend_on_the_order(n, sizes, sh
     oracle.check_epoch(per_rank, n_sel, oracle.Settings(*sizes, shuffle, seed, drop_last, 0, world, equalize, window), pool, sequence)
 
 
+# --------------------------------------------------------------------------- what the model found
+
+
+def test_sizes_changed_after_loading_leave_the_restored_epoch_as_saved(stores):
+    """The rest of a restored epoch is cut with the sizes it was saved with, even if they change before it runs
+    (``dm.set_batch_size`` after restoring a checkpoint); later epochs take the new ones.
+
+    Found by the model (rule ``rule3-reload``): only the settings that differed at ``load_state_dict`` were kept,
+    so a batch size equal then and changed afterwards cut the rest of the epoch anew from the saved batch
+    position: rows 15-29 came twice.
+    """
+    kw = {"batch_size": 10, "num_workers": 0, "return_index": True}
+    with ZarrSparseDataset(**kw).add_store(stores["A"]) as a, ZarrSparseDataset(**kw).add_store(stores["A"]) as b:
+        it = iter(a)
+        head = [next(it)[2] for _ in range(3)]
+        b.load_state_dict(a.state_dict())
+        b.batch_size = 5
+        assert len(b) == 13  # the restored epoch: batches of 10
+        rows = torch.cat(head + [batch[2] for batch in b]).numpy()
+        assert sorted(rows.tolist()) == list(range(a.n_obs)), f"{rows.size} rows, {np.unique(rows).size} distinct"
+        assert len(b) == 25 and b.epoch == 1  # then its own batch size
+
+
+def test_len_is_the_running_epochs_count_after_a_size_change(stores):
+    """``len(ds)`` is the current epoch's number of batches: while a loop runs with the sizes it started with,
+    that loop's count, as a state taken then and restored elsewhere says.
+
+    Found by the model (rule ``rule3-len``): ``len(ds)`` gave the new sizes' count (3) while the running epoch
+    has 13 batches, and ``len`` of its restored state 13.
+    """
+    with ZarrSparseDataset(batch_size=10, num_workers=0).add_store(stores["A"]) as ds:
+        it = iter(ds)
+        next(it)
+        ds.batch_size = 50
+        with ZarrSparseDataset(batch_size=50, num_workers=0).add_store(stores["A"]) as other:
+            other.load_state_dict(ds.state_dict())
+            assert len(other) == 13
+        assert len(ds) == 13 == 1 + sum(1 for _ in it)
+        assert len(ds) == 3  # the next epoch: batches of 50
+
+
 # --------------------------------------------------------------------------- the model
 
 
