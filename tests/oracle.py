@@ -217,9 +217,9 @@ def split_sizes(n: int, fractions: float | Sequence[float]) -> list[int]:
     """Cells per part: ``round(f * n)`` and the rest for one fraction; else ``floor(f * n)`` each,
     the remainder one by one from the first (``torch.utils.data.random_split``)."""
     if isinstance(fractions, (int, float)):
-        k = int(round(fractions * n))
+        k = round(fractions * n)
         return [k, n - k]
-    sizes = [int(math.floor(n * f)) for f in fractions]
+    sizes = [math.floor(n * f) for f in fractions]
     for i in range(n - sum(sizes)):
         sizes[i % len(sizes)] += 1
     return sizes
@@ -238,7 +238,7 @@ def class_weights(column: pd.Series, cells: np.ndarray | None) -> np.ndarray:
     inside &= ~missing_mask(column)
     values = column.astype(object).to_numpy()
     labels = pd.Series(values[inside]).astype(str).to_numpy()
-    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     out = np.zeros(n, dtype=np.float64)
     out[inside] = 1.0 / counts[inverse]
     return out
@@ -270,7 +270,7 @@ class Values:
             return None
         return np.array(self.genes, dtype=bool) if self.mask else list(self.genes)
 
-    def keys(self) -> list[str]:
+    def obs_key_list(self) -> list[str]:
         return [] if self.obs_keys is None else [self.obs_keys] if isinstance(self.obs_keys, str) else list(self.obs_keys)
 
 
@@ -359,7 +359,7 @@ class StoreTruth:
                 m = m.toarray()
         elif not v.dense:
             raise ValueError("a dense matrix as sparse batches")
-        keys = v.keys()
+        keys = v.obs_key_list()
         obs = {k: self.obs_values(k, rows, v) for k in keys}
         for k in v.obsm_keys:
             values = self.obsm[k][rows]
