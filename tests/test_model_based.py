@@ -978,7 +978,13 @@ class LoaderMachine(RuleBasedStateMachine):
         return model
 
     def keep_or_close(self, model: Model) -> None:
-        if len(self.models) < MAX_DATASETS:
+        """Keep a new dataset for later steps while there is room; one with fewer cells than ranks refuses to loop."""
+        s = model.settings
+        if s.world_size > 1 and model.n_selected < s.world_size:
+            with pytest.raises(ValueError, match="fewer than world_size"):
+                next(iter(model.ds))
+            self.others.append(model.ds)
+        elif len(self.models) < MAX_DATASETS:
             self.add(model)
         else:
             self.others.append(model.ds)
