@@ -21,7 +21,7 @@ as JSON), and each rule is written out from the README:
   contiguous share, batch ``b`` its ``b``-th run of ``batch_size`` indices,
   repeats included.
 - **Randomness.** The chunk order and the shuffles are numpy generators
-  seeded as the plan documents (``arrayloaders/plan.py``); they are the only
+  seeded as the plan documents (``arrayloaders/loading/plan.py``); they are the only
   part taken from the plan's definition, and :func:`check_epoch` checks
   what does not depend on them.
 - **What each row holds** (:meth:`StoreTruth.expected`): X's row (all genes,

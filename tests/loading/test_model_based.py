@@ -56,8 +56,8 @@ from hypothesis.stateful import (
 )
 
 from arrayloaders import ZarrDenseDataset, ZarrSparseDataset, create_store_from_h5ads
-from arrayloaders.plan import PlanConfig, batch_rows, plan_epoch
-from arrayloaders.ring import segment_names
+from arrayloaders.loading.plan import PlanConfig, batch_rows, plan_epoch
+from arrayloaders.loading.ring import segment_names
 
 EXAMPLES = int(os.environ.get("ARRAYLOADERS_MODEL_EXAMPLES", "100"))
 STEPS = int(os.environ.get("ARRAYLOADERS_MODEL_STEPS", "20"))
@@ -117,6 +117,7 @@ def within_budget(name: str):
 
 
 MAX_DATASETS = 4  # live datasets per example
+SHAPE_KEYS = ("batch_size", "chunk_size", "preload_nchunks", "shuffle", "drop_last", "equalize", "window")
 MAX_WORKER_FAMILIES = 1  # datasets with workers per example (subsets share them)
 MAX_OPEN_LOOPS = 2
 
@@ -412,13 +413,25 @@ class Model:
         """Loops over the current epoch that have handed out a batch and not ended."""
         return [lp for lp in self.loops if lp.handed and not lp.done and lp.epoch == self.epoch]
 
-    def state(self) -> tuple[int, int, oracle.Settings]:
-        """What ``state_dict()`` must describe: (epoch, next batch, the sizes of the rest of that epoch)."""
+    def states(self) -> list[tuple[int, int, oracle.Settings]]:
+        """What ``state_dict()`` may describe: (epoch, next batch, the sizes of the rest of that epoch).
+
+        The furthest running loop's; running loops at the same position with other sizes describe
+        different rests of the epoch, each valid (which one is recorded is not specified).
+        """
         running = self.running()
         if running:
-            furthest = max(running, key=lambda lp: lp.position)
-            return self.epoch, furthest.position, furthest.settings
-        return self.epoch, self.start, self.pinned or self.settings
+            furthest = max(lp.position for lp in running)
+            return list(dict.fromkeys((self.epoch, furthest, lp.settings) for lp in running if lp.position == furthest))
+        return [(self.epoch, self.start, self.pinned or self.settings)]
+
+    def state(self, recorded: dict | None = None) -> tuple[int, int, oracle.Settings]:
+        """The state ``state_dict()`` must describe; ``recorded``: a state taken, to choose among equal positions."""
+        candidates = self.states()
+        if recorded is not None and len(candidates) > 1:
+            saved = recorded["settings"]
+            candidates = [c for c in candidates if all(saved.get(k) == getattr(c[2], k) for k in SHAPE_KEYS)] or candidates
+        return candidates[0]
 
     def sequence(self, epoch: int) -> np.ndarray | None:
         if self.sampler is None:
@@ -910,7 +923,7 @@ class LoaderMachine(RuleBasedStateMachine):
             if loop.done:
                 self.end(m, loop, "drop")
         state = m.ds.state_dict()
-        epoch, position, saved = m.state()
+        epoch, position, saved = m.state(state)
         if "epoch" in state and "batches_yielded" in state:
             assert (state["epoch"], state["batches_yielded"]) == (epoch, position), f"{m.name}: state {state}"
         workers = 0 if m.num_workers else self.workers_for(data, "num_workers")
@@ -1224,8 +1237,8 @@ class LoaderMachine(RuleBasedStateMachine):
                 break
         if data.draw(st.booleans(), label="resume the module"):
             # dm.state_dict() (what Lightning checkpoints) into a new module: the rest of the epoch, exactly
-            epoch, position, _ = train_model.state()
             state = dm.state_dict()
+            epoch, position, _ = train_model.state(state["train"])
             again = StoreDataModule(store, batch_key="batch", labels_key="cell_type", train_size=train_size,
                                     validation_size=validation_size, **kwargs)  # fmt: skip
             self.others.append(again)
@@ -1271,11 +1284,11 @@ class LoaderMachine(RuleBasedStateMachine):
         """``len(ds)``: the batches of the current epoch (with the sizes it runs with)."""
         for m in self.models:
             running = m.running()
-            s = max(running, key=lambda lp: lp.position).settings if running else (m.pinned or m.settings)
             resized = any(lp.settings != m.settings for lp in running)
             if (not on("rule3") and (m.pinned or resized)) or (resized and not on("rule3-len")):
                 continue
-            assert len(m.ds) == oracle.n_batches(m.n_selected, s), f"{m.name}: len(ds) {len(m.ds)}, epoch {m.epoch}"
+            counts = {oracle.n_batches(m.n_selected, s) for _, _, s in m.states()}
+            assert len(m.ds) in counts, f"{m.name}: len(ds) {len(m.ds)}, expected {counts}, epoch {m.epoch}"
 
     def close_model(self, m: Model) -> None:
         for loop in list(m.loops):
