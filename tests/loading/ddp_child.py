@@ -154,7 +154,9 @@ def main(scenario: str, store: str, outdir: Path, args: dict, rank: int, world_s
     return out
 
 
-if __name__ == "__main__":
+def run_as_rank(main) -> None:
+    """``main(scenario, store, outdir, args, rank, world_size)`` with this script's arguments, as the rank its
+    environment names (in a gloo group for a world of several); its result written to ``outdir/rank{rank}.json``."""
     scenario, store, outdir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     args = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -171,3 +173,7 @@ if __name__ == "__main__":
         if world_size > 1:
             dist.destroy_process_group()
     (outdir / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    run_as_rank(main)

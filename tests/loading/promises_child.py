@@ -19,11 +19,9 @@ test, not the suite.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -163,20 +161,6 @@ def main(scenario: str, store: str, outdir: Path, args: dict, rank: int, world_s
 
 
 if __name__ == "__main__":
-    scenario, store, outdir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    args = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        import torch.distributed as dist
+    from ddp_child import run_as_rank
 
-        dist.init_process_group(
-            "gloo", init_method=os.environ.get("INIT_METHOD", "env://"), rank=int(os.environ["RANK"]),
-            world_size=world_size, timeout=timedelta(seconds=args.get("timeout", 45)),
-        )  # fmt: skip
-    rank = int(os.environ.get("RANK", "0")) if world_size > 1 else 0
-    try:
-        result = main(scenario, store, outdir, args, rank, world_size)
-    finally:
-        if world_size > 1:
-            dist.destroy_process_group()
-    (outdir / f"rank{rank}.json").write_text(json.dumps(result))
+    run_as_rank(main)

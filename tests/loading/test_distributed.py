@@ -32,8 +32,10 @@ CHILD = Path(__file__).with_name("ddp_child.py")
 TRAIN = Path(__file__).parents[2] / "scripts" / "train.py"
 
 
-def launch(scenario: str, store: Path, outdir: Path, world_size: int, timeout: float = 60, **args) -> list[dict]:
-    """Run ``scenario`` on ``world_size`` ranks (one process without a group for 1); their results by rank."""
+def launch(scenario: str, store: Path, outdir: Path, world_size: int, timeout: float = 60, child: Path = CHILD,
+           **args) -> list[dict]:  # fmt: skip
+    """Run ``child``'s ``scenario`` on ``world_size`` ranks (one process without a group for 1); their results by
+    rank."""
     outdir.mkdir(parents=True, exist_ok=True)
     rendezvous = outdir / f"rendezvous-{os.urandom(4).hex()}"  # a new file: torch's FileStore must not find one
     procs = []
@@ -44,7 +46,7 @@ def launch(scenario: str, store: Path, outdir: Path, world_size: int, timeout: f
         if world_size > 1:
             env.update(INIT_METHOD=f"file://{rendezvous}", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
         log = open(outdir / f"log{rank}.txt", "w")
-        cmd = [sys.executable, str(CHILD), scenario, str(store), str(outdir), json.dumps(args)]
+        cmd = [sys.executable, str(child), scenario, str(store), str(outdir), json.dumps(args)]
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
         log.close()
     deadline = time.monotonic() + timeout

@@ -242,33 +242,9 @@ def test_ctrl_c_to_the_whole_process_group_caught_then_the_next_loop_works(store
 
 def launch(scenario: str, store: Path, outdir: Path, world_size: int, timeout: float = 90, **args) -> list[dict]:
     """``promises_child.py SCENARIO`` on ``world_size`` gloo ranks; their findings by rank."""
-    from test_distributed import logs
+    import test_distributed
 
-    outdir.mkdir(parents=True, exist_ok=True)
-    # A file:// rendezvous (as test_distributed's): no port picked free and released before the ranks bind it.
-    rendezvous, procs = outdir / f"rendezvous-{os.urandom(4).hex()}", []
-    for rank in range(world_size):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "INIT_METHOD": f"file://{rendezvous}", "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)}  # fmt: skip
-        for k in ("MASTER_ADDR", "MASTER_PORT"):
-            env.pop(k, None)
-        with open(outdir / f"log{rank}.txt", "w") as log:
-            cmd = [sys.executable, str(CHILD), scenario, str(store), str(outdir), json.dumps(args)]
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{scenario} on {world_size} ranks did not finish within {timeout} s (hang?)\n" + logs(outdir))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
-    assert not failed, f"ranks {failed} of {scenario} failed\n" + logs(outdir)
-    return [json.loads((outdir / f"rank{r}.json").read_text()) for r in range(world_size)]
+    return test_distributed.launch(scenario, store, outdir, world_size, timeout, child=CHILD, **args)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
