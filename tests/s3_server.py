@@ -5,8 +5,9 @@ a directory of its own and a process group of its own (it stops slowly on
 SIGTERM: the group is killed). SeaweedFS also serves gRPC on each port +
 10000, so every port is picked below 55536 with that one free as well; a
 port taken between the pick and the bind fails the start, which is tried
-again with other ports. Authentication is off: clients pass
-``skip_signature=True``.
+again with other ports. Authentication is off (clients pass
+``skip_signature=True``) unless ``credentials`` are given: then requests
+must be signed with that one access key and secret.
 
 :class:`Proxy` is a loopback TCP proxy in front of a server: it holds each
 chunk a client sends for ``delay_s`` before forwarding it (a request's round
@@ -16,6 +17,7 @@ resets every open connection (a dropped connection, as a client sees it).
 
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import shutil
@@ -71,6 +73,8 @@ class SeaweedFS:
     process: subprocess.Popen | None = None
     master_port: int = 0
     s3_port: int = 0
+    #: (access key, secret key) of the one identity allowed in; None: authentication off (``skip_signature``)
+    credentials: tuple[str, str] | None = None
 
     @property
     def endpoint(self) -> str:
@@ -95,7 +99,17 @@ class SeaweedFS:
         self.log = self.directory / f"weed{attempt}.log"
         cmd = [self.binary, "server", "-s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
                f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}",
-               "-volume.max=0", "-master.volumeSizeLimitMB=64"]  # fmt: skip
+               "-volume.max=0", "-master.volumeSizeLimitMB=64",
+               # Its Iceberg and Lance listeners take fixed ports (8181, 9101): a second server (another test
+               # session, the benchmark) would die on them. No telemetry (no network here); buckets made only
+               # by create_bucket, as on S3, so that a missing bucket stays missing.
+               "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-s3.autoCreateBucket=false"]  # fmt: skip
+        if self.credentials is not None:
+            config = self.directory / "s3.json"
+            config.write_text(json.dumps({"identities": [{
+                "name": "tests", "credentials": [{"accessKey": self.credentials[0], "secretKey": self.credentials[1]}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))  # fmt: skip
+            cmd.append(f"-s3.config={config}")
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S

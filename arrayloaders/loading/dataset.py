@@ -26,8 +26,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Iterable, Sequence
-from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anndata as ad
 import numpy as np
@@ -38,6 +37,7 @@ from ..byte_sizes import parse_bytes
 from ..errors import StoreError
 from ..store.disk_layout import XSource
 from ..store.format import MANIFEST_NAME, use_zarrs
+from ..store.location import StoreLocation, store_location
 from ..store.manifest import manifest_stamp, read_manifest
 from ..store.obs import read_obs
 from .batches import BatchMaker, ObsColumns
@@ -131,7 +131,7 @@ class _ZarrDataset(SelectionMixin, ResumeMixin, WorkerLifecycleMixin, torch.util
         self._within: np.ndarray | None = None  # a subset's parent's cells: its selection must lie within
         self.sampler = sampler
         self._sources: list[XSource] = []
-        self._stores: list[tuple[Path, tuple | None]] = []  # (store, its manifest's stamp) of each add_store
+        self._stores: list[tuple[StoreLocation, tuple | None]] = []  # (store, its manifest's stamp) of each add_store
         self._shuffled: list[bool] = []  # per source: known to be shuffled at conversion
         self._var_names: pd.Index | None = None
         self._obs: ObsColumns | None = None
@@ -205,7 +205,7 @@ class _ZarrDataset(SelectionMixin, ResumeMixin, WorkerLifecycleMixin, torch.util
 
     def _add(
         self, sources: list[XSource], frames: list[pd.DataFrame], var: pd.Index, obs_keys, obsm: dict[str, list[XSource]],
-        obs_codes=None,
+        obs_codes=None, shuffled: bool | None = None,
     ) -> _ZarrDataset:  # fmt: skip
         """Add matrices with their obs frames and obsm arrays; ``var``: their (shared) var_names."""
         self._obs_keys(obs_keys, obs_codes)  # validates and fixes the keys on first use
@@ -240,7 +240,7 @@ class _ZarrDataset(SelectionMixin, ResumeMixin, WorkerLifecycleMixin, torch.util
         self._var_names, self._fmt = var, fmt
         self._obsm = {key: (self._obsm or {}).get(key, []) + key_sources for key, key_sources in obsm.items()}
         self._sources = self._sources + sources
-        self._shuffled = self._shuffled + [shuffled_at_conversion(s) for s in sources]
+        self._shuffled = self._shuffled + [shuffled_at_conversion(s) if shuffled is None else shuffled for s in sources]
         self._cells_checked = None
         # New sources, new workers: loops already running keep the old ones until they end.
         self._runtime = Runtime()
@@ -254,25 +254,37 @@ class _ZarrDataset(SelectionMixin, ResumeMixin, WorkerLifecycleMixin, torch.util
         obs_keys: str | Sequence[str] | None = None,
         obsm_keys: str | Sequence[str] | None = None,
         obs_codes: str | Sequence[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
     ):
         """Add every file of a store made by ``create_store_from_h5ads``, in file order.
 
         The store is checked against its manifest; a directory without one
         (not a store, or an unfinished conversion) is refused. ``obs_keys``,
         ``obsm_keys`` and ``obs_codes`` as for :meth:`add_anndatas`.
+
+        ``path`` may be a URL of object storage (``s3://bucket/prefix``,
+        ``gs://``, ``az://``, ``https://``), read through obstore with
+        ``storage_options`` (keyword arguments of ``obstore.store.from_url``:
+        endpoint, region, credentials...; without them credentials come from
+        the environment). Workers fetch the byte ranges they need, many at a
+        time; see :doc:`/remote`.
         """
-        stamp = manifest_stamp(path)  # before reading: a store converted again from now on is noticed
-        manifest = read_manifest(path)  # checks the files against it: shapes, dtypes, every chunk there
+        location = store_location(path, storage_options)
+        try:
+            stamp = manifest_stamp(location)  # before reading: a store converted again from now on is noticed
+        except OSError as e:  # remote: the bucket or credentials, said in one line
+            raise StoreError(str(e)) from None
+        manifest = read_manifest(location)  # checks the files against it: shapes, dtypes, every chunk there
         keys = key_list(obs_keys)
         missing = [k for k in keys if k not in manifest.obs_schema]
         if missing:
-            raise ValueError(f"{path}: obs has no column(s) {missing}; available: {list(manifest.obs_schema)}")
-        sources = [store_source(path, f["name"], self.layer) for f in manifest.files]
+            raise ValueError(f"{location}: obs has no column(s) {missing}; available: {list(manifest.obs_schema)}")
+        sources = [store_source(location, f["name"], self.layer) for f in manifest.files]
         # only the columns asked for; names a damaged array
-        frames = [read_obs(path, f["name"], columns=keys, index=False) for f in manifest.files]
-        obsm = {key: [store_obsm_source(path, f["name"], key) for f in manifest.files] for key in key_list(obsm_keys)}
-        self._add(sources, frames, pd.Index(manifest.var_names), obs_keys, obsm, obs_codes)
-        self._stores = self._stores + [(Path(path), stamp)]
+        frames = [read_obs(location, f["name"], columns=keys, index=False) for f in manifest.files]
+        obsm = {key: [store_obsm_source(location, f["name"], key) for f in manifest.files] for key in key_list(obsm_keys)}
+        self._add(sources, frames, pd.Index(manifest.var_names), obs_keys, obsm, obs_codes, shuffled=manifest.shuffle)
+        self._stores = self._stores + [(location, stamp)]
         self._data_ids = self._data_ids + [manifest.identity]
         return self
 
@@ -283,7 +295,11 @@ class _ZarrDataset(SelectionMixin, ResumeMixin, WorkerLifecycleMixin, torch.util
         files: every row read wrong, checksums valid.
         """
         for path, stamp in self._stores:
-            if manifest_stamp(path) != stamp:
+            try:
+                now = manifest_stamp(path)
+            except OSError as e:
+                raise StoreError(str(e)) from None
+            if now != stamp:
                 raise StoreError(
                     f"{path}: the store was converted again (or removed) since it was added: its {MANIFEST_NAME} "
                     "is not the one read then, and neither are its files; add it to a new dataset"

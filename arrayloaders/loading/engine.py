@@ -66,7 +66,8 @@ import numpy as np
 
 from ..errors import WorkerError
 from ..interrupts import sigint_deferred
-from ..store.disk_layout import XSource
+from ..store.disk_layout import DirectX, XSource
+from ..store.remote import RemoteRoot, secrets_of
 from ..store.zarr_layout import direct_sources
 from .load import ALL_GENES, LoadedRows, RowFormat, load_nnz, splittable
 from .pinned_slots import PinnedSlots
@@ -429,7 +430,8 @@ class Engine:
         self._indptrs = None  # the dataset's copy: not ours to keep
         sources = direct_sources(self.sources, table is not None)
         obsm = tuple((key, direct_sources(arrays, True)) for key, arrays in self.obsm)
-        configs = [WorkerConfig(k, sources, self.fmt, obsm, table) for k in range(self.num_workers)]
+        secrets = secrets_of(remote_roots((*sources, *(a for _, arrays in obsm for a in arrays))))
+        configs = [WorkerConfig(k, sources, self.fmt, obsm, table, secrets) for k in range(self.num_workers)]
         self.pool = self._parts[0] = WorkerPool(configs)
         self._here, self._here_config = None, dataclasses.replace(configs[0], worker=-1)
 
@@ -613,3 +615,14 @@ class Engine:
             return "idle"
         epochs = sorted({f.epoch for f in mine})
         return f"decoding load(s) {sorted(f.load for f in mine)} of epoch {', '.join(map(str, epochs))}"
+
+
+def remote_roots(sources) -> set:
+    """The remote roots that ``sources`` (direct or not) read from: whose options the workers need."""
+    roots = set()
+    for source in sources:
+        if isinstance(source, DirectX):
+            roots.update(a.root for a in source.arrays if a.root is not None)
+        elif isinstance(getattr(getattr(source, "store", None), "root", None), RemoteRoot):
+            roots.add(source.store.root)
+    return roots

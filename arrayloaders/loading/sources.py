@@ -21,6 +21,7 @@ import zarr
 
 from ..store.disk_layout import XSource
 from ..store.format import MANIFEST_NAME
+from ..store.location import StoreLocation, store_location
 
 __all__ = [
     "anndatas_id", "data_label", "key_list", "obsm_source", "shuffled_at_conversion", "store_obsm_source",
@@ -39,10 +40,11 @@ def x_source(adata: ad.AnnData, i: int, layer: str | None = None) -> XSource:
     return _element_source(adata.layers[layer], f"{where} layers[{layer!r}]")
 
 
-def store_source(path: str | os.PathLike, file_name: str, layer: str | None) -> XSource:
+def store_source(path: str | os.PathLike | StoreLocation, file_name: str, layer: str | None) -> XSource:
     """The X (or ``layers[layer]``) of one file of a store, opened without building an AnnData."""
-    group = zarr.open_group(os.path.join(path, file_name), mode="r")
-    where = os.path.join(path, file_name)
+    location = store_location(path)
+    group = location.group(file_name)
+    where = location.child(file_name)
     if layer is None:
         element = group["X"]
     else:
@@ -65,10 +67,11 @@ def obsm_source(adata: ad.AnnData, i: int, key: str) -> XSource:
     return _array_source(adata.obsm[key], f"AnnData #{i} obsm[{key!r}]")
 
 
-def store_obsm_source(path: str | os.PathLike, file_name: str, key: str) -> XSource:
-    group = zarr.open_group(os.path.join(path, file_name), mode="r")
+def store_obsm_source(path: str | os.PathLike | StoreLocation, file_name: str, key: str) -> XSource:
+    location = store_location(path)
+    group = location.group(file_name)
     obsm = group.get("obsm")
-    where = os.path.join(path, file_name)
+    where = location.child(file_name)
     if obsm is None or key not in obsm:
         names = sorted(obsm.keys()) if obsm is not None else []
         raise ValueError(f"{where}: has no obsm {key!r}; its obsm: {names}")
@@ -118,15 +121,17 @@ def anndatas_id(adatas: Sequence[ad.AnnData]) -> str:
 
 
 def data_label(source: XSource) -> str:
-    """Where the data of ``source`` is, for messages: its store's directory."""
-    root = getattr(source.store, "root", None)
-    return str(Path(root).parent) if root is not None else "the added AnnData objects"
+    """Where the data of ``source`` is, for messages: its store's directory (or URL)."""
+    where = source.location
+    return where.rsplit("/", 1)[0] if where is not None else "the added AnnData objects"
 
 
 def shuffled_at_conversion(source: XSource) -> bool:
     """Whether ``source`` is a file of a store that ``create_store_from_h5ads`` shuffled (its manifest says so)."""
     root = getattr(source.store, "root", None)
     if root is None:
+        return False
+    if not isinstance(root, (str, os.PathLike)):  # remote: add_store knows it from the manifest it read
         return False
     manifest = Path(root).parent / MANIFEST_NAME
     try:

@@ -49,7 +49,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, Pipe, wait
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -83,6 +83,8 @@ class WorkerConfig:
     fmt: RowFormat  # the genes to keep, dense or CSR
     obsm: tuple[tuple[str, tuple[XSource | DirectX, ...]], ...] = ()  # (key, its array in every file) of each obsm yielded
     indptrs: IndptrTable | None = None  # the files' row pointers, shared: mapped, not read again
+    # storage_options of remote stores, by their roots' tokens: through the pipe, never argv or environ
+    secrets: dict = field(default_factory=dict, repr=False)
 
     @property
     def needs_zarr(self) -> bool:
@@ -428,6 +430,10 @@ def _serve(tasks: Connection, replies: Connection, parent: int) -> bool:
     config: WorkerConfig | None = None
     try:
         config = pickle.loads(message)  # here: unpickling imports what the sources need, which may fail
+        if config.secrets:
+            from ..store.remote import register_secrets
+
+            register_secrets(config.secrets)
         from ..store.native_codecs import native_codecs
 
         if config.needs_zarr or native_codecs() is None:  # numcodecs decodes blosc here: one thread

@@ -10,10 +10,12 @@ again by every worker while the first epoch runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import numpy as np
+
+from .remote import RemoteRoot
 
 __all__ = ["COMPLETE_ATTRIBUTE", "ArrayLayout", "DirectX", "XSource"]
 
@@ -29,7 +31,7 @@ class ArrayLayout:
     the array is one this describes.
     """
 
-    path: Path  # the array's directory
+    path: Path | PurePosixPath  # the array's directory; its key under ``root`` for a remote store
     key_prefix: tuple[str, ...]  # of its chunk keys: ("c",) for zarr v3's default encoding, () for "v2"
     key_separator: str
     ndim: int  # 1, or 2 with chunks spanning whole rows
@@ -42,11 +44,17 @@ class ArrayLayout:
     index: tuple[str, int] | None = None  # (where, checksum bytes) of a shard index; None if unsharded
     complete: bool = False  # every chunk was written: a missing one is damage
     checked: bool = False  # every stored chunk ends in its crc32c
+    root: RemoteRoot | None = None  # the remote store holding ``path``; None on a local file system
 
-    def file_path(self, f: int) -> Path:
-        """The file holding elements ``[f * file_elements, (f + 1) * file_elements)``."""
+    def file_path(self, f: int) -> Path | PurePosixPath:
+        """The file (or, remote, the key) holding elements ``[f * file_elements, (f + 1) * file_elements)``."""
         coords = (f,) if self.ndim == 1 else (f, 0)
         return self.path / self.key_separator.join((*self.key_prefix, *map(str, coords)))
+
+    @property
+    def where(self) -> str:
+        """The array's directory or URL, for messages."""
+        return str(self.path) if self.root is None else self.root.child(str(self.path))
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,17 @@ class XSource:
         return f"{self.store}/{self.path}"
 
     @property
+    def location(self) -> str | None:
+        """The directory or URL of the store file holding this X (its top group); ``None`` if not a store's."""
+        root = getattr(self.store, "root", None)
+        if isinstance(root, RemoteRoot):
+            return root.child(self.path.split("/", 1)[0])
+        return str(root) if root is not None else None
+
+    @property
     def where(self) -> str:
         """The X's directory, for messages (as :attr:`arrayloaders.store.disk_layout.DirectX.where`); else its label."""
         root = getattr(self.store, "root", None)
+        if isinstance(root, RemoteRoot):
+            return root.child(self.path)
         return str(Path(root) / self.path) if root is not None else self.label

@@ -20,6 +20,7 @@ import zarr
 from ..errors import StoreError
 from .disk_layout import COMPLETE_ATTRIBUTE
 from .format import FORMAT_VERSION, MANIFEST_NAME, READABLE_VERSIONS
+from .location import StoreLocation, store_location
 from .zarr_layout import missing_chunk_files
 
 __all__ = ["StoreManifest", "check_files", "foreign_entries", "manifest_stamp", "read_manifest", "write_manifest"]
@@ -102,52 +103,60 @@ def write_manifest(store: Path, manifest: StoreManifest) -> None:
     os.replace(tmp, store / MANIFEST_NAME)
 
 
-def manifest_stamp(store: str | os.PathLike) -> tuple[int, int, int] | None:
-    """(inode, mtime in ns, size) of the manifest of ``store``, ``None`` if it has none.
+def manifest_stamp(store: str | os.PathLike | StoreLocation) -> tuple | None:
+    """What identifies the manifest of ``store`` now, ``None`` if it has none.
 
+    On disk (inode, mtime in ns, size); remote (ETag, version, size, time).
     A conversion writes the manifest last, into a new file (``write_manifest``):
-    a store converted again at the same path has another stamp. The device is
+    a store converted again at the same place has another stamp. The device is
     left out, so that the stamp holds in another machine over a shared file system.
     """
-    try:
-        st = os.stat(Path(store) / MANIFEST_NAME)
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
+    return store_location(store).stamp()
 
 
-def read_manifest(store: str | os.PathLike, verify: bool = True) -> StoreManifest:
+def read_manifest(
+    store: str | os.PathLike | StoreLocation, verify: bool = True, storage_options: dict[str, Any] | None = None
+) -> StoreManifest:
     """Read and check the manifest of ``store``.
 
     Parameters
     ----------
     store
-        The store directory.
+        The store directory, or its URL (``s3://bucket/prefix``, ``gs://``, ``az://``, ``https://``).
     verify
         Also check the manifest against the files it lists.
+    storage_options
+        For a URL: keyword arguments of ``obstore.store.from_url`` (endpoint,
+        region, credentials...); without them credentials come from the
+        environment. See :doc:`/remote`.
 
     Raises
     ------
     StoreError
         If ``store`` is not a directory, has no manifest (not a store, or a
-        conversion that did not finish), or its chunk files are missing.
+        conversion that did not finish), or its chunk files are missing; for a
+        URL also if the bucket cannot be read (naming the URL and what the server said).
     """
-    store = Path(store)
-    if not store.is_dir():
-        raise StoreError(f"{store}: no such store directory")
-    path = store / MANIFEST_NAME
-    if not path.is_file():
+    location = store_location(store, storage_options)
+    if not location.exists():
+        raise StoreError(f"{location}: no such store directory")
+    path = location.child(MANIFEST_NAME)
+    try:
+        text = location.read_text(MANIFEST_NAME)
+    except OSError as e:
+        raise StoreError(str(e)) from None
+    if text is None:
         raise StoreError(
-            f"{store}: not an arrayloaders store (no {MANIFEST_NAME}); it was not made by "
+            f"{location}: not an arrayloaders store (no {MANIFEST_NAME}); it was not made by "
             "create_store_from_h5ads or its conversion did not finish"
         )
-    manifest = StoreManifest.from_json(path.read_text(), path)
+    manifest = StoreManifest.from_json(text, path)
     if verify:
-        check_files(store, manifest)
+        check_files(location, manifest)
     return manifest
 
 
-def check_files(store: Path, manifest: StoreManifest) -> None:
+def check_files(store: Path | StoreLocation, manifest: StoreManifest) -> None:
     """Check the manifest against the files it lists, reading zarr metadata only (no chunk data).
 
     The totals add up, names are unique, every file exists with the shape and
@@ -160,6 +169,9 @@ def check_files(store: Path, manifest: StoreManifest) -> None:
     StoreError
         Naming the store (or file) and the manifest field or array at fault.
     """
+    location = store_location(store)
+    store = location.local if location.local is not None else location
+
     def edited(field: str, detail: str) -> StoreError:
         return StoreError(f"{store}: the manifest's {field} {detail} (edited or damaged {MANIFEST_NAME})")
 
@@ -174,13 +186,14 @@ def check_files(store: Path, manifest: StoreManifest) -> None:
         raise edited("'n_obs'", f"({manifest.n_obs}) is not the sum of its files' n_obs ({sum(counts)})")
     if manifest.n_vars != len(manifest.var_names):
         raise edited("'n_vars'", f"({manifest.n_vars}) differs from the length of 'var_names' ({len(manifest.var_names)})")
-    missing = [n for n in names if not (store / n).is_dir()]
-    if missing:
-        raise StoreError(f"{store}: files listed in the manifest are missing: {', '.join(missing)}")
+    if not location.is_remote:  # a remote file's absence shows as a group that cannot be opened
+        missing = [n for n in names if not (store / n).is_dir()]
+        if missing:
+            raise StoreError(f"{store}: files listed in the manifest are missing: {', '.join(missing)}")
     for entry in manifest.files:
-        where = store / entry["name"]
+        where = store / entry["name"] if not location.is_remote else _Where(location.child(entry["name"]))
         try:
-            group = zarr.open_group(where, mode="r")
+            group = location.group(entry["name"])
             arrays = {name: node for name, node in group.members(max_depth=None) if isinstance(node, zarr.Array)}
         except Exception as e:  # noqa: BLE001 - zarr raises many types for damaged metadata
             raise StoreError(f"{where}: cannot be opened as a zarr group ({type(e).__name__}: {e})") from e
@@ -213,6 +226,14 @@ def check_files(store: Path, manifest: StoreManifest) -> None:
                         f"{gone[0]}: chunk file of {entry['name']}/{name} is missing (every chunk of this store "
                         "was written: damaged store)"
                     )
+
+
+class _Where(str):
+    """A remote file's URL where messages use a file's path (``f"{where}/X"``, ``where.parent``)."""
+
+    @property
+    def parent(self) -> str:
+        return self.rsplit("/", 1)[0]
 
 
 def _x_shape_and_dtype(

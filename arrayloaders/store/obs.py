@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import zarr
 
 from ..errors import StoreError
+from .location import StoreLocation, store_location
 
 __all__ = ["read_obs"]
 
 
-def read_obs(store: str | os.PathLike, name: str, columns: list[str] | None = None, index: bool = True):
+def read_obs(store: str | os.PathLike | StoreLocation, name: str, columns: list[str] | None = None, index: bool = True):
     """The obs of file ``name`` of a store as a ``pandas.DataFrame``, read by anndata.
 
     ``columns`` reads only those columns (and the index), e.g. the loader's
@@ -26,8 +26,9 @@ def read_obs(store: str | os.PathLike, name: str, columns: list[str] | None = No
     import anndata as ad  # not at import time: worker processes import this module
     import pandas as pd
 
-    where = Path(store) / name
-    group = zarr.open_group(where, mode="r")
+    location = store_location(store)
+    where = location.child(name)
+    group = location.group(name)
     obs = group["obs"]
     try:
         if columns is None:

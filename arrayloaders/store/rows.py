@@ -151,6 +151,7 @@ class CsrRows:
         """Decode run ``i`` (``n`` entries) into the arrays ``into(i, n)`` gives; yield them."""
         starts, stops = self.indptr[runs[:, 0]].tolist(), self.indptr[runs[:, 1]].tolist()
         data_reader, indices_reader = self._direct
+        data_reader.begin_load()
         for a, b in _coalesced(starts, stops, data_reader.chunk_elements):
             data_reader.prefetch(a, b)
             indices_reader.prefetch(a, b)
@@ -173,6 +174,7 @@ class CsrRows:
         """
         starts, stops = self.indptr[rows], self.indptr[rows + 1]
         data_reader, indices_reader = self._direct
+        data_reader.begin_load()
         data_reader.gather(starts, stops, dests, data)
         indices_reader.gather(starts, stops, dests, indices)
         if not indices_reader.checked:  # see runs(): no checksums, so bound-check the column indices
@@ -311,6 +313,7 @@ class DenseRows:
         longest = int((runs[:, 1] - runs[:, 0]).max(initial=0))
         if longest > self._rows.shape[0]:
             self._rows = np.empty((longest, n_vars), self._rows.dtype)
+        self._direct.begin_load()
         for a, b in runs.tolist():
             self._direct.prefetch(a * n_vars, b * n_vars)
         for a, b in runs.tolist():

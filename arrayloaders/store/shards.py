@@ -10,7 +10,9 @@ called in C, :mod:`~arrayloaders.store.native_codecs`; zstd through numcodecs),
 keeping the process's shard files open within one budget
 (:mod:`~arrayloaders.store.open_files`):
 
-- the array lies in a :class:`zarr.storage.LocalStore`;
+- the array lies in a :class:`zarr.storage.LocalStore`, or in object storage
+  (``layout.root``: byte ranges fetched through obstore,
+  :mod:`~arrayloaders.store.range_fetcher`, many at a time);
 - its codecs are ``bytes`` (little endian) optionally followed by ``blosc``
   or ``zstd`` and then optionally by ``crc32c``, either directly or inside
   ``sharding_indexed`` (whose index is ``bytes`` + optional ``crc32c``, at
@@ -50,6 +52,7 @@ import numpy as np
 from .disk_layout import COMPLETE_ATTRIBUTE, ArrayLayout
 from .native_codecs import native_codecs
 from .open_files import shard_files
+from .range_fetcher import range_fetcher
 
 if TYPE_CHECKING:
     pass
@@ -137,14 +140,26 @@ class DirectArray:
         self._scratch_addr = self._scratch.ctypes.data
         self._set_compressed(bytearray(self.chunk_elements * self.dtype.itemsize + 1024))
         self._paths: dict[int, Path] = {}  # of the files opened so far
+        # Remote: byte ranges come from the process's fetcher; a file is named by its key, not a descriptor.
+        self._remote = layout.root
         # The inner chunk whose decoded elements ``_scratch`` holds: rows read one at a time in
         # store order (a sampler's) often share one, and it is then decoded once, not per row.
         self._scratch_chunk = -1
 
     @property
+    def _fetch(self):
+        """The calling thread's fetcher of remote byte ranges."""
+        return range_fetcher()
+
+    def begin_load(self) -> None:
+        """A load's reading starts: ranges an abandoned load wanted are forgotten (remote arrays)."""
+        if self._remote is not None:
+            range_fetcher().begin()
+
+    @property
     def compiled(self) -> bool:
         """Whether :meth:`gather` runs compiled now: blosc chunks, and the loop already loaded in this process."""
-        return self._native is not None and _compiled_loop_warm()
+        return self._native is not None and self._remote is None and _compiled_loop_warm()
 
     # ------------------------------------------------------------------ files
 
@@ -155,6 +170,8 @@ class DirectArray:
         the process's most recently used files only. The descriptor stays
         open at least until this reader asks for another file.
         """
+        if self._remote is not None:
+            return self._remote_file(f)
         fd = self._files.get(self._owner, f)
         if fd is not None:
             path = self._paths[f]
@@ -195,7 +212,12 @@ class DirectArray:
         where, checksum = self._index_at
         nbytes = 16 * self._per_file + checksum
         at = size - nbytes if where == "end" else 0
-        raw = os.pread(fd, nbytes, at) if at >= 0 else b""
+        return self._parse_index(os.pread(fd, nbytes, at) if at >= 0 else b"", size, path)
+
+    def _parse_index(self, raw: bytes, size: int, path) -> np.ndarray:
+        """The chunk table of a shard of ``size`` bytes from its index bytes ``raw``, checked."""
+        where, checksum = self._index_at
+        nbytes = 16 * self._per_file + checksum
         if len(raw) != nbytes:
             raise OSError(f"{path}: shard is {size} bytes, too short for its index of {nbytes} bytes")
         if checksum and google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
@@ -206,6 +228,65 @@ class DirectArray:
         if (table[written, 0] + table[written, 1] > data_end).any():
             raise OSError(f"{path}: the shard index points past the end of the file (truncated file)")
         return table
+
+    def _remote_file(self, f: int) -> tuple[str, np.ndarray, str] | None:
+        """(key, chunk table, URL) of file ``f`` of a remote array, its index fetched once; None if never written."""
+        if f not in self._tables:
+            self._remote_tables([f])
+        table = self._tables[f]
+        if table is None:
+            return None
+        key = str(self.layout.file_path(f))
+        return key, table, self._remote.child(key)
+
+    def _remote_tables(self, files: list[int], missing_ok: bool = False) -> None:
+        """Fetch the indexes of the shards ``files`` not known yet, all at once (one request each).
+
+        A missing object is damage in a complete array (raises), else all fill
+        values; with ``missing_ok`` it is noted as missing (``None``) either way.
+        """
+        todo = [f for f in dict.fromkeys(files) if f not in self._tables]
+        if not todo:
+            return
+        root, fetch = self._remote, self._fetch
+        keys = [str(self.layout.file_path(f)) for f in todo]
+        if self._index_at is None:
+            sizes = fetch.run(lambda key: fetch.size(root, key), keys)
+            found = [None if n is None else (n, b"") for n in sizes]
+        else:
+            where, checksum = self._index_at
+            nbytes = 16 * self._per_file + checksum
+            found = fetch.run(lambda key: fetch.head_or_tail(root, key, nbytes, where == "end"), keys)
+        for f, key, got in zip(todo, keys, found):
+            if got is None:
+                if self.complete and not missing_ok:
+                    lo, hi = f * self.file_elements, min((f + 1) * self.file_elements, self.n_elements)
+                    raise OSError(f"{root.child(key)}: the object is missing, but the array holds elements [{lo}, {hi}) "
+                                  "there (every chunk of this store was written: damaged store)")  # fmt: skip
+                table = None
+            elif self._index_at is None:
+                table = np.array([[0, got[0]]], dtype=np.uint64)
+            else:
+                table = self._parse_index(got[1], got[0], root.child(key))
+            if len(self._tables) >= _MAX_TABLES:
+                self._tables.pop(next(iter(self._tables)))
+            self._tables[f] = table
+
+    def _want_remote(self, chunks: np.ndarray) -> None:
+        """Tell the fetcher which stored bytes the inner ``chunks`` (sorted) are: fetched together at the next read."""
+        per = self._per_file
+        files = chunks // per
+        unique = np.unique(files).tolist()
+        self._remote_tables(unique)
+        for f in unique:
+            table = self._tables[f]
+            if table is None:
+                continue
+            rows = table[chunks[files == f] - f * per]
+            rows = rows[rows[:, 1] != _MISSING]
+            key = str(self.layout.file_path(f))
+            for offset, nbytes in rows.tolist():
+                self._fetch.want(self._remote, key, offset, offset + nbytes)
 
     def close(self) -> None:
         self._files.close_all(self._owner)
@@ -260,10 +341,15 @@ class DirectArray:
         Issued for a whole load before decoding it, so that on a cold cache
         the disk works on many reads at once while the first runs decode.
         """
-        if stop <= start or not hasattr(os, "posix_fadvise"):
+        if stop <= start:
             return
         ce = self.chunk_elements
         first, last = start // ce, (stop - 1) // ce
+        if self._remote is not None:
+            self._want_remote(np.arange(first, last + 1))
+            return
+        if not hasattr(os, "posix_fadvise"):
+            return
         for f in range(first // self._per_file, last // self._per_file + 1):
             entry = self._file(f)
             if entry is None:
@@ -429,8 +515,8 @@ class DirectArray:
         wanted chunk's first piece, then their count. ``None`` without the
         native codecs (the loop calls them: blosc arrays only).
         """
-        if self._native is None or out.ndim != 1 or not out.flags.c_contiguous:
-            return None
+        if self._native is None or self._remote is not None or out.ndim != 1 or not out.flags.c_contiguous:
+            return None  # the compiled loop reads files by descriptor
         from .chunk_gather import chunk_gather  # imports numba: only gathers (a sampler's loads) pay for it
 
         gather = chunk_gather()
@@ -456,6 +542,9 @@ class DirectArray:
         """Read ``nbytes`` stored bytes at ``offset`` of a file into ``_compressed`` (reused by the next read)."""
         if len(self._compressed) < nbytes:
             self._set_compressed(bytearray(nbytes))
+        if self._remote is not None:  # ``fd`` is the object's key
+            self._compressed[:nbytes] = self._fetch.read(self._remote, fd, offset, offset + nbytes)
+            return
         got = os.preadv(fd, [memoryview(self._compressed)[:nbytes]], offset)
         if got != nbytes:
             raise OSError(f"{path}: short read ({got} of {nbytes} bytes) at offset {offset}")
@@ -502,6 +591,9 @@ class DirectArray:
         request (the kernel reads the gap too, but a few system calls replace
         thousands: rows picked at random touch chunks a few apart).
         """
+        if chunks.size and self._remote is not None:
+            self._want_remote(chunks)
+            return
         if chunks.size == 0 or not hasattr(os, "posix_fadvise"):
             return
         per = self._per_file
@@ -550,6 +642,20 @@ class DirectArray:
         ce, per = self.chunk_elements, self._per_file
         first, last = start // ce, (stop - 1) // ce
         found = []
+        if self._remote is not None:
+            files = list(range(first // per, last // per + 1))
+            for f in files:
+                self._tables.pop(f, None)  # read afresh
+            self._remote_tables(files, missing_ok=True)
+            for f in files:
+                url, table = self._remote.child(str(self.layout.file_path(f))), self._tables[f]
+                if table is None:
+                    found.append(url)
+                    del self._tables[f]  # a read finds it missing again, and says so
+                elif self._index_at is not None:
+                    lo, hi = max(first - f * per, 0), min(last - f * per, per - 1)
+                    found += [f"{url} (inner chunk {k})" for k in range(lo, hi + 1) if table[k, 1] == _MISSING]
+            return found
         for f in range(first // per, last // per + 1):
             path = self.layout.file_path(f)
             try:

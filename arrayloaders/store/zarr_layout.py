@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import google_crc32c
 import numpy as np
@@ -20,6 +20,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, Zstd
 
 from ..errors import StoreError
 from .disk_layout import COMPLETE_ATTRIBUTE, ArrayLayout, DirectX, XSource
+from .location import RemoteZarrStore
 from .shards import DirectArray
 
 __all__ = ["array_layout", "direct_array", "direct_sources", "direct_x", "map_whole_array", "missing_chunk_files", "open_x", "unwritten_chunks"]
@@ -82,10 +83,12 @@ def array_layout(array: zarr.Array) -> ArrayLayout | None:
     It reads a local zarr v3 array whose codecs are ``bytes`` (little endian)
     optionally followed by ``blosc`` or ``zstd`` and then by ``crc32c``,
     directly or inside ``sharding_indexed`` (whose index is ``bytes`` +
-    optional ``crc32c``), 1-d or 2-d with chunks and shards spanning whole rows.
+    optional ``crc32c``), 1-d or 2-d with chunks and shards spanning whole rows;
+    local, or remote (a :class:`~arrayloaders.store.location.RemoteZarrStore`).
     """
     meta = array.metadata
-    if meta.zarr_format != 3 or not isinstance(array.store, zarr.storage.LocalStore):
+    remote = isinstance(array.store, RemoteZarrStore)
+    if meta.zarr_format != 3 or not (remote or isinstance(array.store, zarr.storage.LocalStore)):
         return None
     if getattr(meta, "storage_transformers", ()) or array.ndim not in (1, 2):
         return None
@@ -115,7 +118,7 @@ def array_layout(array: zarr.Array) -> ArrayLayout | None:
         return None  # chunks split rows: a run of rows is not one run of elements
     row = 1 if array.ndim == 1 else array.shape[1]
     return ArrayLayout(
-        path=Path(array.store.root) / array.path,
+        path=PurePosixPath(array.path) if remote else Path(array.store.root) / array.path,
         key_prefix=keys[0],
         key_separator=keys[1],
         ndim=array.ndim,
@@ -128,6 +131,7 @@ def array_layout(array: zarr.Array) -> ArrayLayout | None:
         index=index,
         complete=array.attrs.get(COMPLETE_ATTRIBUTE) is True,
         checked=checked,
+        root=array.store.root if remote else None,
     )
 
 

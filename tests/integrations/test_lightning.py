@@ -289,3 +289,22 @@ def test_a_batch_size_change_lightning_would_not_see_is_refused(store):
 class Resplit(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         trainer.datamodule.set_split(train_size=0.5)
+
+
+def test_a_store_in_a_bucket_trains_as_the_store_on_disk(store, s3_server):
+    """StoreDataModule("s3://...", storage_options=...): the same cells, in the same order, as from disk."""
+    import uuid
+
+    from test_remote import options, upload
+
+    url = upload(store, s3_server, f"lightning/{uuid.uuid4().hex}")
+    models = []
+    for where, extra in ((store, {}), (url, {"storage_options": options(s3_server)})):
+        dm = module(where, **extra)
+        model = Recorder(dm.n_vars)
+        trainer(max_epochs=2, num_sanity_val_steps=0).fit(model, dm)
+        models.append((model.rows, list(dm.obs_names), dm.train_idx.copy()))
+        dm.close()
+    (local_rows, local_names, local_train), (remote_rows, remote_names, remote_train) = models
+    assert np.array_equal(local_train, remote_train) and local_names == remote_names
+    assert local_rows == remote_rows and len(local_rows["train", 1]) == 800

@@ -26,9 +26,9 @@ from arrayloaders import ZarrSparseDataset
 DATASET_KW = {"batch_size": 50, "chunk_size": 8, "preload_nchunks": 12}
 
 
-def dataset(store: str, **kw) -> ZarrSparseDataset:
+def dataset(store: str, storage_options: dict | None = None, **kw) -> ZarrSparseDataset:
     kw = {**DATASET_KW, "return_index": True, "num_workers": 0, **kw}
-    return ZarrSparseDataset(**kw).add_store(store, obs_keys="cell_type")
+    return ZarrSparseDataset(**kw).add_store(store, obs_keys="cell_type", storage_options=storage_options)
 
 
 def record(X: torch.Tensor, index: torch.Tensor) -> list:
@@ -71,6 +71,12 @@ def main(scenario: str, store: str, outdir: Path, args: dict, rank: int, world_s
                         res[f"len{e}"] = len(ds)
                         res[f"epoch{e}"] = epoch(ds)
                     out[f"{equalize}-{num_workers}"] = res
+    elif scenario == "epochs":
+        # Epochs 0 and 1 of the store: a path, or a URL with args["storage_options"].
+        with dataset(store, args.get("storage_options"), num_workers=args.get("num_workers", 0)) as ds:
+            for e in (0, 1):
+                ds.set_epoch(e)
+                out[f"epoch{e}"] = epoch(ds)
     elif scenario == "seed_mismatch":
         ds = dataset(store, seed=1 if rank == 1 else 0)
         try:

@@ -22,7 +22,9 @@ import psutil
 import pytest
 import torch
 import zarr
-from conftest import PACKAGE_DIR, has_our_frame, in_the_ring, tensor_parts, with_compressed_indptr, worker_pids
+from conftest import (
+    PACKAGE_DIR, has_our_frame, in_the_ring, tensor_parts, until_workers_are_up, with_compressed_indptr, worker_pids,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -59,14 +61,6 @@ def until_exited(pid: int) -> None:
     while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < deadline, f"{pid} did not exit"
         time.sleep(0.01)
-
-
-def until_workers_are_up(ds) -> None:
-    """Epochs until every worker has started: till then this process decodes the loads itself."""
-    deadline = time.monotonic() + 60
-    while None in ds._runtime.engine.pool.started_at:
-        assert time.monotonic() < deadline, "the workers did not start"
-        assert len(list(ds)) == len(ds)
 
 
 @pytest.mark.parametrize("kind", ["sparse", "dense", "densified"])
