@@ -36,7 +36,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         'arrayloaders.lightning needs Lightning: pip install "arrayloaders[lightning]" (or pip install lightning)'
     ) from e
 
-from .loading.dataset import ZarrDenseDataset, ZarrSparseDataset, _ZarrDataset
+from .loading.dataset import ZarrDenseDataset, ZarrSparseDataset, _cache_spec, _ZarrDataset
 from .store.location import store_location
 from .store.manifest import read_manifest
 from .store.obs import read_obs
@@ -78,6 +78,9 @@ class StoreDataModule(pl.LightningDataModule):
         For a store in object storage (``store="s3://bucket/prefix"``): the
         keyword arguments of ``obstore.store.from_url``, as for
         :meth:`~arrayloaders.ZarrSparseDataset.add_store`.
+    cache_dir, cache_bytes
+        For a store in object storage: a local cache of the bytes fetched, as
+        for :meth:`~arrayloaders.ZarrSparseDataset.add_store`.
     **dataset_kwargs
         Passed to :class:`~arrayloaders.ZarrSparseDataset` (or
         ``ZarrDenseDataset`` for a dense store): ``chunk_size``,
@@ -111,12 +114,14 @@ class StoreDataModule(pl.LightningDataModule):
         layer: str | None = None,
         unlabeled_category: str = UNLABELED,
         storage_options: dict[str, Any] | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        cache_bytes: int | str | None = None,
         **dataset_kwargs,
     ):
         super().__init__()
         self.store = store
         # credentials stay in the location (never an attribute of their own: a checkpoint or a log may show those)
-        self._location = store_location(store, storage_options)
+        self._location = store_location(store, storage_options, _cache_spec(store, cache_dir, cache_bytes))
         self.batch_key, self.labels_key = batch_key, labels_key
         self.categorical_covariate_keys = list(categorical_covariate_keys or [])
         self.continuous_covariate_keys = list(continuous_covariate_keys or [])

@@ -80,6 +80,7 @@ Examples::
 
     python scripts/benchmark.py --data /tmp/arrayloaders-bench   # ~200k cells, median of 3
     python scripts/benchmark.py --quick                           # 10k small cells, one run: ~1 minute
+    python scripts/benchmark.py --remote --loaders arrayloaders annbatch   # from s3:// at 0 and 20 ms
 """
 
 from __future__ import annotations
@@ -143,7 +144,10 @@ def run_arrayloaders(store: Path, args) -> dict:
         values["layer"] = "counts"
     ds = kind(args.batch_size, args.chunk_size, args.preload_nchunks, num_workers=args.workers[0], pin_memory=cuda,
               **values)  # fmt: skip
-    ds.add_store(store, obs_keys="cell_type", obsm_keys="X_pca" if args.values == "obsm50" else None)
+    # a URL (--remote): the options come in the environment, not on the command line
+    options = json.loads(os.environ.get("ARRAYLOADERS_BENCH_STORAGE_OPTIONS", "null")) if "://" in str(store) else None
+    ds.add_store(store, obs_keys="cell_type", obsm_keys="X_pca" if args.values == "obsm50" else None,
+                 storage_options=options)  # fmt: skip
     n = ds.n_obs
     if args.selection == "cells50":
         ds = ds.subset(cells=np.random.default_rng(0).random(n) < 0.5)
@@ -703,17 +707,27 @@ def main() -> None:
                    help="small data (2 x 5,000 cells x 2,000 genes), one repeat, num_workers 0 and 2: about a minute; "
                    "data in /tmp/arrayloaders-bench-quick unless --data is given")  # fmt: skip
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--store", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--remote", action="store_true",
+                   help="read the store from s3:// instead: starts SeaweedFS here (the test extra), adds --latency-ms "
+                   "per request, and compares with the store on disk and annbatch remote (scripts/benchmark_remote.py)")
+    p.add_argument("--latency-ms", type=float, nargs="+", default=[0, 20], help="with --remote: added per request")
+    p.add_argument("--store", help=argparse.SUPPRESS)
     p.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--selection", choices=SELECTIONS, help=argparse.SUPPRESS)
     p.add_argument("--values", choices=VALUES, help=argparse.SUPPRESS)
     args = parse_args(p, QUICK, Path("/tmp/arrayloaders-bench-quick"))
     if args.child:
-        print(json.dumps(RUNNERS[args.child](args.store, args)))
+        store = args.store if "://" in args.store else Path(args.store)  # a URL stays a string
+        print(json.dumps(RUNNERS[args.child](store, args)))
         return
 
     paths, store, conversion = prepare(args)
     annbatch_store, annbatch_conversion = prepare_annbatch(paths, args) if "annbatch" in args.loaders else (None, {})
+    if args.remote:
+        import benchmark_remote
+
+        benchmark_remote.run(args, store, annbatch_store)
+        return
     values_store, values_conversion = (
         prepare_values(paths, args) if "arrayloaders-values" in args.loaders else (None, {})
     )

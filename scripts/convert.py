@@ -15,6 +15,7 @@ each, ``convert.py: warning: ...``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import traceback
@@ -42,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(a directory of chunk_{i}.zarr AnnData files plus arrayloaders.json).",
     )
     p.add_argument("inputs", nargs="+", metavar="H5AD", help="input .h5ad files (X as CSR or dense)")
-    p.add_argument("-o", "--output", required=True, help="store directory to create")
+    p.add_argument("-o", "--output", required=True,
+                   help="store directory to create, or a URL of object storage (s3://bucket/prefix, gs://, az://)")
+    p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
+                   help='with a URL: options of obstore.store.from_url as JSON, e.g. \'{"endpoint": '
+                   '"http://localhost:9000", "region": "us-east-1"}\'; credentials come from the environment '
+                   "(AWS_ACCESS_KEY_ID, ...), never from here: a command line is visible to other users")
     p.add_argument("--no-shuffle", action="store_true", help="keep input order instead of shuffling cells globally")
     p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default: %(default)s)")
     p.add_argument(
@@ -113,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("not a JSON object ({...})")
+    secret = sorted(k for k in value if any(w in k.lower() for w in ("secret", "token", "password", "key", "sas")))
+    if secret:
+        raise argparse.ArgumentTypeError(f"{secret}: credentials go in the environment, not on the command line")
+    return value
+
+
 def describe(error: BaseException) -> str:
     """One line saying what went wrong: the message of an error we raise on purpose, else 'internal error'."""
     message = " ".join(str(error).split())
@@ -177,8 +196,9 @@ def convert(args: argparse.Namespace) -> int:
         layers=args.layers,
         obsm_keys=args.obsm_keys,
         n_jobs=args.n_jobs,
+        storage_options=args.storage_options,
     )
-    manifest = read_manifest(store)
+    manifest = read_manifest(store, storage_options=args.storage_options)
     if not args.quiet:
         extra = "".join(
             f", {kind} {', '.join(names)}" for kind, names in (("layers", manifest.layers), ("obsm", manifest.obsm)) if names

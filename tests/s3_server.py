@@ -11,8 +11,9 @@ must be signed with that one access key and secret.
 
 :class:`Proxy` is a loopback TCP proxy in front of a server: it holds each
 chunk a client sends for ``delay_s`` before forwarding it (a request's round
-trip gains ``delay_s``), counts connections and chunks, and :meth:`Proxy.cut`
-resets every open connection (a dropped connection, as a client sees it).
+trip gains ``delay_s``), counts connections, chunks, requests and the bytes
+served, and :meth:`Proxy.cut` resets every open connection (a dropped
+connection, as a client sees it).
 """
 
 from __future__ import annotations
@@ -161,6 +162,9 @@ class SeaweedFS:
         self.process = None
 
 
+_METHODS = (b"GET ", b"HEAD ", b"PUT ", b"POST ", b"DELETE ")
+
+
 class Proxy:
     """A loopback TCP proxy to ``upstream`` (host, port) that delays each chunk a client sends, or cuts."""
 
@@ -168,6 +172,8 @@ class Proxy:
         self.upstream, self.delay_s = upstream, delay_s
         self.connections = 0
         self.chunks = 0
+        self.requests = 0  # chunks from a client that start an HTTP request (GET, HEAD, PUT...)
+        self.received = 0  # bytes the server sent back through the proxy
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._lock = threading.Lock()
@@ -210,8 +216,12 @@ class Proxy:
                         if s is client:
                             with self._lock:
                                 self.chunks += 1
+                                self.requests += data.startswith(_METHODS)
                             if self.delay_s:
                                 time.sleep(self.delay_s)
+                        else:
+                            with self._lock:
+                                self.received += len(data)
                         peer[s].sendall(data)
             except OSError:
                 return

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anndata as ad
 import h5py
@@ -36,7 +36,10 @@ from .buckets import InputFile, Matrix, Part, check_indptr, output_file_of, read
 from .columns import check_name, harmonise_frames, join_columns
 from .jobs import Jobs, available_cores
 from .obs_records import InputObs, column_order, plan_obs
+from ..store.location import store_location
+from ..store.remote import is_url
 from .output import StagedOutput, check_output, remove_tree, scratch_directory
+from .upload import RemoteOutput
 
 __all__ = ["create_store_from_h5ads"]
 
@@ -415,7 +418,8 @@ def create_store_from_h5ads(
     layers: Sequence[str] | None = None,
     obsm_keys: Sequence[str] | None = None,
     n_jobs: int | None = None,
-) -> Path:
+    storage_options: dict[str, Any] | None = None,
+) -> Path | str:
     """Convert ``.h5ad`` files into one shuffled arrayloaders store.
 
     The store is built in a hidden sibling directory of ``output_path`` and
@@ -536,6 +540,15 @@ def create_store_from_h5ads(
         is shared among them; each also holds the bookkeeping of the output
         file it writes. The store is the same, byte for byte, whatever
         ``n_jobs``.
+    storage_options
+        With ``output_path`` a URL of object storage (``s3://bucket/prefix``,
+        ``gs://``, ``az://``): the keyword arguments of
+        ``obstore.store.from_url`` (credentials from the environment
+        without them). The store is built in ``tmp_dir`` (default: the
+        system's temporary directory; it needs the store's size plus the
+        buckets') and uploaded, each object checked, the manifest last; the
+        files go under a prefix of their own (``g-<store_id>/``), so readers of
+        a store it replaces never read its bytes. See :doc:`/remote`.
 
     Returns
     -------
@@ -564,8 +577,17 @@ def create_store_from_h5ads(
         raise ValueError(f"n_obs_per_file must be positive, got {n_obs_per_file}")
     requested = {"layers": _requested(layers, "layers"), "obsm": _requested(obsm_keys, "obsm_keys")}
     paths = _input_paths(adata_paths)
-    out = check_output(output_path, paths, overwrite)
-    if tmp_dir is not None:
+    remote = is_url(output_path)
+    if remote:  # built in tmp_dir, then uploaded (convert/upload.py)
+        location = store_location(output_path, storage_options)
+        output = RemoteOutput(location, overwrite, tmp_dir)
+        output.check()  # before any work: an existing store without overwrite, others' objects
+    else:
+        if storage_options:
+            raise ValueError(f"{output_path}: storage_options are for URLs of object storage (s3://...), not local paths")
+        out = check_output(output_path, paths, overwrite)
+        output = StagedOutput(out)
+    if tmp_dir is not None and not remote:
         scratch_parent = Path(os.path.realpath(tmp_dir))
         if scratch_parent == out or out in scratch_parent.parents:
             raise StoreError(f"tmp_dir={tmp_dir} is inside the output {output_path}; choose a directory outside it")
@@ -611,7 +633,7 @@ def create_store_from_h5ads(
 
     # Everything is built in a hidden sibling of the output and moved into
     # place once complete; an error or Ctrl-C anywhere below removes it.
-    with StagedOutput(out) as staged:
+    with output as staged:
         scratch = scratch_directory(Path(tmp_dir) if tmp_dir is not None else staged.path)
         jobs = Jobs(n_jobs)
         try:
@@ -672,7 +694,7 @@ def create_store_from_h5ads(
             ),
         )
         staged.commit()
-    return Path(output_path)
+    return output_path if remote else Path(output_path)
 
 
 def _ids(order_file: Path, bounds: np.ndarray, j: int) -> np.ndarray:

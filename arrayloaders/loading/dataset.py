@@ -70,6 +70,26 @@ def _row_format(var: pd.Index, genes_given: np.ndarray | None, dense: bool, wher
 DEFAULT_WINDOW = 8  # loads a batch mixes when the store is not known to be shuffled (see plan.py)
 
 
+def _cache_spec(path, cache_dir, cache_bytes) -> tuple[str, int] | None:
+    """(directory, bytes) of a remote store's local cache, or None; ``cache_bytes`` alone is refused."""
+    if cache_dir is None:
+        if cache_bytes is not None:
+            raise ValueError("cache_bytes needs cache_dir (where the cache goes)")
+        return None
+    import shutil
+
+    from ..store.remote import is_url
+
+    if not is_url(path):
+        raise ValueError(f"{path}: cache_dir is for URLs of object storage (s3://...), not local paths")
+
+    os.makedirs(cache_dir, exist_ok=True)
+    limit = parse_bytes(cache_bytes) if cache_bytes is not None else shutil.disk_usage(cache_dir).free // 2
+    if limit <= 0:
+        raise ValueError(f"cache_bytes must be positive, got {cache_bytes!r}")
+    return str(os.path.abspath(cache_dir)), int(limit)
+
+
 class _ZarrDataset(SelectionMixin, ResumeMixin, WorkerLifecycleMixin, torch.utils.data.IterableDataset):
     _dense_output: bool
 
@@ -255,6 +275,8 @@ class _ZarrDataset(SelectionMixin, ResumeMixin, WorkerLifecycleMixin, torch.util
         obsm_keys: str | Sequence[str] | None = None,
         obs_codes: str | Sequence[str] | None = None,
         storage_options: dict[str, Any] | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        cache_bytes: int | str | None = None,
     ):
         """Add every file of a store made by ``create_store_from_h5ads``, in file order.
 
@@ -267,9 +289,12 @@ class _ZarrDataset(SelectionMixin, ResumeMixin, WorkerLifecycleMixin, torch.util
         ``storage_options`` (keyword arguments of ``obstore.store.from_url``:
         endpoint, region, credentials...; without them credentials come from
         the environment). Workers fetch the byte ranges they need, many at a
-        time; see :doc:`/remote`.
+        time; see :doc:`/remote`. With ``cache_dir``, the bytes fetched are
+        kept there (at most ``cache_bytes``, default half the free space
+        there; e.g. ``"50GiB"``), shared by every process of the machine that
+        names the same directory, so that later epochs read them locally.
         """
-        location = store_location(path, storage_options)
+        location = store_location(path, storage_options, _cache_spec(path, cache_dir, cache_bytes))
         try:
             stamp = manifest_stamp(location)  # before reading: a store converted again from now on is noticed
         except OSError as e:  # remote: the bucket or credentials, said in one line
@@ -288,16 +313,23 @@ class _ZarrDataset(SelectionMixin, ResumeMixin, WorkerLifecycleMixin, torch.util
         self._data_ids = self._data_ids + [manifest.identity]
         return self
 
-    def _check_stores_unchanged(self) -> None:
+    def _check_stores_unchanged(self, reachable_only: bool = False, local_only: bool = False) -> None:
         """Raise if a store added with :meth:`add_store` was converted again since (a new manifest).
 
         Its row pointers, read when it was added, would then point into other
-        files: every row read wrong, checksums valid.
+        files: every row read wrong, checksums valid. With ``reachable_only``
+        a store that cannot be reached now (its server down) is passed over;
+        with ``local_only``, remote stores are (each of their range requests
+        names the version of the object it reads: a replaced object fails it).
         """
         for path, stamp in self._stores:
+            if local_only and path.is_remote:
+                continue
             try:
                 now = manifest_stamp(path)
             except OSError as e:
+                if reachable_only:
+                    continue
                 raise StoreError(str(e)) from None
             if now != stamp:
                 raise StoreError(

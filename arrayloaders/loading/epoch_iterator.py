@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..errors import ArrayloadersError
 from .batches import Batch, BatchMaker, MixedWindow, keep
 from .distributed import check_same_on_every_rank
 from .engine import EpochRun
@@ -84,6 +85,7 @@ class EpochIterator(Iterator[Batch]):
         self._lend: Callable[[np.ndarray], np.ndarray] = keep
         self._mixed: MixedWindow | None = None  # the loads of the current window, when batches mix several
         self._mixed_index = -1
+        self._remote_checked = False  # remote stores' manifests checked in this loop
         self._finalizer = weakref.finalize(self, _end_loop, self._state)
 
     @property
@@ -163,6 +165,17 @@ class EpochIterator(Iterator[Batch]):
 
     def _read(self, load: int) -> tuple[LoadedRows, Callable[[np.ndarray], np.ndarray]]:
         """Load ``load`` from the workers if they are (or become) ours, else read it in this thread."""
+        try:
+            return self._read_load(load)
+        except (OSError, ArrayloadersError) as e:
+            # A store converted again under the loop breaks reads (its old files are gone): say that, not what broke.
+            try:
+                self.dataset._check_stores_unchanged(reachable_only=True)
+            except ArrayloadersError as changed:
+                raise changed from e
+            raise
+
+    def _read_load(self, load: int) -> tuple[LoadedRows, Callable[[np.ndarray], np.ndarray]]:
         state, ds, plan = self._state, self.dataset, self._plan
         state.forked()
         if state.run is not None:
@@ -185,7 +198,10 @@ class EpochIterator(Iterator[Batch]):
             readers = state.readers
             got = read_load(readers.x, spec, plan.take(spec), fmt=ds._row_format(), obsm=readers.obsm), keep
         # After the load is read: rows read from a store converted again before this point are never yielded.
-        ds._check_stores_unchanged()
+        # A remote store's manifest is checked once per loop (a request): its range requests name the version of
+        # each object they read (If-Match), so a replaced object fails them instead.
+        ds._check_stores_unchanged(local_only=self._remote_checked)
+        self._remote_checked = True
         got[0].rows = plan.rows_of_load(plan.loads[load])
         return got
 

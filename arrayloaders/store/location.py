@@ -59,17 +59,19 @@ class StoreLocation:
         A local directory, or a URL (``s3://bucket/prefix``, ``gs://``, ``az://``, ``https://``).
     storage_options
         For a URL: keyword arguments of ``obstore.store.from_url``. Refused for a local path.
+    cache
+        For a URL: (directory, bytes) of a local cache of the bytes fetched
+        (:mod:`~arrayloaders.store.remote_cache`). Refused for a local path.
     """
 
-    def __init__(self, path: str | os.PathLike, storage_options: dict[str, Any] | None = None):
-        if isinstance(path, StoreLocation):
-            self.local, self.remote = path.local, path.remote
-            return
+    def __init__(self, path: str | os.PathLike, storage_options: dict[str, Any] | None = None,
+                 cache: tuple[str, int] | None = None):  # fmt: skip
         if is_url(path):
-            self.local, self.remote = None, RemoteRoot(str(path), storage_options)
+            self.local, self.remote = None, RemoteRoot(str(path), storage_options, cache=cache)
         else:
-            if storage_options:
-                raise ValueError(f"{path}: storage_options are for URLs of object storage (s3://...), not local paths")
+            for name, given in (("storage_options", storage_options), ("cache_dir", cache)):
+                if given:
+                    raise ValueError(f"{path}: {name} is for URLs of object storage (s3://...), not local paths")
             self.local, self.remote = Path(path), None
 
     def __str__(self) -> str:
@@ -148,15 +150,16 @@ class StoreLocation:
         return meta.get("e_tag"), meta.get("version"), int(meta["size"]), str(meta.get("last_modified"))
 
 
-def store_location(path: str | os.PathLike | StoreLocation, storage_options: dict[str, Any] | None = None) -> StoreLocation:
+def store_location(path: str | os.PathLike | StoreLocation, storage_options: dict[str, Any] | None = None,
+                   cache: tuple[str, int] | None = None) -> StoreLocation:  # fmt: skip
     """``path`` (a directory, a URL, or a location already) as a :class:`StoreLocation`."""
     if isinstance(path, StoreLocation):
-        if storage_options:
-            raise ValueError(f"{path}: storage_options given twice (the location has its own)")
+        if storage_options or cache:
+            raise ValueError(f"{path}: storage_options or a cache given twice (the location has its own)")
         return path
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"a store is a path or a URL, not {type(path).__name__}")
-    return StoreLocation(path, storage_options)
+    return StoreLocation(path, storage_options, cache)
 
 
 def unreachable(location: StoreLocation, error: BaseException) -> StoreError:

@@ -51,50 +51,83 @@ class RangeFetcher:
         """A load starts: forget ranges wanted and never read (an earlier load abandoned midway)."""
         self._wanted = {}
 
-    def want(self, root: RemoteRoot, key: str, start: int, stop: int) -> None:
-        """Note that bytes ``[start, stop)`` of ``key`` will be read soon: fetched with the next batch."""
-        if stop > start and self._lookup(root, key, start, stop) is None:
-            self._wanted.setdefault((root, key), []).append((start, stop))
+    def want(self, root: RemoteRoot, key: str, start: int, stop: int, chunk: bool = False, etag: str | None = None) -> None:
+        """Note that bytes ``[start, stop)`` of ``key`` will be read soon: fetched with the next batch.
 
-    def read(self, root: RemoteRoot, key: str, start: int, stop: int) -> memoryview:
+        ``chunk``: the range is one inner chunk ending in its crc32c, which the
+        root's local cache (if it has one) may serve. ``etag``: the version of
+        the object the reader knows (its index was read from it): a request
+        for another version fails instead of mixing two versions' bytes.
+        """
+        if stop > start and self._lookup(root, key, start, stop) is None:
+            self._wanted.setdefault((root, key, etag), []).append((start, stop, chunk))
+
+    def read(self, root: RemoteRoot, key: str, start: int, stop: int, etag: str | None = None) -> memoryview:
         """Bytes ``[start, stop)`` of ``key``: from the last fetch, else after fetching all that is wanted."""
         got = self._lookup(root, key, start, stop)
         if got is None and self._wanted:
             self.fetch_wanted()
             got = self._lookup(root, key, start, stop)
         if got is None:
-            got = memoryview(self._get(root, key, start, stop))
+            got = memoryview(self._get(root, key, start, stop, etag))
         return got
 
     def _lookup(self, root: RemoteRoot, key: str, start: int, stop: int) -> memoryview | None:
+        """``[start, stop)`` from the pieces fetched last (joined when it spans pieces that touch), or None."""
         entry = self._fetched.get((root, key))
         if entry is None:
             return None
         starts, pieces = entry
         i = bisect.bisect_right(starts, start) - 1
-        if i < 0 or starts[i] + len(pieces[i]) < stop:
+        if i < 0 or starts[i] + len(pieces[i]) <= start:
             return None
-        return pieces[i][start - starts[i] : stop - starts[i]]
+        if starts[i] + len(pieces[i]) >= stop:
+            return pieces[i][start - starts[i] : stop - starts[i]]
+        parts, at = [pieces[i][start - starts[i] :]], starts[i] + len(pieces[i])
+        while at < stop:  # e.g. chunks read together, some from the cache and some fetched
+            i += 1
+            if i == len(starts) or starts[i] != at:
+                return None
+            parts.append(pieces[i][: stop - at])
+            at += len(pieces[i])
+        return memoryview(b"".join(parts))
 
     def fetch_wanted(self) -> None:
-        """Fetch every range wanted so far, merged with neighbours, :attr:`depth` requests at a time."""
+        """Fetch every range wanted so far (those the cache holds intact from it), the rest merged with neighbours,
+        :attr:`depth` requests at a time; what was fetched is written to the cache."""
         wanted, self._wanted = self._wanted, {}
-        requests: list[tuple[RemoteRoot, str, int, int]] = []
-        for (root, key), ranges in wanted.items():
+        table: dict[tuple[RemoteRoot, str], list[tuple[int, memoryview]]] = {}
+        requests: list[tuple[RemoteRoot, str, int, int, str | None]] = []
+        for (root, key, etag), ranges in wanted.items():
+            ranges = sorted(set(ranges))
+            cache = root.cache() if etag is not None else None  # a cached file is one version's
+            cached = [r[2] and cache is not None for r in ranges]
+            found = cache.chunks(key, etag, [r[:2] for r, c in zip(ranges, cached) if c]) if any(cached) else []
+            found_at = iter(found)
             merged: list[list[int]] = []
-            for a, b in sorted(ranges):
-                if merged and a <= merged[-1][1] + self.gap:
+            joinable = False  # the last range was fetched too: the next may join its request
+            for (a, b, _), c in zip(ranges, cached):
+                data = next(found_at) if c else None
+                if data is not None:
+                    table.setdefault((root, key), []).append((a, memoryview(data)))
+                    joinable = False
+                    continue
+                if joinable and a <= merged[-1][1] + self.gap:
                     merged[-1][1] = max(merged[-1][1], b)
                 else:
                     merged.append([a, b])
-            requests += [(root, key, a, b) for a, b in merged]
+                joinable = True
+            requests += [(root, key, a, b, etag) for a, b in merged]
         fetched = self.run(lambda r: self._get(*r), requests)
-        table: dict[tuple[RemoteRoot, str], tuple[list[int], list[memoryview]]] = {}
-        for (root, key, a, _), data in zip(requests, fetched):
-            starts, pieces = table.setdefault((root, key), ([], []))
-            starts.append(a)
-            pieces.append(memoryview(data))
-        self._fetched = table  # the last load's bytes are no longer needed
+        for (root, key, a, _, etag), data in zip(requests, fetched):
+            table.setdefault((root, key), []).append((a, memoryview(data)))
+            cache = root.cache()
+            if cache is not None and etag is not None:
+                cache.write(key, etag, a, data)
+        self._fetched = {}  # the last load's bytes are no longer needed
+        for where, pieces in table.items():
+            pieces.sort(key=lambda p: p[0])
+            self._fetched[where] = ([p[0] for p in pieces], [p[1] for p in pieces])
 
     def run(self, fetch: Callable, items: list) -> list:
         """``fetch(item)`` for every item, :attr:`depth` at a time; the first error raised once all are done."""
@@ -112,12 +145,18 @@ class RangeFetcher:
             raise error
         return results
 
-    def _get(self, root: RemoteRoot, key: str, start: int, stop: int):
+    def _get(self, root: RemoteRoot, key: str, start: int, stop: int, etag: str | None = None):
         import obstore
 
         try:
-            data = obstore.get_range(root.store(), key, start=start, end=stop)
+            if etag is None:
+                data = obstore.get_range(root.store(), key, start=start, end=stop)
+            else:
+                data = obstore.get(root.store(), key, options={"range": (start, stop), "if_match": etag}).bytes()
         except Exception as e:  # noqa: BLE001 - obstore's errors, made one line naming the object
+            if type(e).__name__ == "PreconditionError":
+                raise OSError(f"{root.child(key)}: the object was replaced while it was read (its ETag is no longer "
+                              f"{etag}): the store was converted again or copied over") from None  # fmt: skip
             raise remote_error(root.child(key), e) from None
         with self._lock:
             self.requests += 1
@@ -126,8 +165,8 @@ class RangeFetcher:
             raise OSError(f"{root.child(key)}: short read ({len(data)} of {stop - start} bytes at {start}; truncated object)")
         return data
 
-    def head_or_tail(self, root: RemoteRoot, key: str, nbytes: int, tail: bool) -> tuple[int, bytes] | None:
-        """(size, the first or last ``nbytes`` bytes) of ``key`` in one request; ``None`` if it does not exist.
+    def head_or_tail(self, root: RemoteRoot, key: str, nbytes: int, tail: bool) -> tuple[int, bytes, str | None] | None:
+        """(size, the first or last ``nbytes`` bytes, ETag) of ``key`` in one request; ``None`` if it does not exist.
 
         An object shorter than ``nbytes`` gives all its bytes.
         """
@@ -144,10 +183,10 @@ class RangeFetcher:
         with self._lock:
             self.requests += 1
             self.bytes += len(data)
-        return int(result.meta["size"]), data
+        return int(result.meta["size"]), data, result.meta.get("e_tag")
 
-    def size(self, root: RemoteRoot, key: str) -> int | None:
-        """The size of ``key`` in bytes; ``None`` if it does not exist."""
+    def size(self, root: RemoteRoot, key: str) -> tuple[int, str | None] | None:
+        """(size in bytes, ETag) of ``key``; ``None`` if it does not exist."""
         import obstore
 
         try:
@@ -158,7 +197,7 @@ class RangeFetcher:
             raise remote_error(root.child(key), e) from None
         with self._lock:
             self.requests += 1
-        return int(meta["size"])
+        return int(meta["size"]), meta.get("e_tag")
 
 
 

@@ -82,7 +82,8 @@ class RemoteRoot:
         (:data:`DEFAULT_RETRY`, :data:`DEFAULT_CLIENT`).
     """
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, _token: str | None = None):
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, _token: str | None = None,
+                 cache: tuple[str, int] | None = None):  # fmt: skip
         if not is_url(url):
             raise ValueError(f"{url!r} is not a URL of object storage ({', '.join(s + '://' for s in SCHEMES)})")
         self._full_url = url.rstrip("/")
@@ -95,6 +96,8 @@ class RemoteRoot:
                 _registry[self.token] = options
         self._store = None
         self._lock = threading.Lock()
+        self.cache_spec = cache  # (directory, bytes) of a local cache of fetched bytes, or None
+        self._cache = None
 
     def __repr__(self) -> str:
         return f"RemoteRoot({self.url!r})"
@@ -110,7 +113,7 @@ class RemoteRoot:
 
     def __reduce__(self):
         # No secret in a pickle: the token finds them in a process that was given them (a worker, by its pipe).
-        return (_unpickle_root, (self._safe_url(), self.public, self.token))
+        return (_unpickle_root, (self._safe_url(), self.public, self.token, self.cache_spec))
 
     def _safe_url(self) -> str:
         # a signed https URL's query is a credential: kept only in this process
@@ -129,15 +132,26 @@ class RemoteRoot:
                 self._store = _from_url(self._full_url, self.options())
             return self._store
 
+    def cache(self):
+        """This process's :class:`~arrayloaders.store.remote_cache.RemoteCache` of the root, or None without one."""
+        if self.cache_spec is None:
+            return None
+        with self._lock:
+            if self._cache is None:
+                from .remote_cache import RemoteCache
+
+                self._cache = RemoteCache(self.cache_spec[0], self.cache_spec[1], self.url)
+            return self._cache
+
     def child(self, key: str) -> str:
         """The URL of ``key`` under this root, for messages."""
         return f"{self.url}/{key.lstrip('/')}"
 
 
-def _unpickle_root(url: str, public: dict[str, Any], token: str) -> RemoteRoot:
+def _unpickle_root(url: str, public: dict[str, Any], token: str, cache: tuple[str, int] | None = None) -> RemoteRoot:
     root = RemoteRoot.__new__(RemoteRoot)
     root._full_url, root.url, root.public, root.token = url, storage_url(url), dict(public), token
-    root._store, root._lock = None, threading.Lock()
+    root._store, root._lock, root.cache_spec, root._cache = None, threading.Lock(), cache, None
     return root
 
 

@@ -142,6 +142,8 @@ class DirectArray:
         self._paths: dict[int, Path] = {}  # of the files opened so far
         # Remote: byte ranges come from the process's fetcher; a file is named by its key, not a descriptor.
         self._remote = layout.root
+        self._etags: dict[int, str | None] = {}  # file -> the ETag its index was read with
+        self._remote_files: dict[str, int] = {}  # key -> file
         # The inner chunk whose decoded elements ``_scratch`` holds: rows read one at a time in
         # store order (a sampler's) often share one, and it is then decoded once, not per row.
         self._scratch_chunk = -1
@@ -237,6 +239,7 @@ class DirectArray:
         if table is None:
             return None
         key = str(self.layout.file_path(f))
+        self._remote_files[key] = f
         return key, table, self._remote.child(key)
 
     def _remote_tables(self, files: list[int], missing_ok: bool = False) -> None:
@@ -252,7 +255,7 @@ class DirectArray:
         keys = [str(self.layout.file_path(f)) for f in todo]
         if self._index_at is None:
             sizes = fetch.run(lambda key: fetch.size(root, key), keys)
-            found = [None if n is None else (n, b"") for n in sizes]
+            found = [None if n is None else (n[0], b"", n[1]) for n in sizes]
         else:
             where, checksum = self._index_at
             nbytes = 16 * self._per_file + checksum
@@ -268,6 +271,8 @@ class DirectArray:
                 table = np.array([[0, got[0]]], dtype=np.uint64)
             else:
                 table = self._parse_index(got[1], got[0], root.child(key))
+            if got is not None:
+                self._etags[f] = got[2]  # every later range of this object must be of this version
             if len(self._tables) >= _MAX_TABLES:
                 self._tables.pop(next(iter(self._tables)))
             self._tables[f] = table
@@ -285,8 +290,9 @@ class DirectArray:
             rows = table[chunks[files == f] - f * per]
             rows = rows[rows[:, 1] != _MISSING]
             key = str(self.layout.file_path(f))
+            etag = self._etags.get(f)
             for offset, nbytes in rows.tolist():
-                self._fetch.want(self._remote, key, offset, offset + nbytes)
+                self._fetch.want(self._remote, key, offset, offset + nbytes, chunk=self.checked, etag=etag)
 
     def close(self) -> None:
         self._files.close_all(self._owner)
@@ -543,7 +549,8 @@ class DirectArray:
         if len(self._compressed) < nbytes:
             self._set_compressed(bytearray(nbytes))
         if self._remote is not None:  # ``fd`` is the object's key
-            self._compressed[:nbytes] = self._fetch.read(self._remote, fd, offset, offset + nbytes)
+            etag = self._etags.get(self._remote_files.get(fd))
+            self._compressed[:nbytes] = self._fetch.read(self._remote, fd, offset, offset + nbytes, etag)
             return
         got = os.preadv(fd, [memoryview(self._compressed)[:nbytes]], offset)
         if got != nbytes:

@@ -120,7 +120,7 @@ def test_not_a_store_says_so(s3_server):
 
 
 def test_storage_options_are_for_urls_only(store):
-    with pytest.raises(ValueError, match="storage_options are for URLs"):
+    with pytest.raises(ValueError, match="storage_options is for URLs"):
         ZarrSparseDataset(batch_size=8).add_store(store, storage_options={"region": "x"})
 
 
@@ -366,3 +366,99 @@ def test_a_store_replaced_at_its_url_is_refused_at_the_next_epoch(store, s3_serv
     obstore.put(s3, "arrayloaders.json", manifest.replace(b'"store_id": "', b'"store_id": "x'))
     with pytest.raises(StoreError, match="converted again"):
         list(ds)
+
+
+# --------------------------------------------------------------------------- the local cache
+
+
+def cached_dataset(url, server, endpoint, cache_dir, num_workers=0, **add):
+    ds = ZarrSparseDataset(batch_size=64, chunk_size=32, preload_nchunks=4, seed=4, return_index=True,
+                           num_workers=num_workers)  # fmt: skip
+    return ds.add_store(url, storage_options=options(server, endpoint=endpoint), cache_dir=cache_dir, **add)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_cache_serves_later_epochs_and_other_processes(store, s3_server, proxied, tmp_path, num_workers):
+    """Epoch 2 fetches no chunk (only the manifest's check); a fresh dataset (new workers) reads the cache too;
+    batches are those of the store on disk throughout."""
+    url, proxy = proxied
+    local = ZarrSparseDataset(batch_size=64, chunk_size=32, preload_nchunks=4, seed=4, return_index=True)
+    local.add_store(store)
+    want = [batches(local, 1)]
+    local.set_epoch(1)
+    want.append([batch_bytes(b) for b in local])
+    ds = cached_dataset(url, s3_server, proxy.endpoint, tmp_path / "cache", num_workers)
+    first, received = proxy.requests, proxy.received
+    assert [batch_bytes(b) for b in ds] == want[0]
+    cold, cold_bytes = proxy.requests - first, proxy.received - received
+    ds.set_epoch(1)
+    before = proxy.requests
+    assert [batch_bytes(b) for b in ds] == want[1]
+    # epoch 2: the manifest's check, no chunk (workers keep the shard indexes they read)
+    assert cold > 20 and proxy.requests - before <= 1, (cold, proxy.requests - before)
+    again = cached_dataset(url, s3_server, proxy.endpoint, tmp_path / "cache", num_workers)
+    received = proxy.received
+    assert [batch_bytes(b) for b in again] == want[0]
+    # A fresh dataset's first loop, as the cold one was, but every chunk from the cache: it fetches what the cold
+    # one did (metadata, shard indexes) less the chunks' bytes (every chunk of X: an epoch reads every cell).
+    shards = [f for f in store.rglob("X/*/c/*") if f.parent.parent.name in ("data", "indices")]
+    chunk_bytes = sum(f.stat().st_size for f in shards) - len(shards) * (16 * 512 + 4)
+    assert cold_bytes - (proxy.received - received) >= 0.9 * chunk_bytes, (cold_bytes, proxy.received - received)
+
+
+def test_a_damaged_cache_entry_is_fetched_again(store, s3_server, proxied, tmp_path):
+    url, proxy = proxied
+    ds = cached_dataset(url, s3_server, proxy.endpoint, tmp_path / "cache")
+    want = [batch_bytes(b) for b in ds]
+    cached = sorted(p for p in (tmp_path / "cache").rglob("X/data/c/*") if p.is_file())
+    assert cached
+    for path in cached:  # a bit flipped in every cached shard, past its first chunk's header
+        raw = bytearray(path.read_bytes())
+        raw[40] ^= 0x01
+        path.write_bytes(bytes(raw))
+    before = proxy.requests
+    again = cached_dataset(url, s3_server, proxy.endpoint, tmp_path / "cache")
+    assert [batch_bytes(b) for b in again] == want
+    assert proxy.requests > before  # the damaged chunks came from the server
+
+
+def test_the_cache_stays_within_its_bytes(store, s3_server, proxied, tmp_path):
+    url, proxy = proxied
+    limit = sum(f.stat().st_size for f in store.rglob("X/*/c/*")) // 3
+    ds = cached_dataset(url, s3_server, proxy.endpoint, tmp_path / "cache", cache_bytes=limit)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        assert len([b for b in ds]) == len(ds)
+    on_disk = sum(p.stat().st_blocks * 512 for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert 0 < on_disk <= limit + limit // 10 + 2**20, (on_disk, limit)
+
+
+def test_a_cache_is_for_urls(store, tmp_path):
+    with pytest.raises(ValueError, match="cache_dir is for URLs"):
+        ZarrSparseDataset(batch_size=8).add_store(store, cache_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match="cache_bytes needs cache_dir"):
+        ZarrSparseDataset(batch_size=8).add_store(store, cache_bytes="1GiB")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_object_replaced_under_a_dataset_fails_its_reads_instead_of_mixing_versions(store, dense_store, s3_server,
+                                                                                        num_workers):  # fmt: skip
+    """Another valid shard (its checksums intact) put over one the dataset reads: a read of it fails, naming it."""
+    import obstore
+    from obstore.store import from_url
+
+    from arrayloaders import WorkerError, create_store_from_h5ads
+
+    url = upload(store, s3_server, f"stores/{uuid.uuid4().hex}")
+    ds = ZarrSparseDataset(batch_size=64, chunk_size=32, num_workers=num_workers).add_store(
+        url, storage_options=options(s3_server))  # fmt: skip
+    batches(ds)  # every shard's index read, with its ETag
+    s3 = from_url(url, **options(s3_server))
+    key = "chunk_0.zarr/X/data/c/0"
+    other = bytes(obstore.get(s3, "chunk_1.zarr/X/data/c/0").bytes())  # valid chunks, checksums and all
+    obstore.put(s3, key, other)
+    with pytest.raises((OSError, WorkerError)) as e:
+        for epoch in range(1, 4):
+            ds.set_epoch(epoch)
+            list(ds)
+    assert f"{url}/{key}" in str(e.value) and "replaced while it was read" in str(e.value), str(e.value)
