@@ -183,7 +183,14 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
         t_setup = time.perf_counter()
         # Equivalent to ``use_collection(collection, load_adata=...)`` minus building an
         # AnnData per dataset, which would materialise a string obs index we never use.
-        groups = list(DatasetCollection(args.store, mode="r"))
+        if args.storage_options:  # a URL: annbatch's remote path, zarr's ObjectStore over obstore
+            import zarr
+            from obstore.store import from_url
+
+            remote = zarr.storage.ObjectStore(from_url(args.store, **json.loads(args.storage_options)), read_only=True)
+            groups = list(DatasetCollection(zarr.open_group(remote, mode="r"), mode="r"))
+        else:
+            groups = list(DatasetCollection(args.store, mode="r"))
         obs = [label_frame(g) for g in groups]
         # CPU: scipy CSR in host memory, torch never imported. GPU: annbatch's own GPU mode (cupy
         # gathers the preloaded chunks on the device and batches arrive as CUDA torch tensors).
@@ -257,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-shuffle", action="store_true", help="keep the inputs' order (annbatch's shuffle=False)")
 
     ld = sub.add_parser("load", help="iterate one shuffled epoch over a collection")
-    ld.add_argument("--store", required=True, help="collection directory written by 'convert'")
+    ld.add_argument("--store", required=True, help="collection directory written by 'convert', or its URL")
+    ld.add_argument("--storage-options", help="with a URL: obstore.store.from_url's options as JSON")
     ld.add_argument("--batch-size", type=int, default=4096, help="cells per yielded batch (default 4096)")
     ld.add_argument("--chunk-size", type=int, default=32, help="contiguous cells per random read (default 32)")
     ld.add_argument(

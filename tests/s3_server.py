@@ -44,6 +44,17 @@ def weed_binary() -> str | None:
     return str(beside) if beside.is_file() else shutil.which("weed")
 
 
+def _die_with_parent() -> None:
+    """In the server's process, before exec: be killed when the process that started it dies (Linux), so that a
+    test session killed without its teardown (a CI timeout, SIGKILL) leaves no server behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -112,7 +123,8 @@ class SeaweedFS:
                 "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))  # fmt: skip
             cmd.append(f"-s3.config={config}")
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=_die_with_parent)  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._answers():
             if self.process.poll() is not None:

@@ -9,6 +9,7 @@ retries, and the bytes are exact).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from datetime import timedelta
 
 import pytest
@@ -86,3 +87,33 @@ def test_a_server_that_is_gone_is_an_error_not_a_hang(s3_server, prefix):
     proxy.close()  # nothing listens there any more
     with pytest.raises(Exception, match=r"127\.0\.0\.1"):
         obstore.get(store, "blob")
+
+
+def test_a_server_dies_with_the_process_that_started_it(tmp_path):
+    """A session killed without its teardown (SIGKILL, a CI timeout) leaves no server running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; from s3_server import SeaweedFS, "
+        "weed_binary; s = SeaweedFS(Path(sys.argv[2]), weed_binary()).start(); print(s.process.pid, flush=True); "
+        "import time; time.sleep(600)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent), str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        server = int(parent.stdout.readline())
+        assert psutil.pid_exists(server)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while psutil.pid_exists(server) and psutil.Process(server).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the server outlived the process that started it"
+            time.sleep(0.1)
+    finally:
+        if parent.poll() is None:
+            parent.kill()

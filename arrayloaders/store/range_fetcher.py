@@ -59,7 +59,8 @@ class RangeFetcher:
         the object the reader knows (its index was read from it): a request
         for another version fails instead of mixing two versions' bytes.
         """
-        if stop > start and self._lookup(root, key, start, stop) is None:
+        # Wanted again even if the last fetch holds it: the next fetch replaces what the last one holds.
+        if stop > start:
             self._wanted.setdefault((root, key, etag), []).append((start, stop, chunk))
 
     def read(self, root: RemoteRoot, key: str, start: int, stop: int, etag: str | None = None) -> memoryview:
