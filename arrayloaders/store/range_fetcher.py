@@ -42,6 +42,7 @@ class RangeFetcher:
         self.depth, self.gap = max(1, depth), gap
         self._wanted: dict[tuple[RemoteRoot, str], list[tuple[int, int]]] = {}
         self._fetched: dict[tuple[RemoteRoot, str], tuple[list[int], list[memoryview]]] = {}
+        self._fds: dict[tuple[RemoteRoot, str], int] = {}  # in-memory files of the pieces fetched last (fd_of)
         self._lock = threading.Lock()  # the counts below are added to from the pool's threads
         #: what this thread has asked for: requests made and bytes received (for the benchmark and tests)
         self.requests = 0
@@ -51,6 +52,12 @@ class RangeFetcher:
         """A load starts: forget ranges wanted and never read (an earlier load abandoned midway)."""
         self._wanted = {}
 
+    def __del__(self) -> None:
+        try:
+            self._close_fds()
+        except (OSError, AttributeError, TypeError):
+            pass
+
     def want(self, root: RemoteRoot, key: str, start: int, stop: int, chunk: bool = False, etag: str | None = None) -> None:
         """Note that bytes ``[start, stop)`` of ``key`` will be read soon: fetched with the next batch.
 
@@ -59,9 +66,31 @@ class RangeFetcher:
         the object the reader knows (its index was read from it): a request
         for another version fails instead of mixing two versions' bytes.
         """
-        # Wanted again even if the last fetch holds it: the next fetch replaces what the last one holds.
+        # Wanted again even if the last fetch holds it: the next fetch carries it over instead of fetching it.
         if stop > start:
             self._wanted.setdefault((root, key, etag), []).append((start, stop, chunk))
+
+    def fd_of(self, root: RemoteRoot, key: str) -> int | None:
+        """A file descriptor holding the bytes of ``key`` fetched last at their offsets (an in-memory file; holes
+        read as zeros), after fetching what is wanted; None if nothing of it was fetched.
+
+        The compiled gather (:mod:`~arrayloaders.store.chunk_gather`) reads it as it reads a shard file: a chunk
+        it finds a hole in fails its checksum, and the caller's Python path fetches it. Valid until the next fetch.
+        """
+        if self._wanted:
+            self.fetch_wanted()
+        fd = self._fds.get((root, key))
+        if fd is None and (root, key) in self._fetched and hasattr(os, "memfd_create"):
+            fd = os.memfd_create(f"arrayloaders-{key.rsplit('/', 1)[-1]}", os.MFD_CLOEXEC)
+            for start, piece in zip(*self._fetched[(root, key)]):
+                os.pwrite(fd, piece, start)
+            self._fds[(root, key)] = fd
+        return fd
+
+    def _close_fds(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
 
     def read(self, root: RemoteRoot, key: str, start: int, stop: int, etag: str | None = None) -> memoryview:
         """Bytes ``[start, stop)`` of ``key``: from the last fetch, else after fetching all that is wanted."""
@@ -102,13 +131,14 @@ class RangeFetcher:
         for (root, key, etag), ranges in wanted.items():
             ranges = sorted(set(ranges))
             cache = root.cache() if etag is not None else None  # a cached file is one version's
-            cached = [r[2] and cache is not None for r in ranges]
+            held = [self._lookup(root, key, a, b) for a, b, _ in ranges]  # the last fetch's: carried over
+            cached = [r[2] and cache is not None and h is None for r, h in zip(ranges, held)]
             found = cache.chunks(key, etag, [r[:2] for r, c in zip(ranges, cached) if c]) if any(cached) else []
             found_at = iter(found)
             merged: list[list[int]] = []
             joinable = False  # the last range was fetched too: the next may join its request
-            for (a, b, _), c in zip(ranges, cached):
-                data = next(found_at) if c else None
+            for (a, b, _), c, h in zip(ranges, cached, held):
+                data = next(found_at) if c else h
                 if data is not None:
                     table.setdefault((root, key), []).append((a, memoryview(data)))
                     joinable = False
@@ -125,7 +155,8 @@ class RangeFetcher:
             cache = root.cache()
             if cache is not None and etag is not None:
                 cache.write(key, etag, a, data)
-        self._fetched = {}  # the last load's bytes are no longer needed
+        self._fetched = {}  # the last load's bytes are no longer needed (what is still wanted was carried over)
+        self._close_fds()
         for where, pieces in table.items():
             pieces.sort(key=lambda p: p[0])
             self._fetched[where] = ([p[0] for p in pieces], [p[1] for p in pieces])

@@ -161,7 +161,7 @@ class DirectArray:
     @property
     def compiled(self) -> bool:
         """Whether :meth:`gather` runs compiled now: blosc chunks, and the loop already loaded in this process."""
-        return self._native is not None and self._remote is None and _compiled_loop_warm()
+        return self._native is not None and _compiled_loop_warm()
 
     # ------------------------------------------------------------------ files
 
@@ -231,8 +231,10 @@ class DirectArray:
             raise OSError(f"{path}: the shard index points past the end of the file (truncated file)")
         return table
 
-    def _remote_file(self, f: int) -> tuple[str, np.ndarray, str] | None:
-        """(key, chunk table, URL) of file ``f`` of a remote array, its index fetched once; None if never written."""
+    def _remote_file(self, f: int) -> tuple[int, np.ndarray, str] | None:
+        """(descriptor, chunk table, URL) of file ``f`` of a remote array, its index fetched once; None if never
+        written. The descriptor is an in-memory file of the bytes fetched for the load (what is wanted is fetched
+        first), -1 if none were: the compiled loop reads it as a shard file, the Python path fetches by URL."""
         if f not in self._tables:
             self._remote_tables([f])
         table = self._tables[f]
@@ -240,7 +242,8 @@ class DirectArray:
             return None
         key = str(self.layout.file_path(f))
         self._remote_files[key] = f
-        return key, table, self._remote.child(key)
+        fd = self._fetch.fd_of(self._remote, key)
+        return -1 if fd is None else fd, table, self._remote.child(key)
 
     def _remote_tables(self, files: list[int], missing_ok: bool = False) -> None:
         """Fetch the indexes of the shards ``files`` not known yet, all at once (one request each).
@@ -521,8 +524,8 @@ class DirectArray:
         wanted chunk's first piece, then their count. ``None`` without the
         native codecs (the loop calls them: blosc arrays only).
         """
-        if self._native is None or self._remote is not None or out.ndim != 1 or not out.flags.c_contiguous:
-            return None  # the compiled loop reads files by descriptor
+        if self._native is None or out.ndim != 1 or not out.flags.c_contiguous:
+            return None
         from .chunk_gather import chunk_gather  # imports numba: only gathers (a sampler's loads) pay for it
 
         gather = chunk_gather()
@@ -548,9 +551,10 @@ class DirectArray:
         """Read ``nbytes`` stored bytes at ``offset`` of a file into ``_compressed`` (reused by the next read)."""
         if len(self._compressed) < nbytes:
             self._set_compressed(bytearray(nbytes))
-        if self._remote is not None:  # ``fd`` is the object's key
-            etag = self._etags.get(self._remote_files.get(fd))
-            self._compressed[:nbytes] = self._fetch.read(self._remote, fd, offset, offset + nbytes, etag)
+        if self._remote is not None:  # ``path`` is the object's URL
+            key = str(path)[len(self._remote.url) + 1 :]
+            etag = self._etags.get(self._remote_files.get(key))
+            self._compressed[:nbytes] = self._fetch.read(self._remote, key, offset, offset + nbytes, etag)
             return
         got = os.preadv(fd, [memoryview(self._compressed)[:nbytes]], offset)
         if got != nbytes:
