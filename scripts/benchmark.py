@@ -145,9 +145,11 @@ def run_arrayloaders(store: Path, args) -> dict:
     ds = kind(args.batch_size, args.chunk_size, args.preload_nchunks, num_workers=args.workers[0], pin_memory=cuda,
               **values)  # fmt: skip
     # a URL (--remote): the options come in the environment, not on the command line
-    options = json.loads(os.environ.get("ARRAYLOADERS_BENCH_STORAGE_OPTIONS", "null")) if "://" in str(store) else None
-    ds.add_store(store, obs_keys="cell_type", obsm_keys="X_pca" if args.values == "obsm50" else None,
-                 storage_options=options)  # fmt: skip
+    remote = {}
+    if "://" in str(store):
+        remote["storage_options"] = json.loads(os.environ.get("ARRAYLOADERS_BENCH_STORAGE_OPTIONS", "null"))
+        remote["cache_dir"] = os.environ.get("ARRAYLOADERS_BENCH_CACHE_DIR") or None
+    ds.add_store(store, obs_keys="cell_type", obsm_keys="X_pca" if args.values == "obsm50" else None, **remote)
     n = ds.n_obs
     if args.selection == "cells50":
         ds = ds.subset(cells=np.random.default_rng(0).random(n) < 0.5)

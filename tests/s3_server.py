@@ -156,7 +156,8 @@ class SeaweedFS:
                 [self.binary, "shell", f"-master=127.0.0.1:{self.master_port}"],
                 input=f"s3.bucket.create -name {name}\n", capture_output=True, text=True, timeout=60, check=False,
             )  # fmt: skip
-            if f"created bucket {name}" in done.stdout or "already exists" in done.stdout:
+            said = done.stdout + done.stderr
+            if f"created bucket {name}" in said or "already exists" in said:
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"weed shell could not create bucket {name}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")

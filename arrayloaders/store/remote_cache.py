@@ -96,6 +96,29 @@ class RemoteCache:
         if due:
             self.evict()
 
+    def whole(self, key: str, etag: str, fetch) -> Path:
+        """A file holding all of ``key`` (version ``etag``): the cached one if ``fetch`` need not run, else
+        ``fetch()``'s bytes written whole (to a temporary name, then renamed: a reader sees all or nothing).
+
+        For objects read whole and mapped (row pointers): every process of the machine maps one copy.
+        The caller verifies the content (its checksum) and calls :meth:`discard` if it is damaged.
+        """
+        path = self._path(key, etag).with_name(self._path(key, etag).name + ".whole")
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staged = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+            staged.write_bytes(fetch())
+            os.replace(staged, path)
+        os.utime(path)
+        return path
+
+    def discard(self, path: Path) -> None:
+        """Remove a damaged cached file (the next reader fetches it again)."""
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
     def size(self) -> int:
         """Bytes the cache's files take on disk (their allocated blocks: the files are sparse)."""
         total = 0

@@ -152,9 +152,8 @@ class CsrRows:
         starts, stops = self.indptr[runs[:, 0]].tolist(), self.indptr[runs[:, 1]].tolist()
         data_reader, indices_reader = self._direct
         data_reader.begin_load()
-        for a, b in _coalesced(starts, stops, data_reader.chunk_elements):
-            data_reader.prefetch(a, b)
-            indices_reader.prefetch(a, b)
+        ranges = _coalesced(starts, stops, data_reader.chunk_elements)
+        data_reader.prefetch_ranges(ranges, indices_reader)
         # Without checksums (stores written before them), a damaged column index is the one silent
         # error a decode lets through (values past n_vars): bound-check those, one pass per run.
         check_bounds = not indices_reader.checked
@@ -314,8 +313,7 @@ class DenseRows:
         if longest > self._rows.shape[0]:
             self._rows = np.empty((longest, n_vars), self._rows.dtype)
         self._direct.begin_load()
-        for a, b in runs.tolist():
-            self._direct.prefetch(a * n_vars, b * n_vars)
+        self._direct.prefetch_ranges([(a * n_vars, b * n_vars) for a, b in runs.tolist()])
         for a, b in runs.tolist():
             rows = self._rows[: b - a]
             self._direct.read_into(a * n_vars, b * n_vars, rows.reshape(-1))

@@ -252,18 +252,22 @@ class DirectArray:
         values; with ``missing_ok`` it is noted as missing (``None``) either way.
         """
         todo = [f for f in dict.fromkeys(files) if f not in self._tables]
-        if not todo:
-            return
-        root, fetch = self._remote, self._fetch
-        keys = [str(self.layout.file_path(f)) for f in todo]
+        if todo:
+            self._apply_tables(todo, self._fetch.run(self._index_request, todo), missing_ok)
+
+    def _index_request(self, f: int):
+        """(size, index bytes, ETag) of file ``f`` (one request), None if the object does not exist."""
+        root, fetch, key = self._remote, self._fetch, str(self.layout.file_path(f))
         if self._index_at is None:
-            sizes = fetch.run(lambda key: fetch.size(root, key), keys)
-            found = [None if n is None else (n[0], b"", n[1]) for n in sizes]
-        else:
-            where, checksum = self._index_at
-            nbytes = 16 * self._per_file + checksum
-            found = fetch.run(lambda key: fetch.head_or_tail(root, key, nbytes, where == "end"), keys)
-        for f, key, got in zip(todo, keys, found):
+            got = fetch.size(root, key)
+            return None if got is None else (got[0], b"", got[1])
+        where, checksum = self._index_at
+        return fetch.head_or_tail(root, key, 16 * self._per_file + checksum, where == "end")
+
+    def _apply_tables(self, todo: list[int], found: list, missing_ok: bool = False) -> None:
+        root = self._remote
+        for f, got in zip(todo, found):
+            key = str(self.layout.file_path(f))
             if got is None:
                 if self.complete and not missing_ok:
                     lo, hi = f * self.file_elements, min((f + 1) * self.file_elements, self.n_elements)
@@ -369,6 +373,33 @@ class DirectArray:
             if written:
                 begin = min(w[0] for w in written)
                 os.posix_fadvise(fd, begin, max(w[1] for w in written) - begin, os.POSIX_FADV_WILLNEED)
+
+    def prefetch_ranges(self, ranges: list[tuple[int, int]], *others: DirectArray) -> None:
+        """:meth:`prefetch` of every element range ``(start, stop)``, of this array and ``others`` (the other
+        arrays of the rows: ``indices`` beside ``data``); remote, with one round of requests for the indexes of
+        all the shards they touch (not one per range or array)."""
+        if self._remote is None:
+            for reader in (self, *others):
+                for a, b in ranges:
+                    reader.prefetch(a, b)
+            return
+        readers = (self, *others)
+        wanted = []
+        for reader in readers:
+            ce = reader.chunk_elements
+            spans = [np.arange(a // ce, (b - 1) // ce + 1) for a, b in ranges if b > a]
+            wanted.append(np.unique(np.concatenate(spans)) if spans else np.zeros(0, np.int64))
+        # every reader's missing shard indexes in one round
+        todo = [(r, f) for r, chunks in zip(readers, wanted)
+                for f in np.unique(chunks // r._per_file).tolist() if f not in r._tables]  # fmt: skip
+        found = self._fetch.run(lambda item: item[0]._index_request(item[1]), todo)
+        for reader in readers:
+            mine = [(f, got) for (r, f), got in zip(todo, found) if r is reader]
+            if mine:
+                reader._apply_tables([f for f, _ in mine], [got for _, got in mine])
+        for reader, chunks in zip(readers, wanted):
+            if chunks.size:
+                reader._want_remote(chunks)
 
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
         """Decode elements ``[start, stop)`` into ``out`` (1-d, contiguous, ``stop - start`` long)."""

@@ -184,13 +184,16 @@ def map_whole_array(array: zarr.Array) -> np.ndarray | None:
         The chunk file is missing, has the wrong size, or fails its checksum (naming the file).
     """
     meta = array.metadata
-    if meta.zarr_format != 3 or not isinstance(array.store, zarr.storage.LocalStore) or array.ndim != 1:
+    remote = isinstance(array.store, RemoteZarrStore)
+    if meta.zarr_format != 3 or array.ndim != 1 or not (remote or isinstance(array.store, zarr.storage.LocalStore)):
         return None
     if getattr(meta, "storage_transformers", ()) or tuple(meta.chunk_grid.chunk_shape) != tuple(array.shape):
         return None
     codec, checked = _codec(meta.codecs)
     if codec != "raw" or array.shape[0] == 0:
         return None  # compressed (or empty): read through zarr
+    if remote:
+        return _map_remote_whole_array(array, meta.encode_chunk_key((0,)), checked)
     path = Path(array.store.root) / array.path / meta.encode_chunk_key((0,))
     dtype = np.dtype(array.dtype).newbyteorder("<")
     nbytes = array.shape[0] * dtype.itemsize
@@ -204,6 +207,45 @@ def map_whole_array(array: zarr.Array) -> np.ndarray | None:
     if checked and google_crc32c.value(raw[:nbytes]) != _U32.unpack(raw[nbytes:].tobytes())[0]:
         raise OSError(f"{path}: checksum mismatch (damaged store)")
     return np.memmap(path, dtype=dtype, mode="r", shape=array.shape)
+
+
+def _map_remote_whole_array(array: zarr.Array, chunk_key: str, checked: bool) -> np.ndarray | None:
+    """:func:`map_whole_array` of a remote array whose store has a local cache: the object kept in the cache and
+    mapped there, so that every rank and worker of the machine shares one copy; ``None`` without a cache."""
+    import obstore
+
+    from .remote import remote_error
+
+    root = array.store.root
+    cache = root.cache()
+    if cache is None:
+        return None
+    key = f"{array.path}/{chunk_key}"
+    try:
+        etag = obstore.head(root.store(), key).get("e_tag")
+    except Exception as e:  # noqa: BLE001 - obstore's errors, one line naming the object
+        raise remote_error(root.child(key), e) from None
+    if etag is None:
+        return None
+    dtype = np.dtype(array.dtype).newbyteorder("<")
+    nbytes = array.shape[0] * dtype.itemsize
+
+    def fetch() -> bytes:
+        try:
+            return bytes(obstore.get(root.store(), key, options={"if_match": etag}).bytes())
+        except Exception as e:  # noqa: BLE001
+            raise remote_error(root.child(key), e) from None
+
+    for attempt in range(2):  # a damaged cached copy is fetched again, once
+        path = cache.whole(key, etag, fetch)
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+        intact = raw.size == nbytes + 4 * checked and (
+            not checked or google_crc32c.value(raw[:nbytes]) == _U32.unpack(raw[nbytes:].tobytes())[0])  # fmt: skip
+        if intact:
+            return np.memmap(path, dtype=dtype, mode="r", shape=array.shape)
+        del raw
+        cache.discard(path)
+    raise OSError(f"{root.child(key)}: holds {raw.size} bytes or fails its checksum (damaged store)")
 
 
 def unwritten_chunks(array: zarr.Array, start: int = 0, stop: int | None = None) -> list[str] | None:
