@@ -108,3 +108,16 @@ def test_load_paths_script_reads_the_same_bytes_on_both_loops(store):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["loads"] == 3 and out["cells_per_load"] == 96
     assert out["python_ms_per_load"] > 0 and out["compiled_ms_per_load"] > 0  # reported, not judged
+
+
+def test_the_remote_benchmark_reads_the_store_from_a_real_s3_server(run_quick, s3_server):
+    """scripts/benchmark.py --remote: its own SeaweedFS, the store on disk and from s3:// (with and without a cache)
+    measured in one run, with requests and bytes per epoch."""
+    results = run_quick("benchmark.py", "--remote", "--loaders", "arrayloaders", "--latency-ms", "0", "--epochs", "2")
+    report = json.loads((results / "remote.json").read_text())
+    rows = report["results"]
+    assert set(rows) == {"arrayloaders-w2 disk", "arrayloaders-w2 s3 +0 ms", "arrayloaders-w2 s3 +0 ms, cache_dir"}
+    assert all(r["cells_per_s"] > 0 and r["runs"][0]["epochs"][-1]["cells"] == 10_000 for r in rows.values())
+    fetched = rows["arrayloaders-w2 s3 +0 ms"]["bytes_per_epoch"] / report["x_bytes"]
+    assert 1.0 <= fetched < 3, fetched  # every chunk, plus indexes and metadata
+    assert "| arrayloaders-w2 s3 +0 ms |" in (results / "remote.md").read_text()
