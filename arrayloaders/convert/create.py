@@ -28,7 +28,7 @@ import pandas as pd
 import psutil
 
 from ..byte_sizes import parse_bytes
-from ..errors import ConversionWarning, InputFileError, StoreError
+from ..errors import ConversionWarning, InputFileError
 from ..interrupts import sigint_deferred
 from ..store.format import XLayout, chunk_file_name, use_zarrs
 from ..store.manifest import StoreManifest, write_manifest
@@ -36,10 +36,8 @@ from .buckets import InputFile, Matrix, Part, check_indptr, output_file_of, read
 from .columns import check_name, harmonise_frames, join_columns
 from .jobs import Jobs, available_cores
 from .obs_records import InputObs, column_order, plan_obs
-from ..store.location import store_location
-from ..store.remote import is_url
-from .output import StagedOutput, check_output, remove_tree, scratch_directory
-from .upload import RemoteOutput
+from .output import remove_tree, scratch_directory
+from .upload import RemoteOutput, prepare_output
 
 __all__ = ["create_store_from_h5ads"]
 
@@ -577,20 +575,7 @@ def create_store_from_h5ads(
         raise ValueError(f"n_obs_per_file must be positive, got {n_obs_per_file}")
     requested = {"layers": _requested(layers, "layers"), "obsm": _requested(obsm_keys, "obsm_keys")}
     paths = _input_paths(adata_paths)
-    remote = is_url(output_path)
-    if remote:  # built in tmp_dir, then uploaded (convert/upload.py)
-        location = store_location(output_path, storage_options)
-        output = RemoteOutput(location, overwrite, tmp_dir)
-        output.check()  # before any work: an existing store without overwrite, others' objects
-    else:
-        if storage_options:
-            raise ValueError(f"{output_path}: storage_options are for URLs of object storage (s3://...), not local paths")
-        out = check_output(output_path, paths, overwrite)
-        output = StagedOutput(out)
-    if tmp_dir is not None and not remote:
-        scratch_parent = Path(os.path.realpath(tmp_dir))
-        if scratch_parent == out or out in scratch_parent.parents:
-            raise StoreError(f"tmp_dir={tmp_dir} is inside the output {output_path}; choose a directory outside it")
+    output = prepare_output(output_path, paths, overwrite, tmp_dir, storage_options)  # checked before any work
 
     inputs = [_scan_input(p, str(p)) for p in paths]
     kept = {kind: _choose(inputs, kind, requested[kind]) for kind in ("layers", "obsm")}
@@ -694,7 +679,7 @@ def create_store_from_h5ads(
             ),
         )
         staged.commit()
-    return output_path if remote else Path(output_path)
+    return output_path if isinstance(output, RemoteOutput) else Path(output_path)
 
 
 def _ids(order_file: Path, bounds: np.ndarray, j: int) -> np.ndarray:

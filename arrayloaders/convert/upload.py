@@ -1,5 +1,8 @@
 """A conversion into object storage: built on local disk, put in the bucket, each object checked, the manifest last.
 
+(:func:`prepare_output` chooses, for any output, where a conversion builds its store: here for a URL, a hidden
+sibling for a local directory, :mod:`~arrayloaders.convert.output`.)
+
 The store is built as a local one is (in ``tmp_dir``, within the memory
 budget), then uploaded with bounded concurrency (obstore uses multipart
 uploads for large shards); each object's size and ETag (the MD5 of its bytes,
@@ -36,15 +39,40 @@ from pathlib import Path
 from ..errors import StoreError
 from ..interrupts import sigint_deferred
 from ..store.format import MANIFEST_NAME
-from ..store.location import StoreLocation
-from ..store.remote import remote_error
+from ..store.location import StoreLocation, store_location
+from ..store.remote import is_url, remote_error
+from .output import StagedOutput, check_output
 
-__all__ = ["RemoteOutput", "UPLOAD_CONCURRENCY"]
+__all__ = ["RemoteOutput", "UPLOAD_CONCURRENCY", "prepare_output"]
 
 #: Objects put at once (each large one in parts, up to obstore's own concurrency).
 UPLOAD_CONCURRENCY = 8
 PART_BYTES = 5 * 2**20  # obstore's multipart part size (its default), for the expected ETag
 _GENERATION = re.compile(r"^g-[0-9a-f]{12,32}$")
+
+
+def prepare_output(output_path, inputs, overwrite: bool, tmp_dir, storage_options) -> StagedOutput | RemoteOutput:
+    """Where a conversion builds its store, checked before any work: a hidden sibling of a local ``output_path``
+    (:class:`~arrayloaders.convert.output.StagedOutput`), or a local directory uploaded to a URL (:class:`RemoteOutput`).
+
+    Raises
+    ------
+    StoreError
+        An existing store without ``overwrite``, something that is not a store's in the way, an input inside
+        the output, ``tmp_dir`` inside a local output.
+    """
+    if is_url(output_path):
+        output = RemoteOutput(store_location(output_path, storage_options), overwrite, tmp_dir)
+        output.check()
+        return output
+    if storage_options:
+        raise ValueError(f"{output_path}: storage_options are for URLs of object storage (s3://...), not local paths")
+    out = check_output(output_path, inputs, overwrite)
+    if tmp_dir is not None:
+        scratch_parent = Path(os.path.realpath(tmp_dir))
+        if scratch_parent == out or out in scratch_parent.parents:
+            raise StoreError(f"tmp_dir={tmp_dir} is inside the output {output_path}; choose a directory outside it")
+    return StagedOutput(out)
 
 
 class RemoteOutput:

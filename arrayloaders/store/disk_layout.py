@@ -17,10 +17,14 @@ import numpy as np
 
 from .remote import RemoteRoot
 
-__all__ = ["COMPLETE_ATTRIBUTE", "ArrayLayout", "DirectX", "XSource"]
+__all__ = ["COMPLETE_ATTRIBUTE", "MAX_TABLES", "MISSING", "ArrayLayout", "DirectX", "XSource"]
 
 #: zarr attribute (value ``True``) of an array whose every chunk was written.
 COMPLETE_ATTRIBUTE = "arrayloaders:every_chunk_written"
+#: A shard index's entry (offset and size) for a chunk that was never written (the zarr v3 sharding specification).
+MISSING = 2**64 - 1
+#: Shard indexes a reader keeps per array (8 KiB each for the default 2^22 / 2^13 shards).
+MAX_TABLES = 16384
 
 
 @dataclass(frozen=True)

@@ -50,9 +50,11 @@ import google_crc32c
 import numpy as np
 
 from .disk_layout import COMPLETE_ATTRIBUTE, ArrayLayout
+from .disk_layout import MAX_TABLES as _MAX_TABLES
+from .disk_layout import MISSING as _MISSING
 from .native_codecs import native_codecs
 from .open_files import shard_files
-from .range_fetcher import range_fetcher
+from .remote_shards import RemoteShards
 
 if TYPE_CHECKING:
     pass
@@ -60,10 +62,8 @@ if TYPE_CHECKING:
 __all__ = ["COMPLETE_ATTRIBUTE", "DirectArray"]
 
 
-_MISSING = 2**64 - 1  # shard index entry of a chunk that was never written
 _U32 = struct.Struct("<I")  # a stored crc32c
 _BLOSC_SIZES = struct.Struct("<4xI4xI")  # a blosc header's decoded and stored sizes (bytes 4-8, 12-16)
-_MAX_TABLES = 16384  # shard indexes kept per array (4 KiB each for 2^22 / 2^14 shards)
 _PREFETCH_GAP = 1 << 18  # bytes between wanted chunks still read ahead in one request
 
 
@@ -111,7 +111,7 @@ def _decoder(codec: str) -> Callable[[memoryview, np.ndarray], None]:
     raise ValueError(f"no decoder for codec {codec!r}")
 
 
-class DirectArray:
+class DirectArray(RemoteShards):
     """Elements ``[start, stop)`` of a zarr v3 array (flattened in C order), decoded into a buffer.
 
     Made from an :class:`~arrayloaders.store.disk_layout.ArrayLayout` (a worker's, sent by
@@ -147,16 +147,6 @@ class DirectArray:
         # The inner chunk whose decoded elements ``_scratch`` holds: rows read one at a time in
         # store order (a sampler's) often share one, and it is then decoded once, not per row.
         self._scratch_chunk = -1
-
-    @property
-    def _fetch(self):
-        """The calling thread's fetcher of remote byte ranges."""
-        return range_fetcher()
-
-    def begin_load(self) -> None:
-        """A load's reading starts: ranges an abandoned load wanted are forgotten (remote arrays)."""
-        if self._remote is not None:
-            range_fetcher().begin()
 
     @property
     def compiled(self) -> bool:
@@ -231,76 +221,6 @@ class DirectArray:
             raise OSError(f"{path}: the shard index points past the end of the file (truncated file)")
         return table
 
-    def _remote_file(self, f: int) -> tuple[int, np.ndarray, str] | None:
-        """(descriptor, chunk table, URL) of file ``f`` of a remote array, its index fetched once; None if never
-        written. The descriptor is an in-memory file of the bytes fetched for the load (what is wanted is fetched
-        first), -1 if none were: the compiled loop reads it as a shard file, the Python path fetches by URL."""
-        if f not in self._tables:
-            self._remote_tables([f])
-        table = self._tables[f]
-        if table is None:
-            return None
-        key = str(self.layout.file_path(f))
-        self._remote_files[key] = f
-        fd = self._fetch.fd_of(self._remote, key)
-        return -1 if fd is None else fd, table, self._remote.child(key)
-
-    def _remote_tables(self, files: list[int], missing_ok: bool = False) -> None:
-        """Fetch the indexes of the shards ``files`` not known yet, all at once (one request each).
-
-        A missing object is damage in a complete array (raises), else all fill
-        values; with ``missing_ok`` it is noted as missing (``None``) either way.
-        """
-        todo = [f for f in dict.fromkeys(files) if f not in self._tables]
-        if todo:
-            self._apply_tables(todo, self._fetch.run(self._index_request, todo), missing_ok)
-
-    def _index_request(self, f: int):
-        """(size, index bytes, ETag) of file ``f`` (one request), None if the object does not exist."""
-        root, fetch, key = self._remote, self._fetch, str(self.layout.file_path(f))
-        if self._index_at is None:
-            got = fetch.size(root, key)
-            return None if got is None else (got[0], b"", got[1])
-        where, checksum = self._index_at
-        return fetch.head_or_tail(root, key, 16 * self._per_file + checksum, where == "end")
-
-    def _apply_tables(self, todo: list[int], found: list, missing_ok: bool = False) -> None:
-        root = self._remote
-        for f, got in zip(todo, found):
-            key = str(self.layout.file_path(f))
-            if got is None:
-                if self.complete and not missing_ok:
-                    lo, hi = f * self.file_elements, min((f + 1) * self.file_elements, self.n_elements)
-                    raise OSError(f"{root.child(key)}: the object is missing, but the array holds elements [{lo}, {hi}) "
-                                  "there (every chunk of this store was written: damaged store)")  # fmt: skip
-                table = None
-            elif self._index_at is None:
-                table = np.array([[0, got[0]]], dtype=np.uint64)
-            else:
-                table = self._parse_index(got[1], got[0], root.child(key))
-            if got is not None:
-                self._etags[f] = got[2]  # every later range of this object must be of this version
-            if len(self._tables) >= _MAX_TABLES:
-                self._tables.pop(next(iter(self._tables)))
-            self._tables[f] = table
-
-    def _want_remote(self, chunks: np.ndarray) -> None:
-        """Tell the fetcher which stored bytes the inner ``chunks`` (sorted) are: fetched together at the next read."""
-        per = self._per_file
-        files = chunks // per
-        unique = np.unique(files).tolist()
-        self._remote_tables(unique)
-        for f in unique:
-            table = self._tables[f]
-            if table is None:
-                continue
-            rows = table[chunks[files == f] - f * per]
-            rows = rows[rows[:, 1] != _MISSING]
-            key = str(self.layout.file_path(f))
-            etag = self._etags.get(f)
-            for offset, nbytes in rows.tolist():
-                self._fetch.want(self._remote, key, offset, offset + nbytes, chunk=self.checked, etag=etag)
-
     def close(self) -> None:
         self._files.close_all(self._owner)
 
@@ -373,33 +293,6 @@ class DirectArray:
             if written:
                 begin = min(w[0] for w in written)
                 os.posix_fadvise(fd, begin, max(w[1] for w in written) - begin, os.POSIX_FADV_WILLNEED)
-
-    def prefetch_ranges(self, ranges: list[tuple[int, int]], *others: DirectArray) -> None:
-        """:meth:`prefetch` of every element range ``(start, stop)``, of this array and ``others`` (the other
-        arrays of the rows: ``indices`` beside ``data``); remote, with one round of requests for the indexes of
-        all the shards they touch (not one per range or array)."""
-        if self._remote is None:
-            for reader in (self, *others):
-                for a, b in ranges:
-                    reader.prefetch(a, b)
-            return
-        readers = (self, *others)
-        wanted = []
-        for reader in readers:
-            ce = reader.chunk_elements
-            spans = [np.arange(a // ce, (b - 1) // ce + 1) for a, b in ranges if b > a]
-            wanted.append(np.unique(np.concatenate(spans)) if spans else np.zeros(0, np.int64))
-        # every reader's missing shard indexes in one round
-        todo = [(r, f) for r, chunks in zip(readers, wanted)
-                for f in np.unique(chunks // r._per_file).tolist() if f not in r._tables]  # fmt: skip
-        found = self._fetch.run(lambda item: item[0]._index_request(item[1]), todo)
-        for reader in readers:
-            mine = [(f, got) for (r, f), got in zip(todo, found) if r is reader]
-            if mine:
-                reader._apply_tables([f for f, _ in mine], [got for _, got in mine])
-        for reader, chunks in zip(readers, wanted):
-            if chunks.size:
-                reader._want_remote(chunks)
 
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
         """Decode elements ``[start, stop)`` into ``out`` (1-d, contiguous, ``stop - start`` long)."""
@@ -685,19 +578,7 @@ class DirectArray:
         first, last = start // ce, (stop - 1) // ce
         found = []
         if self._remote is not None:
-            files = list(range(first // per, last // per + 1))
-            for f in files:
-                self._tables.pop(f, None)  # read afresh
-            self._remote_tables(files, missing_ok=True)
-            for f in files:
-                url, table = self._remote.child(str(self.layout.file_path(f))), self._tables[f]
-                if table is None:
-                    found.append(url)
-                    del self._tables[f]  # a read finds it missing again, and says so
-                elif self._index_at is not None:
-                    lo, hi = max(first - f * per, 0), min(last - f * per, per - 1)
-                    found += [f"{url} (inner chunk {k})" for k in range(lo, hi + 1) if table[k, 1] == _MISSING]
-            return found
+            return self._remote_unwritten(first, last)
         for f in range(first // per, last // per + 1):
             path = self.layout.file_path(f)
             try:

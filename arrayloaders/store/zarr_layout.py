@@ -236,16 +236,18 @@ def _map_remote_whole_array(array: zarr.Array, chunk_key: str, checked: bool) ->
         except Exception as e:  # noqa: BLE001
             raise remote_error(root.child(key), e) from None
 
-    for attempt in range(2):  # a damaged cached copy is fetched again, once
+    for _ in range(2):  # a damaged cached copy is fetched again, once
         path = cache.whole(key, etag, fetch)
         raw = np.memmap(path, dtype=np.uint8, mode="r")
-        intact = raw.size == nbytes + 4 * checked and (
+        size = raw.size
+        intact = size == nbytes + 4 * checked and (
             not checked or google_crc32c.value(raw[:nbytes]) == _U32.unpack(raw[nbytes:].tobytes())[0])  # fmt: skip
+        del raw
         if intact:
             return np.memmap(path, dtype=dtype, mode="r", shape=array.shape)
-        del raw
         cache.discard(path)
-    raise OSError(f"{root.child(key)}: holds {raw.size} bytes or fails its checksum (damaged store)")
+    raise OSError(f"{root.child(key)}: holds {size} bytes, expected {nbytes + 4 * checked}, or fails its checksum "
+                  "(damaged store)")  # fmt: skip
 
 
 def unwritten_chunks(array: zarr.Array, start: int = 0, stop: int | None = None) -> list[str] | None:
