@@ -206,33 +206,36 @@ class RangeFetcher:
         """
         import obstore
 
-        span = {"suffix": nbytes} if tail else (0, nbytes)
-        try:
-            result = obstore.get(root.store(), key, options={"range": span})
+        def get():
+            result = obstore.get(root.store(), key, options={"range": {"suffix": nbytes} if tail else (0, nbytes)})
             data = bytes(result.bytes())
-        except FileNotFoundError:
-            return None
-        except Exception as e:  # noqa: BLE001
-            raise remote_error(root.child(key), e) from None
-        with self._lock:
-            self.requests += 1
-            self.bytes += len(data)
-        return int(result.meta["size"]), data, result.meta.get("e_tag")
+            return (int(result.meta["size"]), data, result.meta.get("e_tag")), len(data)
+
+        return self._asked(root, key, get)
 
     def size(self, root: RemoteRoot, key: str) -> tuple[int, str | None] | None:
         """(size in bytes, ETag) of ``key``; ``None`` if it does not exist."""
         import obstore
 
-        try:
+        def head():
             meta = obstore.head(root.store(), key)
+            return (int(meta["size"]), meta.get("e_tag")), 0
+
+        return self._asked(root, key, head)
+
+    def _asked(self, root: RemoteRoot, key: str, request: Callable):
+        """``request()``'s answer (it returns it and the bytes received), counted; ``None`` for a missing object;
+        obstore's other errors made one line naming the object."""
+        try:
+            answer, received = request()
         except FileNotFoundError:
             return None
         except Exception as e:  # noqa: BLE001
             raise remote_error(root.child(key), e) from None
         with self._lock:
             self.requests += 1
-        return int(meta["size"]), meta.get("e_tag")
-
+            self.bytes += received
+        return answer
 
 
 _local = threading.local()
