@@ -9,7 +9,8 @@
 #    test (scvi-tools >= 1.4, annbatch and anndata 0.13 / pandas 3 need 3.12).
 #    The files in STACK_FREE check what no data library decides (the plan's
 #    arithmetic, worker processes and signals, gloo ranks, shared memory,
-#    the benchmark and CI scripts, the package layout; values are checked
+#    remote faults, cache and secrets, the benchmark and CI scripts, the
+#    package layout; values are checked
 #    by the other files): they ran in step 1, and their second run (half of
 #    this step's time) is left out to keep CI within 30 minutes.
 #    pip finds only the CUDA build of torch there (several GB, runs on the
@@ -32,7 +33,7 @@ STACK_FREE=(
     tests/loading/test_plan.py tests/loading/test_plan_selection.py tests/loading/test_engine.py
     tests/loading/test_iteration.py tests/loading/test_pinned_slots.py tests/loading/test_distributed.py
     tests/store/test_open_files.py tests/convert/test_scale.py tests/test_benchmark.py tests/test_ci_script.py
-    tests/test_layout.py tests/test_s3_server.py
+    tests/test_layout.py tests/test_s3_server.py tests/store/test_remote_faults.py
 )
 if [ "${1:-}" = "--stack-free" ]; then
     printf '%s\n' "${STACK_FREE[@]}"
