@@ -85,6 +85,7 @@ class SeaweedFS:
     process: subprocess.Popen | None = None
     master_port: int = 0
     s3_port: int = 0
+    filer_port: int = 0  # its filer serves the same objects over plain HTTP (GET with Range, HEAD) under /buckets/
     #: (access key, secret key) of the one identity allowed in; None: authentication off (``skip_signature``)
     credentials: tuple[str, str] | None = None
 
@@ -105,7 +106,7 @@ class SeaweedFS:
 
     def _start_once(self, attempt: int) -> None:
         master, volume, filer, s3 = _free_ports(4)
-        self.master_port, self.s3_port = master, s3
+        self.master_port, self.s3_port, self.filer_port = master, s3, filer
         data = self.directory / f"data{attempt}"
         data.mkdir(parents=True, exist_ok=True)
         self.log = self.directory / f"weed{attempt}.log"

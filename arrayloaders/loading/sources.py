@@ -8,6 +8,7 @@ with a message naming the file or AnnData.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -53,7 +54,8 @@ def store_source(path: str | os.PathLike | StoreLocation, file_name: str, layer:
             names = sorted(layers.keys()) if layers is not None else []
             raise ValueError(f"{where}: has no layer {layer!r}; its layers: {names}")
         element, where = layers[layer], f"{where}/layers/{layer}"
-    return _element_source(ad.io.sparse_dataset(element) if isinstance(element, zarr.Group) else element, where)
+    source = _element_source(ad.io.sparse_dataset(element) if isinstance(element, zarr.Group) else element, where)
+    return dataclasses.replace(source, file=group.path)
 
 
 def key_list(keys: str | Sequence[str] | None) -> list[str]:
@@ -75,7 +77,7 @@ def store_obsm_source(path: str | os.PathLike | StoreLocation, file_name: str, k
     if obsm is None or key not in obsm:
         names = sorted(obsm.keys()) if obsm is not None else []
         raise ValueError(f"{where}: has no obsm {key!r}; its obsm: {names}")
-    return _array_source(obsm[key], f"{where}/obsm/{key}")
+    return dataclasses.replace(_array_source(obsm[key], f"{where}/obsm/{key}"), file=group.path)
 
 
 def _array_source(array, where: str) -> XSource:

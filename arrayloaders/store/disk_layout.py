@@ -91,6 +91,8 @@ class XSource:
     n_obs: int
     n_vars: int
     dtype: str
+    #: the path of the store file (its top group) holding this X, for a store's; "" otherwise
+    file: str = ""
 
     @property
     def label(self) -> str:

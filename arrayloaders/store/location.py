@@ -23,17 +23,34 @@ from .remote import RemoteRoot, is_url, missing_bucket, remote_error
 __all__ = ["RemoteZarrStore", "StoreLocation", "store_location"]
 
 
+#: zarr's metadata documents (v3, and the v2 names zarr looks for when opening a group of unknown format)
+_METADATA = frozenset({"zarr.json", ".zgroup", ".zattrs", ".zarray", ".zmetadata"})
+
+
 class RemoteZarrStore(zarr.storage.ObjectStore):
     """zarr's read-only ``ObjectStore`` on a :class:`~arrayloaders.store.remote.RemoteRoot`.
 
     It remembers the root (array layouts name it, so that workers fetch from
     it), names its URL in messages, and pickles as the root does: no
     credentials (zarr's own store pickles its obstore store whole).
+
+    Metadata documents are read once per root and process: zarr opens the
+    same groups and arrays again (the manifest's check, obs, X, its row
+    pointers), and each open of a remote group is a round trip. A store
+    changed since is caught by its manifest's version, which is never kept.
     """
 
     def __init__(self, root: RemoteRoot):
         super().__init__(root.store(), read_only=True)
         self.root = root
+
+    async def get(self, key: str, prototype, byte_range=None):
+        if byte_range is not None or key.rsplit("/", 1)[-1] not in _METADATA:
+            return await super().get(key, prototype, byte_range)
+        known = self.root.metadata
+        if key not in known:
+            known[key] = await super().get(key, prototype, byte_range)
+        return known[key]
 
     def with_read_only(self, read_only: bool = False) -> RemoteZarrStore:
         if not read_only:

@@ -98,6 +98,7 @@ class RemoteRoot:
         self._lock = threading.Lock()
         self.cache_spec = cache  # (directory, bytes) of a local cache of fetched bytes, or None
         self._cache = None
+        self.metadata: dict[str, Any] = {}  # zarr metadata documents read in this process (RemoteZarrStore)
 
     def __repr__(self) -> str:
         return f"RemoteRoot({self.url!r})"
@@ -152,6 +153,7 @@ def _unpickle_root(url: str, public: dict[str, Any], token: str, cache: tuple[st
     root = RemoteRoot.__new__(RemoteRoot)
     root._full_url, root.url, root.public, root.token = url, storage_url(url), dict(public), token
     root._store, root._lock, root.cache_spec, root._cache = None, threading.Lock(), cache, None
+    root.metadata = {}
     return root
 
 

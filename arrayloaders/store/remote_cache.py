@@ -29,10 +29,15 @@ import threading
 from pathlib import Path
 
 import google_crc32c
+import numpy as np
+
+from .native_codecs import native_codecs
 
 __all__ = ["RemoteCache"]
 
 _EVICT_TO = 0.8
+_READ_GAP = 1 << 12  # cached chunks this close are read with one pread
+_READ_MAX = 8 << 20  # ... up to this many bytes at once
 
 
 class RemoteCache:
@@ -50,51 +55,69 @@ class RemoteCache:
         # one file per version of an object: a store replaced at its URL never reads the old one's bytes
         return self.directory / f"{key}@{hashlib.sha1(etag.encode()).hexdigest()[:16]}"
 
-    def chunks(self, key: str, etag: str, ranges: list[tuple[int, int]]) -> list[bytes | None]:
-        """The bytes of each checksummed chunk ``[start, stop)`` of ``key`` (version ``etag``) found intact, else None."""
-        try:
-            fd = os.open(self._path(key, etag), os.O_RDONLY)
-        except OSError:
-            self.misses += len(ranges)
-            return [None] * len(ranges)
-        out: list[bytes | None] = []
-        try:
-            for start, stop in ranges:
-                data = os.pread(fd, stop - start, start)
-                ok = len(data) == stop - start >= 4 and google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:], "little")
-                out.append(data if ok else None)
-            os.utime(fd)  # recently used
-        except OSError:
-            out += [None] * (len(ranges) - len(out))
-        finally:
-            os.close(fd)
-        found = sum(d is not None for d in out)
-        self.hits += found
-        self.misses += len(out) - found
-        return out
-
-    def write(self, key: str, etag: str, start: int, data: bytes | memoryview) -> None:
-        """Keep ``data``, bytes ``[start, start + len)`` of ``key`` (version ``etag``); a failure to write is no error."""
+    def open(self, key: str, etag: str) -> int | None:
+        """A descriptor (read and write) of the cached file of ``key`` (version ``etag``), made if new; None if
+        the cache cannot be written. Held for a load: a file the evictor deletes meanwhile stays usable to it."""
         path = self._path(key, etag)
         try:
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             except FileNotFoundError:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-            try:
-                os.pwrite(fd, data, start)
-            finally:
-                os.close(fd)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError:
-            return
+            return None
+        try:
+            os.utime(fd)  # recently used
+        except OSError:
+            pass
+        return fd
+
+    def chunks(self, fd: int, ranges: list[tuple[int, int]]) -> list[memoryview | None]:
+        """The bytes of each checksummed chunk ``[start, stop)`` (sorted) of the file ``fd`` found intact, else None.
+
+        Neighbouring chunks are read with one ``pread``; each is then checked alone.
+        """
+        native = native_codecs()
+        out: list[memoryview | None] = []
+        i = 0
+        while i < len(ranges):
+            j, end = i + 1, ranges[i][1]
+            while j < len(ranges) and ranges[j][0] <= end + _READ_GAP and ranges[j][1] - ranges[i][0] <= _READ_MAX:
+                end = max(end, ranges[j][1])
+                j += 1
+            begin = ranges[i][0]
+            try:
+                raw = os.pread(fd, end - begin, begin)
+            except OSError:
+                raw = b""
+            span, addr = memoryview(raw), np.frombuffer(raw, np.uint8).ctypes.data if native else 0
+            for start, stop in ranges[i:j]:
+                data, at, n = span[start - begin : stop - begin], start - begin, stop - start - 4
+                ok = len(data) == stop - start >= 4 and int.from_bytes(data[-4:], "little") == (
+                    native.crc32c(addr + at, n) if native else google_crc32c.value(raw[at : at + n]))
+                out.append(data if ok else None)
+            i = j
+        found = sum(d is not None for d in out)
         with self._lock:
-            self._written += len(data)
+            self.hits += found
+            self.misses += len(out) - found
+        return out
+
+    def write(self, fd: int, start: int, data: bytes | memoryview) -> bool:
+        """Keep ``data`` at ``start`` of the cached file ``fd``; False if it could not be written (no error)."""
+        try:
+            written = os.pwrite(fd, data, start)
+        except OSError:
+            return False
+        with self._lock:
+            self._written += written
             due = self._written >= self.limit // 10
             if due:
                 self._written = 0
         if due:
             self.evict()
+        return written == len(data)
 
     def whole(self, key: str, etag: str, fetch) -> Path:
         """A file holding all of ``key`` (version ``etag``): the cached one if ``fetch`` need not run, else

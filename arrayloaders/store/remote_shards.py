@@ -111,13 +111,31 @@ class RemoteShards:
                 for a, b in ranges:
                     reader.prefetch(a, b)
             return
-        readers = (self, *others)
+        starts = np.array([a for a, _ in ranges], dtype=np.int64)
+        stops = np.array([b for _, b in ranges], dtype=np.int64)
+        self._want_all((self, *others), starts, stops)
+
+    def prefetch_gather(self, starts: np.ndarray, stops: np.ndarray, *others: RemoteShards) -> bool:
+        """Before :meth:`gather` of ``[starts[i], stops[i])`` from this array and ``others``: remote, what they
+        all need is wanted now (one round for the shard indexes), so that the first gather fetches the others'
+        ranges with its own, in one round of requests. False for a local array (nothing done)."""
+        if self._remote is None:
+            return False
+        self._want_all((self, *others), np.asarray(starts, np.int64), np.asarray(stops, np.int64))
+        return True
+
+    def _want_all(self, readers: tuple[RemoteShards, ...], starts: np.ndarray, stops: np.ndarray) -> None:
+        """Want the inner chunks holding elements ``[starts[i], stops[i])`` of every reader; the indexes of the
+        shards they touch, where not known yet, fetched first in one round."""
+        keep = stops > starts
+        starts, stops = starts[keep], stops[keep]
         wanted = []
         for reader in readers:
             ce = reader.chunk_elements
-            spans = [np.arange(a // ce, (b - 1) // ce + 1) for a, b in ranges if b > a]
-            wanted.append(np.unique(np.concatenate(spans)) if spans else np.zeros(0, np.int64))
-        # every reader's missing shard indexes in one round
+            first, last = starts // ce, (stops - 1) // ce
+            span = last - first + 1
+            offsets = np.arange(int(span.sum())) - np.repeat(np.cumsum(span) - span, span)
+            wanted.append(np.unique(np.repeat(first, span) + offsets))
         todo = [(r, f) for r, chunks in zip(readers, wanted)
                 for f in np.unique(chunks // r._per_file).tolist() if f not in r._tables]  # fmt: skip
         found = self._fetch.run(lambda item: item[0]._index_request(item[1]), todo)

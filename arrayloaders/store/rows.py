@@ -174,8 +174,9 @@ class CsrRows:
         starts, stops = self.indptr[rows], self.indptr[rows + 1]
         data_reader, indices_reader = self._direct
         data_reader.begin_load()
-        data_reader.gather(starts, stops, dests, data)
-        indices_reader.gather(starts, stops, dests, indices)
+        wanted = data_reader.prefetch_gather(starts, stops, indices_reader)  # remote: both arrays in one round
+        data_reader.gather(starts, stops, dests, data, wanted)
+        indices_reader.gather(starts, stops, dests, indices, wanted)
         if not indices_reader.checked:  # see runs(): no checksums, so bound-check the column indices
             n_vars = self.source.n_vars
             for a, b, d in zip(starts.tolist(), stops.tolist(), dests.tolist()):

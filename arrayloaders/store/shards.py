@@ -355,14 +355,16 @@ class DirectArray(RemoteShards):
                 out[a - start : b - start] = self._scratch[a - lo : b - lo]
             pos += nbytes
 
-    def gather(self, starts: np.ndarray, stops: np.ndarray, dests: np.ndarray, out: np.ndarray) -> None:
+    def gather(self, starts: np.ndarray, stops: np.ndarray, dests: np.ndarray, out: np.ndarray,
+               wanted: bool = False) -> None:  # fmt: skip
         """Copy elements ``[starts[i], stops[i])`` to ``out[dests[i]:]`` for every ``i``, decoding each inner chunk once.
 
         For loads of many short ranges (rows a sampler picked): ranges may
         come in any order, repeat and overlap. Work is per inner chunk, not
         per range: the chunks are read in store order (stored neighbours
         with one system call), and each is decoded once, straight into
-        ``out`` when one range wants all of it.
+        ``out`` when one range wants all of it. ``wanted``: its chunks were
+        wanted ahead (:meth:`prefetch_gather`).
         """
         keep = stops > starts
         starts, stops, dests = starts[keep], stops[keep], dests[keep]
@@ -383,7 +385,8 @@ class DirectArray(RemoteShards):
         src = lo - chunk * ce
         dst = dests[owner] + lo - starts[owner]
         chunks, at = np.unique(chunk, return_index=True)
-        self._prefetch_chunks(chunks)
+        if not wanted:
+            self._prefetch_chunks(chunks)
         self._scratch_chunk = -1  # the scratch buffer is reused below
         in_place = out.dtype == self.dtype  # a whole wanted chunk decodes straight into out
         gather_file = self._compiled(src, dst, sizes, np.append(at, src.size), out, in_place)

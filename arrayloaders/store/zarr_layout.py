@@ -145,6 +145,11 @@ def open_x(source: XSource, names: tuple[str, ...] = ()) -> list[zarr.Array]:
         checked): zarr's own error (``KeyError: 'data'``) names no file.
     """
     try:
+        if isinstance(source.store, RemoteZarrStore) and source.file and source.path.startswith(source.file + "/"):
+            # From the file's top group, read once (its zarr.json holds every node's metadata, consolidated):
+            # opened by its own path, each array would be a round trip more.
+            node = zarr.open_group(store=source.store, path=source.file, mode="r")[source.path[len(source.file) + 1 :]]
+            return [node] if not names else [node[name] for name in names]
         if not names:
             return [zarr.open_array(store=source.store, path=source.path, mode="r")]
         group = zarr.open_group(store=source.store, path=source.path, mode="r")

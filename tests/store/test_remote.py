@@ -102,6 +102,44 @@ def test_remote_dense_store(dense_store, remote_dense_store, s3_server, num_work
     assert batches(remote) == batches(local)
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_store_served_over_plain_http_reads_as_on_disk(store, remote_store, s3_server, num_workers):
+    """``http://`` (obstore's HTTP store: GET with Range, HEAD; no listing): SeaweedFS's filer serves the bucket's
+    objects under ``/buckets/``, ETags included; batches are those of the disk."""
+    url = f"http://127.0.0.1:{s3_server.filer_port}/buckets/{remote_store.removeprefix('s3://')}"
+    kw = {"batch_size": 32, "chunk_size": 8, "preload_nchunks": 4, "seed": 2, "return_index": True, "num_workers": num_workers}
+    local = ZarrSparseDataset(**kw).add_store(store, obs_keys="cell_type")
+    remote = ZarrSparseDataset(**kw).add_store(url, obs_keys="cell_type",
+                                               storage_options={"client_options": {"allow_http": True}})  # fmt: skip
+    assert read_manifest(url, storage_options={"client_options": {"allow_http": True}}) == read_manifest(store)
+    want = batches(local, 2)
+    assert want and batches(remote, 2) == want
+
+
+def test_zarr_metadata_is_read_once_per_process(store, remote_store, s3_server):
+    """Opening a store's groups and X again (add_store, a loop's set-up) sends no request for metadata read before:
+    each open of a remote group would be a round trip."""
+    from arrayloaders.loading.sources import store_source
+    from arrayloaders.store.location import store_location
+    from arrayloaders.store.zarr_layout import open_x
+    from s3_server import Proxy
+
+    proxy = Proxy(("127.0.0.1", s3_server.s3_port))
+    try:
+        location = store_location(remote_store, options(s3_server, endpoint=proxy.endpoint))
+        name = read_manifest(store).files[0]["name"]
+        first = location.group(name)
+        assert proxy.requests > 0
+        before = proxy.requests
+        again = location.group(name)
+        source = store_source(location, name, None)
+        data, indices = open_x(source, ("data", "indices"))
+        assert proxy.requests == before  # everything from the file's consolidated zarr.json, read once
+        assert again.metadata == first.metadata and data.shape[0] == indices.shape[0] > 0
+    finally:
+        proxy.close()
+
+
 def test_read_manifest_of_a_url(store, remote_store, s3_server):
     assert read_manifest(remote_store, storage_options=options(s3_server)) == read_manifest(store)
 

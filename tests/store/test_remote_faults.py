@@ -8,6 +8,7 @@ reading itself, bit for bit against the store on disk, is ``test_remote.py``'s.
 from __future__ import annotations
 
 import pickle
+import shutil
 import uuid
 from datetime import timedelta
 
@@ -264,6 +265,24 @@ def test_a_damaged_cache_entry_is_fetched_again(store, s3_server, proxied, tmp_p
     again = cached_dataset(url, s3_server, proxy.endpoint, tmp_path / "cache")
     assert [batch_bytes(b) for b in again] == want
     assert proxy.requests > before  # the damaged chunks came from the server
+
+
+def test_a_cache_that_cannot_be_written_is_read_past(store, s3_server, proxied, tmp_path):
+    """The cache directory deleted between epochs and a file put where it was (a user's clean-up, a full or
+    read-only disk): loads fetch from the server, batches unchanged."""
+    url, proxy = proxied
+    ds = cached_dataset(url, s3_server, proxy.endpoint, tmp_path / "cache")
+    want = [batch_bytes(b) for b in ds]
+    ds.set_epoch(0)
+    assert [batch_bytes(b) for b in ds] == want  # again: read in place from the cached files
+    mine = ds._sources[0].store.root.cache().directory
+    shutil.rmtree(tmp_path / "cache")
+    (tmp_path / "cache").mkdir()
+    mine.write_bytes(b"not a directory")
+    before = proxy.requests
+    ds.set_epoch(0)
+    assert [batch_bytes(b) for b in ds] == want
+    assert proxy.requests > before
 
 
 def test_the_cache_stays_within_its_bytes(store, s3_server, proxied, tmp_path):
