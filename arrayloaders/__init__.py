@@ -23,6 +23,8 @@ _PUBLIC = {
     "Categories": ".loading.batches",
     "ClassRunSampler": ".loading.class_runs",
     "EpochIterator": ".loading.epoch_iterator",
+    "LoaderStats": ".loading.stats",
+    "WorkerStats": ".loading.stats",
     "ZarrDenseDataset": ".loading.dataset",
     "ZarrSparseDataset": ".loading.dataset",
 }
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from .loading.class_runs import ClassRunSampler
     from .loading.dataset import ZarrDenseDataset, ZarrSparseDataset
     from .loading.epoch_iterator import EpochIterator
+    from .loading.stats import LoaderStats, WorkerStats
     from .store.format import XLayout
     from .store.manifest import StoreManifest, read_manifest
 

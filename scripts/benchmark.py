@@ -108,10 +108,11 @@ ANNBATCH_SETTINGS = {"512x32": (512, 32), "32x256": (32, 256)}
 # --------------------------------------------------------------------------- measurements (child processes)
 
 
-def epochs_of(make_batches, n_epochs: int, n_cells_of, setup_s: float = 0.0) -> dict:
-    """Iterate ``n_epochs`` epochs; per epoch: cells/s and time to first batch. ``setup_s``: building the loader."""
+def epochs_of(make_batches, n_epochs: int, n_cells_of, setup_s: float = 0.0, after_epoch=None) -> dict:
+    """Iterate ``n_epochs`` epochs; per epoch: cells/s and time to first batch. ``setup_s``: building the loader;
+    ``after_epoch(i)``: called after epoch ``i``."""
     out = []
-    for _ in range(n_epochs):
+    for epoch in range(n_epochs):
         start = time.perf_counter()
         first, cells = None, 0
         for b in make_batches():
@@ -120,6 +121,8 @@ def epochs_of(make_batches, n_epochs: int, n_cells_of, setup_s: float = 0.0) -> 
             cells += n_cells_of(b)
         wall = time.perf_counter() - start
         out.append({"cells": cells, "wall_s": wall, "cells_per_s": cells / wall, "first_batch_s": first})
+        if after_epoch is not None:
+            after_epoch(epoch)
     return {**out[-1], "epochs": out, "setup_s": setup_s}
 
 
@@ -162,7 +165,14 @@ def run_arrayloaders(store: Path, args) -> dict:
     setup_s = time.perf_counter() - setup
     time.sleep(args.model_s)  # the user building a model: the workers start meanwhile
     with ds:
-        return epochs_of(lambda: on_cuda(ds) if cuda else ds, args.epochs, lambda b: b[0].shape[0], setup_s)
+        # ds.stats() over the epochs after the first (the steady state): how busy the workers were
+        counted = epochs_of(lambda: on_cuda(ds) if cuda else ds, args.epochs, lambda b: b[0].shape[0], setup_s,
+                            lambda epoch: ds.stats(reset=True) if epoch == 0 else None)  # fmt: skip
+        stats = ds.stats()
+    busy = [w.busy_fraction for w in stats.workers]
+    counted["workers_busy"] = sum(busy) / len(busy) if busy and args.epochs > 1 else None
+    counted["loader_fraction"] = stats.loader_fraction if args.epochs > 1 else None
+    return counted
 
 
 def on_cuda(batches):
@@ -563,7 +573,9 @@ def measure(name: str, source: Path, cache: str, args) -> dict:
         run["first_batch_s"] = first["first_batch_s"]  # of the first epoch (the last one's is in "epochs")
         runs.append(run)
     keys = ("cells_per_s", "first_epoch_cells_per_s", "first_batch_s", "wall_s", "peak_pss_bytes", "peak_rss_sum_bytes")
-    return {**{k: statistics.median(r[k] for r in runs) for k in keys}, "runs": runs}
+    busy = [r["workers_busy"] for r in runs if r.get("workers_busy") is not None]  # arrayloaders' (ds.stats())
+    return {**{k: statistics.median(r[k] for r in runs) for k in keys}, "runs": runs,
+            "workers_busy": statistics.median(busy) if busy else None}  # fmt: skip
 
 
 def best_annbatch(results: dict[str, dict], key: str, prefix: str = "annbatch-") -> tuple[str, float] | None:
@@ -584,12 +596,12 @@ def table(results: dict[str, dict], cache: str) -> str:
     gather = results.get("scipy-gather", {}).get("cells_per_s")
     lines = [
         f"| loader ({cache}) | first epoch (cells/s) | x best annbatch | steady (cells/s) | x best annbatch | "
-        "x scipy gather | x chunked access | first batch (s) | peak memory, PSS (GiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "x scipy gather | x chunked access | first batch (s) | peak memory, PSS (GiB) | workers busy, steady |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         if "skipped" in r:
-            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | | |")
+            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | | | |")
             continue
         steady, first = r["cells_per_s"], r["first_epoch_cells_per_s"]
         ratio = lambda v, b: f"{v / b:.2f}" if b else "n/a"  # noqa: E731
@@ -604,7 +616,8 @@ def table(results: dict[str, dict], cache: str) -> str:
             f"| {name} | {first:,.0f} | {ratio(first, f_base and f_base[1])} | {steady:,.0f} | "
             f"{ratio(steady, s_base and s_base[1])} | "
             f"{ratio(steady, gather)} | {ratio(steady, chunked) if chunked else ''} | "
-            f"{r['first_batch_s']:.2f} | {r['peak_pss_bytes'] / 2**30:.2f} |"
+            f"{r['first_batch_s']:.2f} | {r['peak_pss_bytes'] / 2**30:.2f} | "
+            f"{f'{busy:.0%}' if (busy := r.get('workers_busy')) is not None else ''} |"
         )
     if first_base or steady_base:
         lines += ["", "Best annbatch: " + "; ".join(f"{what} {b[0]} ({b[1]:,.0f} cells/s)" for what, b in

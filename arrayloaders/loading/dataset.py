@@ -42,6 +42,7 @@ from ..store.manifest import manifest_stamp, read_manifest
 from ..store.obs import read_obs
 from .batches import BatchMaker, ObsColumns
 from .distributed import rank_and_world_size
+from .elastic import Chain, elastic_config
 from .epoch_iterator import EpochIterator
 from .genes import choose_genes
 from .load import RowFormat
@@ -160,6 +161,7 @@ class _ZarrDataset(SelectionMixin, ResumeMixin, WorkerLifecycleMixin, torch.util
         # The current epoch: where the next loop starts (epoch, first batch, and the sizes that batch counts
         # in when a restored state's differ from the dataset's own: the rest of that epoch keeps them).
         self._epoch, self._start, self._start_shape = 0, 0, None
+        self._start_elastic: Chain = ()  # a restored epoch's earlier world sizes (elastic.py)
         self._data_ids: list[str] = []  # what each add_store/add_anndatas added, for checkpoints
         self._runtime = Runtime()
         use_zarrs()
@@ -390,12 +392,12 @@ class _ZarrDataset(SelectionMixin, ResumeMixin, WorkerLifecycleMixin, torch.util
         the same epoch on every rank, as with ``torch.utils.data.DistributedSampler``.
         """
         with self._rt().lock:
-            self._epoch, self._start, self._start_shape = int(epoch), 0, None
+            self._epoch, self._start, self._start_shape, self._start_elastic = int(epoch), 0, None, ()
 
     def _epoch_complete(self, epoch: int) -> None:
         with self._rt().lock:
             if self._epoch == epoch:
-                self._epoch, self._start, self._start_shape = epoch + 1, 0, None
+                self._epoch, self._start, self._start_shape, self._start_elastic = epoch + 1, 0, None, ()
 
     def _plan_config(self, shape: dict | None = None) -> PlanConfig:
         """The plan's settings now; ``shape``: sizes to use instead (a restored epoch's, see ``SHAPE``)."""
@@ -436,14 +438,15 @@ class _ZarrDataset(SelectionMixin, ResumeMixin, WorkerLifecycleMixin, torch.util
     def __len__(self) -> int:
         """Batches of the current epoch (on this rank): the same every epoch, unless a size was changed (a
         running loop keeps its sizes to its epoch's end, and so does an epoch restored by :meth:`load_state_dict`)."""
-        return self._current_epoch()[2].n_batches
+        _, _, config, chain = self._current_epoch()
+        return elastic_config(config, chain).n_batches
 
     # ------------------------------------------------------------------ iteration
 
     def __iter__(self) -> EpochIterator:
         rt = self._rt()
         with rt.lock:
-            it = EpochIterator(self, self._epoch, self._start, next(rt.seq), self._start_shape)
+            it = EpochIterator(self, self._epoch, self._start, next(rt.seq), self._start_shape, self._start_elastic)
             rt.loops.add(it)
         return it
 

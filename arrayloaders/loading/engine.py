@@ -38,6 +38,19 @@ forgets it at its next step, so a finalizer never touches engine state.
 Tasks of a forgotten run still in flight are *stale*: their replies (matched
 by ticket) just free their slots.
 
+Epochs flow into each other
+---------------------------
+Once a run has handed all its loads to the workers, the slots its tail
+frees take the *next* epoch's first loads: the run's ``ahead`` gives the
+plan the next loop will run (``(seed, epoch + 1)``, the sampler's next
+sequence), and those loads are decoded into free slots while the loop
+consumes the last ones. The next loop adopts them if it runs that very plan
+(the same object: ``dataset.py`` hands it on), from its first load or any
+later one (a resumed epoch: loads before it are freed as they land);
+otherwise they are dropped: their slots freed, their tasks in flight stale.
+A worker is never idle at an epoch's end for want of a task, and nothing a
+loop yields changes.
+
 Failures
 --------
 Any error while waiting for the workers (a dead or stuck worker, a worker
@@ -69,10 +82,12 @@ from ..interrupts import sigint_deferred
 from ..store.disk_layout import DirectX, XSource
 from ..store.remote import RemoteRoot, secrets_of
 from ..store.zarr_layout import direct_sources
+from .epoch_run import EpochRun, split_points
 from .load import ALL_GENES, LoadedRows, RowFormat, load_nnz, splittable
 from .pinned_slots import PinnedSlots
 from .plan import EpochPlan
 from .ring import Ring, SharedIndptrs, SlotLayout, map_indptrs
+from .stats import StatsCounter
 from .worker import POLL_S, Failed, Filled, SlotDecoder, Task, WorkerConfig, WorkerPool
 
 __all__ = ["DEFAULT_TIMEOUT_MARGIN_S", "Engine", "EpochRun", "slot_layout"]
@@ -144,53 +159,6 @@ class _Flight:
     first: int | None = None  # a part of a split load: the ticket of its first part (the load's ticket)
 
 
-def split_points(runs: np.ndarray, parts: int) -> list[tuple[int, int]]:
-    """``runs`` cut into at most ``parts`` consecutive ranges of about equal rows, none empty."""
-    rows = np.cumsum(runs[:, 2] - runs[:, 1])
-    if rows.size == 0:
-        return [(0, 0)]
-    cuts = np.searchsorted(rows, rows[-1] * np.arange(1, parts) / parts, side="right")
-    bounds = np.unique(np.concatenate([[0], cuts, [rows.size]]))
-    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
-
-
-class EpochRun:
-    """One loop's use of the workers: loads of one epoch, in increasing order.
-
-    Made by :meth:`Engine.start`. :meth:`get` the loads in the order given;
-    :meth:`release` when done (idempotent, safe from a finalizer).
-    """
-
-    def __init__(self, engine: Engine, plan: EpochPlan, loads: list[int], seq: int):
-        self.engine, self.plan, self.loads, self.seq = engine, plan, loads, seq
-        self.submitted = 0  # loads[:submitted] were handed to workers
-        self.ready: dict[int, Filled] = {}
-        self.delivered = 0  # batches the loop has handed out: a loop with at most one is a peek
-        self.released = False  # the loop is done with the run
-        self.ended = False  # the engine forgot the run
-
-    def get(self, load: int) -> tuple[LoadedRows, Callable[[np.ndarray], np.ndarray]] | None:
-        """Load ``load`` decoded, with the function that lends views of it; ``None`` if the run lost the workers.
-
-        The returned arrays are lent views: the slot is refilled only once
-        they, and every batch made from them, are garbage collected.
-        """
-        engine = self.engine
-        if os.getpid() != engine.owner:
-            return None  # a forked child: the parent's workers are not ours to drive
-        with engine.lock:
-            if self.ended or self.released or engine.run is not self:
-                return None
-            try:
-                return engine._next(self, load)
-            except BaseException:
-                engine.close()
-                raise
-
-    def release(self) -> None:
-        self.released = True
-
-
 class Engine:
     """Worker processes decoding loads into a shared-memory ring, kept across epochs and loops.
 
@@ -235,8 +203,10 @@ class Engine:
         obsm: tuple[tuple[str, tuple[XSource, ...]], ...] = (),
         indptrs: list[np.ndarray | None] | None = None,
         pins: PinnedSlots | None = None,
+        stats: StatsCounter | None = None,
     ):
         self.sources, self.fmt, self.obsm, self.pins = sources, fmt, obsm, pins
+        self.stats = stats if stats is not None else StatsCounter()
         self._indptrs = indptrs
         self._shared_indptrs: list[np.ndarray | None] | None = None
         self.num_workers, self.memory_budget, self.timeout, self.window = num_workers, memory_budget, timeout, window
@@ -245,6 +215,7 @@ class Engine:
         self.ring: Ring | None = None
         self.pool: WorkerPool | None = None
         self._run: weakref.ref | None = None  # the run using the workers (weak: see run)
+        self._ahead: EpochRun | None = None  # the next epoch's loads decoded ahead (see "Epochs flow into each other")
         self._slots: list[_Slot] = []
         self._flight: dict[int, _Flight] = {}  # ticket -> where it went
         self._parts_left: dict[int, int] = {}  # a split load's first ticket -> its parts still in flight
@@ -290,6 +261,9 @@ class Engine:
             if run is not None:
                 run.ended = True
             self.run = None
+            if self._ahead is not None:
+                self._ahead.ended = True
+                self._ahead = None
             self._flight.clear()
             self._parts_left.clear()
             self._slots = []
@@ -355,14 +329,23 @@ class Engine:
             if current is not None and not current.released and not current.ended:
                 if current.delivered > 1 or seq <= current.seq:
                     return None
+            ahead, self._ahead = self._ahead, None
             if current is not None:
                 self._forget(current)
             else:  # the last run was garbage collected with its loop: what it had decoded is nobody's
-                for slot in self._slots:
-                    if slot.state == "ready":
+                held = {f.slot for f in ahead.ready.values()} if ahead is not None else set()
+                for k, slot in enumerate(self._slots):
+                    if slot.state == "ready" and k not in held:
                         slot.state = "free"
-            self._prepare(layout())
-            run = EpochRun(self, plan, loads, seq)
+            needed = layout()
+            if ahead is not None and ahead.plan is plan and self.ring is not None and self.ring.layout.holds(needed):
+                run = self._adopt(ahead, loads, seq)
+            else:
+                if ahead is not None:
+                    self.stats.add("loads_ahead_dropped", ahead.submitted)
+                    self._forget(ahead)
+                self._prepare(needed)
+                run = EpochRun(self, plan, loads, seq)
             self.run = run
             return run
         except BaseException:
@@ -370,6 +353,16 @@ class Engine:
             raise
         finally:
             self.lock.release()
+
+    def _adopt(self, ahead: EpochRun, loads: list[int], seq: int) -> EpochRun:
+        """The loads decoded ahead, taken by the loop that runs their plan from load ``loads[0]`` on."""
+        first = loads[0] if loads else len(ahead.plan.loads)
+        for load in [k for k in ahead.ready if k < first]:  # a resumed epoch: loads before its position
+            self._slots[ahead.ready.pop(load).slot].state = "free"
+        self.stats.add("loads_ahead_dropped", min(ahead.submitted, first))
+        ahead.submitted = max(0, ahead.submitted - first)
+        ahead.engine, ahead.loads, ahead.seq, ahead.speculative = self, loads, seq, False
+        return ahead
 
     def _forget(self, run: EpochRun) -> None:
         """End ``run``: its decoded loads free their slots, its tasks in flight become stale."""
@@ -457,6 +450,7 @@ class Engine:
             self._receive(self.pool.wait_any(busy, self._doing, POLL_S))
             self._check_progress()
         filled = run.ready.pop(load)
+        self.stats.load(filled.n_rows, here=filled.worker < 0)
         slot = self._slots[filled.slot]
         slot.state = "lent"
         segment = self.ring.segments[filled.slot]
@@ -494,6 +488,44 @@ class Engine:
         return min(waiting, key=lambda k: self._slots[k].ticket) if waiting else None
 
     def _submit(self, run: EpochRun) -> None:
+        """Hand ``run``'s next loads to workers while slots are free; once all are handed out, the next epoch's."""
+        self._submit_loads(run)
+        if run.submitted == len(run.loads) and not self._flight_full():
+            ahead = self._ahead_of(run)
+            if ahead is not None:
+                before = ahead.submitted
+                self._submit_loads(ahead)
+                self.stats.add("loads_ahead", ahead.submitted - before)
+
+    def _flight_full(self) -> bool:
+        """Whether no slot is free or every worker that is up has its tasks: nothing more can be handed out now."""
+        if all(s.state != "free" for s in self._slots):
+            return True
+        up = self.pool.started()
+        queued = collections.Counter(f.worker for f in self._flight.values())
+        return not up or all(queued[w] >= TASKS_PER_WORKER for w in up)
+
+    def _ahead_of(self, run: EpochRun) -> EpochRun | None:
+        """The run of the next epoch's loads, made from ``run.ahead`` the first time; None if there is none to make."""
+        if self._ahead is not None and not self._ahead.ended:
+            return self._ahead
+        if run.ahead is None or run.released or run.ended:
+            return None
+        ahead, run.ahead = run.ahead, None
+        try:
+            got = ahead()
+        except Exception:  # noqa: BLE001 - e.g. a sampler that fails: the next loop meets the error itself
+            return None
+        if got is None or not self.ring.layout.holds(got[1]):
+            return None  # (a next epoch with larger loads: its own loop resizes the ring)
+        nxt = EpochRun(self, got[0], list(range(len(got[0].loads))), run.seq)
+        # Held by the engine until a loop adopts it: no reference back, or the cycle would keep the workers of a
+        # dropped dataset up until the garbage collector ran.
+        nxt.engine, nxt.speculative = None, True
+        self._ahead = nxt
+        return nxt
+
+    def _submit_loads(self, run: EpochRun) -> None:
         pool, ring = self.pool, self.ring
         up = pool.started()
         while run.submitted < len(run.loads):
@@ -503,6 +535,8 @@ class Engine:
             load = run.loads[run.submitted]
             spec = run.plan.loads[load]
             take = run.plan.take(spec)
+            if not up and run.speculative:
+                return  # the loop's own thread decodes only loads it waits for
             if not up:
                 # No worker is up yet (each starts an interpreter, imports numpy, opens the stores:
                 # ~0.3 s), and they get tasks only once up: decode this load here, one at a time.
@@ -567,6 +601,8 @@ class Engine:
             if flight is None:
                 raise WorkerError(f"worker {worker} answered a task it was never given ({message})")
             self._busy_since[worker] = now
+            if isinstance(message, Filled):
+                self.stats.task(worker, message.seconds)
             if flight.first is not None:  # a part of a split load: the load is done with its last part
                 left = self._parts_left[flight.first] - 1
                 run = flight.run()
@@ -587,10 +623,18 @@ class Engine:
                     f"worker {worker} (pid {self.pool.processes[worker].pid}) failed {message.traceback}"
                 )
             self._slowest = max(self._slowest, message.seconds)
+            if flight.load < (run.loads[0] if run.loads else len(run.plan.loads)):
+                slot.state = "free"  # decoded ahead for an epoch resumed past it
+                continue
             slot.state = "ready"
             run.ready[flight.load] = message
             if self.pins is not None:
                 self.pins.prepare(self.ring.segments[flight.slot])
+
+    def slot_counts(self) -> tuple[int, int]:
+        """(slots, slots decoding, decoded or lent now)."""
+        with self.lock:
+            return len(self._slots), sum(s.state != "free" for s in self._slots)
 
     def _limit(self) -> float:
         return self.timeout if self.timeout is not None else DEFAULT_TIMEOUT_MARGIN_S + self._slowest

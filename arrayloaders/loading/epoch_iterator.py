@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import torch
 from ..errors import ArrayloadersError
 from .batches import Batch, BatchMaker, MixedWindow, keep
 from .distributed import check_same_on_every_rank
+from .elastic import Chain, elastic_config, elastic_plan
 from .engine import EpochRun
 from .load import LoadedRows, read_load
 from .plan import EpochPlan, batch_rows, plan_epoch
@@ -75,17 +77,22 @@ class EpochIterator(Iterator[Batch]):
     dropping the iterator) ends the loop early; the workers stay up.
     """
 
-    def __init__(self, dataset: _ZarrDataset, epoch: int, start: int, seq: int, shape: dict | None = None):
+    def __init__(self, dataset: _ZarrDataset, epoch: int, start: int, seq: int, shape: dict | None = None,
+                 elastic: Chain = ()):  # fmt: skip
         self.dataset, self.epoch, self._seq = dataset, epoch, seq
         self._shape = shape  # the sizes its start was counted in, if a restored state's differ from the dataset's
+        self._elastic = elastic  # a restored epoch's earlier world sizes: this loop yields the rest (elastic.py)
         self._state = _LoopState(epoch, start)
         self._plan: EpochPlan | None = None
+        self._config = None  # the epoch's plan settings (of the whole epoch, if this loop yields an elastic rest)
         self._make: BatchMaker | None = None
         self._loaded: LoadedRows | None = None
         self._lend: Callable[[np.ndarray], np.ndarray] = keep
         self._mixed: MixedWindow | None = None  # the loads of the current window, when batches mix several
         self._mixed_index = -1
         self._remote_checked = False  # remote stores' manifests checked in this loop
+        self._cells: np.ndarray | None = None  # the selection planned over (for the next epoch's plan)
+        self._returned: float | None = None  # when this loop last returned a batch (ds.stats(): the model's time)
         self._finalizer = weakref.finalize(self, _end_loop, self._state)
 
     @property
@@ -100,13 +107,17 @@ class EpochIterator(Iterator[Batch]):
         """Batches this loop has left."""
         if self._state.done:
             return 0
-        config = self._plan.config if self._plan is not None else self.dataset._plan_config(self._shape)
+        if self._plan is not None:
+            config = self._plan.config
+        else:
+            config = elastic_config(self.dataset._plan_config(self._shape), self._elastic)
         return config.n_batches - self._state.position
 
     def __next__(self) -> Batch:
         state = self._state
         if state.done:
             raise StopIteration
+        entered = time.perf_counter()
         try:
             if self._plan is None:
                 self._begin()
@@ -137,6 +148,10 @@ class EpochIterator(Iterator[Batch]):
             state.run.delivered = state.handed
         if state.position == plan.n_batches:
             self._finish(complete=True)
+        returned = time.perf_counter()
+        between = entered - self._returned if self._returned is not None else 0.0
+        self.dataset._rt().stats.batch(hi - lo, returned - entered, between)
+        self._returned = returned
         return batch
 
     def close(self) -> None:
@@ -152,15 +167,28 @@ class EpochIterator(Iterator[Batch]):
                 "worker processes of its own: wrap it as DataLoader(ds, batch_size=None) with num_workers=0 (or "
                 f"iterate it directly) and set {type(ds).__name__}(num_workers=...) instead"
             )
-        config = ds._plan_config(self._shape)
-        cells = ds._cells()
-        sequence = ds._sample(self.epoch) if ds.sampler is not None else None
+        config = self._config = ds._plan_config(self._shape)
+        cells = self._cells = ds._cells()
+        ds._rt().stats.start()
+        # The plan the engine decoded this epoch's first loads for, while the last epoch ended, if still ours.
+        ahead = ds._rt().ahead
+        ahead = ahead if ahead is not None and not self._elastic and ahead.serves(self.epoch, config, cells) else None
+        if ahead is not None:
+            sequence = ahead.sequence
+        else:
+            sequence = ds._sample(self.epoch) if ds.sampler is not None else None
         if ds.rank is None and config.world_size > 1:  # rank and world size from torch.distributed
-            settings = {**ds._settings(config), **ds._values_settings(), "epoch": self.epoch, "resume_at": self._state.position}
+            settings = {**ds._settings(config), **ds._values_settings(), "epoch": self.epoch, "resume_at": self._state.position,
+                        "elastic": [list(step) for step in self._elastic]}  # fmt: skip
             if sequence is not None:  # a sampler must give every rank the same sequence
                 settings["sampled"] = hashlib.sha1(sequence.tobytes()).hexdigest()
             check_same_on_every_rank(settings)
-        self._plan = plan_epoch(config, self.epoch, cells=cells, sequence=sequence)
+        if ahead is not None:
+            self._plan = ahead.plan
+        elif self._elastic:  # the rest of an epoch interrupted at another world size
+            self._plan = elastic_plan(config, self.epoch, cells, sequence, self._elastic)
+        else:
+            self._plan = plan_epoch(config, self.epoch, cells=cells, sequence=sequence)
         self._make = ds._batch_maker()
 
     def _read(self, load: int) -> tuple[LoadedRows, Callable[[np.ndarray], np.ndarray]]:
@@ -186,7 +214,7 @@ class EpochIterator(Iterator[Batch]):
         else:
             got = None
         if got is None and ds.num_workers > 0:
-            state.run = ds._start_run(plan, list(range(load, len(plan.loads))), self._seq)
+            state.run = ds._start_run(plan, list(range(load, len(plan.loads))), self._seq, self._cells)
             if state.run is not None:
                 state.run.delivered = state.handed
                 got = state.run.get(load)
@@ -197,6 +225,7 @@ class EpochIterator(Iterator[Batch]):
             spec = plan.loads[load]
             readers = state.readers
             got = read_load(readers.x, spec, plan.take(spec), fmt=ds._row_format(), obsm=readers.obsm), keep
+            ds._rt().stats.load(spec.n_rows, here=True)
         # After the load is read: rows read from a store converted again before this point are never yielded.
         # A remote store's manifest is checked once per loop (a request): its range requests name the version of
         # each object they read (If-Match), so a replaced object fails them instead.

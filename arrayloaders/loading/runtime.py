@@ -8,6 +8,7 @@ resources its loops share, made anew after a fork or unpickling. The engine
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
@@ -24,7 +25,9 @@ from ..store.rows import CsrRows, DenseRows, open_rows, read_indptr
 from .distributed import local_world_size
 from .engine import Engine, EpochRun, slot_layout
 from .pinned_slots import PinnedSlots
-from .plan import EpochPlan
+from .plan import EpochPlan, PlanConfig, plan_epoch
+from .ring import SlotLayout
+from .stats import LoaderStats, StatsCounter
 
 __all__ = ["ReaderSet", "Readers", "Runtime", "WorkerLifecycleMixin", "default_memory_budget", "default_num_workers"]
 
@@ -70,6 +73,24 @@ class ReaderSet:
             reader.close()
 
 
+@dataclass(frozen=True)
+class PlannedAhead:
+    """The plan of an epoch made before its loop began, for the engine to decode its first loads while the
+    epoch before ends: the loop of that epoch runs it (the same object) if nothing it depends on changed."""
+
+    epoch: int
+    config: PlanConfig
+    cells: np.ndarray | None
+    sequence: np.ndarray | None
+    plan: EpochPlan
+
+    def serves(self, epoch: int, config: PlanConfig, cells: np.ndarray | None) -> bool:
+        """Whether a loop of ``epoch`` with ``config`` over ``cells`` would plan just this."""
+        if (self.epoch, self.config) != (epoch, config):
+            return False
+        return self.cells is cells or (self.cells is not None and cells is not None and np.array_equal(self.cells, cells))
+
+
 @dataclass
 class Runtime:
     """What the loops over one dataset share in one process; made anew after a fork or unpickling."""
@@ -81,6 +102,8 @@ class Runtime:
     indptrs: list[np.ndarray | None] | None = None  # each CSR file's row pointer, read once, shared read-only
     loops: weakref.WeakSet = field(default_factory=weakref.WeakSet)
     seq: Iterator[int] = field(default_factory=itertools.count)
+    stats: StatsCounter = field(default_factory=StatsCounter)  # what ds.stats() reports
+    ahead: PlannedAhead | None = None  # the next epoch's plan, made for the loads decoded ahead
 
 
 class WorkerLifecycleMixin:
@@ -119,7 +142,8 @@ class WorkerLifecycleMixin:
                     engine.close()
                 pins = PinnedSlots() if pinned else None
                 engine = rt.engine = Engine(
-                    sources, self.num_workers, self.memory_budget, self.timeout, window, fmt, obsm, self._indptrs(), pins
+                    sources, self.num_workers, self.memory_budget, self.timeout, window, fmt, obsm, self._indptrs(), pins,
+                    rt.stats,
                 )
                 # The engine shares them with its workers; a loop reading in its own thread reads them again.
                 rt.indptrs = None
@@ -128,13 +152,57 @@ class WorkerLifecycleMixin:
                 engine.memory_budget, engine.timeout, engine.window = self.memory_budget, self.timeout, window
         return engine
 
-    def _start_run(self, plan: EpochPlan, loads: list[int], seq: int) -> EpochRun | None:
-        """The workers for ``loads`` of ``plan``, or ``None`` while they serve another loop."""
+    def _start_run(self, plan: EpochPlan, loads: list[int], seq: int, cells: np.ndarray | None = None) -> EpochRun | None:
+        """The workers for ``loads`` of ``plan`` (over ``cells``), or ``None`` while they serve another loop.
+
+        Once the run has handed out its loads, the engine decodes the next epoch's first ones
+        (:meth:`_plan_ahead`), which the next loop takes if it runs that epoch with the same settings.
+        """
         engine = self._engine(plan.window)
         if engine is None:
             return None
         source, fmt, obsm = self._sources[0], self._row_format(), self._obsm_sources()
-        return engine.start(plan, loads, seq, lambda: slot_layout(source, engine.row_pointers(), plan, fmt, obsm))
+        run = engine.start(plan, loads, seq, lambda: slot_layout(source, engine.row_pointers(), plan, fmt, obsm))
+        if run is not None:
+            run.ahead = functools.partial(self._plan_ahead, plan.epoch + 1, cells, engine)
+        return run
+
+    def _plan_ahead(self, epoch: int, cells: np.ndarray | None, engine: Engine) -> tuple[EpochPlan, SlotLayout] | None:
+        """The plan (and the slot it needs) that the next loop, of ``epoch``, will run if nothing changes;
+        None if it cannot be known ahead (a sampler whose draws depend on more than the epoch)."""
+        from .selection import draws_by_epoch
+
+        if self.sampler is not None and not draws_by_epoch(self.sampler):
+            return None
+        config = self._plan_config()
+        sequence = self._sample(epoch) if self.sampler is not None else None
+        plan = plan_epoch(config, epoch, cells=cells, sequence=sequence)
+        self._rt().ahead = PlannedAhead(epoch, config, cells, sequence, plan)
+        source, fmt, obsm = self._sources[0], self._row_format(), self._obsm_sources()
+        return plan, slot_layout(source, engine.row_pointers(), plan, fmt, obsm)
+
+    def stats(self, reset: bool = False) -> LoaderStats:
+        """Where the time went, since the first loop (or the last ``reset``): is the loader what the model waits for?
+
+        Counts kept by the loops (time in ``next()`` and between batches) and
+        the engine (each worker's tasks and busy time, loads decoded ahead
+        for the next epoch, slots); a few clock reads per batch. Datasets that
+        share workers (a dataset's subsets and splits) share these counts. See
+        :class:`~arrayloaders.LoaderStats` and the Loading page.
+
+        Parameters
+        ----------
+        reset
+            Start counting afresh after this snapshot (e.g. once per epoch, or after warm-up).
+        """
+        rt = self._rt()
+        engine = rt.engine
+        slots, in_use = engine.slot_counts() if engine is not None and not engine.closed else (0, 0)
+        snapshot = rt.stats.snapshot(self.num_workers, slots, in_use)
+        if reset:
+            rt.stats.reset()
+            rt.stats.start()
+        return snapshot
 
     def close(self) -> None:
         """Stop the worker processes and free the shared memory (idempotent).

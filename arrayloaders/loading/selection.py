@@ -74,6 +74,21 @@ def _outside(rows: np.ndarray, within: np.ndarray | None) -> int | None:
     return int(rows[bad][0]) if bad.any() else None
 
 
+def draws_by_epoch(sampler) -> bool:
+    """Whether ``sampler``'s sequence for an epoch is known before its loop asks for it (and the same then).
+
+    Fixed sequences are; so are samplers drawing from torch's global generator (torch's own with
+    ``generator=None``, :class:`~arrayloaders.loading.class_runs.ClassRunSampler`), which the dataset seeds
+    from ``(seed, epoch)``. A sampler with a generator of its own (or unknown state) draws differently for
+    each call: the next epoch's loads are then not decoded ahead, so that it is called when it always was.
+    """
+    from .class_runs import ClassRunSampler
+
+    if isinstance(sampler, (np.ndarray, torch.Tensor, list, tuple, range, ClassRunSampler)):
+        return True
+    return hasattr(sampler, "generator") and sampler.generator is None
+
+
 def _sampled_rows(sampler, epoch: int, n_obs: int) -> np.ndarray:
     """One epoch of ``sampler``'s indices as int64 rows; anything that is not a row index is refused.
 
@@ -241,7 +256,7 @@ class SelectionMixin:
         new._cells_checked = None
         new.sampler = sampler
         new._obs = self._obs.copy() if self._obs is not None else None
-        new._epoch, new._start, new._start_shape = 0, 0, None
+        new._epoch, new._start, new._start_shape, new._start_elastic = 0, 0, None, ()
         new._cells()  # refuse bad cells now
         return new
 

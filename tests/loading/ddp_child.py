@@ -122,14 +122,31 @@ def main(scenario: str, store: str, outdir: Path, args: dict, rank: int, world_s
             with dataset(store, **kw) as ds:
                 ds.load_state_dict(json.loads(Path(path).read_text()))
                 out["rest"][name] = epoch(ds)
-        if "other_rank_state" in args:  # another rank's state is refused
-            try:
-                dataset(store, **kw).load_state_dict(
-                    json.loads(Path(args["other_rank_state"].format(rank=(rank + 1) % world_size)).read_text())
-                )
-                out["other_rank_error"] = None
-            except ValueError as e:
-                out["other_rank_error"] = str(e)
+        if "other_rank_state" in args:  # another rank's state: the same position, so the same rest
+            with dataset(store, **kw) as ds:
+                ds.load_state_dict(json.loads(Path(args["other_rank_state"].format(rank=(rank + 1) % world_size)).read_text()))
+                out["other_rank_rest"] = epoch(ds)
+    elif scenario == "elastic_save":
+        # Per selection: this rank's uninterrupted epoch 1, and a state taken after k batches of it.
+        for case in args["cases"]:
+            with elastic_dataset(store, case, args) as ds:
+                ds.set_epoch(1)
+                out[case] = {"full": epoch(ds)}
+            with elastic_dataset(store, case, args) as ds:
+                ds.set_epoch(1)
+                out[case]["first"], state = head(ds, args["k"])
+            (outdir / f"state-{case}-{rank}.json").write_text(json.dumps(state))
+    elif scenario == "elastic_load":
+        # Rank 0's state (taken at another world size) loaded on every rank: the rest of epoch 1, then epoch 2,
+        # and epoch 2 of a fresh dataset at this world size.
+        for case in args["cases"]:
+            with elastic_dataset(store, case, args) as ds:
+                ds.load_state_dict(json.loads(Path(args["states"].format(case=case)).read_text()))
+                n = len(ds)
+                out[case] = {"len": n, "rest": epoch(ds), "next": epoch(ds)}
+            with elastic_dataset(store, case, args) as ds:
+                ds.set_epoch(2)
+                out[case]["fresh_next"] = epoch(ds)
     elif scenario == "sampler":
         # A class-balancing sampler on every rank: each rank yields its share of the one sampled sequence.
         weights = torch.linspace(1, 2, 1000, dtype=torch.float64)
@@ -158,6 +175,16 @@ def main(scenario: str, store: str, outdir: Path, args: dict, rank: int, world_s
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     return out
+
+
+def elastic_dataset(store: str, case: str, args: dict) -> ZarrSparseDataset:
+    """The dataset of an elastic-resume case: every cell, a subset (``cells=``), or a sampler."""
+    kw = {"num_workers": args.get("num_workers", 0)}
+    if case == "sampler":
+        weights = torch.linspace(1, 2, 1000, dtype=torch.float64)
+        return dataset(store, sampler=torch.utils.data.WeightedRandomSampler(weights, num_samples=601), **kw)
+    ds = dataset(store, **kw)
+    return ds.subset(cells=list(range(2, 1000, 3))) if case == "cells" else ds
 
 
 def run_as_rank(main) -> None:

@@ -236,14 +236,10 @@ def test_resume_under_ddp_each_rank_restores_its_own_state(store, tmp_path):
         assert s["state"]["batches_yielded"] == k and s["state"]["epoch"] == 1
         assert len(s["full"]) > k
         assert s["first"] + l["rest"]["k"] == s["full"], f"rank {rank}: first {k} + rest != the uninterrupted epoch"
-        assert l["other_rank_error"] is not None and "rank" in l["other_rank_error"]
+        assert l["other_rank_rest"] == l["rest"]["k"]  # the state is the same whichever rank saved it
     assert not set(rows(saved[0]["full"])) & set(rows(saved[1]["full"]))
-
-    # A state saved with world_size 2 does not load into a world_size 3 dataset.
-    state = json.loads((tmp_path / "save" / "state0.json").read_text())
-    with pytest.raises(ValueError, match="world_size"):
-        dataset(store, rank=0, world_size=3).load_state_dict(state)
-    dataset(store, rank=0, world_size=2).load_state_dict(state)  # the matching one does
+    assert {k: v for k, v in saved[0]["state"].items() if k != "rank"} == {
+        k: v for k, v in saved[1]["state"].items() if k != "rank"}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- scripts/train.py
