@@ -33,7 +33,8 @@ STACK_FREE=(
     tests/loading/test_plan.py tests/loading/test_plan_selection.py tests/loading/test_engine.py
     tests/loading/test_iteration.py tests/loading/test_pinned_slots.py tests/loading/test_distributed.py
     tests/store/test_open_files.py tests/convert/test_scale.py tests/test_benchmark.py tests/test_ci_script.py
-    tests/test_layout.py tests/test_s3_server.py tests/store/test_remote_faults.py
+    tests/test_layout.py tests/test_s3_server.py tests/store/test_remote_faults.py tests/loading/test_epochs_ahead.py
+    tests/loading/test_elastic.py
 )
 if [ "${1:-}" = "--stack-free" ]; then
     printf '%s\n' "${STACK_FREE[@]}"
