@@ -114,6 +114,41 @@ def test_what_a_killed_upload_left_is_removed_by_the_next_conversion(h5ads, s3_s
     assert epoch_bytes(url, storage_options=opts) == epoch_bytes(local)
 
 
+def test_a_conversion_killed_mid_upload_leaves_no_manifest_and_the_next_one_cleans_up(h5ads, s3_server, tmp_path):
+    """``convert.py -o s3://...`` SIGKILLed while it uploads (each request slowed by a proxy): the prefix holds
+    objects but no manifest, so no reader takes it for a store; the next conversion there succeeds and removes
+    what the killed one put."""
+    import signal
+    import time
+
+    from s3_server import Proxy
+
+    url = fresh_url()
+    proxy = Proxy(("127.0.0.1", s3_server.s3_port), delay_s=0.3)
+    try:
+        slow = {k: v for k, v in options(s3_server, endpoint=proxy.endpoint).items() if k != "retry_config"}
+        proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "convert.py"), *map(str, h5ads), "-o", url, "-q",
+                                 "--storage-options", json.dumps(slow)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 120
+        while len(keys(url, s3_server)) < 3:
+            assert proc.poll() is None, "the conversion ended before it was killed: slow the proxy down"
+            assert time.monotonic() < deadline, "no upload started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proxy.close()
+    left = keys(url, s3_server)
+    assert left and "arrayloaders.json" not in left
+    with pytest.raises(StoreError, match="not an arrayloaders store"):
+        ZarrSparseDataset(batch_size=8, num_workers=0).add_store(url, storage_options=options(s3_server))
+    local = create_store_from_h5ads(h5ads, tmp_path / "s", n_obs_per_file=256, progress=False)
+    create_store_from_h5ads(h5ads, url, n_obs_per_file=256, progress=False, storage_options=options(s3_server))
+    assert not set(left) & set(keys(url, s3_server))
+    assert epoch_bytes(url, storage_options=options(s3_server)) == epoch_bytes(local)
+
+
 def test_the_etag_check_is_the_servers_etag(s3_server, tmp_path):
     """Uploads are checked against the ETag the server computes, whole or in parts: not a check that never fires."""
     import obstore
