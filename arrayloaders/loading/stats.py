@@ -25,9 +25,10 @@ class WorkerStats:
 
     #: Tasks it decoded: loads, and parts of a load split among idle workers.
     tasks: int
-    #: Seconds it spent on its tasks, by its own clock.
+    #: Seconds it spent on the tasks it finished since the reset, by its own clock.
     busy_s: float
-    #: ``busy_s`` over :attr:`LoaderStats.seconds`: near 1, the worker never waited for work.
+    #: ``busy_s`` over :attr:`LoaderStats.seconds` (at most 1): near 1, the worker never waited for work. Tasks are
+    #: counted when they end, so over a short span (an epoch of a few loads) it is approximate.
     busy_fraction: float
 
 
@@ -135,7 +136,8 @@ class StatsCounter:
             workers = []
             for k in range(num_workers):
                 tasks, busy = self._workers.get(k, (0, 0.0))
-                workers.append(WorkerStats(tasks, busy, busy / seconds if seconds > 0 else 0.0))
+                # a task is counted when it ends, whole: one begun before a reset can push the fraction past 1
+                workers.append(WorkerStats(tasks, busy, min(1.0, busy / seconds) if seconds > 0 else 0.0))
             return LoaderStats(seconds, self.batches, self.cells, self.loads, self.rows, self.waiting_s, self.between_s,
                                tuple(workers),
                                self.loads_here, self.loads_ahead, self.loads_ahead_dropped, slots, slots_in_use)  # fmt: skip
